@@ -1,0 +1,150 @@
+"""Typed, validated stage configs: defaults < config file < CLI flags.
+
+Each stage declares a dataclass that subclasses `StageConfig`. A config file (JSON or TOML)
+holds one section per stage, e.g. `{"prep": {"image_size": 96}}`. Unknown sections and keys are
+rejected rather than ignored: a typo in a config file silently falling back to a default is the
+classic way a tuning run ends up measuring something other than what its author meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self
+
+
+# Every stage's section name; a config file section outside this list is a typo.
+SECTIONS = ("prep", "train", "search", "compare", "demo")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type, or impossible."""
+
+
+def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a JSON or TOML config file into `{section: {key: value}}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise ConfigError(f"config file {path}: use a .json or .toml file")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from err
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"config file {path}: expected sections like {{\"prep\": {{...}}}}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    return data
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a simple type hint, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        item_hint = typing.get_args(hint)[0]
+        return tuple(_coerce(name, v, item_hint) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a table/mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, hint) and not isinstance(value, bool):
+            return value
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return hint(value)
+            except ValueError:
+                pass
+        kind = "a whole number" if hint is int else "a number"
+        raise ConfigError(f"{name}: expected {kind}, got {value!r}")
+    if hint is str:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{name}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """Base for stage configs. Subclasses set `section` and override `validate`."""
+
+    section: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field when a value is impossible."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Self:
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown {cls.section} setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(fields))}"
+            )
+        kwargs = {k: _coerce(f"{cls.section}.{k}", v, hints[k]) for k, v in values.items()}
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ConfigError(f"{source}: {cls.section} needs {', '.join(missing)}")
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    @classmethod
+    def resolve(cls, *, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Self:
+        """Defaults, then the file's section for this stage, then CLI overrides (None = not given)."""
+        values: dict[str, Any] = {}
+        if config_file is not None:
+            sections = load_config_file(config_file)
+            values.update(sections.get(cls.section, {}))
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values, source=str(config_file) if config_file else "command line")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps({self.section: self.to_dict()}, indent=2, sort_keys=True) + "\n"

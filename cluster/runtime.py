@@ -1,0 +1,44 @@
+"""Start or attach to Ray, the same way for every command.
+
+With `--address`/`RAY_ADDRESS` (or inside a Ray job, which sets it) we attach to the cluster.
+Otherwise a local Ray starts with more *logical* CPUs than the machine has cores: on a 2-core box
+Ray Data reads, Train workers and Tune trial drivers each hold CPU slots, and with only 2 slots
+they wait on each other forever (see the Ray 2.60 notes). Compute-heavy stages cap their own
+concurrency at the physical core count instead (`compute_parallelism`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+LOCAL_LOGICAL_CPUS_MIN = 8
+_started_locally = False
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Initialise Ray once per process: attach to `address`/RAY_ADDRESS, else start locally."""
+    global _started_locally
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    ray.init(
+        num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    _started_locally = True
+
+
+def compute_parallelism(requested: int = 0) -> int:
+    """How many CPU-bound tasks to run at once: `requested`, else real cores locally or cluster CPUs."""
+    if requested > 0:
+        return requested
+    if _started_locally:
+        return os.cpu_count() or 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

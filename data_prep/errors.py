@@ -1,0 +1,5 @@
+"""The one exception type the prep stage raises for bad input; its message tells the user what to do."""
+
+
+class PrepInputError(ValueError):
+    """Input data that the prep stage cannot use: the message names the file and the problem."""

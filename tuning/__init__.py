@@ -1,0 +1,1 @@
+"""Training, evaluation, hyperparameter search and the model comparison leaderboard."""

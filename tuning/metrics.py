@@ -1,0 +1,191 @@
+"""Evaluation metrics for a binary face-gender classifier: pure functions, no torch, no Ray.
+
+This module owns how a set of test-set predictions becomes numbers: accuracy with a bootstrap
+confidence interval, per-class precision/recall/F1, ROC-AUC, calibration (ECE), the confusion
+matrix, the majority-class baseline, and McNemar's test for comparing two classifiers on the same
+examples. Labels follow CelebA's 'Male' attribute: 1 = Male, 0 = Female. Every function validates
+its inputs and returns plain Python types, so results can go straight into JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+ECE_BINS = 15
+# Below this many discordant pairs the chi-square approximation is poor, so McNemar's test uses
+# the exact binomial distribution instead (the usual rule of thumb).
+MCNEMAR_EXACT_BELOW = 25
+
+
+def _as_1d(values: Any, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty")
+    return array
+
+
+def _check_same_length(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"length mismatch: {name_a} has {a.size} entries, {name_b} has {b.size}")
+
+
+def _as_binary(values: Any, name: str) -> np.ndarray:
+    """Return `values` as a bool array, accepting bools or the integers 0/1 only."""
+    array = _as_1d(values, name)
+    if array.dtype != bool:
+        if not np.issubdtype(array.dtype, np.number) or not np.isin(array, (0, 1)).all():
+            bad = sorted(set(np.unique(array).tolist()) - {0, 1})[:5]
+            raise ValueError(f"{name} must contain only 0/1 (or booleans); found {bad}")
+        array = array.astype(bool)
+    return array
+
+
+def _validate_predictions(y_true: Any, prob_male: Any) -> tuple[np.ndarray, np.ndarray]:
+    labels = _as_binary(y_true, "y_true")
+    probs = _as_1d(prob_male, "prob_male")
+    _check_same_length(labels, probs, "y_true", "prob_male")
+    if not np.issubdtype(probs.dtype, np.number) or probs.dtype == bool:
+        raise ValueError(f"prob_male must be numeric probabilities, got dtype {probs.dtype}")
+    probs = probs.astype(np.float64)
+    outside = ~np.isfinite(probs) | (probs < 0.0) | (probs > 1.0)
+    if outside.any():
+        raise ValueError(
+            f"prob_male must lie in [0, 1]; {int(outside.sum())} value(s) do not, "
+            f"e.g. {probs[outside][0]!r}"
+        )
+    return labels.astype(np.int64), probs
+
+
+def bootstrap_accuracy_ci(
+    correct: Any, *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval for accuracy, from per-example correctness.
+
+    Resampling n examples with replacement and counting the correct ones is exactly a draw from
+    Binomial(n, accuracy), since each resampled example is correct independently with probability
+    accuracy. Drawing those counts directly gives the same bootstrap distribution as materialising
+    n_bootstrap x n resample indices, in O(n_bootstrap) time and memory, so 1000 resamples of 40k
+    examples cost nothing. Seeded, hence reproducible.
+    """
+    hits = _as_binary(correct, "correct")
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be at least 1, got {n_bootstrap}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = hits.size
+    rng = np.random.default_rng(seed)
+    resampled = rng.binomial(n, hits.mean(), size=n_bootstrap) / n
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(resampled, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+def expected_calibration_error(y_true: Any, prob_male: Any, *, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the predicted class's confidence.
+
+    Confidence is the probability the model gives its predicted class, max(p, 1 - p), so it lies
+    in [0.5, 1]. The interval [0, 1] is cut into `n_bins` equal-width bins, right-closed
+    ((k/M, (k+1)/M], with 0 joining the first). ECE = sum over bins of
+    (examples in bin / n) * |accuracy in bin - mean confidence in bin|: 0 for a perfectly
+    calibrated model, approaching 1 for one that is confidently wrong.
+    """
+    labels, probs = _validate_predictions(y_true, prob_male)
+    predicted = (probs >= 0.5).astype(np.int64)
+    confidence = np.where(predicted == 1, probs, 1.0 - probs)
+    correct = (predicted == labels).astype(np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(
+        np.bincount(bins, weights=correct, minlength=n_bins)
+        - np.bincount(bins, weights=confidence, minlength=n_bins)
+    )
+    # |sum(correct) - sum(confidence)| / n per bin equals (|B|/n) * |acc(B) - conf(B)|.
+    return float(gap[count > 0].sum() / labels.size)
+
+
+def evaluate_predictions(
+    y_true: Any,
+    prob_male: Any,
+    *,
+    class_names: Sequence[str] = ("Female", "Male"),
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All test-set metrics for one classifier, as a JSON-serialisable dict.
+
+    The predicted class is Male when prob_male >= 0.5. `majority_rate` (the accuracy of always
+    guessing the most common true class) sits next to accuracy because CelebA is imbalanced
+    (about 58% Female): 0.6 accuracy there is no better than guessing.
+    """
+    if len(class_names) != 2:
+        raise ValueError(f"class_names must name exactly 2 classes, got {list(class_names)}")
+    labels, probs = _validate_predictions(y_true, prob_male)
+    predicted = (probs >= 0.5).astype(np.int64)
+    correct = predicted == labels
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=[0, 1], zero_division=0
+    )
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+
+    male_share = float(labels.mean())
+    if 0.0 < male_share < 1.0:
+        roc_auc, roc_auc_reason = float(roc_auc_score(labels, probs)), None
+    else:
+        only = class_names[int(male_share)]
+        roc_auc, roc_auc_reason = None, f"only one class ({only}) present in y_true"
+
+    return {
+        "n": int(labels.size),
+        "accuracy": float(correct.mean()),
+        "accuracy_ci95": list(bootstrap_accuracy_ci(correct, n_bootstrap=n_bootstrap, seed=seed)),
+        "majority_rate": max(male_share, 1.0 - male_share),
+        "per_class": per_class,
+        "macro_f1": float(np.mean(f1)),
+        "roc_auc": roc_auc,
+        "roc_auc_reason": roc_auc_reason,
+        "ece": expected_calibration_error(labels, probs),
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+    }
+
+
+def mcnemar_test(correct_a: Any, correct_b: Any) -> dict[str, Any]:
+    """McNemar's test: do classifiers A and B differ in accuracy on the same examples?
+
+    Only discordant examples matter: b = A right and B wrong, c = A wrong and B right. Under the
+    null hypothesis each discordant example is equally likely to go either way. With fewer than
+    25 of them the p-value is the exact two-sided binomial one, 2 * P(X <= min(b, c)) for
+    X ~ Binomial(b + c, 1/2) (capped at 1), and `statistic` is min(b, c). Otherwise it uses the
+    continuity-corrected chi-square statistic (|b - c| - 1)^2 / (b + c) with one degree of freedom.
+    """
+    a = _as_binary(correct_a, "correct_a")
+    b_arr = _as_binary(correct_b, "correct_b")
+    _check_same_length(a, b_arr, "correct_a", "correct_b")
+    b = int(np.sum(a & ~b_arr))
+    c = int(np.sum(~a & b_arr))
+    n = b + c
+    if n < MCNEMAR_EXACT_BELOW:
+        smaller = min(b, c)
+        # Exact integer arithmetic: int / int rounds correctly however large the counts get.
+        tail = sum(math.comb(n, k) for k in range(smaller + 1))
+        p_value = min(1.0, 2 * tail / 2**n)
+        return {"b": b, "c": c, "statistic": float(smaller), "p_value": p_value, "method": "exact"}
+    statistic = (abs(b - c) - 1) ** 2 / n
+    # Survival function of chi-square(1): P(X > x) = P(|Z| > sqrt(x)) = erfc(sqrt(x / 2)).
+    p_value = math.erfc(math.sqrt(statistic / 2.0))
+    return {"b": b, "c": c, "statistic": statistic, "p_value": p_value, "method": "chi2_cc"}
