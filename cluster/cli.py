@@ -82,13 +82,125 @@ def _run_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _augment(text: str) -> dict[str, float]:
+    """`none`, or comma-separated NAME=STRENGTH pairs, e.g. hflip=0.5,rotation=10."""
+    from tuning.train_config import AUGMENTATIONS
+
+    if text.strip().lower() == "none":
+        return dict.fromkeys(AUGMENTATIONS, 0.0)
+    strengths = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in AUGMENTATIONS or not value:
+            raise argparse.ArgumentTypeError(
+                f"--augment takes 'none' or NAME=STRENGTH pairs with NAME in {', '.join(AUGMENTATIONS)}; got {part!r}"
+            )
+        try:
+            strengths[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--augment {name}: {value!r} is not a number") from None
+    return strengths
+
+
+TRAIN_FLAGS = ["data", "out", "model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
+               "warmup_epochs", "label_smoothing", "grad_clip", "image_size", "workers", "cpus_per_worker", "gpu",
+               "precision", "pretrained", "weights", "seed", "max_failures", "val_fraction"]
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `train` and the search commands (each overrides one TrainConfig field)."""
+    parser.add_argument("--data", help="a `gendertune prep` output folder")
+    parser.add_argument("--epochs", type=int, help="epochs (default 5)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, help="batch size per worker (default 64)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    parser.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], help="optimizer (default adamw; sgd = nesterov momentum 0.9)")
+    parser.add_argument("--weight-decay", dest="weight_decay", type=float, help="weight decay, not on biases/norms (default 0.05)")
+    parser.add_argument("--schedule", choices=["cosine", "step", "constant"], help="lr schedule after warmup (default cosine)")
+    parser.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, help="linear warmup length in epochs (default 0.5)")
+    parser.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="label smoothing (default 0)")
+    parser.add_argument("--grad-clip", dest="grad_clip", type=float, help="max gradient norm, 0 = off (default 0)")
+    parser.add_argument("--image-size", dest="image_size", type=int, help="training image size (default: the prepared size)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (DDP; default 1)")
+    parser.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, help="CPUs reserved per worker (default 1)")
+    parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (NCCL)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="auto = bf16 where native (recent CPUs, Ampere+ GPUs), else fp16+GradScaler on GPU, else fp32")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", default=None,
+                         help="start from ImageNet weights in the local torch hub cache (no download)")
+    weights.add_argument("--weights", help="start from a state dict file (ImageNet or this project's)")
+    parser.add_argument("--augment", type=_augment,
+                        help="augmentation strengths: 'none' or e.g. hflip=0.5,rotation=10,color_jitter=0.2,"
+                        "random_erasing=0.1,random_resized_crop=0.25 (the defaults)")
+    parser.add_argument("--val-fraction", dest="val_fraction", type=float,
+                        help="share of train carved out for validation when prep made no val split (default 0.1)")
+    parser.add_argument("--max-failures", dest="max_failures", type=int, help="worker failures to recover from (default 1)")
+    parser.add_argument("--seed", type=int, help="seed (default 0)")
+    parser.add_argument("--config", help="JSON/TOML config file with a [train] section")
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    overrides = _overrides(args, [n for n in TRAIN_FLAGS if hasattr(args, n)])
+    overrides.update(args.augment or {})
+    return overrides
+
+
+def _add_train(sub) -> None:
+    parser = sub.add_parser(
+        "train", help="fine-tune one model on a prepared dataset with Ray Train, then evaluate it",
+        description="Train one model with Ray Train (DDP over --workers), select the best epoch on the "
+        "validation split, evaluate it once on the test split, and write metrics, history, plots and the "
+        "model to --out. Re-running with the same --out resumes an interrupted run.",
+    )
+    parser.add_argument("--model", help="architecture (default resnet50): resnet50, resnet18, googlenet, vgg19, "
+                        "efficientnet_b0, convnext_tiny, vit_b_16")
+    parser.add_argument("--out", help="run folder")
+    _add_train_flags(parser)
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tuning.train import run_training
+    from tuning.train_config import TrainConfig
+
+    run_training(TrainConfig.resolve(config_file=args.config, overrides=_train_overrides(args)))
+    return 0
+
+
+def _add_predict(sub) -> None:
+    parser = sub.add_parser(
+        "predict", help="label face images with a trained run",
+        description="Print and write the predicted label and confidence per image, with exactly the "
+        "preprocessing the model was trained with. Folders are searched for images; many images run "
+        "as Ray Data batch inference. Unreadable images are reported per file.",
+    )
+    parser.add_argument("--model", required=True, help="a finished `gendertune train` run folder")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders")
+    parser.add_argument("--out", help="write the predictions to this CSV")
+    parser.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from cluster.storage import write_text_atomic
+    from tuning.predict import predict
+
+    table = predict(args.model, args.inputs)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.out:
+        write_text_atomic(args.out, table.to_csv(index=False))
+    failed = int((table["error"] != "").sum())
+    if failed:
+        print(f"{failed} of {len(table)} image(s) could not be read; see the error column", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gendertune",
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_make_sample, _add_prep):
+    for add in (_add_make_sample, _add_prep, _add_train, _add_predict):
         add(sub)
     return parser
 

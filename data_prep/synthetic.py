@@ -60,6 +60,7 @@ _CX, _CY = 89.0, 116.0  # face centre: eyes land near y=110, as in aligned Celeb
 # Faces are drawn on a canvas this much larger on every side, so rotating and
 # shifting it never exposes an undrawn corner.
 _MARGIN = 32
+_NOISE_PAD = 40  # the shared noise field is this much larger than a frame, for random windows
 _CORRUPT_FRACTION = 0.4  # a corrupt file keeps this share of a valid JPEG's bytes
 
 _HAIR_COLOURS = {  # name -> (base RGB, probability for a young person)
@@ -74,7 +75,7 @@ _HAIR_STYLES = ("bald", "buzz", "short", "medium", "long")
 # "bald", but with shifted probabilities.
 _STYLE_P = {True: (0.06, 0.20, 0.48, 0.17, 0.09), False: (0.0, 0.03, 0.17, 0.30, 0.50)}
 _BEARDS = ("none", "stubble", "moustache", "goatee", "full")
-_BEARD_P = {True: (0.50, 0.18, 0.09, 0.09, 0.14), False: (0.97, 0.03, 0.0, 0.0, 0.0)}
+_BEARD_P = {True: (0.42, 0.22, 0.08, 0.10, 0.18), False: (0.97, 0.03, 0.0, 0.0, 0.0)}
 _SKIN_DARK = np.array([92.0, 60.0, 42.0])
 _SKIN_LIGHT = np.array([242.0, 208.0, 184.0])
 
@@ -187,7 +188,7 @@ def make_sample(
     overwritten.
     """
     n_people = max(2, n // 8) if people is None else people
-    _validate(n, image_size, n_duplicates, n_corrupt, n_people)
+    _validate(n, seed, image_size, n_duplicates, n_corrupt, n_people)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"refusing to write into non-empty {out}")
@@ -219,7 +220,8 @@ def make_sample(
 
     persons = [_make_person(bool(males[p]), np.random.default_rng([seed, 1, p])) for p in range(n_people)]
 
-    noise = np.random.default_rng([seed, 4]).standard_normal((_CANVAS_H + 40, _CANVAS_W + 40, 3), dtype=np.float32)
+    noise = np.random.default_rng([seed, 4]).standard_normal(
+        (_CANVAS_H + _NOISE_PAD, _CANVAS_W + _NOISE_PAD, 3), dtype=np.float32)
     image_dir = out / IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     attr_rows: dict[int, list[int]] = {}
@@ -259,7 +261,9 @@ def make_sample(
     )
 
 
-def _validate(n: int, image_size: tuple[int, int], n_duplicates: int, n_corrupt: int, n_people: int) -> None:
+def _validate(n: int, seed: int, image_size: tuple[int, int], n_duplicates: int, n_corrupt: int, n_people: int) -> None:
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy seed sequences reject negatives), got {seed}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if n_duplicates < 0 or n_corrupt < 0:
@@ -343,7 +347,7 @@ def _make_person(male: bool, rng: np.random.Generator) -> _Person:
         style = "buzz"
     beard = _BEARDS[rng.choice(len(_BEARDS), p=_BEARD_P[male])]
 
-    # Each continuous cue has class means about one standard deviation apart,
+    # Each continuous cue has class means at most about one standard deviation apart,
     # so the distributions overlap heavily and no single cue decides the label.
     return _Person(
         male=male,
@@ -379,8 +383,8 @@ def _make_person(male: bool, rng: np.random.Generator) -> _Person:
         rosy=bool(rng.random() < (0.05 if male else 0.15)),
         bags=bool(rng.random() < (0.15 if young else 0.45)),
         double_chin=bool(rng.random() < (0.03 if young else 0.2)),
-        shoulder_w=rng.normal(68 + 7 * m, 6),
-        neck_w=rng.normal(13 + 2.5 * m, 1.8),
+        shoulder_w=rng.normal(68 + 6 * m, 6),
+        neck_w=rng.normal(13 + 1.8 * m, 1.8),
         clothes=_rgb(rng.uniform(20, 235, 3)),
         attractive=bool(rng.random() < 0.5),
     )
@@ -398,8 +402,8 @@ def _make_shot(person: _Person, rng: np.random.Generator) -> _Shot:
         angle=rng.uniform(-8, 8),
         yaw=_clip(rng.normal(0, 1.8), -4, 4),
         # Muted backgrounds: a random grey level plus a moderate colour cast.
-        bg_a=_rgb(rng.uniform(20, 235) + rng.normal(0, 35, 3)),
-        bg_b=_rgb(rng.uniform(20, 235) + rng.normal(0, 35, 3)),
+        bg_a=_rgb(rng.uniform(40, 225) + rng.normal(0, 30, 3)),
+        bg_b=_rgb(rng.uniform(40, 225) + rng.normal(0, 30, 3)),
         bg_vertical=bool(rng.random() < 0.5),
         brightness=rng.uniform(0.78, 1.18),
         light_dir=rng.uniform(0, 2 * math.pi),
@@ -444,6 +448,7 @@ def _hair_shape(cx: float, top: float, rx: float, bottom: float, bottom_rx: floa
     side = np.linspace(centre_y, bottom, 8)[1:]
     wave = (lambda y: 2.5 * math.sin(y / 6 + phase)) if wavy else (lambda y: 0.0)
     right = [(cx + rx + (bottom_rx - rx) * (y - centre_y) / max(1.0, bottom - centre_y) + wave(y), y) for y in side]
+    # Mirror the right side, but keep the wave's sign so both sides sway the same way.
     left = [(2 * cx - x + 2 * wave(y), y) for x, y in reversed(right)]
     return pts + right + left
 
@@ -554,13 +559,15 @@ def _draw_beard(d: ImageDraw.ImageDraw, person: _Person, cx: float, fx: float, c
                 rng: np.random.Generator) -> None:
     if person.beard == "none":
         return
-    colour = _shade(person.hair, 0.8)
+    # Facial hair reads darker than the skin under it even for light hair,
+    # as it does in photos (shadowed, denser than scalp hair).
+    colour = _rgb(np.minimum(np.array(person.hair) * 0.75, np.array(person.skin) * 0.6)) + (255,)
     mouth_y = cy + 0.6 * hh
     if person.beard in ("stubble", "full"):
         lower = [(x, y) for x, y in _face_outline(cx, cy, hw * 0.98, hh, person.jaw) if y > cy + 0.12 * hh]
         lower.sort(key=lambda p: -p[0])  # right cheek -> chin -> left cheek
         upper = [(fx - hw * 0.45, cy + 0.36 * hh), (fx, cy + 0.42 * hh), (fx + hw * 0.45, cy + 0.36 * hh)]
-        alpha = 235 if person.beard == "full" else 70
+        alpha = 235 if person.beard == "full" else 90
         d.polygon(lower + upper, fill=colour[:3] + (alpha,))
         if person.beard == "stubble":
             for _ in range(60):
@@ -697,7 +704,7 @@ def _attributes(person: _Person, shot: _Shot) -> list[int]:
         "Pointy_Nose": person.nose_w < 4.8,
         "Receding_Hairline": person.hairline < 0.3 and person.hair_style != "bald",
         "Rosy_Cheeks": person.rosy,
-        "Sideburns": person.beard == "full" or (person.male and person.hair_style in ("short", "buzz")),
+        "Sideburns": person.beard == "full",
         "Smiling": shot.smile > 0.5,
         "Straight_Hair": not person.wavy and person.hair_style in ("medium", "long"),
         "Wavy_Hair": person.wavy and person.hair_style in ("medium", "long"),

@@ -37,3 +37,12 @@ def synthetic_sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample") / "celeba"
     summary = make_sample(root, n=240, seed=0)
     return summary
+
+
+@pytest.fixture(scope="session")
+def synthetic_sample_large(tmp_path_factory):
+    """A 600-image SYNTHETIC sample: enough for a small CNN to learn in a few epochs."""
+    from data_prep.synthetic import make_sample
+
+    root = tmp_path_factory.mktemp("sample-large") / "celeba"
+    return make_sample(root, n=600, seed=1)

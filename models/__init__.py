@@ -1,0 +1,39 @@
+"""The models stage: architectures (registry), local-only weights, and preprocessing/augmentation.
+
+`models.registry` builds torchvision classifiers with fresh heads, `models.weights` reads
+ImageNet or project weights from local files (never the network), `models.transforms` turns
+prepared uint8 face crops into normalised model input.
+"""
+
+from __future__ import annotations
+
+from models.registry import (
+    ModelSpec,
+    build_model,
+    check_image_size,
+    classification_loss,
+    count_parameters,
+    get_spec,
+    list_models,
+    split_outputs,
+)
+from models.transforms import EvalPreprocess, FramingShift, TrainAugment
+from models.weights import WeightsError, WeightsNotFoundError, hub_weights_path, hub_weights_url
+
+__all__ = [
+    "EvalPreprocess",
+    "FramingShift",
+    "ModelSpec",
+    "TrainAugment",
+    "WeightsError",
+    "WeightsNotFoundError",
+    "build_model",
+    "check_image_size",
+    "classification_loss",
+    "count_parameters",
+    "get_spec",
+    "hub_weights_path",
+    "hub_weights_url",
+    "list_models",
+    "split_outputs",
+]

@@ -1,0 +1,285 @@
+"""The model registry: which torchvision architectures gendertune compares, and how each is built.
+
+This module owns the per-architecture facts (`ModelSpec`), building a model with a fresh
+`num_classes` head (optionally starting from ImageNet or project weights, see `models.weights`),
+image-size validation, and the loss that folds in GoogLeNet's auxiliary heads.
+
+Nothing here downloads: torchvision builders are always called with `weights=None` and weights
+are read from local files by `models.weights`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tvm
+
+from models import weights as weights_io
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the rest of gendertune needs to know about one architecture."""
+
+    name: str
+    # The side its ImageNet weights were trained at.
+    input_size: int
+    # Smallest image side accepted. Measured on CPU (train-mode forward+backward, batch 2, and
+    # eval-mode forward): vgg19 and convnext_tiny fail below 32 (their last downsampling step
+    # would produce an empty map), googlenet below 15; resnets and efficientnet_b0 run even at
+    # 1 px. Every CNN here has a total stride of 32, so below 32 px the last stage sees a single
+    # position built from less than one stride cell: such sizes run but cannot be meaningfully
+    # compared, hence a floor of 32 for all CNNs. ViT needs at least one 16 px patch.
+    min_input_size: int
+    # ViT's position embeddings tie the module to one image size; it is built for the requested
+    # size and loaded weights have their position embeddings interpolated.
+    fixed_input_size: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Weight of the auxiliary heads' losses (GoogLeNet: 0.3 each, as in the paper).
+    aux_loss_weight: float
+    # The ImageNet weights used for pretrained=True, as "<Enum>.<member>" for
+    # torchvision.models.get_weight.
+    weights: str
+    # Dotted paths of the nn.Linear layers replaced by a fresh num_classes head; the first is the
+    # main head (its weight tells ImageNet state dicts from project ones).
+    heads: tuple[str, ...]
+    # image_size -> the architecture with its 1000-class ImageNet head and no weights.
+    builder: Callable[[int], nn.Module] = field(repr=False, compare=False)
+    # Image sides must be a multiple of this (ViT's patch size); 1 = any size.
+    size_multiple: int = 1
+    # State-dict key prefixes that a weights file may lack (GoogLeNet's auxiliary heads, which
+    # torchvision drops when built with aux_logits=False); they keep their fresh initialisation.
+    optional_prefixes: tuple[str, ...] = ()
+
+    @property
+    def main_head(self) -> str:
+        return self.heads[0]
+
+
+RGB = tuple[float, float, float]
+
+
+def _preset(weights: str) -> tuple[int, RGB, RGB]:
+    """(crop size, mean, std) from the weights' own inference transforms, so they cannot drift
+    from torchvision's."""
+    preset = tvm.get_weight(weights).transforms()
+    (m0, m1, m2), (s0, s1, s2) = preset.mean, preset.std
+    return preset.crop_size[0], (m0, m1, m2), (s0, s1, s2)
+
+
+def _build_cnn(builder: Callable[..., nn.Module], image_size: int, **kwargs: Any) -> nn.Module:
+    """A size-agnostic CNN: the image size does not change the module."""
+    return builder(weights=None, **kwargs)
+
+
+def _ignore_size(builder: Callable[..., nn.Module], **kwargs: Any) -> Callable[[int], nn.Module]:
+    # A partial of module-level functions, not a closure, so specs stay picklable.
+    return partial(_build_cnn, builder, **kwargs)
+
+
+def _vit_builder(image_size: int) -> nn.Module:
+    return tvm.vit_b_16(weights=None, image_size=image_size)
+
+
+def _spec(
+    name: str,
+    weights: str,
+    heads: tuple[str, ...],
+    builder: Callable[[int], nn.Module],
+    *,
+    min_input_size: int = 32,
+    fixed_input_size: bool = False,
+    aux_loss_weight: float = 0.0,
+    size_multiple: int = 1,
+    optional_prefixes: tuple[str, ...] = (),
+) -> ModelSpec:
+    input_size, mean, std = _preset(weights)
+    return ModelSpec(
+        name=name,
+        input_size=input_size,
+        min_input_size=min_input_size,
+        fixed_input_size=fixed_input_size,
+        mean=mean,
+        std=std,
+        aux_loss_weight=aux_loss_weight,
+        weights=weights,
+        heads=heads,
+        builder=builder,
+        size_multiple=size_multiple,
+        optional_prefixes=optional_prefixes,
+    )
+
+
+_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        # IMAGENET1K_V2 (80.9% top-1, torchvision's newer recipe) rather than V1 (76.1%).
+        _spec("resnet50", "ResNet50_Weights.IMAGENET1K_V2", ("fc",), _ignore_size(tvm.resnet50)),
+        _spec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", ("fc",), _ignore_size(tvm.resnet18)),
+        # aux_logits=True so the auxiliary heads train; torchvision drops them in eval mode.
+        # transform_input=True always, not only when pretrained as torchvision's builder does:
+        # it is a fixed per-channel affine map of the input (ImageNet normalisation -> the
+        # [-1, 1] scaling Google's weights expect), which a from-scratch model simply absorbs
+        # into its first convolution. Tying it to the weights' origin instead would make a
+        # project checkpoint's correct setting depend on how that run started, which the
+        # state dict cannot record.
+        _spec(
+            "googlenet",
+            "GoogLeNet_Weights.IMAGENET1K_V1",
+            ("fc", "aux1.fc2", "aux2.fc2"),
+            _ignore_size(tvm.googlenet, aux_logits=True, transform_input=True, init_weights=True),
+            aux_loss_weight=0.3,
+            optional_prefixes=("aux1.", "aux2."),
+        ),
+        _spec("vgg19", "VGG19_Weights.IMAGENET1K_V1", ("classifier.6",), _ignore_size(tvm.vgg19)),
+        _spec(
+            "efficientnet_b0",
+            "EfficientNet_B0_Weights.IMAGENET1K_V1",
+            ("classifier.1",),
+            _ignore_size(tvm.efficientnet_b0),
+        ),
+        _spec(
+            "convnext_tiny",
+            "ConvNeXt_Tiny_Weights.IMAGENET1K_V1",
+            ("classifier.2",),
+            _ignore_size(tvm.convnext_tiny),
+        ),
+        # IMAGENET1K_V1 is trained at 224 px (the SWAG variants are 384 px or linear-probe only).
+        _spec(
+            "vit_b_16",
+            "ViT_B_16_Weights.IMAGENET1K_V1",
+            ("heads.head",),
+            _vit_builder,
+            min_input_size=16,
+            fixed_input_size=True,
+            size_multiple=16,
+        ),
+    )
+}
+
+
+def list_models() -> list[str]:
+    return list(_SPECS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_SPECS)}") from None
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """Raise ValueError when `name` cannot be built for / run on images of side `image_size`."""
+    spec = get_spec(name)
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise ValueError(f"image size must be a whole number of pixels, got {image_size!r}")
+    if image_size < spec.min_input_size:
+        raise ValueError(
+            f"image size {image_size} is too small for {name} (needs >= {spec.min_input_size})"
+        )
+    if image_size % spec.size_multiple:
+        raise ValueError(
+            f"image size {image_size} does not work for {name}: it must be a multiple of "
+            f"{spec.size_multiple} (its patch size)"
+        )
+
+
+def _replace_heads(model: nn.Module, spec: ModelSpec, num_classes: int) -> None:
+    for path in spec.heads:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        old = getattr(parent, attr)
+        # PyTorch's default nn.Linear initialisation for every model (torchvision's own ViT head
+        # starts at zero, which would also zero the backbone's gradients on the first step).
+        setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int = 2,
+    image_size: int,
+    pretrained: bool = False,
+    weights_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Build `name` with fresh `num_classes` head(s), in train mode, on the CPU.
+
+    Weights, in order of precedence:
+    - `weights_path`: a local file holding either ImageNet-shaped weights of this architecture
+      (loaded before the head is replaced) or a project state dict / checkpoint with a
+      `num_classes` head (loaded after); see `models.weights.read_weights_file`.
+    - `pretrained=True`: the ImageNet weights in `ModelSpec.weights`, read only from the torch
+      hub cache (`WeightsNotFoundError` says which file to put where).
+    - otherwise torchvision's random initialisation.
+
+    `image_size` is validated for every model; only ViT's module depends on it.
+    """
+    spec = get_spec(name)
+    check_image_size(name, image_size)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    # Read weights before building, so a missing or broken file fails fast.
+    if weights_path is not None:
+        state, source = weights_io.read_weights_file(weights_path), str(weights_path)
+    elif pretrained:
+        state, source = weights_io.read_hub_weights(spec), str(weights_io.hub_weights_path(spec))
+    else:
+        state = None
+    model = spec.builder(image_size)
+
+    if state is None:
+        _replace_heads(model, spec, num_classes)
+        return model
+
+    head_classes = weights_io.head_classes(state, spec)
+    if head_classes == num_classes:
+        _replace_heads(model, spec, num_classes)
+        weights_io.load_state(model, state, spec=spec, source=source)
+    elif head_classes in (1000, None):
+        # ImageNet-shaped. Without this architecture's head at all (None), load_state reports
+        # how the file's keys differ from the plain architecture.
+        weights_io.load_state(model, state, spec=spec, source=source)
+        _replace_heads(model, spec, num_classes)
+    else:
+        raise weights_io.WeightsError(
+            f"{source} has a {head_classes}-class {spec.main_head} head; {name} weights must have "
+            f"a 1000-class (ImageNet) or {num_classes}-class (this project) head"
+        )
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters of the module as built (GoogLeNet: including its auxiliary heads)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def split_outputs(output: Tensor | Sequence[Tensor | None]) -> tuple[Tensor, list[Tensor]]:
+    """(main logits, auxiliary logits). GoogLeNet in train mode returns
+    GoogLeNetOutputs(logits, aux_logits2, aux_logits1); every other model a plain tensor."""
+    if isinstance(output, Tensor):
+        return output, []
+    main, *aux = output
+    assert main is not None
+    return main, [a for a in aux if a is not None]
+
+
+def classification_loss(
+    output: Tensor | Sequence[Tensor | None],
+    targets: Tensor,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    aux_weight: float,
+) -> Tensor:
+    """criterion(main) + aux_weight * sum(criterion(aux)) over the auxiliary heads, if any."""
+    main, aux = split_outputs(output)
+    loss = criterion(main, targets)
+    if aux_weight and aux:
+        loss = loss + aux_weight * torch.stack([criterion(a, targets) for a in aux]).sum()
+    return loss

@@ -1,0 +1,157 @@
+"""Reading model weights from local files, never from the network.
+
+This module owns where ImageNet weights are expected (the torch hub cache, under the file name
+torchvision would download them to), reading weights files and training checkpoints safely
+(`weights_only=True`), and loading a state dict into a model with errors that say what is wrong.
+Deciding *when* to load (before or after the head is replaced) is `models.registry.build_model`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import get_weight
+from torchvision.models.vision_transformer import interpolate_embeddings
+
+if TYPE_CHECKING:
+    from models.registry import ModelSpec
+
+# Prefixes wrappers add to every key: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_VIT_POS_EMBEDDING = "encoder.pos_embedding"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weights file is not where it was expected; the message says what to put where."""
+
+
+class WeightsError(ValueError):
+    """A weights file exists but is unreadable or does not fit the model."""
+
+
+def hub_weights_url(spec: ModelSpec) -> str:
+    return get_weight(spec.weights).url
+
+
+def hub_weights_path(spec: ModelSpec) -> Path:
+    """Where torchvision would have cached `spec`'s ImageNet weights: honours TORCH_HOME and
+    torch.hub.set_dir, read at call time."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(hub_weights_url(spec))
+
+
+def read_hub_weights(spec: ModelSpec) -> dict[str, Tensor]:
+    """`spec`'s ImageNet state dict from the hub cache. The file's hash is not checked (that
+    would cost seconds per build for the large models); a truncated file fails to load."""
+    path = hub_weights_path(spec)
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"ImageNet weights for {spec.name} ({spec.weights}) are not in the torch hub cache, "
+            f"and gendertune never downloads. Put the file at {path} (fetch it from "
+            f"{hub_weights_url(spec)} on a machine with internet access; TORCH_HOME moves the "
+            f"cache), or pass --weights FILE with a state dict instead."
+        )
+    return _read_state_dict(path)
+
+
+def read_weights_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A state dict from `path`: a bare state dict, or a checkpoint dict holding one under
+    "model". DDP/torch.compile key prefixes are stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file {path} does not exist")
+    return _read_state_dict(path)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    try:
+        loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for corrupt or foreign files
+        raise WeightsError(
+            f"{path} is not a readable PyTorch weights file (a state dict or a checkpoint of "
+            f"plain tensors/numbers/strings, saved with torch.save): {type(err).__name__}: {err}"
+        ) from err
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
+        loaded = loaded["model"]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise WeightsError(
+            f"{path} holds a {type(loaded).__name__}, not a state dict "
+            "(expected {name: tensor} or a checkpoint with the state dict under 'model')"
+        )
+    not_tensors = [k for k, v in loaded.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise WeightsError(f"{path} is not a state dict: {_some(not_tensors)} are not tensors")
+    return _strip_wrapper_prefixes(dict(loaded))
+
+
+def _strip_wrapper_prefixes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def head_classes(state: Mapping[str, Tensor], spec: ModelSpec) -> int | None:
+    """Number of outputs of the state dict's main head, or None if it has no such head."""
+    weight = state.get(f"{spec.main_head}.weight")
+    return weight.shape[0] if weight is not None and weight.ndim == 2 else None
+
+
+def load_state(
+    model: nn.Module, state: Mapping[str, Tensor], *, spec: ModelSpec, source: str
+) -> None:
+    """Load `state` into `model` strictly, except for `spec.optional_prefixes` keys the file may
+    lack. ViT position embeddings of another grid size are interpolated to the model's."""
+    expected = model.state_dict()
+    state = _fit_vit_pos_embedding(dict(state), expected, model)
+    missing = [
+        k for k in expected if k not in state and not k.startswith(spec.optional_prefixes)
+    ]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} in the file vs {tuple(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{label} {_some(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
+    if problems:
+        raise WeightsError(
+            f"{source} does not look like {spec.name} weights: {'; '.join(problems)}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _fit_vit_pos_embedding(
+    state: dict[str, Tensor], expected: Mapping[str, Tensor], model: nn.Module
+) -> dict[str, Tensor]:
+    """Interpolate ViT position embeddings trained at another image size (e.g. ImageNet's 224)
+    to the model's grid, as torchvision's fine-tuning recipe does."""
+    have, want = state.get(_VIT_POS_EMBEDDING), expected.get(_VIT_POS_EMBEDDING)
+    if have is None or want is None or have.shape == want.shape or have.shape[-1] != want.shape[-1]:
+        return state
+    grid = have.shape[1] - 1
+    if math.isqrt(grid) ** 2 != grid:
+        return state  # not a square patch grid: left to be reported as a shape mismatch
+    return dict(interpolate_embeddings(model.image_size, model.patch_size, state))
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return f"{shown} (+{len(items) - limit} more)" if len(items) > limit else shown

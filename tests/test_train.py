@@ -1,0 +1,117 @@
+"""Ray Train end to end: 2-worker CPU DDP learns, a failed worker resumes from its checkpoint,
+predict reproduces the evaluation, and bad inputs fail clearly before any work starts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cluster.cli import main
+from data_prep.config import PrepConfig
+from data_prep.errors import PrepInputError
+from data_prep.pipeline import run_prep
+from tuning import run_layout
+from tuning.predict import predict
+from tuning.train import RunAlreadyComplete, run_training
+from tuning.train_config import TrainConfig
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, synthetic_sample_large, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-prep") / "prep"
+    run_prep(PrepConfig.from_dict({"data": str(synthetic_sample_large.path), "out": str(out), "image_size": 32,
+                                   "split": "identity", "ratios": [0.7, 0.15, 0.15]}), log=lambda *_: None)
+    return out
+
+
+def train_config(prepared, out, **overrides):
+    values = {"data": str(prepared), "out": str(out), "model": "resnet18", "epochs": EPOCHS, "batch_size": 32,
+              "lr": 3e-3, "workers": 2, "augment": None, **overrides}
+    values.pop("augment")
+    return TrainConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "resnet18"
+    # Worker rank 0 dies at the start of epoch 2 on the first attempt; max_failures=1 restarts it.
+    metrics = run_training(train_config(prepared, out, inject_failure_at_epoch=2, max_failures=1), log=lambda *_: None)
+    return out, metrics
+
+
+def test_two_worker_ddp_run_learns(ddp_run):
+    out, metrics = ddp_run
+    assert metrics["evaluated_on"] == "test" and metrics["workers"] == 2
+    assert metrics["accuracy"] > metrics["majority_rate"] + 0.1, metrics
+    low, high = metrics["accuracy_ci95"]
+    assert low <= metrics["accuracy"] <= high
+    for key in ("per_class", "macro_f1", "roc_auc", "ece", "confusion_matrix", "params", "wall_seconds",
+                "train_images_per_s", "inference_images_per_s"):
+        assert key in metrics
+    for name in (run_layout.CONFIG, run_layout.MODEL, run_layout.HISTORY, run_layout.PREDICTIONS,
+                 "accuracy_per_epoch.png", "loss_per_epoch.png", "confusion_matrix.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_failed_worker_resumes_from_the_latest_checkpoint(ddp_run):
+    out, metrics = ddp_run
+    history = pd.read_csv(out / run_layout.HISTORY)
+    assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    # Epochs 1-2 ran in the first attempt; the restart began at epoch 2's checkpoint, not at 0.
+    assert history["attempt_start_epoch"].tolist() == [0, 0, 2, 2]
+    assert metrics["epochs_run"] == EPOCHS
+
+
+def test_best_epoch_is_chosen_on_validation_not_test(ddp_run):
+    out, metrics = ddp_run
+    history = pd.read_csv(out / run_layout.HISTORY)
+    assert metrics["best_val_acc"] == pytest.approx(history["val_acc"].max())
+    assert history.loc[metrics["best_epoch"] - 1, "val_acc"] == pytest.approx(history["val_acc"].max())
+
+
+def test_predict_matches_the_evaluation(ddp_run, synthetic_sample_large):
+    out, _ = ddp_run
+    evaluated = pd.read_csv(out / run_layout.PREDICTIONS, dtype={"image_id": str}).head(40)
+    images = [str(synthetic_sample_large.path / "img_align_celeba" / i) for i in evaluated["image_id"]]
+    predicted = predict(str(out), images)
+    assert np.allclose(predicted["prob_male"].to_numpy(), evaluated["prob_positive"].to_numpy(), atol=1e-4)
+
+
+def test_rerun_of_a_finished_run_is_refused(ddp_run, prepared):
+    out, _ = ddp_run
+    with pytest.raises(RunAlreadyComplete):
+        run_training(train_config(prepared, out))
+
+
+def test_predict_cli_many_images_via_ray_data_and_bad_files(ddp_run, synthetic_sample_large, tmp_path, capsys):
+    out, _ = ddp_run
+    folder = synthetic_sample_large.path / "img_align_celeba"
+    csv = tmp_path / "preds.csv"
+    assert main(["predict", "--model", str(out), str(folder), "--out", str(csv)]) == 0
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert len(table) == synthetic_sample_large.n_images  # above the Ray Data threshold
+    bad = table[table["error"] != ""]
+    assert {p.rsplit("/", 1)[-1] for p in bad["image"]} == set(synthetic_sample_large.corrupt_ids)
+    assert set(table.loc[table["error"] == "", "label"]) <= {"Female", "Male"}
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_bad_inputs_fail_before_training(prepared, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown model 'resnet5'"):
+        run_training(train_config(prepared, tmp_path / "a", model="resnet5"))
+    with pytest.raises(PrepInputError, match="not a prepared dataset"):
+        run_training(train_config(tmp_path, tmp_path / "b"))
+    with pytest.raises(ValueError, match="too small for vgg19"):
+        run_training(train_config(prepared, tmp_path / "c", model="vgg19", image_size=16))
+    corrupt = tmp_path / "corrupt-run"
+    corrupt.mkdir()
+    (corrupt / run_layout.MODEL).write_bytes(b"not a checkpoint")
+    assert main(["predict", "--model", str(corrupt), str(tmp_path)]) == 2
+    assert "not a readable gendertune model" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert json.loads(TrainConfig.from_dict({"data": "d", "out": "o"}).to_json())["train"]["model"] == "resnet50"

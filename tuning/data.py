@@ -1,0 +1,73 @@
+"""Ray Datasets over a prep output: pixel decoding and the train/val/test views a run needs.
+
+When the prep output has no val split, validation is carved from train — by person when the
+identity is known (so validation, like test, never shares people with training), else by image.
+The carve is a pure function of each row, so every worker and every re-run agrees on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from data_prep.layout import PreparedData
+
+_KNUTH = 2654435761  # multiplicative hash constant: spreads consecutive ids over [0, 2^32)
+
+
+def in_validation(identity: np.ndarray, file_hash: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask of rows that belong to the carved validation set."""
+    by_person = ((identity.astype(np.uint64) * _KNUTH) % 2**32) / 2**32
+    by_image = np.array([int(h[:8], 16) / 2**32 for h in file_hash]) if len(file_hash) else np.zeros(0)
+    return np.where(identity >= 0, by_person, by_image) < fraction
+
+
+def decode_pixels(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+    """Parquet `pixels` bytes -> uint8 N x S x S x 3 `image`; labels as int64."""
+    flat = np.frombuffer(b"".join(batch["pixels"]), dtype=np.uint8)
+    return {
+        "image": flat.reshape(len(batch["pixels"]), image_size, image_size, 3),
+        "label": batch["label"].astype(np.int64),
+    }
+
+
+def _carve(batch: dict[str, np.ndarray], *, fraction: float, keep_validation: bool) -> dict[str, np.ndarray]:
+    mask = in_validation(batch["identity"], batch["hash"], fraction) == keep_validation
+    return {key: value[mask] for key, value in batch.items()}
+
+
+def _read(prepared: PreparedData, split: str) -> ray.data.Dataset:
+    return ray.data.read_parquet(str(prepared.split_dir(split))).select_columns(
+        ["pixels", "label", "identity", "hash"]
+    )
+
+
+def _images(dataset: ray.data.Dataset, image_size: int) -> ray.data.Dataset:
+    return dataset.map_batches(decode_pixels, fn_kwargs={"image_size": image_size}, batch_format="numpy")
+
+
+def training_datasets(prepared: PreparedData, *, val_fraction: float) -> dict[str, ray.data.Dataset]:
+    """{"train": ..., "val": ...} with `image` and `label` columns; the test split is not touched."""
+    size = prepared.image_size
+    if "val" in prepared.splits:
+        return {"train": _images(_read(prepared, "train"), size), "val": _images(_read(prepared, "val"), size)}
+    train = _read(prepared, "train")
+    return {
+        "train": _images(train.map_batches(_carve, fn_kwargs={"fraction": val_fraction, "keep_validation": False}, batch_format="numpy"), size),
+        "val": _images(train.map_batches(_carve, fn_kwargs={"fraction": val_fraction, "keep_validation": True}, batch_format="numpy"), size),
+    }
+
+
+def test_dataset(prepared: PreparedData) -> ray.data.Dataset:
+    """The held-out split with image ids, read once at the very end of a run."""
+    if "test" not in prepared.splits:
+        raise ValueError(
+            f"{prepared.root} has no test split (splits: {', '.join(prepared.splits)}); "
+            "prep with 2 or 3 --ratios, or an official partition that includes test images"
+        )
+    dataset = ray.data.read_parquet(str(prepared.split_dir("test"))).select_columns(["image_id", "pixels", "label"])
+
+    def decode_keep_ids(batch):
+        return {**decode_pixels(batch, image_size=prepared.image_size), "image_id": batch["image_id"]}
+
+    return dataset.map_batches(decode_keep_ids, batch_format="numpy")

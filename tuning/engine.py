@@ -1,0 +1,194 @@
+"""Ray-free training and evaluation steps: optimizer, schedule, precision, one epoch, evaluate.
+
+Ray Train's per-worker function (tuning.worker) and the benchmarks call exactly these, so the
+numbers a benchmark reports are the numbers a real run gets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.registry import classification_loss, split_outputs
+from tuning.train_config import TrainConfig
+
+Batch = tuple[Tensor, Tensor]  # (uint8 N x H x W x 3 images, int labels)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a step runs: the autocast dtype (None = fp32) and whether fp16 needs a GradScaler."""
+
+    name: str
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.autocast_dtype == torch.float16
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # oneDNN runs bf16 fast only with AVX-512 BF16 / AMX; elsewhere it is emulated and slower.
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def select_precision(requested: str, device: torch.device) -> Precision:
+    """`auto`: bf16 where the hardware does it natively, else fp16+GradScaler on GPU, else fp32."""
+    if requested == "auto":
+        if bf16_supported(device):
+            requested = "bf16"
+        else:
+            requested = "fp16" if device.type == "cuda" else "fp32"
+    if requested == "bf16" and not bf16_supported(device):
+        raise ValueError(f"--precision bf16 is not supported on this {device.type} device; use auto or fp32")
+    if requested == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a GPU; on CPU use bf16 (if supported) or fp32")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    return Precision(requested, dtypes[requested])
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm parameters: decaying them only hurts (timm/nanoGPT do the same).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    if config.optimizer == "adam":
+        # Adam's weight_decay is L2 in the gradient; AdamW decouples it.
+        return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def lr_factor(step: int, *, config: TrainConfig, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr at optimizer step `step` (per-step, so warmup is smooth)."""
+    warmup = config.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "step":
+        return config.step_gamma ** (step // (config.step_epochs * steps_per_epoch))
+    total = config.epochs * steps_per_epoch
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config=config, steps_per_epoch=steps_per_epoch)
+    )
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.count / max(self.seconds, 1e-9)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    augment: Callable[[Tensor], Tensor],
+    criterion: nn.Module,
+    aux_weight: float,
+    precision: Precision,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float,
+    device: torch.device,
+) -> EpochStats:
+    model.train()
+    stats = EpochStats()
+    started = time.perf_counter()
+    for images, labels in batches:
+        inputs = augment(images.to(device, non_blocking=True))
+        targets = labels.to(device, non_blocking=True).long()
+        with precision.autocast(device):
+            output = model(inputs)
+            loss = classification_loss(output, targets, criterion, aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        logits, _ = split_outputs(output)
+        stats.loss_sum += float(loss.detach()) * len(targets)
+        stats.correct += int((logits.argmax(1) == targets).sum())
+        stats.count += len(targets)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+@dataclass
+class EvalResult:
+    stats: EpochStats
+    prob_positive: Tensor  # P(label 1), e.g. P(Male)
+    labels: Tensor
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    preprocess: Callable[[Tensor], Tensor],
+    criterion: nn.Module,
+    precision: Precision,
+    device: torch.device,
+) -> EvalResult:
+    model.eval()
+    stats = EpochStats()
+    probs, all_labels = [], []
+    started = time.perf_counter()
+    for images, labels in batches:
+        targets = labels.to(device).long()
+        with precision.autocast(device):
+            logits, _ = split_outputs(model(preprocess(images.to(device))))
+        logits = logits.float()
+        stats.loss_sum += float(criterion(logits, targets)) * len(targets)
+        stats.correct += int((logits.argmax(1) == targets).sum())
+        stats.count += len(targets)
+        probs.append(logits.softmax(1)[:, 1].cpu())
+        all_labels.append(targets.cpu())
+    stats.seconds = time.perf_counter() - started
+    empty = torch.zeros(0)
+    return EvalResult(stats, torch.cat(probs) if probs else empty, torch.cat(all_labels) if all_labels else empty.long())

@@ -1,0 +1,38 @@
+"""The layout of a training run directory, shared by the writer (tuning.train) and readers
+(predict, compare, leaderboard).
+
+    RUN/
+      config.json            resolved TrainConfig
+      model.pt               best-by-validation weights + what predict needs (model name, sizes,
+                             mean/std, class names), loadable with torch.load(weights_only=True)
+      history.csv            per epoch: train/val loss and accuracy, lr, img/s
+      metrics.json           held-out evaluation; written last, so it marks the run complete
+      test_predictions.csv   image_id,label,prob_positive (paired tests between models use it)
+      accuracy_per_epoch.png loss_per_epoch.png confusion_matrix.png
+      train/                 Ray Train storage: a checkpoint per epoch (resume reads it)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONFIG = "config.json"
+MODEL = "model.pt"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+PREDICTIONS = "test_predictions.csv"
+RAY_RUN_NAME = "train"
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / METRICS).is_file()
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished training run (no {METRICS}); run or resume `gendertune train --out {run_dir}`"
+        )
+    return json.loads(path.read_text())
