@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test bench-prep
+.PHONY: demo test bench-prep bench-train
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,9 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(DEMO_OUT)/sample
-	$(BIN)/gendertune make-sample --out $(DEMO_OUT)/sample --n 1000
-	$(BIN)/gendertune prep --data $(DEMO_OUT)/sample --split identity --ratios 0.8,0.1,0.1 --image-size 64 --out $(DEMO_OUT)/prep --overwrite
+	$(BIN)/gendertune demo --out $(DEMO_OUT)
 
 # pytest exits 5 when it collects no tests; that is a configuration error, not a pass.
 test: $(STAMP)
@@ -25,3 +23,6 @@ test: $(STAMP)
 
 bench-prep: $(STAMP)
 	$(BIN)/python bench/bench_prep.py
+
+bench-train: $(STAMP)
+	$(BIN)/python bench/bench_train.py --precision fp32,bf16

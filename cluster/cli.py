@@ -194,13 +194,107 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+SEARCH_FLAGS = ["trials", "time_budget_s", "max_concurrent", "grace_period", "reduction_factor", "trial_mode"]
+
+
+def _add_search_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trials", type=int, help="Optuna trials per model (default 8)")
+    parser.add_argument("--time-budget-s", dest="time_budget_s", type=float, help="stop starting trials after this long, per model")
+    parser.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="trials at once (default: as the CPUs allow)")
+    parser.add_argument("--grace-period", dest="grace_period", type=int, help="ASHA: epochs before a trial can be stopped (default 1)")
+    parser.add_argument("--reduction-factor", dest="reduction_factor", type=int, help="ASHA reduction factor (default 2)")
+    parser.add_argument("--trial-mode", dest="trial_mode", choices=["auto", "train", "inprocess"],
+                        help="train = each trial launches a TorchTrainer; inprocess = 1-worker trials run in the "
+                        "trial process (no worker start-up); auto = inprocess for 1 worker (default)")
+
+
+def _add_compare(sub) -> None:
+    parser = sub.add_parser(
+        "compare", help="search each model with Ray Tune + Optuna and write the comparison leaderboard",
+        description="For each model: search hyperparameters (Optuna TPE + ASHA) on the validation split, keep "
+        "(or --retrain) the best configuration, evaluate it once on the test split; then rank the models with "
+        "confidence intervals and McNemar tests against the leader.",
+    )
+    parser.add_argument("--models", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
+                        help="comma-separated models (default resnet50,resnet18,googlenet,vgg19)")
+    parser.add_argument("--out", help="comparison folder")
+    parser.add_argument("--resume", action="store_true", default=None, help="continue an interrupted comparison in --out")
+    parser.add_argument("--retrain", action="store_true", default=None, help="retrain the best configuration from scratch")
+    _add_search_flags(parser)
+    _add_train_flags(parser)
+    parser.set_defaults(handler=_run_compare)
+
+
+def _compare_configs(args: argparse.Namespace):
+    from tuning.compare import CompareConfig
+    from tuning.search import SearchConfig
+    from tuning.train_config import TrainConfig
+
+    compare = CompareConfig.resolve(config_file=args.config, overrides=_overrides(args, ["data", "out", "models", "resume", "retrain"]))
+    search = SearchConfig.resolve(config_file=args.config, overrides={**_overrides(args, SEARCH_FLAGS), "seed": args.seed})
+    # The base run settings; the search overrides the sampled ones per trial. data/out are per run.
+    base = TrainConfig.resolve(config_file=args.config, overrides={**_train_overrides(args), "data": compare.data, "out": compare.out})
+    return compare, search, base
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from tuning.compare import run_compare
+    from tuning.leaderboard import format_table
+
+    table = run_compare(*_compare_configs(args))
+    print(format_table(table))
+    return 0
+
+
+def _add_leaderboard(sub) -> None:
+    parser = sub.add_parser("leaderboard", help="print a comparison's leaderboard",
+                            description="Print the leaderboard that `gendertune compare` wrote to DIR.")
+    parser.add_argument("dir", metavar="DIR", help="a `gendertune compare` output folder")
+    parser.add_argument("--format", choices=["table", "md", "csv", "json"], default="table", help="output format (default table)")
+    parser.set_defaults(handler=_run_leaderboard)
+
+
+def _run_leaderboard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tuning import leaderboard
+
+    if args.format == "table":
+        print(leaderboard.format_table(leaderboard.read_leaderboard(args.dir)))
+    else:
+        leaderboard.read_leaderboard(args.dir)  # a clear error when there is none
+        name = {"md": leaderboard.MD, "csv": leaderboard.CSV, "json": leaderboard.JSON}[args.format]
+        print((Path(args.dir) / name).read_text(), end="")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    parser = sub.add_parser(
+        "demo", help="the whole pipeline on a generated sample: make-sample, prep, compare the seed's four models",
+        description="Generate a SYNTHETIC CelebA-layout sample (or use --data), prep it with an identity split, "
+        "compare resnet50, resnet18, googlenet and vgg19 with a small search budget, print the leaderboard. "
+        "Re-running with the same --out resumes.",
+    )
+    parser.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    parser.add_argument("--data", help="run on this dataset instead (CelebA layout or images + CSV), e.g. real CelebA")
+    parser.add_argument("--labels", help="label file for --data (default: found in --data)")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from tuning.demo import run_demo
+
+    run_demo(out=args.out, data=args.data, labels=args.labels)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gendertune",
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_make_sample, _add_prep, _add_train, _add_predict):
+    for add in (_add_make_sample, _add_prep, _add_train, _add_predict, _add_compare, _add_leaderboard, _add_demo):
         add(sub)
     return parser
 
@@ -216,6 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"gendertune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"gendertune {args.command}: interrupted. {err or 'Re-run the same command to resume.'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

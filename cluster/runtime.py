@@ -15,30 +15,31 @@ import os
 import ray
 
 LOCAL_LOGICAL_CPUS_MIN = 8
-_started_locally = False
+# Set before a local Ray starts, so its worker processes (which inherit the environment) know
+# the real core count too: inside a Tune trial or a Train worker a module flag would be unset.
+LOCAL_CORES_ENV = "GENDERTUNE_LOCAL_CORES"
 
 
 def ensure_ray(address: str | None = None) -> None:
     """Initialise Ray once per process: attach to `address`/RAY_ADDRESS, else start locally."""
-    global _started_locally
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
+    os.environ[LOCAL_CORES_ENV] = str(os.cpu_count() or 1)
     ray.init(
         num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
         include_dashboard=False,
         logging_level=logging.WARNING,
     )
-    _started_locally = True
 
 
 def compute_parallelism(requested: int = 0) -> int:
     """How many CPU-bound tasks to run at once: `requested`, else real cores locally or cluster CPUs."""
     if requested > 0:
         return requested
-    if _started_locally:
-        return os.cpu_count() or 1
+    if os.environ.get(LOCAL_CORES_ENV):
+        return int(os.environ[LOCAL_CORES_ENV])
     return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -23,7 +23,7 @@ class PrepConfig(StageConfig):
     image_size: int = 128
     seed: int = 0
     overwrite: bool = False
-    rows_per_task: int = 256  # images per Ray task: large enough to amortise scheduling
+    rows_per_task: int = 256  # most images per Ray task: large enough to amortise scheduling
     parallelism: int = 0  # concurrent decode tasks; 0 = one per CPU Ray can see
 
     def validate(self) -> None:

@@ -252,13 +252,17 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
     ensure_ray()
     with atomic_output_dir(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as out:
         staging = out / "_staging"
-        chunks = [matched.iloc[i : i + config.rows_per_task] for i in range(0, len(matched), config.rows_per_task)]
+        parallelism = compute_parallelism(config.parallelism)
+        # At most rows_per_task per task, but at least two tasks per core so small inputs still
+        # use every core.
+        rows = max(1, min(config.rows_per_task, -(-len(matched) // (2 * parallelism))))
+        chunks = [matched.iloc[i : i + rows] for i in range(0, len(matched), rows)]
         decoded = ray.data.from_pandas(chunks).map_batches(
             decode_batch,
             fn_kwargs={"image_size": config.image_size},
             batch_format="pandas",
             batch_size=None,
-            compute=ray.data.TaskPoolStrategy(size=compute_parallelism(config.parallelism)),
+            compute=ray.data.TaskPoolStrategy(size=parallelism),
         )
         decoded.write_parquet(str(staging))
 

@@ -13,6 +13,9 @@ import ray
 from data_prep.layout import PreparedData
 
 _KNUTH = 2654435761  # multiplicative hash constant: spreads consecutive ids over [0, 2^32)
+# Decoded train+val up to this size are computed once and kept in the object store: otherwise
+# every epoch re-lists, re-reads and re-decodes the Parquet, which dominates small runs.
+CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 def in_validation(identity: np.ndarray, file_hash: np.ndarray, fraction: float) -> np.ndarray:
@@ -50,12 +53,18 @@ def training_datasets(prepared: PreparedData, *, val_fraction: float) -> dict[st
     """{"train": ..., "val": ...} with `image` and `label` columns; the test split is not touched."""
     size = prepared.image_size
     if "val" in prepared.splits:
-        return {"train": _images(_read(prepared, "train"), size), "val": _images(_read(prepared, "val"), size)}
-    train = _read(prepared, "train")
-    return {
-        "train": _images(train.map_batches(_carve, fn_kwargs={"fraction": val_fraction, "keep_validation": False}, batch_format="numpy"), size),
-        "val": _images(train.map_batches(_carve, fn_kwargs={"fraction": val_fraction, "keep_validation": True}, batch_format="numpy"), size),
-    }
+        datasets = {"train": _images(_read(prepared, "train"), size), "val": _images(_read(prepared, "val"), size)}
+    else:
+        train = _read(prepared, "train")
+        carve = {"fraction": val_fraction}
+        datasets = {
+            "train": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": False}, batch_format="numpy"), size),
+            "val": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": True}, batch_format="numpy"), size),
+        }
+    rows = sum(prepared.manifest["splits"][s]["count"] for s in ("train", "val") if s in prepared.splits)
+    if rows * size * size * 3 <= CACHE_LIMIT_BYTES:
+        datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
+    return datasets
 
 
 def test_dataset(prepared: PreparedData) -> ray.data.Dataset:

@@ -102,11 +102,10 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64) -> pd.DataFrame:
+    run = RunModel(run_dir)  # a bad run folder fails before anything else happens
     paths = expand_inputs(inputs)
     if len(paths) < RAY_THRESHOLD:
-        run = RunModel(run_dir)
         return pd.concat([run.predict_paths(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)], ignore_index=True)
-    RunModel(run_dir)  # fail fast on a bad run folder, before starting actors
     ensure_ray()
     actors = max(1, min(compute_parallelism(), len(paths) // batch_size))
     dataset = ray.data.from_pandas(pd.DataFrame({"image": paths})).repartition(max(actors * 2, len(paths) // (batch_size * 4)))

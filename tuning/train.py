@@ -29,7 +29,7 @@ from tuning.engine import evaluate, select_precision
 from tuning.metrics import evaluate_predictions
 from tuning.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch
 from tuning.train_config import TrainConfig
-from tuning.worker import CHECKPOINT_FILE, train_worker
+from tuning.worker import load_state_dir, train_worker
 
 
 class RunAlreadyComplete(FileExistsError):
@@ -53,23 +53,27 @@ def scaling_config(config: TrainConfig) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources)
 
 
-def build_trainer(
-    config: TrainConfig, prepared: PreparedData, *, storage_path: str, name: str, callbacks=None
-) -> TorchTrainer:
-    """The TorchTrainer for one run; Tune trials build theirs with this too."""
+def loop_settings(config: TrainConfig, prepared: PreparedData) -> dict:
+    """What the epoch loop needs besides the config: image size, steps per epoch, torch threads."""
     image_size = check_compatible(config, prepared)
     train_rows = prepared.manifest["splits"]["train"]["count"]
     if "val" not in prepared.splits:
         train_rows = int(train_rows * (1 - config.val_fraction))
-    steps_per_epoch = max(1, train_rows // (config.batch_size * config.workers))
+    return {
+        "image_size": image_size,
+        # For the per-step lr schedule; the streaming shards don't know their length up front.
+        "steps_per_epoch": max(1, train_rows // (config.batch_size * config.workers)),
+        "threads_per_worker": max(1, compute_parallelism() // config.workers),
+    }
+
+
+def build_trainer(
+    config: TrainConfig, prepared: PreparedData, *, storage_path: str, name: str, callbacks=None
+) -> TorchTrainer:
+    """The TorchTrainer for one run; multi-worker Tune trials build theirs with this too."""
     return TorchTrainer(
         train_worker,
-        train_loop_config={
-            "train": config.to_dict(),
-            "image_size": image_size,
-            "steps_per_epoch": steps_per_epoch,
-            "threads_per_worker": max(1, compute_parallelism() // config.workers),
-        },
+        train_loop_config={"train": config.to_dict(), **loop_settings(config, prepared)},
         scaling_config=scaling_config(config),
         datasets=training_datasets(prepared, val_fraction=config.val_fraction),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
@@ -94,7 +98,7 @@ def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict]:
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        return load_state_dir(folder)
 
 
 def evaluate_held_out(state: dict, config_dict: dict, data_root: str, split: str) -> dict:
@@ -114,14 +118,14 @@ def evaluate_held_out(state: dict, config_dict: dict, data_root: str, split: str
     def batches():
         for batch in dataset.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):
             ids.extend(batch.get("image_id", [""] * len(batch["label"])))
-            yield torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"])
+            yield torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy())
 
     # fp32, like `predict`: the reported numbers must not depend on a precision shortcut.
     result = evaluate(model, batches(), preprocess=preprocess, criterion=nn.CrossEntropyLoss(),
                       precision=select_precision("fp32", device), device=device)
     return {
         "image_id": ids, "label": result.labels.tolist(), "prob_positive": result.prob_positive.tolist(),
-        "seconds": result.stats.seconds, "loss": result.stats.loss,
+        "seconds": result.model_seconds, "loss": result.stats.loss,
     }
 
 

@@ -1,22 +1,26 @@
-"""The per-worker Ray Train function: a thin wrapper around tuning.engine.
+"""The epoch loop of one training run, and the thin per-worker adapters that drive it.
 
-It builds the model, restores the latest checkpoint when Ray Train restarts a failed worker group
-(or when a run is re-launched with the same --out), runs the epochs, sums metrics over workers,
-and reports once per epoch. Rank 0 alone writes the checkpoint.
+`run_epochs` is written once against a small `TrainSession` interface (rank, restore, data,
+report). `train_worker` adapts it to Ray Train (a TorchTrainer worker: DDP, sharded data,
+rank 0 writes checkpoints); `tuning.search` adapts it to a single-process Tune trial, which skips
+the ~20 s of worker-group start-up a TorchTrainer costs per trial. Both restore from the latest
+checkpoint after a failure, and both report once per epoch.
 """
 
 from __future__ import annotations
 
 import random
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from models.registry import build_model, get_spec
 from models.transforms import EvalPreprocess, TrainAugment
@@ -26,17 +30,31 @@ from tuning.train_config import TrainConfig
 CHECKPOINT_FILE = "state.pt"
 
 
+class TrainSession(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def restored_state(self) -> dict | None: ...
+    def batches(self, split: str, *, batch_size: int, shuffle_seed: int | None) -> Iterator[tuple[Tensor, Tensor]]: ...
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
+    def wrap_model(self, model: nn.Module) -> nn.Module: ...
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _torch_batches(shard, *, batch_size: int, drop_last: bool, shuffle_seed: int | None):
-    for batch in shard.iter_torch_batches(
+def torch_batches(dataset, *, batch_size: int, shuffle_seed: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(uint8 images, int64 labels) from a Ray Dataset or shard; training batches drop the ragged
+    last batch (BatchNorm cannot train on a batch of one) and shuffle locally with a seed."""
+    training = shuffle_seed is not None
+    for batch in dataset.iter_torch_batches(
         batch_size=batch_size,
-        drop_last=drop_last,
-        local_shuffle_buffer_size=batch_size * 8 if shuffle_seed is not None else None,
+        drop_last=training,
+        local_shuffle_buffer_size=batch_size * 8 if training else None,
         local_shuffle_seed=shuffle_seed,
         dtypes={"image": torch.uint8, "label": torch.int64},
     ):
@@ -51,20 +69,24 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def train_worker(loop_config: dict) -> None:
-    config = TrainConfig.from_dict(loop_config["train"])
-    image_size, steps_per_epoch = loop_config["image_size"], loop_config["steps_per_epoch"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    torch.set_num_threads(loop_config["threads_per_worker"])
-    seed_everything(config.seed * 1000 + rank)
+def _gather_generator_states(generator: torch.Generator, world_size: int) -> list[Tensor]:
+    if world_size == 1:
+        return [generator.get_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, generator.get_state())
+    return states
 
+
+def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: TrainSession,
+               log: Callable[[str], None] = print) -> None:
+    """Build, restore, train and report every remaining epoch of one run."""
+    rank, device = session.rank, session.device
+    seed_everything(config.seed * 1000 + rank)
     spec = get_spec(config.model)
-    device = ray.train.torch.get_device()
     precision = select_precision(config.precision, device)
     model = build_model(config.model, image_size=image_size, pretrained=config.pretrained, weights_path=config.weights)
-    model = model.to(device=device, memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    model = session.wrap_model(model.to(device=device, memory_format=torch.channels_last))
+    unwrapped = model.module if hasattr(model, "module") else model
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
@@ -74,76 +96,104 @@ def train_worker(loop_config: dict) -> None:
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
 
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        unwrapped = model.module if hasattr(model, "module") else model
+    state = session.restored_state()
+    if state is not None:
         unwrapped.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"][rank] if rank < len(state["generator"]) else generator.get_state())
+        if rank < len(state["generator"]):
+            generator.set_state(state["generator"][rank])
         start_epoch, history = state["epoch"], state["history"]
         if rank == 0:
-            print(f"[gendertune] resuming {config.model} from the checkpoint of epoch {start_epoch}")
+            log(f"[gendertune] resuming {config.model} from the checkpoint of epoch {start_epoch}")
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, config.epochs):
-        # Only an attempt that started from scratch fails, so the restarted one can finish.
-        if epoch == config.inject_failure_at_epoch > 0 and checkpoint is None and rank == 0:
+        # Chaos testing: only an attempt that started from scratch fails, so the restart finishes.
+        if epoch == config.inject_failure_at_epoch > 0 and state is None and rank == 0:
             raise RuntimeError(f"injected failure at epoch {epoch} (inject_failure_at_epoch)")
         train = train_one_epoch(
-            model,
-            _torch_batches(train_shard, batch_size=config.batch_size, drop_last=True, shuffle_seed=config.seed + epoch),
+            model, session.batches("train", batch_size=config.batch_size, shuffle_seed=config.seed * 1000 + epoch),
             optimizer=optimizer, scheduler=scheduler,
             augment=lambda images: augment(images, generator=generator),
             criterion=criterion, aux_weight=spec.aux_loss_weight, precision=precision,
             scaler=scaler, grad_clip=config.grad_clip, device=device,
         )
         val = evaluate(
-            model, _torch_batches(val_shard, batch_size=config.eval_batch_size, drop_last=False, shuffle_seed=None),
+            model, session.batches("val", batch_size=config.eval_batch_size, shuffle_seed=None),
             preprocess=preprocess, criterion=criterion, precision=precision, device=device,
         ).stats
         sums = _all_reduce_sums(
             [train.loss_sum, train.correct, train.count, val.loss_sum, val.correct, val.count, train.seconds], device
         )
-        world = context.get_world_size()
         row = {
             "epoch": epoch + 1,
             "train_loss": sums[0] / max(sums[2], 1), "train_acc": sums[1] / max(sums[2], 1),
             "val_loss": sums[3] / max(sums[5], 1), "val_acc": sums[4] / max(sums[5], 1),
             "lr": optimizer.param_groups[0]["lr"],
             # Aggregate throughput: all workers' images over the mean worker time.
-            "train_images_per_s": sums[2] / max(sums[6] / world, 1e-9),
+            "train_images_per_s": sums[2] / max(sums[6] / session.world_size, 1e-9),
             "attempt_start_epoch": start_epoch,
         }
         history.append(row)
         if rank == 0:
-            print(
+            log(
                 f"[gendertune] {config.model} epoch {epoch + 1}/{config.epochs}  "
                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  "
-                f"lr {row['lr']:.2e}  {row['train_images_per_s']:.0f} img/s",
-                flush=True,
+                f"lr {row['lr']:.2e}  {row['train_images_per_s']:.0f} img/s"
             )
-        generators = [None] * world
-        if world > 1:
-            dist.all_gather_object(generators, generator.get_state())
-        else:
-            generators = [generator.get_state()]
-        if rank == 0:
-            unwrapped = model.module if hasattr(model, "module") else model
-            state = {
-                "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-                "generator": generators, "epoch": epoch + 1, "history": history,
-                "model_name": config.model, "image_size": image_size,
-            }
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(state, Path(folder) / CHECKPOINT_FILE)
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(row)
+        generators = _gather_generator_states(generator, session.world_size)
+        if rank != 0:
+            session.report(row, None)
+            continue
+        checkpoint = {
+            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+            "generator": generators, "epoch": epoch + 1, "history": history,
+            "model_name": config.model, "image_size": image_size,
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(checkpoint, Path(folder) / CHECKPOINT_FILE)
+            session.report(row, folder)
+
+
+def load_state_dir(folder: str | Path, device: torch.device | str = "cpu") -> dict:
+    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+
+class RayTrainSession:
+    """TrainSession for a TorchTrainer worker: DDP, per-worker data shards, Ray Train reports."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def restored_state(self) -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_state_dir(folder, self.device)
+
+    def batches(self, split, *, batch_size, shuffle_seed):
+        return torch_batches(ray.train.get_dataset_shard(split), batch_size=batch_size, shuffle_seed=shuffle_seed)
+
+    def report(self, metrics, checkpoint_dir):
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def wrap_model(self, model):
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+
+def train_worker(loop_config: dict) -> None:
+    """TorchTrainer's per-worker function."""
+    torch.set_num_threads(loop_config["threads_per_worker"])
+    run_epochs(
+        TrainConfig.from_dict(loop_config["train"]), image_size=loop_config["image_size"],
+        steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(),
+        log=lambda line: print(line, flush=True),
+    )

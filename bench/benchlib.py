@@ -1,0 +1,87 @@
+"""What the benchmarks share: tables, the RATIO line, JSON output, comma lists, a private Ray.
+
+Imports nothing from Ray or the project at module level, so `gpu_check.py` can use it on a machine
+without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def str_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain fixed-width table; floats get 2 decimals (or none from 1000 up)."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}"
+        return str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def ratio_line(name: str, value: float, goal: float) -> str:
+    return f"RATIO {name}: {value:.2f} (goal >= {goal:g})"
+
+
+def machine_info() -> dict:
+    return {"host": platform.node(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+            "platform": platform.platform()}
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    """Write `payload` to `path` (if given); called after each section so partial results survive."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def private_ray(root: Path) -> Iterator[float]:
+    """Start a local Ray of the benchmark's own and yield its start-up time in seconds.
+
+    RAY_ADDRESS is ignored (a benchmark against a local baseline must run locally), and HOME points
+    into `root`, so the token file that Ray >= 2.59 writes to ~/.ray/auth_token is the benchmark's
+    and never changes how a user's later `ray start` behaves (see the Ray 2.60 notes).
+    """
+    import ray
+    import ray.data
+
+    from cluster.runtime import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    home = root / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"] = str(home)
+    # Progress bars off, in this process and in Ray's workers (which inherit the environment).
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset execution plans
+    started = time.perf_counter()
+    ensure_ray()
+    try:
+        yield time.perf_counter() - started
+    finally:
+        ray.shutdown()

@@ -1,0 +1,128 @@
+"""Ray Tune + Optuna search and the leaderboard, end to end with a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from ray.tune.search.optuna import OptunaSearch
+
+from cluster.cli import main
+from data_prep.config import PrepConfig
+from data_prep.pipeline import run_prep
+from tuning import leaderboard, run_layout
+from tuning.compare import CompareConfig, run_compare
+from tuning.search import SearchConfig
+from tuning.search_space import param_space
+from tuning.train_config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, synthetic_sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search-prep") / "prep"
+    run_prep(PrepConfig.from_dict({"data": str(synthetic_sample.path), "out": str(out), "image_size": 32,
+                                   "split": "identity", "ratios": [0.6, 0.2, 0.2]}), log=lambda *_: None)
+    return out
+
+
+def suggestions(seed: int, n: int = 4) -> list[dict]:
+    searcher = OptunaSearch(seed=seed)
+    searcher.set_search_properties("val_acc", "max", param_space("resnet18"))
+    return [searcher.suggest(f"trial-{i}") for i in range(n)]
+
+
+def test_same_seed_gives_the_same_optuna_suggestions():
+    assert suggestions(3) == suggestions(3)
+    assert suggestions(3) != suggestions(4)
+
+
+@pytest.fixture(scope="module")
+def comparison(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    # vit_b_16 cannot run at 40 px (not a multiple of its 16 px patches): it must become an error row.
+    table = run_compare(
+        CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18", "vit_b_16", "googlenet"]}),
+        SearchConfig.from_dict({"trials": 2}),
+        TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 2, "image_size": 40}),
+        log=lambda *_: None,
+    )
+    return out, table
+
+
+def test_leaderboard_files_columns_and_ranks(comparison):
+    out, table = comparison
+    for name in (leaderboard.CSV, leaderboard.JSON, leaderboard.MD, "accuracy_ci.png", "confusion_matrices.png",
+                 "accuracy_per_epoch.png", "accuracy_vs_speed.png", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    written = leaderboard.read_leaderboard(out)
+    assert list(written.columns) == leaderboard.COLUMNS
+    ok = written[written["status"] == "ok"]
+    assert ok["model"].tolist() and set(ok["model"]) == {"resnet18", "googlenet"}
+    assert ok["rank"].tolist() == [1, 2]
+    assert ok["accuracy"].is_monotonic_decreasing
+    assert (ok["ci95_low"] <= ok["accuracy"]).all() and (ok["accuracy"] <= ok["ci95_high"]).all()
+    assert (ok["trials_run"] == 2).all()
+    second = ok.iloc[1]
+    assert 0 <= second["mcnemar_p_vs_leader"] <= 1 and second["mcnemar_b"] >= 0
+    assert json.loads(ok.iloc[0]["best_params"])["lr"] > 0
+    assert len(json.loads((out / leaderboard.JSON).read_text())) == 3
+
+
+def test_a_failing_model_becomes_an_error_row(comparison):
+    out, table = comparison
+    row = table[table["model"] == "vit_b_16"].iloc[0]
+    assert row["status"] == "error" and "multiple of 16" in row["error"]
+    assert pd.isna(row["rank"]) and table.iloc[-1]["model"] == "vit_b_16"
+
+
+def test_best_runs_work_with_predict_and_leaderboard_cli(comparison, synthetic_sample, capsys):
+    out, _ = comparison
+    run_dir = out / "models" / "resnet18"
+    assert run_layout.read_metrics(run_dir)["evaluated_on"] == "test"
+    image = synthetic_sample.path / "img_align_celeba" / "000001.jpg"
+    assert main(["predict", "--model", str(run_dir), str(image)]) == 0
+    assert "000001.jpg" in capsys.readouterr().out
+    assert main(["leaderboard", str(out), "--format", "md"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | " in printed and "McNemar" in printed
+    assert main(["leaderboard", str(out / "nothing-here")]) == 2
+
+
+def _finished_trials(search_dir):
+    done = {}
+    for result in search_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines and lines[-1].get("done"):
+            done[result.parent.name] = [(line["training_iteration"], line["val_acc"], line["time_total_s"]) for line in lines]
+    return done
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, tmp_path):
+    out = tmp_path / "cmp"
+    command = [sys.executable, "-m", "cluster.cli", "compare", "--data", str(prepared), "--out", str(out),
+               "--models", "resnet18", "--trials", "3", "--max-concurrent", "1", "--epochs", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    search_dir = out / "searches" / "resnet18" / "search"
+    deadline = time.monotonic() + 300
+    while not _finished_trials(search_dir) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(1)
+    first = _finished_trials(search_dir)
+    assert first, "no trial finished before the deadline"
+    process.send_signal(signal.SIGINT)  # what Ctrl-C does; Tune saves its state and exits
+    process.wait(timeout=120)
+    assert not (out / leaderboard.CSV).exists()
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _finished_trials(search_dir)
+    assert len(after) == 3
+    for name, results in first.items():
+        assert after[name] == results, f"finished trial {name} was run again"
+    assert leaderboard.read_leaderboard(out).iloc[0]["trials_run"] == 3

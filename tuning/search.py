@@ -1,0 +1,265 @@
+"""Search one architecture's hyperparameters with Ray Tune + Optuna (TPE) and ASHA early stopping.
+
+Each trial is one training run of tuning.worker.run_epochs and reports val accuracy per epoch;
+ASHA stops weak trials at its rungs; the test split is never read here. Two trial modes:
+- `train`: the trial launches a TorchTrainer (Ray 2.60's Tune-launches-Train pattern) and holds
+  only a sliver of CPU itself, so trial drivers never starve their own workers on a small box;
+- `inprocess`: a single-worker trial runs the same epoch loop inside the trial process, which
+  saves the ~20 s of worker-group start-up per trial. `auto` picks it for 1 worker.
+An interrupted search resumes from its Tune state (finished trials are not re-run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from cluster.config import ConfigError, StageConfig
+from cluster.runtime import compute_parallelism
+from data_prep.layout import PreparedData, open_prepared
+from tuning.data import training_datasets
+from tuning.search_space import param_space, trial_config
+from tuning.train import build_trainer, loop_settings
+from tuning.train_config import TrainConfig
+from tuning.worker import load_state_dir, run_epochs, torch_batches
+
+METRIC = "val_acc"
+SEARCH_DIR = "search"
+
+
+@dataclasses.dataclass
+class SearchConfig(StageConfig):
+    section = "search"
+
+    trials: int = 8
+    time_budget_s: float = 0.0  # 0 = no limit; otherwise no new trials start after this long
+    max_concurrent: int = 0  # 0 = as many as the CPUs allow (cores // CPUs per trial)
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 2  # ASHA: keep 1/reduction_factor of trials at each rung
+    seed: int = 0
+    trial_mode: Literal["auto", "train", "inprocess"] = "auto"
+    space: dict = dataclasses.field(default_factory=dict)  # overrides of tuning.search_space
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise ConfigError("search.trials: must be >= 1")
+        if self.time_budget_s < 0 or self.max_concurrent < 0:
+            raise ConfigError("search.time_budget_s and search.max_concurrent must be >= 0")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ConfigError("search.grace_period must be >= 1 and search.reduction_factor >= 2")
+
+
+def resolve_mode(search: SearchConfig, base: TrainConfig) -> str:
+    if search.trial_mode == "inprocess" and base.workers > 1:
+        raise ConfigError("search.trial_mode inprocess runs one worker per trial; use train for --workers > 1")
+    if search.trial_mode == "auto":
+        return "inprocess" if base.workers == 1 else "train"
+    return search.trial_mode
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """The search stopped before every trial finished (Ctrl-C, SIGTERM): resume it, don't rank it."""
+
+
+class TuneTrialSession:
+    """TrainSession for a single-process Tune trial: whole datasets, Tune reports and restores."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, datasets: dict, device: torch.device):
+        self.datasets, self.device = datasets, device
+
+    def restored_state(self) -> dict | None:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_state_dir(folder, self.device)
+
+    def batches(self, split, *, batch_size, shuffle_seed):
+        return torch_batches(self.datasets[split], batch_size=batch_size, shuffle_seed=shuffle_seed)
+
+    def report(self, metrics, checkpoint_dir):
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def wrap_model(self, model):
+        return model
+
+
+def run_trial(params: dict, *, base: dict, data_root: str, mode: str, threads: int, trials_dir: str) -> None:
+    """The Tune trainable: one training run with the sampled parameters."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
+    config = trial_config(base, params)
+    prepared = open_prepared(data_root)
+    if mode == "inprocess":
+        torch.set_num_threads(threads)
+        settings = loop_settings(config, prepared)
+        device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
+        session = TuneTrialSession(training_datasets(prepared, val_fraction=config.val_fraction), device)
+        run_epochs(config, image_size=settings["image_size"], steps_per_epoch=settings["steps_per_epoch"],
+                   session=session, log=lambda line: None)
+        return
+    trial_id = tune.get_context().get_trial_id()
+    # A stable name (no timestamp): a resumed trial finds its Train run and resumes it too.
+    build_trainer(config, prepared, storage_path=trials_dir, name=f"train-{trial_id}",
+                  callbacks=[TuneReportCallback()]).fit()
+
+
+class TrialSummary(tune.Callback):
+    """One line per finished, pruned or failed trial (printed: Tune pickles its callbacks)."""
+
+    def __init__(self, model: str, max_epochs: int):
+        self.model, self.max_epochs = model, max_epochs
+
+    @staticmethod
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        epochs = result.get("training_iteration", 0)
+        status = "finished" if epochs >= self.max_epochs else f"pruned by ASHA after {epochs} epoch(s)"
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+        self.log(f"[search {self.model}] trial {trial.trial_id} {status}: val_acc {result.get(METRIC, float('nan')):.4f} ({params})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"[search {self.model}] trial {trial.trial_id} failed: see {trial.local_path}")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+@dataclasses.dataclass
+class SearchOutcome:
+    best_config: TrainConfig
+    best_params: dict
+    best_state: dict  # the best checkpoint of the best trial (weights + full history)
+    best_metrics: dict
+    history: pd.DataFrame  # every epoch the best trial reported
+    trials_run: int
+    trials_pruned: int
+    trials_failed: int
+
+
+def _fit_noting_interrupts(tuner: tune.Tuner):
+    """Run the search; also say whether Ctrl-C stopped it.
+
+    Tune catches SIGINT itself, saves its state and returns as if done; its handler puts back the
+    handler it found. So with a sentinel installed first, finding the sentinel back afterwards
+    means Tune's handler fired.
+    """
+
+    def sentinel(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False  # signals only reach the main thread; Tune installs none either
+    previous = signal.signal(signal.SIGINT, sentinel)
+    try:
+        results = tuner.fit()
+        return results, signal.getsignal(signal.SIGINT) is sentinel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _best_state(result) -> tuple[dict, dict]:
+    """The best-val_acc checkpoint of one trial, wherever its mode stored it."""
+    if result.best_checkpoints:  # in-process trials: Tune keeps the checkpoints
+        checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][METRIC])
+        with checkpoint.as_directory() as folder:
+            return load_state_dir(folder), metrics
+    # TorchTrainer trials: Train stored the checkpoints and reported their paths to Tune. Only the
+    # best two survive (CheckpointConfig), so pick the best row among those still on disk.
+    frame = result.metrics_dataframe
+    frame = frame[frame[CHECKPOINT_PATH_KEY].map(lambda p: isinstance(p, str) and Path(p).is_dir())]
+    row = frame.loc[frame[METRIC].idxmax()]
+    return load_state_dir(row[CHECKPOINT_PATH_KEY]), row.to_dict()
+
+
+def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: Path,
+               *, resume: bool, log=print) -> SearchOutcome:
+    """Search `model` and return its best configuration and checkpoint. `out_dir` holds Tune state."""
+    base = dataclasses.replace(base, model=model)
+    loop_settings(base, prepared)  # image size vs model, weights file: fail before any trial
+    mode = resolve_mode(search, base)
+    out_dir = out_dir.absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpus_per_trial = base.cpus_per_worker if mode == "inprocess" else 0.01
+    concurrent = search.max_concurrent or max(1, compute_parallelism() // math.ceil(base.cpus_per_worker * base.workers))
+    threads = max(1, compute_parallelism() // concurrent)
+    trainable = tune.with_parameters(
+        run_trial, base=base.to_dict(), data_root=str(prepared.root.absolute()), mode=mode,
+        threads=threads, trials_dir=str(out_dir / "trials"),
+    )
+    resources = {"cpu": cpus_per_trial, "gpu": (1 if base.gpu else 0) if mode == "inprocess" else 0}
+    trainable = tune.with_resources(trainable, resources)
+    path = out_dir / SEARCH_DIR
+    if resume and tune.Tuner.can_restore(str(path)):
+        log(f"[search {model}] resuming the search in {path}")
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(model, search.space),
+            # metric/mode go to the searcher and scheduler, not TuneConfig: there Tune ranks the
+            # trials itself on return and raises KeyError when an interrupted one has no metric yet.
+            tune_config=tune.TuneConfig(
+                search_alg=OptunaSearch(metric=METRIC, mode="max", seed=search.seed),
+                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=base.epochs,
+                                        grace_period=min(search.grace_period, base.epochs),
+                                        reduction_factor=search.reduction_factor),
+                num_samples=search.trials,
+                max_concurrent_trials=concurrent,
+                time_budget_s=search.time_budget_s or None,
+            ),
+            run_config=tune.RunConfig(
+                name=SEARCH_DIR, storage_path=str(out_dir),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                        checkpoint_score_order="max"),
+                failure_config=tune.FailureConfig(max_failures=base.max_failures),
+                callbacks=[TrialSummary(model, base.epochs)],
+            ),
+        )
+    results, interrupted = _fit_noting_interrupts(tuner)
+    missing = search.trials - len(results) if not search.time_budget_s else 0
+    if interrupted or missing > 0:
+        # Tune returns normally after Ctrl-C, with unfinished trials: that is no result to rank.
+        raise SearchInterrupted(
+            f"the {model} search was interrupted before all {search.trials} trials finished; "
+            "run the same command with --resume to continue it"
+        )
+    finished = [r for r in results if r.error is None and r.metrics]
+    if not finished:
+        errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:500]
+        raise RuntimeError(f"every {model} trial failed: {errors or 'no trial reported a metric'}")
+    best = max(finished, key=lambda r: r.metrics_dataframe[METRIC].max())
+    state, metrics = _best_state(best)
+    params = {k: v for k, v in best.config.items()}
+    history = best.metrics_dataframe[[c for c in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images_per_s", "attempt_start_epoch") if c in best.metrics_dataframe]]
+    return SearchOutcome(
+        best_config=trial_config(base.to_dict(), params), best_params=params, best_state=state,
+        best_metrics={k: metrics[k] for k in ("epoch", "val_acc", "val_loss")},
+        history=history.drop_duplicates("epoch", keep="last").reset_index(drop=True),
+        trials_run=len(results),
+        trials_pruned=sum(1 for r in finished if r.metrics.get("training_iteration", 0) < base.epochs),
+        trials_failed=sum(1 for r in results if r.error is not None),
+    )
+
+
+def describe_params(params: dict) -> str:
+    return json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in params.items()}, sort_keys=True)

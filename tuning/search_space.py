@@ -1,0 +1,76 @@
+"""The hyperparameter search space, in one place, overridable from a config file.
+
+A space maps a parameter to `[kind, ...]`: `["loguniform", low, high]`, `["uniform", low, high]`,
+`["choice", [values]]`, or a plain constant. `augment_strength` scales every augmentation's
+default strength at once (0 = none, 1 = the TrainConfig defaults), which keeps the search
+low-dimensional while still letting it trade regularisation against fitting speed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from cluster.config import ConfigError
+from tuning.train_config import AUGMENTATIONS, TrainConfig
+
+DEFAULT_SPACE: dict[str, Any] = {
+    "lr": ["loguniform", 1e-4, 3e-3],
+    "batch_size": ["choice", [16, 32, 64]],
+    "optimizer": ["choice", ["adamw", "sgd"]],
+    "weight_decay": ["loguniform", 1e-5, 1e-1],
+    "label_smoothing": ["uniform", 0.0, 0.15],
+    "augment_strength": ["uniform", 0.0, 1.0],
+}
+# Per-architecture adjustments: VGG's huge fully connected head diverges at Adam-typical rates.
+MODEL_SPACE: dict[str, dict[str, Any]] = {
+    "vgg19": {"lr": ["loguniform", 1e-5, 1e-3]},
+    "vit_b_16": {"lr": ["loguniform", 1e-5, 5e-4]},
+}
+TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__}
+
+
+def space_for(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DEFAULT_SPACE < MODEL_SPACE[model] < overrides (the config file's `search.space`)."""
+    space = {**DEFAULT_SPACE, **MODEL_SPACE.get(model, {}), **(overrides or {})}
+    unknown = sorted(set(space) - TRAIN_FIELDS - {"augment_strength"})
+    if unknown:
+        raise ConfigError(f"search.space: unknown parameter(s) {', '.join(unknown)}; use train settings or augment_strength")
+    return space
+
+
+def to_tune_domain(name: str, spec: Any):
+    """A space entry -> a Ray Tune domain (OptunaSearch converts those to Optuna distributions)."""
+    if not isinstance(spec, list) or not spec or not isinstance(spec[0], str):
+        return spec  # a constant
+    kind, *args = spec
+    try:
+        if kind == "loguniform":
+            low, high = args
+            return tune.loguniform(float(low), float(high))
+        if kind == "uniform":
+            low, high = args
+            return tune.uniform(float(low), float(high))
+        if kind == "choice":
+            (values,) = args
+            return tune.choice(list(values))
+    except (ValueError, TypeError):
+        pass
+    raise ConfigError(
+        f"search.space.{name}: {spec!r} is not [\"loguniform\"|\"uniform\", low, high] or [\"choice\", [values]]"
+    )
+
+
+def param_space(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {name: to_tune_domain(name, spec) for name, spec in space_for(model, overrides).items()}
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of one trial: the base run settings with the sampled parameters applied."""
+    values = {**base, **{k: v for k, v in params.items() if k != "augment_strength"}}
+    if "augment_strength" in params:
+        defaults = TrainConfig(data="d", out="o")
+        for name in AUGMENTATIONS:
+            values[name] = getattr(defaults, name) * float(params["augment_strength"])
+    return TrainConfig.from_dict(values)
