@@ -46,3 +46,12 @@ def synthetic_sample_large(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sample-large") / "celeba"
     return make_sample(root, n=600, seed=1)
+
+
+def prep_sample(sample, out, **settings):
+    """Run the prep stage on a generated sample quietly; returns the output folder."""
+    from data_prep.config import PrepConfig
+    from data_prep.pipeline import run_prep
+
+    run_prep(PrepConfig.from_dict({"data": str(sample.path), "out": str(out), **settings}), log=lambda *_: None)
+    return out

@@ -14,8 +14,7 @@ import pytest
 from ray.tune.search.optuna import OptunaSearch
 
 from cluster.cli import main
-from data_prep.config import PrepConfig
-from data_prep.pipeline import run_prep
+from conftest import prep_sample
 from tuning import leaderboard, run_layout
 from tuning.compare import CompareConfig, run_compare
 from tuning.search import SearchConfig
@@ -25,10 +24,8 @@ from tuning.train_config import TrainConfig
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, synthetic_sample, tmp_path_factory):
-    out = tmp_path_factory.mktemp("search-prep") / "prep"
-    run_prep(PrepConfig.from_dict({"data": str(synthetic_sample.path), "out": str(out), "image_size": 32,
-                                   "split": "identity", "ratios": [0.6, 0.2, 0.2]}), log=lambda *_: None)
-    return out
+    return prep_sample(synthetic_sample, tmp_path_factory.mktemp("search-prep") / "prep",
+                       image_size=32, split="identity", ratios=[0.6, 0.2, 0.2])
 
 
 def suggestions(seed: int, n: int = 4) -> list[dict]:

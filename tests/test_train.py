@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 
 from cluster.cli import main
-from data_prep.config import PrepConfig
+from conftest import prep_sample
 from data_prep.errors import PrepInputError
-from data_prep.pipeline import run_prep
 from tuning import run_layout
 from tuning.predict import predict
 from tuning.train import RunAlreadyComplete, run_training
@@ -23,10 +22,8 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, synthetic_sample_large, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-prep") / "prep"
-    run_prep(PrepConfig.from_dict({"data": str(synthetic_sample_large.path), "out": str(out), "image_size": 64,
-                                   "split": "identity", "ratios": [0.7, 0.15, 0.15]}), log=lambda *_: None)
-    return out
+    return prep_sample(synthetic_sample_large, tmp_path_factory.mktemp("train-prep") / "prep",
+                       image_size=64, split="identity", ratios=[0.7, 0.15, 0.15])
 
 
 def train_config(prepared, out, **overrides):
