@@ -21,16 +21,21 @@ fed to the search as `points_to_evaluate` so every run here trains exactly the s
    - first training step: the moment the first training batch reaches
      `tuning.engine.train_one_epoch`, in whichever process trains (the trial in `inprocess`, the
      Train worker in `train`).
-   The project's reports carry no timestamp, so the benchmark adds the hooks itself, without
-   touching project files: it swaps `tuning.search.run_trial` for a wrapper that records when the
-   trial function starts and wraps `tuning.worker.train_one_epoch` (in `train` mode inside the
-   Train worker, by swapping `tuning.train.train_worker` in the trial process) so it records the
-   first batch of every epoch and the epoch's training seconds; and `tuning.search.TrialSummary`
-   (the search's callback) for a subclass that also records, in the driver, when each trial
-   appeared, when its actor started and when each result arrived. The table breaks the overhead
-   down into actor start (created -> Tune's `on_trial_start`), function start (-> trial function
-   entered) and set-up (-> first training step), and shows the epoch itself (first step -> first
-   result: training, validation, checkpoint, report) beside it, outside the overhead.
+   The project's reports carry no timestamp, so the benchmark adds its hooks itself, without
+   touching project files (it patches module attributes, in this process and inside the trial):
+   `tuning.search.run_trial` becomes a wrapper that records when the trial function is entered,
+   times `training_datasets` (as run_trial and build_trainer call it), and wraps `run_epochs` and
+   `tuning.worker.train_one_epoch` in the process that trains (in `train` mode by swapping
+   `tuning.train.train_worker` for a wrapper before build_trainer picks it up) to record when the
+   loop starts and when each epoch's first batch arrives; `tuning.search.TrialSummary` (the
+   search's callback) becomes a subclass that also records, in the driver, when each trial
+   appeared, when its actor started and when each result arrived; `tuning.search.OptunaSearch`
+   gets the fixed configurations. The table splits the overhead into consecutive parts: actor
+   (created -> Tune's `on_trial_start`), fn start (-> trial function entered; the project's
+   imports land here because the wrapper is pickled by value, where the original trainable would
+   import them while its actor starts), datasets, workers (TorchTrainer controller + worker group
+   + shards; ~0 in-process), model, 1st batch; and shows the epoch itself (first step -> first
+   result at the driver: training, validation, checkpoint, report) beside it, outside the overhead.
    A first search of one untimed in-process trial warms Ray (worker processes, the page cache)
    when part 2 has not already done so, so no mode pays the session's cold start.
 
@@ -53,8 +58,8 @@ fed to the search as `points_to_evaluate` so every run here trains exactly the s
 
 Data: a generated SYNTHETIC sample of --sample-n images prepped at --image-size with an identity
 split (80/10/10) into a temporary folder (removed at the end), or --prep DIR for an existing prep
-output. With a few hundred validation images one image is worth several tenths of a point, so on
-the synthetic data "within 0.5 pt" is close to "the same accuracy".
+output. The default 1,000-image sample has about 100 validation images, one image is worth about
+a point, so there "within 0.5 pt" means "the same accuracy".
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from cluster.runtime import compute_parallelism
@@ -102,12 +108,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5, help="full epoch budget per trial, ASHA part (default 5)")
     parser.add_argument("--overhead-trials", type=int, default=4, help="trials per mode, overhead part (default 4)")
     parser.add_argument("--only", choices=["overhead", "asha"], help="run one part only")
-    parser.add_argument("--cross-check", action="store_true", help="also run the real ASHA search (costs ~half of part 2 again)")
+    parser.add_argument("--cross-check", action="store_true",
+                        help="also run the real ASHA search on the same configurations (about half of part 2 again)")
     parser.add_argument("--seed", type=int, default=0, help="OptunaSearch seed of the configurations (default 0)")
     parser.add_argument("--prep", help="an existing prep output to train on (default: prep a synthetic sample)")
     parser.add_argument("--sample-n", type=int, default=1000, help="images in the synthetic sample (default 1000)")
     parser.add_argument("--image-size", type=int, default=32, help="prep size of the synthetic sample (default 32)")
-    parser.add_argument("--verbose", action="store_true", help="show Tune's and Ray's own output (default: only on failure)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Tune's and Ray's own output (default: only the log's tail on a failure)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: --sample-n 200 --trials 2 --epochs 2 --overhead-trials 1, no cross-check")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
@@ -130,10 +138,32 @@ def _event(kind: str, trial_id: str, **fields) -> None:
             out.write(line + "\n")
 
 
-def _hook_train_one_epoch(trial_id: str) -> None:
-    """Record the first training batch of every epoch and the epoch's training seconds."""
+def _time_calls(module, name: str, kind: str, trial_id: str) -> None:
+    """Record when each call of module.<name> starts and returns (events kind_start, kind_done)."""
+    original = getattr(module, name)
+    if getattr(original, "bench_hooked", False):
+        return
+
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        _event(f"{kind}_start", trial_id)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _event(f"{kind}_done", trial_id)
+
+    timed.bench_hooked = True
+    setattr(module, name, timed)
+
+
+def _hook_loop(trial_id: str) -> None:
+    """In the process that trains: when the epoch loop starts, and per epoch when training is called,
+    when its first batch arrives and how long the epoch's training took."""
     import tuning.worker
 
+    _time_calls(tuning.worker, "run_epochs", "loop", trial_id)  # called by train_worker (Train worker)
+    if "tuning.search" in sys.modules:  # not imported into a Train worker just for this: it takes seconds
+        _time_calls(sys.modules["tuning.search"], "run_epochs", "loop", trial_id)  # run_trial, in-process
     original = tuning.worker.train_one_epoch
     if getattr(original, "bench_hooked", False):
         return
@@ -141,7 +171,7 @@ def _hook_train_one_epoch(trial_id: str) -> None:
 
     def hooked(model, batches, **kwargs):
         epoch = next(epochs)
-        _event("loop_start", trial_id, epoch=epoch)
+        _event("epoch_start", trial_id, epoch=epoch)
 
         def marked():
             first = True
@@ -152,7 +182,7 @@ def _hook_train_one_epoch(trial_id: str) -> None:
                 yield batch
 
         stats = original(model, marked(), **kwargs)
-        _event("train_done", trial_id, epoch=epoch, seconds=stats.seconds, images=stats.count)
+        _event("epoch_train_done", trial_id, epoch=epoch, seconds=stats.seconds, images=stats.count)
         return stats
 
     hooked.bench_hooked = True
@@ -170,13 +200,17 @@ def timed_run_trial(params: dict, *, base: dict, data_root: str, mode: str, thre
     target = tuning.search.run_trial  # a fresh import in this process: the project's function
     if target.__name__ != "run_trial":
         raise RuntimeError("bench_search: tuning.search.run_trial is patched inside the trial process")
+    # Building (and materialising) the Ray Datasets: run_trial calls it in-process, build_trainer
+    # for a TorchTrainer trial.
+    _time_calls(tuning.search, "training_datasets", "datasets", trial_id)
+    _time_calls(tuning.train, "training_datasets", "datasets", trial_id)
     if mode == "inprocess":
-        _hook_train_one_epoch(trial_id)
+        _hook_loop(trial_id)
     else:
         original_worker = tuning.train.train_worker
 
         def hooked_worker(loop_config: dict) -> None:
-            _hook_train_one_epoch(trial_id)
+            _hook_loop(trial_id)
             original_worker(loop_config)
 
         tuning.train.train_worker = hooked_worker  # build_trainer looks it up at call time
@@ -273,12 +307,12 @@ def run_recorded(name: str, model: str, base: TrainConfig, search: SearchConfig,
     worker_events = read_events(events_path)[before:]
     trials: dict[str, dict] = {}
     for e in DRIVER_EVENTS + worker_events:
-        trial = trials.setdefault(e["trial"], {"trial": e["trial"], "results": [], "first_step": {}, "train_s": {}})
-        if e["event"] in ("created", "actor_started", "entry"):
-            trial.setdefault(e["event"], e["t"])
-        elif e["event"] == "first_step":
-            trial["first_step"].setdefault(e["epoch"], e["t"])
-        elif e["event"] == "train_done":
+        trial = trials.setdefault(e["trial"], {"trial": e["trial"], "results": [], "first_steps": {}, "train_s": {}})
+        if e["event"] in ("created", "actor_started", "entry", "datasets_start", "datasets_done", "loop_start"):
+            trial.setdefault(e["event"], e["t"])  # the first one: a restarted attempt records again
+        elif e["event"] in ("first_step", "epoch_start"):
+            trial.setdefault(e["event"] + "s", {}).setdefault(e["epoch"], e["t"])
+        elif e["event"] == "epoch_train_done":
             trial["train_s"][e["epoch"]] = e["seconds"]
         elif e["event"] == "result":
             trial["results"].append(e)
@@ -294,22 +328,31 @@ def run_recorded(name: str, model: str, base: TrainConfig, search: SearchConfig,
 # --- part 1: per-trial fixed overhead -------------------------------------------------------------------
 
 
+# Consecutive segments of the overhead: (column, from event, to event).
+SEGMENTS = (
+    ("actor_s", "created", "actor_started"),  # Tune schedules the trial, its actor process starts
+    ("function_s", "actor_started", "entry"),  # Tune starts the function; with_parameters, imports
+    ("datasets_s", "entry", "datasets_done"),  # open the prep output, build + materialise the Datasets
+    ("workers_s", "datasets_done", "loop_start"),  # TorchTrainer: controller, worker group, shards
+    ("model_s", "loop_start", "epoch_start"),  # build the model, optimizer, augmentation; restore
+    ("first_batch_s", "epoch_start", "first_step"),  # wait for the first training batch
+)
+
+
 def overhead_rows(trials: list[dict]) -> list[dict]:
     rows = []
     for t in trials:
-        first_step, first_result = t["first_step"].get(1), t["results"][0]["t"]
-        if first_step is None or "created" not in t:
+        t = {**t, "epoch_start": t.get("epoch_starts", {}).get(1), "first_step": t["first_steps"].get(1)}
+        if t["first_step"] is None or "created" not in t:
             raise RuntimeError(f"trial {t['trial']}: no first-step/creation time recorded (hooks did not run?)")
-        rows.append({
-            "trial": t["trial"], "config": t["index"], "batch_size": t["config"].get("batch_size"),
-            "actor_s": t.get("actor_started", t["created"]) - t["created"],
-            "function_s": t.get("entry", first_step) - t.get("actor_started", t["created"]),
-            "setup_s": first_step - t.get("entry", first_step),
-            "overhead_s": first_step - t["created"],
-            "epoch_s": first_result - first_step,
-            "train_s": t["train_s"].get(1, float("nan")),
-            "val_acc": t["results"][0][METRIC],
-        })
+        row = {"trial": t["trial"], "config": t["index"], "batch_size": t["config"].get("batch_size")}
+        for column, start, end in SEGMENTS:
+            row[column] = t[end] - t[start] if t.get(start) and t.get(end) else float("nan")
+        row["overhead_s"] = t["first_step"] - t["created"]
+        row["epoch_s"] = t["results"][0]["t"] - t["first_step"]
+        row["val_acc"] = t["results"][0][METRIC]
+        row["train_s"] = t["train_s"].get(1, float("nan"))  # the first epoch's training alone
+        rows.append(row)
     return rows
 
 
@@ -319,14 +362,15 @@ def run_overhead(args, base: TrainConfig, prepared: PreparedData, scratch: Path,
     one_epoch = TrainConfig.from_dict({**base.to_dict(), "epochs": 1})
     if not warm:
         run_recorded("warmup", args.model, one_epoch,
-                     SearchConfig.from_dict({"trials": 1, "max_concurrent": 1, "trial_mode": "inprocess", "seed": args.seed}),
+                     SearchConfig.from_dict({"trials": 1, "max_concurrent": 1, "trial_mode": "inprocess",
+                                             "seed": args.seed}),
                      prepared, points[:1], scratch, events, args.verbose)
     means = {}
     for mode in ("train", "inprocess"):
         search = SearchConfig.from_dict({"trials": args.overhead_trials, "max_concurrent": 1, "trial_mode": mode,
                                          "seed": args.seed})
-        rows = overhead_rows(run_recorded(f"overhead-{mode}", args.model, one_epoch, search, prepared, points, scratch, events,
-                                         args.verbose))
+        rows = overhead_rows(run_recorded(f"overhead-{mode}", args.model, one_epoch, search, prepared, points,
+                                          scratch, events, args.verbose))
         means[mode] = statistics.fmean(r["overhead_s"] for r in rows)
         report["overhead"][mode] = {"mean_s": means[mode], "median_s": statistics.median(r["overhead_s"] for r in rows),
                                     "trials": rows}
@@ -335,12 +379,12 @@ def run_overhead(args, base: TrainConfig, prepared: PreparedData, scratch: Path,
     table = []
     for mode in ("train", "inprocess"):
         for r in report["overhead"][mode]["trials"]:
-            table.append((mode, r["config"], r["batch_size"], r["actor_s"], r["function_s"], r["setup_s"],
-                          r["overhead_s"], r["epoch_s"], r["train_s"]))
-    print(format_table(["mode", "config", "batch", "actor s", "fn start s", "set-up s", "OVERHEAD s",
-                        "epoch s", "train s"], table))
-    print("(actor: created -> actor up; fn start: -> trial function entered; set-up: -> first training batch "
-          "(datasets, Train worker group, model); epoch: first step -> first result, not overhead)")
+            table.append((mode, r["config"], *(r[column] for column, _, _ in SEGMENTS), r["overhead_s"], r["epoch_s"]))
+    print(format_table(["mode", "config", "actor", "fn start", "datasets", "workers", "model", "1st batch",
+                        "OVERHEAD s", "epoch s"], table))
+    print("(seconds, consecutive: trial created -> actor up -> trial function entered -> Datasets built -> epoch loop "
+          "entered (TorchTrainer: its controller and worker group) -> model built -> first training batch; "
+          "epoch: first batch -> first result at the driver, not overhead)")
     for mode in ("train", "inprocess"):
         o = report["overhead"][mode]
         print(f"{mode:>9}: mean {o['mean_s']:.1f} s, median {o['median_s']:.1f} s over {len(o['trials'])} trial(s)")
@@ -398,7 +442,8 @@ def run_asha(args, base: TrainConfig, prepared: PreparedData, scratch: Path, eve
     # run_search's own concurrency rule (SearchConfig.max_concurrent = 0).
     concurrency = max(1, compute_parallelism() // math.ceil(full_base.cpus_per_worker * full_base.workers))
     no_stop = SearchConfig.from_dict({"trials": args.trials, "grace_period": args.epochs, "seed": args.seed})
-    trials = run_recorded("full-budget", args.model, full_base, no_stop, prepared, points, scratch, events, args.verbose)
+    trials = run_recorded("full-budget", args.model, full_base, no_stop, prepared, points, scratch, events,
+                          args.verbose)
     if len(trials) != args.trials or any(len(t["results"]) != args.epochs for t in trials):
         raise RuntimeError("the full-budget search did not run every trial to the full budget: "
                            + ", ".join(f"{t['trial']} {len(t['results'])} epochs" for t in trials))
@@ -437,7 +482,8 @@ def run_asha(args, base: TrainConfig, prepared: PreparedData, scratch: Path, eve
     write_json(args.json, report)
 
     print(f"\nlearning curves (val_acc per epoch), full budget, and epochs the ASHA replay gives each "
-          f"(grace {defaults.grace_period}, rf {defaults.reduction_factor}, max_t {args.epochs}, {concurrency} at a time):")
+          f"(grace {defaults.grace_period}, rf {defaults.reduction_factor}, max_t {args.epochs}, "
+          f"{concurrency} at a time):")
     rows = []
     for i, (t, curve) in enumerate(zip(trials, curves)):
         c = t["config"]
@@ -490,6 +536,7 @@ def prep_sample(scratch: Path, n: int, image_size: int) -> Path:
 
 def main() -> None:
     args = parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" per search
     report = {"benchmark": "search", "machine": machine_info(), "model": args.model, "seed": args.seed,
               "overhead": {}, "asha": {}}
     with tempfile.TemporaryDirectory(prefix="gendertune-bench-search-") as tmp:

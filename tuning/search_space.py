@@ -29,6 +29,7 @@ MODEL_SPACE: dict[str, dict[str, Any]] = {
     "vit_b_16": {"lr": ["loguniform", 1e-5, 5e-4]},
 }
 TRAIN_FIELDS = {f for f in TrainConfig.__dataclass_fields__}
+FIXED_PER_SEARCH = {"data", "out", "model", "val_fraction", "workers", "gpu", "epochs"}
 
 
 def space_for(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -37,6 +38,10 @@ def space_for(model: str, overrides: dict[str, Any] | None = None) -> dict[str, 
     unknown = sorted(set(space) - TRAIN_FIELDS - {"augment_strength"})
     if unknown:
         raise ConfigError(f"search.space: unknown parameter(s) {', '.join(unknown)}; use train settings or augment_strength")
+    # These define what is searched over, or the data every trial shares; they can't vary per trial.
+    fixed = sorted(set(space) & FIXED_PER_SEARCH)
+    if fixed:
+        raise ConfigError(f"search.space: {', '.join(fixed)} cannot be searched; set them as train settings")
     return space
 
 

@@ -68,14 +68,15 @@ def loop_settings(config: TrainConfig, prepared: PreparedData) -> dict:
 
 
 def build_trainer(
-    config: TrainConfig, prepared: PreparedData, *, storage_path: str, name: str, callbacks=None
+    config: TrainConfig, prepared: PreparedData, *, storage_path: str, name: str, callbacks=None, datasets=None
 ) -> TorchTrainer:
-    """The TorchTrainer for one run; multi-worker Tune trials build theirs with this too."""
+    """The TorchTrainer for one run; multi-worker Tune trials build theirs with this too, passing
+    the `datasets` their search built once."""
     return TorchTrainer(
         train_worker,
         train_loop_config={"train": config.to_dict(), **loop_settings(config, prepared)},
         scaling_config=scaling_config(config),
-        datasets=training_datasets(prepared, val_fraction=config.val_fraction),
+        datasets=datasets or training_datasets(prepared, val_fraction=config.val_fraction),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
         run_config=ray.train.RunConfig(
             name=name,
