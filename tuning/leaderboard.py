@@ -123,4 +123,5 @@ def read_leaderboard(out: str | Path) -> pd.DataFrame:
 def format_table(table: pd.DataFrame) -> str:
     columns = ["rank", "model", "status", "accuracy", "ci95_low", "ci95_high", "macro_f1", "roc_auc", "ece",
                "params", "inference_images_per_s", "trials_run", "trials_pruned", "mcnemar_p_vs_leader", "error"]
-    return table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
+    shown = table[columns].astype({"rank": "Int64", "params": "Int64", "trials_run": "Int64", "trials_pruned": "Int64"})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
