@@ -49,20 +49,24 @@ def _images(dataset: ray.data.Dataset, image_size: int) -> ray.data.Dataset:
     return dataset.map_batches(decode_pixels, fn_kwargs={"image_size": image_size}, batch_format="numpy")
 
 
-def training_datasets(prepared: PreparedData, *, val_fraction: float) -> dict[str, ray.data.Dataset]:
-    """{"train": ..., "val": ...} with `image` and `label` columns; the test split is not touched."""
+def training_views(prepared: PreparedData, *, val_fraction: float) -> dict[str, ray.data.Dataset]:
+    """Lazy {"train": ..., "val": ...} with `image` and `label` columns; test is not touched."""
     size = prepared.image_size
     if "val" in prepared.splits:
-        datasets = {"train": _images(_read(prepared, "train"), size), "val": _images(_read(prepared, "val"), size)}
-    else:
-        train = _read(prepared, "train")
-        carve = {"fraction": val_fraction}
-        datasets = {
-            "train": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": False}, batch_format="numpy"), size),
-            "val": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": True}, batch_format="numpy"), size),
-        }
+        return {"train": _images(_read(prepared, "train"), size), "val": _images(_read(prepared, "val"), size)}
+    train = _read(prepared, "train")
+    carve = {"fraction": val_fraction}
+    return {
+        "train": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": False}, batch_format="numpy"), size),
+        "val": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": True}, batch_format="numpy"), size),
+    }
+
+
+def training_datasets(prepared: PreparedData, *, val_fraction: float) -> dict[str, ray.data.Dataset]:
+    """`training_views`, computed once and cached in the object store when they fit the limit."""
+    datasets = training_views(prepared, val_fraction=val_fraction)
     rows = sum(prepared.manifest["splits"][s]["count"] for s in ("train", "val") if s in prepared.splits)
-    if rows * size * size * 3 <= CACHE_LIMIT_BYTES:
+    if rows * prepared.image_size**2 * 3 <= CACHE_LIMIT_BYTES:
         datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
     return datasets
 

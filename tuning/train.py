@@ -24,7 +24,7 @@ from data_prep.layout import PreparedData, open_prepared
 from models.registry import build_model, check_image_size, count_parameters, get_spec
 from models.transforms import EvalPreprocess
 from tuning import run_layout
-from tuning.data import test_dataset, training_datasets
+from tuning.data import test_dataset, training_datasets, training_views
 from tuning.engine import evaluate, select_precision
 from tuning.metrics import evaluate_predictions
 from tuning.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch
@@ -113,7 +113,8 @@ def evaluate_held_out(state: dict, config_dict: dict, data_root: str, split: str
     model.load_state_dict(state["model"])
     model = model.to(device=device, memory_format=torch.channels_last)
     preprocess = EvalPreprocess(image_size=state["image_size"], mean=spec.mean, std=spec.std)
-    dataset = test_dataset(prepared) if split == "test" else training_datasets(prepared, val_fraction=config.val_fraction)["val"]
+    # Read once, so no caching: for val, only the val view is computed, not the train split too.
+    dataset = test_dataset(prepared) if split == "test" else training_views(prepared, val_fraction=config.val_fraction)["val"]
     ids: list[str] = []
 
     def batches():
