@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cluster.config import ConfigError
+from cluster.errors import StageFailed
 from cluster.storage import OutputExistsError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -103,7 +104,7 @@ def _augment(text: str) -> dict[str, float]:
 
 
 TRAIN_FLAGS = ["data", "out", "model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
-               "warmup_epochs", "label_smoothing", "grad_clip", "image_size", "workers", "cpus_per_worker", "gpu",
+               "warmup_epochs", "label_smoothing", "grad_clip", "image_size", "workers", "cpus_per_worker", "placement_strategy", "gpu",
                "precision", "pretrained", "weights", "seed", "max_failures", "val_fraction"]
 
 
@@ -122,6 +123,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", dest="image_size", type=int, help="training image size (default: the prepared size)")
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP; default 1)")
     parser.add_argument("--cpus-per-worker", dest="cpus_per_worker", type=float, help="CPUs reserved per worker (default 1)")
+    parser.add_argument("--placement-strategy", dest="placement_strategy", choices=["PACK", "SPREAD"],
+                        help="PACK workers onto few nodes (default) or SPREAD them over nodes")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker (NCCL)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"],
                         help="auto = bf16 where native (recent CPUs, Ampere+ GPUs), else fp16+GradScaler on GPU, else fp32")
@@ -288,19 +291,101 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_address_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    parser.add_argument("--allow-insecure-http", dest="allow_insecure_http", action="store_true",
+                        help="allow plain HTTP to a non-loopback address (only on a trusted network with token auth)")
+
+
+def _add_submit(sub) -> None:
+    parser = sub.add_parser(
+        "submit", help="run a gendertune command as a job on a Ray cluster",
+        description="Submit `gendertune ARGS` to a Ray cluster through the Jobs API, with this project as the "
+        "job's working_dir and its dependencies in the runtime_env; prints the job id. Paths in ARGS are read "
+        "on the cluster: use shared storage (see the README).",
+        usage="gendertune submit [--address URL] [--follow] [--no-install] -- COMMAND [FLAGS ...]",
+    )
+    _add_address_flags(parser)
+    parser.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
+    parser.add_argument("--no-install", dest="install", action="store_false",
+                        help="don't pip-install the dependencies in the job's runtime_env (the cluster image has them)")
+    parser.add_argument("--job-id", dest="job_id", help="use this submission id instead of a generated one")
+    parser.add_argument("job_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="-- then the gendertune command, e.g. -- compare --data ...")
+    parser.set_defaults(handler=_run_submit)
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+    address = jobs.resolve_address(args.address, allow_insecure_http=args.allow_insecure_http)
+    job_id = jobs.submit(command, address=address, install_dependencies=args.install, job_id=args.job_id)
+    print(f"submitted job {job_id} to {address}", flush=True)
+    if not args.follow:
+        print(f"follow it with: gendertune jobs logs --follow {job_id}")
+        return 0
+    return _follow(address, job_id)
+
+
+def _follow(address: str, job_id: str) -> int:
+    from cluster import jobs
+
+    try:
+        status = jobs.follow(address, job_id)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped following; job {job_id} keeps running (gendertune jobs stop {job_id})") from None
+    print(f"job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _add_jobs(sub) -> None:
+    parser = sub.add_parser("jobs", help="status, logs, stop and list of jobs on a Ray cluster",
+                            description="Inspect and control jobs submitted with `gendertune submit`.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, text in (("status", "print a job's status"), ("logs", "print a job's logs"), ("stop", "stop a job and wait for it to end")):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("job_id", metavar="ID")
+        _add_address_flags(action)
+        if name == "logs":
+            action.add_argument("--follow", action="store_true", help="stream until the job ends")
+    _add_address_flags(actions.add_parser("list", help="list the cluster's jobs", description="list the cluster's jobs"))
+    parser.set_defaults(handler=_run_jobs)
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    address = jobs.resolve_address(args.address, allow_insecure_http=args.allow_insecure_http)
+    if args.action == "list":
+        print("\n".join(jobs.list_lines(address)))
+    elif args.action == "status":
+        print(jobs.status_line(address, args.job_id))
+    elif args.action == "logs":
+        if args.follow:
+            return _follow(address, args.job_id)
+        print(jobs.logs(address, args.job_id), end="")
+    else:
+        print(f"job {args.job_id} {jobs.stop(address, args.job_id)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gendertune",
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_make_sample, _add_prep, _add_train, _add_predict, _add_compare, _add_leaderboard, _add_demo):
+    for add in (_add_make_sample, _add_prep, _add_train, _add_predict, _add_compare, _add_leaderboard, _add_demo,
+                _add_submit, _add_jobs):
         add(sub)
     return parser
 
 
 # Errors a user can fix: print them plainly instead of a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, OutputExistsError, FileNotFoundError, FileExistsError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, OutputExistsError, FileNotFoundError, FileExistsError, ValueError, ConnectionError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"gendertune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except StageFailed as err:
+        print(f"gendertune {args.command}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         print(f"gendertune {args.command}: interrupted. {err or 'Re-run the same command to resume.'}", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from cluster.runtime import compute_parallelism, ensure_ray
+from cluster.shared_storage import require_shared
 from cluster.storage import atomic_output_dir, write_json_atomic, write_text_atomic
 from data_prep import layout
 from data_prep.config import PrepConfig
@@ -250,6 +251,7 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
     log(f"{len(matched)} labelled images to process from {inputs.image_dir}")
 
     ensure_ray()
+    require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
     with atomic_output_dir(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as out:
         staging = out / "_staging"
         parallelism = compute_parallelism(config.parallelism)

@@ -14,7 +14,7 @@ from conftest import prep_sample
 from data_prep.errors import PrepInputError
 from tuning import run_layout
 from tuning.predict import predict
-from tuning.train import RunAlreadyComplete, run_training
+from tuning.train import RunAlreadyComplete, RunFailed, run_training
 from tuning.train_config import TrainConfig
 
 EPOCHS = 4
@@ -37,8 +37,14 @@ def train_config(prepared, out, **overrides):
 @pytest.fixture(scope="module")
 def ddp_run(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "resnet18"
-    # Worker rank 0 dies at the start of epoch 2 on the first attempt; max_failures=1 restarts it.
-    metrics = run_training(train_config(prepared, out, inject_failure_at_epoch=2, max_failures=1), log=lambda *_: None)
+    # Worker rank 0 dies at the start of epoch 2 and max_failures=0 lets the whole run fail. Running
+    # the same command again (same --out) must resume from epoch 2's checkpoint, as after a crash.
+    # (Recovery inside one run, max_failures >= 1, is tested by killing a node in test_cluster.)
+    config = train_config(prepared, out, inject_failure_at_epoch=2, max_failures=0)
+    with pytest.raises(RunFailed, match="re-run the same command to resume"):
+        run_training(config, log=lambda *_: None)
+    assert not run_layout.is_complete(out)
+    metrics = run_training(config, log=lambda *_: None)
     return out, metrics
 
 
@@ -56,11 +62,11 @@ def test_two_worker_ddp_run_learns(ddp_run):
         assert (out / name).stat().st_size > 0, name
 
 
-def test_failed_worker_resumes_from_the_latest_checkpoint(ddp_run):
+def test_rerun_of_a_failed_run_resumes_from_the_latest_checkpoint(ddp_run):
     out, metrics = ddp_run
     history = pd.read_csv(out / run_layout.HISTORY)
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
-    # Epochs 1-2 ran in the first attempt; the restart began at epoch 2's checkpoint, not at 0.
+    # Epochs 1-2 ran in the failed run; the re-run began at epoch 2's checkpoint, not at 0.
     assert history["attempt_start_epoch"].tolist() == [0, 0, 2, 2]
     assert metrics["epochs_run"] == EPOCHS
 

@@ -21,6 +21,7 @@ import ray
 
 from cluster.config import ConfigError, StageConfig
 from cluster.runtime import ensure_ray
+from cluster.shared_storage import require_shared
 from cluster.storage import write_text_atomic
 from data_prep.layout import open_prepared
 from models.registry import get_spec
@@ -93,11 +94,12 @@ def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig,
     if "test" not in prepared.splits:
         raise ConfigError(f"{compare.data} has no test split; prep with 2 or 3 --ratios (or an official partition with test images)")
     out = Path(compare.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
     if (out / leaderboard.CSV).exists() and not compare.resume:
         raise FileExistsError(f"{out} already holds a leaderboard; choose another --out or pass --resume")
-    write_text_atomic(out / "config.json", _settings_json(compare, search, base))
     ensure_ray()
+    require_shared(reads=[str(prepared.root)], writes=[str(out)])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", _settings_json(compare, search, base))
     rows = []
     for model in compare.models:
         try:

@@ -17,6 +17,7 @@ import ray
 import torch
 
 from cluster.runtime import compute_parallelism, ensure_ray
+from cluster.shared_storage import require_shared
 from data_prep.images import ImageRejected, decode_face
 from data_prep.pipeline import IMAGE_EXTENSIONS
 from models.registry import build_model, split_outputs
@@ -107,6 +108,7 @@ def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64) -> pd.Data
     if len(paths) < RAY_THRESHOLD:
         return pd.concat([run.predict_paths(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)], ignore_index=True)
     ensure_ray()
+    require_shared(reads=[run_dir, *inputs])
     actors = max(1, min(compute_parallelism(), len(paths) // batch_size))
     dataset = ray.data.from_pandas(pd.DataFrame({"image": paths})).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
     predictions = dataset.map_batches(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import ray
 import torch
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
@@ -92,7 +93,8 @@ class TuneTrialSession:
         return torch_batches(self.datasets[split], batch_size=batch_size, shuffle_seed=shuffle_seed)
 
     def report(self, metrics, checkpoint_dir):
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
 
     def wrap_model(self, model):
         return model
@@ -247,7 +249,8 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
             f"the {model} search was interrupted before all {search.trials} trials finished; "
             "run the same command with --resume to continue it"
         )
-    finished = [r for r in results if r.error is None and r.metrics]
+    # A trial cut off by time_budget_s before its first epoch ended has results without a metric.
+    finished = [r for r in results if r.error is None and r.metrics and METRIC in r.metrics_dataframe]
     if not finished:
         errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:500]
         raise RuntimeError(f"every {model} trial failed: {errors or 'no trial reported a metric'}")

@@ -18,7 +18,9 @@ import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
 
+from cluster.errors import StageFailed
 from cluster.runtime import compute_parallelism, ensure_ray
+from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared
 from models.registry import build_model, check_image_size, count_parameters, get_spec
@@ -36,6 +38,10 @@ class RunAlreadyComplete(FileExistsError):
     """--out holds a finished run; nothing to resume."""
 
 
+class RunFailed(StageFailed):
+    """Training failed more often than max_failures allows; its checkpoints stay for a resume."""
+
+
 def check_compatible(config: TrainConfig, prepared: PreparedData) -> int:
     """Validate model vs data before any Ray work; returns the training image size."""
     get_spec(config.model)  # unknown model -> ValueError listing the known ones
@@ -50,7 +56,8 @@ def scaling_config(config: TrainConfig) -> ray.train.ScalingConfig:
     resources = {"CPU": config.cpus_per_worker}
     if config.gpu:
         resources["GPU"] = 1
-    return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources)
+    return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources,
+                                   placement_strategy=config.placement_strategy)
 
 
 def loop_settings(config: TrainConfig, prepared: PreparedData) -> dict:
@@ -191,12 +198,18 @@ def run_training(config: TrainConfig, *, log=print) -> dict:
     saved = out / run_layout.CONFIG
     if saved.is_file() and json.loads(saved.read_text()) != json.loads(config.to_json()):
         raise ValueError(f"{out} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
+    ensure_ray()
+    require_shared(reads=[str(prepared.root), config.weights], writes=[str(out)])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, config.to_json())
-
-    ensure_ray()
     trainer = build_trainer(config, prepared, storage_path=str(out), name=run_layout.RAY_RUN_NAME)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise RunFailed(
+            f"training failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
+            f"the checkpoints are kept in {out}: re-run the same command to resume from the latest one"
+        ) from err
     checkpoint, best = best_checkpoint(result)
     latest_state = load_checkpoint_state(result.checkpoint)
     best_state = load_checkpoint_state(checkpoint)

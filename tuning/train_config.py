@@ -33,6 +33,9 @@ class TrainConfig(StageConfig):
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpu: bool = False
+    # PACK keeps a run's workers on few nodes (fast allreduce); SPREAD puts them on different
+    # nodes, so losing one node costs one worker, not the whole group.
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     pretrained: bool = False
     weights: str | None = None
@@ -72,6 +75,8 @@ class TrainConfig(StageConfig):
             raise ConfigError("train.cpus_per_worker: must be > 0")
         if self.pretrained and self.weights:
             raise ConfigError("train: give either --pretrained or --weights FILE, not both")
+        if self.placement_strategy not in ("PACK", "SPREAD"):
+            raise ConfigError(f"train.placement_strategy: PACK or SPREAD, got {self.placement_strategy!r}")
         if self.max_failures < 0:
             raise ConfigError("train.max_failures: must be >= 0")
 

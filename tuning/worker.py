@@ -183,7 +183,8 @@ class RayTrainSession:
 
     def report(self, metrics, checkpoint_dir):
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # The node shows where the run actually trained (several nodes: which one failed, or spread).
+        ray.train.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
 
     def wrap_model(self, model):
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})

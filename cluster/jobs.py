@@ -1,0 +1,161 @@
+"""Run gendertune commands as Ray jobs: submit, follow, status, logs, stop, list.
+
+A job is any `gendertune` command line, run on the cluster's head node as
+`python -m cluster.cli ...` inside a runtime environment that carries this project's source
+(`working_dir`) and its dependencies (`pip`, resolved against what the cluster already has).
+Inside the job the command attaches to the running cluster (Ray sets RAY_ADDRESS for it), so
+every command behaves the same locally and on a cluster.
+
+The Jobs API is plain HTTP and unauthenticated unless the cluster uses Ray's token
+authentication (CVE-2023-48022 is what happens otherwise): we only talk plain HTTP to a loopback
+address (an SSH or kubectl port-forward ends there) unless the user explicitly opts out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shlex
+import sys
+import time
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cluster
+
+ADDRESS_ENV = "RAY_ADDRESS"
+PROJECT_ROOT = Path(cluster.__file__).resolve().parent.parent
+# Never uploaded with the job: environments, VCS data, caches and local outputs (Ray also
+# honours the project's .gitignore).
+WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "demo-out", "*.parquet", "*.jpg"]
+
+
+class InsecureAddressError(ValueError):
+    """A plain-HTTP Jobs API address that is not loopback, without the explicit opt-in."""
+
+
+def resolve_address(address: str | None, *, allow_insecure_http: bool = False) -> str:
+    """The Jobs API URL from --address or RAY_ADDRESS, refusing plain HTTP to a remote host."""
+    address = address or os.environ.get(ADDRESS_ENV)
+    if not address:
+        raise ValueError(
+            "no cluster address: pass --address http://127.0.0.1:8265 (the dashboard, e.g. through "
+            f"`ray dashboard CLUSTER.yaml` or a port-forward) or set {ADDRESS_ENV}"
+        )
+    if "://" not in address:
+        address = f"http://{address}"  # what Ray's client assumes too
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"--address {address}: expected the dashboard's http(s)://HOST:PORT (default port 8265)")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname or ""):
+        raise InsecureAddressError(
+            f"refusing to submit over plain HTTP to {parts.hostname}: Ray's Jobs API would run anyone's code "
+            "(CVE-2023-48022). Port-forward the dashboard to 127.0.0.1 (`ray dashboard CLUSTER.yaml`, "
+            "`kubectl port-forward`), use https, or pass --allow-insecure-http if the network is trusted "
+            "and the cluster uses RAY_AUTH_MODE=token"
+        )
+    return address
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def project_dependencies(project_root: Path = PROJECT_ROOT) -> list[str]:
+    """The `[project].dependencies` of this project's pyproject.toml."""
+    with open(project_root / "pyproject.toml", "rb") as handle:
+        return list(tomllib.load(handle)["project"]["dependencies"])
+
+
+def job_runtime_env(*, install_dependencies: bool = True, project_root: Path = PROJECT_ROOT) -> dict:
+    """The runtime_env a job needs: this project's source and, unless the cluster image already
+    has them, its dependencies (pip builds on the cluster's own packages, so present ones are kept)."""
+    if not (project_root / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"submit uploads the project source, but {project_root} has no pyproject.toml: "
+            "run it from a source checkout installed with `pip install -e .`"
+        )
+    env: dict = {"working_dir": str(project_root), "excludes": WORKING_DIR_EXCLUDES}
+    if install_dependencies:
+        env["pip"] = project_dependencies(project_root)
+    return env
+
+
+def entrypoint_for(command: list[str]) -> str:
+    """`python -m cluster.cli ARGS`: the module form works whether or not the cluster installed us."""
+    if not command:
+        raise ValueError("nothing to submit: give a gendertune command after --, e.g. `submit -- compare --data ...`")
+    if command[0] == "gendertune":
+        command = command[1:]
+    if command and command[0] in ("submit", "jobs"):
+        raise ValueError(f"`{command[0]}` talks to a cluster; it can't itself run as a job")
+    return shlex.join(["python", "-m", "cluster.cli", *command])
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(command: list[str], *, address: str, install_dependencies: bool = True, job_id: str | None = None) -> str:
+    """Submit `command` as a job; returns its id. The entrypoint takes no CPU: the work it
+    starts (Ray Data, Train workers, Tune trials) requests its own resources."""
+    return client(address).submit_job(
+        entrypoint=entrypoint_for(command),
+        runtime_env=job_runtime_env(install_dependencies=install_dependencies),
+        entrypoint_num_cpus=0,
+        submission_id=job_id,
+    )
+
+
+def follow(address: str, job_id: str, *, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status name."""
+    jobs = client(address)
+
+    async def stream() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(stream())
+    return wait(address, job_id, timeout_s=60)
+
+
+def wait(address: str, job_id: str, *, timeout_s: float) -> str:
+    """Poll until the job reaches a terminal status (the log stream can end slightly before)."""
+    jobs = client(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = jobs.get_job_status(job_id)
+        if status.is_terminal() or time.monotonic() > deadline:
+            return str(status.value)
+        time.sleep(0.5)
+
+
+def status_line(address: str, job_id: str) -> str:
+    info = client(address).get_job_info(job_id)
+    message = f": {info.message}" if info.message else ""
+    return f"{job_id} {info.status.value}{message}"
+
+
+def logs(address: str, job_id: str) -> str:
+    return client(address).get_job_logs(job_id)
+
+
+def stop(address: str, job_id: str) -> str:
+    """Ask the job to stop and wait for it to end; returns its final status."""
+    client(address).stop_job(job_id)
+    return wait(address, job_id, timeout_s=60)
+
+
+def list_lines(address: str) -> list[str]:
+    rows = sorted(client(address).list_jobs(), key=lambda job: job.start_time or 0)
+    return [f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}" for job in rows]

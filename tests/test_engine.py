@@ -1,0 +1,88 @@
+"""The Ray-free training step: precision choice and the fp16 + GradScaler path.
+
+fp16 autocast is a GPU feature in this project (select_precision refuses it on CPU), but the step
+logic around GradScaler (scale, unscale before clipping, skip on overflow, update) is
+device-independent: torch runs the same GradScaler on CPU, so it is checked here on a real model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tuning.engine import Precision, bf16_supported, select_precision, train_one_epoch
+
+FP16 = Precision("fp16", torch.float16)
+
+
+def _separable_batches(n_batches: int, *, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 images whose label is whether the left half is brighter than the right."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        labels = torch.randint(0, 2, (16,), generator=generator)
+        images = torch.randint(0, 120, (16, 32, 32, 3), generator=generator, dtype=torch.uint8)
+        bright = images[:, :, :16] + 100
+        images[:, :, :16] = torch.where(labels[:, None, None, None].bool(), bright, images[:, :, :16])
+        batches.append((images, labels))
+    return batches
+
+
+def _small_cnn() -> nn.Module:
+    # Small on purpose: fp16 autocast on a CPU is emulated and slow; the step logic is the same.
+    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 2))
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.permute(0, 3, 1, 2).float().div(255).contiguous(memory_format=torch.channels_last)
+
+
+def _fit(precision, scaler, *, grad_clip=1.0, epochs=3):
+    torch.manual_seed(0)
+    model = _small_cnn()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = _separable_batches(6, seed=0)
+    losses = []
+    for _ in range(epochs):
+        stats = train_one_epoch(model, batches, optimizer=optimizer, scheduler=scheduler, augment=_to_float,
+                                criterion=nn.CrossEntropyLoss(), aux_weight=0.0, precision=precision, scaler=scaler,
+                                grad_clip=grad_clip, device=torch.device("cpu"))
+        losses.append(stats.loss_sum / stats.count)
+    return model, losses
+
+
+def test_fp16_with_grad_scaler_learns_and_keeps_weights_finite():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    model, losses = _fit(FP16, scaler, epochs=4)
+    assert losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: master weights stay fp32
+    assert scaler.get_scale() > 2.0**10  # no overflow seen: the scale grew every growth_interval steps
+
+
+def test_grad_scaler_skips_the_step_on_overflow():
+    """An overflowing fp16 loss scale makes GradScaler skip the update and halve the scale."""
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # scaled fp16 gradients overflow
+    model = _small_cnn()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_one_epoch(model, _separable_batches(1, seed=1), optimizer=optimizer, scheduler=scheduler, augment=_to_float,
+                    criterion=nn.CrossEntropyLoss(), aux_weight=0.0, precision=Precision("fp16", torch.float16),
+                    scaler=scaler, grad_clip=0.0, device=torch.device("cpu"))
+    assert scaler.get_scale() == 2.0**59  # overflow seen: scale halved...
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # ...and the step skipped
+
+
+def test_precision_selection():
+    cpu = torch.device("cpu")
+    assert select_precision("fp32", cpu).autocast_dtype is None
+    assert select_precision("auto", cpu).name == ("bf16" if bf16_supported(cpu) else "fp32")
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        select_precision("fp16", cpu)
+    assert FP16.needs_scaler and not select_precision("fp32", cpu).needs_scaler
