@@ -1,4 +1,4 @@
-"""Prep-stage throughput: `data_prep.pipeline.run_prep` on Ray Data vs the seed's single-process loop.
+"""Prep-stage throughput: `data_prep.pipeline.run_prep` on Ray vs the seed's single-process loop.
 
 Measured for each --image-size, in one run, on the same files:
 - baseline: one plain Python loop over every file, the seed notebook's approach: read the bytes,

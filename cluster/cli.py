@@ -31,7 +31,7 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict:
 def _add_prep(sub) -> None:
     parser = sub.add_parser(
         "prep",
-        help="dedupe, verify, crop and split a folder of face images (Ray Data)",
+        help="dedupe, verify, crop and split a folder of face images (Ray tasks)",
         description="Turn a folder of face images plus labels into a clean, deduplicated, split, "
         "preprocessed dataset. Accepts CelebA's official layout or a folder plus a CSV.",
     )

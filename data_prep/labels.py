@@ -11,7 +11,7 @@ Labels become 0/1 with the attribute's positive value (Male) = 1.
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 
@@ -29,13 +29,14 @@ def _check_image_ids(ids: pd.Series, path: Path) -> None:
             f"{path}: {len(dupes)} image id(s) appear more than once (e.g. {shown}); "
             "each image must have exactly one label row"
         )
-    for image_id in ids:
-        parts = PurePosixPath(str(image_id).replace("\\", "/"))
-        if parts.is_absolute() or ".." in parts.parts or not str(image_id).strip():
-            raise PrepInputError(
-                f"{path}: image name {image_id!r} is empty, absolute or escapes the data folder "
-                "('..'); use names relative to the image folder"
-            )
+    # Vectorised string tests: a PurePosixPath per id was a visible share of the stage's driver time.
+    names = ids.astype(str).str.replace("\\", "/", regex=False)
+    bad = names.str.strip().eq("") | names.str.startswith("/") | names.str.contains(r"(?:^|/)\.\.(?:/|$)")
+    if bad.any():
+        raise PrepInputError(
+            f"{path}: image name {ids[bad].iloc[0]!r} is empty, absolute or escapes the data folder "
+            "('..'); use names relative to the image folder"
+        )
 
 
 def _to_binary(values: pd.Series, path: Path, attribute: str) -> pd.Series:

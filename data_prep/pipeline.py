@@ -1,23 +1,29 @@
-"""Apply the prep stage with Ray Data: list, label, decode+hash in parallel, dedupe, split, write.
+"""Apply the prep stage with Ray tasks: list, label, hash, dedupe, split, then decode and write.
 
-Two streaming passes, never the whole dataset in driver memory:
-1. `decode_batch` runs as Ray tasks over chunks of (image_id, path) rows: read bytes, SHA-256,
-   decode/verify, crop, resize. Results go to a staging Parquet inside the (not yet visible)
-   output directory. Only the small columns (image_id, hash, reason) come back to the driver.
-2. The driver dedupes and splits those rows (pure functions), then a second Ray pass re-reads the
-   staging Parquet, keeps the chosen rows and writes them per split.
+Two parallel passes over contiguous chunks of the image list, one Ray task per chunk and at most
+one task per core at a time (`run_tasks`); the driver only ever holds ids, labels and hashes:
+1. `hash_chunk` reads and SHA-256s every file, a few percent of the cost of decoding it. With every
+   hash known the driver dedupes and assigns splits (pure functions) before any pixel exists.
+2. `decode_chunk` decodes, crops and resizes the chunk's kept images and writes them straight
+   into the final per-split shards (OUT/<split>/part-NNNNN.parquet, uncompressed: decoded pixels
+   barely compress). Images that fail to decode come back as (image_id, reason) only.
+So no staging copy of the pixels is written and read back, and no task does per-row pandas work.
+Because splits are assigned over the distinct readable files before decoding, an image that then
+fails to decode leaves its split one image short rather than reshuffling every other image.
 The whole output directory is renamed into place at the end (cluster.storage.atomic_output_dir).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
@@ -28,7 +34,7 @@ from data_prep import layout
 from data_prep.config import PrepConfig
 from data_prep.dedupe import find_duplicates
 from data_prep.errors import PrepInputError
-from data_prep.images import ImageRejected, decode_face, sha256_hex
+from data_prep.images import ImageRejected, decode_face_bytes, sha256_hex
 from data_prep.labels import read_identity_file, read_labels, read_partition_file
 from data_prep.splits import assign_splits
 from tuning.plots import plot_class_distribution
@@ -79,13 +85,18 @@ def discover_inputs(config: PrepConfig) -> PrepInputs:
 
 
 def list_images(image_dir: Path) -> pd.DataFrame:
-    """Every image file below `image_dir` as (image_id = relative POSIX path, path)."""
+    """Every image file below `image_dir` as (image_id = relative POSIX path, path).
+
+    String joins, not a Path per file: Path parsing made listing a visible share of the stage."""
     rows = []
     for root, _dirs, files in os.walk(image_dir):
-        for name in files:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                path = Path(root) / name
-                rows.append((path.relative_to(image_dir).as_posix(), str(path)))
+        folder = Path(root).relative_to(image_dir).as_posix()
+        prefix = "" if folder == "." else folder + "/"
+        rows.extend(
+            (prefix + name, os.path.join(root, name))
+            for name in files
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        )
     return pd.DataFrame(rows, columns=["image_id", "path"]).sort_values("image_id", ignore_index=True)
 
 
@@ -102,42 +113,164 @@ def match_labels(found: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.DataFram
     return matched.sort_values("image_id", ignore_index=True), counts
 
 
-def decode_batch(batch: pd.DataFrame, *, image_size: int) -> pd.DataFrame:
-    """Ray task body: hash and decode each file of the batch; failures become a reason string."""
-    hashes, pixels, reasons = [], [], []
-    for path in batch["path"]:
+# layout.PARQUET_COLUMNS with their types (the strings as Ray Data wrote them before); pixels last.
+SHARD_SCHEMA = pa.schema([
+    ("image_id", pa.large_string()), ("label", pa.int8()), ("identity", pa.int64()),
+    ("hash", pa.large_string()), ("pixels", pa.binary()),
+])
+# A decode task holds its chunk's pixels until it writes them; this caps that at large image sizes.
+MAX_TASK_PIXEL_BYTES = 256 * 2**20
+
+
+def read_error(err: OSError) -> str:
+    return f"unreadable file: {err.strerror or err}"
+
+
+def hash_chunk(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Ray task body of pass 1: each file's SHA-256 and "", or "" and why it could not be read."""
+    hashes, errors = [], []
+    for path in paths:
         try:
             data = Path(path).read_bytes()
         except OSError as err:
             hashes.append("")
-            pixels.append(b"")
-            reasons.append(f"unreadable file: {err.strerror or err}")
+            errors.append(read_error(err))
             continue
         hashes.append(sha256_hex(data))
+        errors.append("")
+    return hashes, errors
+
+
+def decode_chunk(rows: dict[str, list], shard: str, *, image_size: int, out: str) -> list[tuple[str, str]]:
+    """Ray task body of pass 2: decode the chunk's images and write them into out/<split>/`shard`.
+
+    `rows` holds the SHARD_SCHEMA columns except pixels, plus path and split. Returns
+    (image_id, reason) for every image that failed; those are left out of the shards.
+    """
+    by_split: dict[str, tuple[list[int], list[bytes]]] = {}
+    failed = []
+    for i, (image_id, path, split) in enumerate(zip(rows["image_id"], rows["path"], rows["split"])):
         try:
-            pixels.append(decode_face(data, image_size=image_size).tobytes())
-            reasons.append("")
+            face = decode_face_bytes(Path(path).read_bytes(), image_size=image_size)
+        except OSError as err:
+            failed.append((image_id, read_error(err)))
+            continue
         except ImageRejected as rejected:
-            pixels.append(b"")
-            reasons.append(str(rejected))
-    return pd.DataFrame(
-        {
-            "image_id": batch["image_id"].to_numpy(),
-            "label": batch["label"].to_numpy(dtype="int8"),
-            "identity": batch["identity"].to_numpy(dtype="int64"),
-            "hash": hashes,
-            "reason": reasons,
-            "pixels": pixels,
-        }
+            failed.append((image_id, str(rejected)))
+            continue
+        indices, faces = by_split.setdefault(split, ([], []))
+        indices.append(i)
+        faces.append(face)
+    for split, (indices, faces) in sorted(by_split.items()):
+        write_shard(shard_table(rows, indices, faces), Path(out) / split / shard)
+    return failed
+
+
+def shard_table(rows: dict[str, list], indices: list[int], faces: list[bytes]) -> pa.Table:
+    """The SHARD_SCHEMA table of `rows` at `indices`, with their equally long `faces` as pixels.
+
+    The pixel column is one joined buffer plus computed offsets: `pa.array(faces)` grows its buffer
+    by copying, which cost more than writing the file."""
+    offsets = np.arange(len(faces) + 1, dtype=np.int32) * len(faces[0])
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(faces))]
+    pixels = pa.Array.from_buffers(pa.binary(), len(faces), buffers)
+    columns = [pa.array([rows[field.name][i] for i in indices], field.type) for field in list(SHARD_SCHEMA)[:-1]]
+    return pa.Table.from_arrays([*columns, pixels], schema=SHARD_SCHEMA)
+
+
+def write_shard(table: pa.Table, path: Path) -> None:
+    """Write one Parquet shard without compression, dictionaries or statistics: pixels are nearly
+    incompressible, and encoding them costs more time than it saves space."""
+    path.parent.mkdir(exist_ok=True)
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
+
+
+def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int, **shared) -> list:
+    """`fn(*call, **shared)` for every call as Ray tasks, at most `parallelism` at a time; results
+    in call order. The bound matters: a local Ray declares more CPUs than the machine has cores
+    (cluster.runtime), and more decoders than cores only thrash the caches."""
+    task = ray.remote(fn)
+    results: list = [None] * len(calls)
+    running: dict = {}
+    try:
+        for index, call in enumerate(calls):
+            if len(running) >= parallelism:
+                _finish_one(running, results)
+            running[task.remote(*call, **shared)] = index
+        while running:
+            _finish_one(running, results)
+    finally:
+        for ref in running:  # only after an error: no task may keep writing into a removed folder
+            ray.cancel(ref)
+    return results
+
+
+def _finish_one(running: dict, results: list) -> None:
+    (done,), _ = ray.wait(list(running), num_returns=1)
+    results[running.pop(done)] = ray.get(done)
+
+
+def chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive chunks of at most `rows` rows covering range(n)."""
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+def hash_images(matched: pd.DataFrame, *, parallelism: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pass 1: `matched` with a hash column for the readable files, and (image_id, reason) for the rest.
+
+    Two chunks per core: hashing is cheap, so one task's start-up is worth a big chunk."""
+    paths = matched["path"].tolist()
+    bounds = chunk_bounds(len(paths), -(-len(paths) // (2 * parallelism)))
+    results = run_tasks(hash_chunk, [(paths[a:b],) for a, b in bounds], parallelism=parallelism)
+    hashes = np.array([h for chunk_hashes, _ in results for h in chunk_hashes], dtype=object)
+    errors = np.array([e for _, chunk_errors in results for e in chunk_errors], dtype=object)
+    ok = errors == ""
+    unreadable = pd.DataFrame({"image_id": matched["image_id"].to_numpy()[~ok], "reason": errors[~ok]})
+    return matched[ok].assign(hash=hashes[ok]), unreadable
+
+
+def decode_images(kept: pd.DataFrame, out: Path, *, image_size: int, rows_per_task: int,
+                  parallelism: int) -> pd.DataFrame:
+    """Pass 2: write every decodable kept image into its split's shards; (image_id, reason) of the rest.
+
+    At most `rows_per_task` images (and MAX_TASK_PIXEL_BYTES of pixels) per task, but at least two
+    tasks per core, so a core that finishes early can take over work from a slower one."""
+    rows = max(1, min(rows_per_task, MAX_TASK_PIXEL_BYTES // (3 * image_size**2),
+                      -(-len(kept) // (2 * parallelism))))
+    columns = [*SHARD_SCHEMA.names[:-1], "path", "split"]
+    calls = [({name: kept[name].iloc[a:b].tolist() for name in columns}, f"part-{number:05d}.parquet")
+             for number, (a, b) in enumerate(chunk_bounds(len(kept), rows))]
+    failed = run_tasks(decode_chunk, calls, parallelism=parallelism, image_size=image_size, out=str(out))
+    return pd.DataFrame([row for chunk in failed for row in chunk], columns=["image_id", "reason"])
+
+
+def settle_failures(
+    kept: pd.DataFrame, duplicates: pd.DataFrame, failed: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Drop the images that failed to decode from `kept`, and move their duplicates to the failures.
+
+    Dedupe ran before decoding, so a dropped duplicate of a failed image was never decoded; its
+    bytes are identical, so it fails for the same reason. Rejecting it too gives what decoding
+    every file would: duplicates.csv only ever names pairs of usable images.
+    """
+    reason_of = dict(zip(failed["image_id"], failed["reason"]))
+    of_failed = duplicates["kept_id"].isin(reason_of)
+    copies = pd.DataFrame({
+        "image_id": duplicates.loc[of_failed, "dropped_id"].to_numpy(),
+        "reason": duplicates.loc[of_failed, "kept_id"].map(reason_of).to_numpy(),
+    })
+    return (
+        kept[~kept["image_id"].isin(reason_of)].reset_index(drop=True),
+        duplicates[~of_failed].reset_index(drop=True),
+        pd.concat([failed, copies], ignore_index=True),
     )
 
 
-def keep_split_rows(batch: pd.DataFrame, *, split_of: dict[str, str]) -> pd.DataFrame:
-    """Ray task body of pass 2: drop rejected/duplicate rows and tag the rest with their split."""
-    split = batch["image_id"].map(split_of)
-    kept = batch.loc[split.notna(), list(layout.PARQUET_COLUMNS)].copy()
-    kept["split"] = split[split.notna()].to_numpy()
-    return kept
+def require_some_kept(kept: pd.DataFrame, n_labelled: int, rejected: pd.DataFrame) -> None:
+    if kept.empty:
+        raise PrepInputError(
+            f"all {n_labelled} labelled images were rejected; see the reasons, e.g. {rejected['reason'].iloc[0]}"
+        )
 
 
 def class_names_for(attribute: str) -> list[str]:
@@ -252,48 +385,27 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
 
     ensure_ray()
     require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
+    parallelism = compute_parallelism(config.parallelism)
     with atomic_output_dir(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as out:
-        staging = out / "_staging"
-        parallelism = compute_parallelism(config.parallelism)
-        # At most rows_per_task per task, but at least two tasks per core so small inputs still
-        # use every core.
-        rows = max(1, min(config.rows_per_task, -(-len(matched) // (2 * parallelism))))
-        chunks = [matched.iloc[i : i + rows] for i in range(0, len(matched), rows)]
-        decoded = ray.data.from_pandas(chunks).map_batches(
-            decode_batch,
-            fn_kwargs={"image_size": config.image_size},
-            batch_format="pandas",
-            batch_size=None,
-            compute=ray.data.TaskPoolStrategy(size=parallelism),
-        )
-        decoded.write_parquet(str(staging))
-
-        # Only three small columns come back; Parquet's column projection skips the pixels.
-        results = pq.read_table(staging, columns=["image_id", "hash", "reason"]).to_pandas()
-        results = results.merge(matched[["image_id", "path", "label", "identity"]], on="image_id")
-        rejected = results.loc[results["reason"] != "", ["image_id", "path", "reason"]].sort_values("image_id")
-        kept, duplicates = find_duplicates(results[results["reason"] == ""])
-        if kept.empty:
-            raise PrepInputError(f"all {len(results)} labelled images were rejected; see the reasons, e.g. {rejected['reason'].iloc[0]}")
+        readable, unreadable = hash_images(matched, parallelism=parallelism)
+        require_some_kept(readable, len(matched), unreadable)
+        kept, duplicates = find_duplicates(readable)
         kept["split"] = assign_splits(
             kept, method=config.split, ratios=config.ratios, seed=config.seed,
             partition=partition, partition_path=str(inputs.partition_path),
         ).to_numpy()
+        failed = decode_images(kept, out, image_size=config.image_size, rows_per_task=config.rows_per_task,
+                               parallelism=parallelism)
+        kept, duplicates, failed = settle_failures(kept, duplicates, failed)
+        rejected = pd.concat([unreadable, failed]).merge(matched[["image_id", "path"]], on="image_id")
+        rejected = rejected[["image_id", "path", "reason"]].sort_values("image_id", ignore_index=True)
+        require_some_kept(kept, len(matched), rejected)
         for split in ("train", "test") if config.split != "official" else ("train",):
             if not (kept["split"] == split).any():
                 raise PrepInputError(
                     f"the {split} split is empty after filtering ({len(kept)} images kept); "
                     "use more images or other --ratios"
                 )
-
-        split_of = dict(zip(kept["image_id"], kept["split"]))
-        ray.data.read_parquet(str(staging)).map_batches(
-            keep_split_rows, fn_kwargs={"split_of": split_of}, batch_format="pandas", batch_size=None
-        ).write_parquet(str(out / "_splits"), partition_cols=["split"])
-        for part in sorted((out / "_splits").iterdir()):
-            part.rename(out / part.name.removeprefix("split="))
-        shutil.rmtree(out / "_splits")
-        shutil.rmtree(staging)
 
         manifest = build_manifest(config, inputs, counts, kept, duplicates, len(rejected))
         kept[["image_id", "label", "split", "identity", "hash"]].to_csv(out / layout.LABELS, index=False)
