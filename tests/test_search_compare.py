@@ -46,7 +46,7 @@ def comparison(prepared, tmp_path_factory):
     table = run_compare(
         CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18", "vit_b_16", "googlenet"]}),
         SearchConfig.from_dict({"trials": 2}),
-        TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 2, "image_size": 40}),
+        TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 1, "image_size": 40}),
         log=lambda *_: None,
     )
     return out, table
@@ -103,7 +103,7 @@ def _finished_trials(search_dir):
 def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, tmp_path):
     out = tmp_path / "cmp"
     command = [sys.executable, "-m", "cluster.cli", "compare", "--data", str(prepared), "--out", str(out),
-               "--models", "resnet18", "--trials", "3", "--max-concurrent", "1", "--epochs", "1"]
+               "--models", "resnet18", "--trials", "2", "--max-concurrent", "1", "--epochs", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     search_dir = out / "searches" / "resnet18" / "search"
@@ -119,7 +119,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = _finished_trials(search_dir)
-    assert len(after) == 3
+    assert len(after) == 2
     for name, results in first.items():
         assert after[name] == results, f"finished trial {name} was run again"
-    assert leaderboard.read_leaderboard(out).iloc[0]["trials_run"] == 3
+    assert leaderboard.read_leaderboard(out).iloc[0]["trials_run"] == 2

@@ -253,6 +253,9 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     finished = [r for r in results if r.error is None and r.metrics and METRIC in r.metrics_dataframe]
     if not finished:
         errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:500]
+        if not errors and search.time_budget_s:
+            raise RuntimeError(f"no {model} trial finished an epoch within --time-budget-s {search.time_budget_s:g}; "
+                               "give it more time, or fewer images, a smaller --image-size or batch size")
         raise RuntimeError(f"every {model} trial failed: {errors or 'no trial reported a metric'}")
     best = max(finished, key=lambda r: r.metrics_dataframe[METRIC].max())
     state, metrics = _best_state(best)
