@@ -370,7 +370,8 @@ def _load_tables(config: PrepConfig, inputs: PrepInputs) -> tuple[pd.DataFrame, 
         raise PrepInputError(
             f"{inputs.identity_path}: {len(missing)} labelled image(s) have no identity (e.g. {missing.iloc[0]})"
         )
-    partition = read_partition_file(inputs.partition_path) if inputs.partition_path else None
+    # Only the official split reads the partition file (200k lines of driver time otherwise).
+    partition = read_partition_file(inputs.partition_path) if inputs.partition_path and config.split == "official" else None
     return matched, counts, partition
 
 

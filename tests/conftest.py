@@ -6,10 +6,13 @@ HOME is pointed at a temporary folder before Ray is imported anywhere, so Ray's 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="gendertune-test-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["HOME"] = _HOME
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
