@@ -189,7 +189,8 @@ def _hook_loop(trial_id: str) -> None:
     tuning.worker.train_one_epoch = hooked
 
 
-def timed_run_trial(params: dict, *, base: dict, data_root: str, mode: str, threads: int, trials_dir: str) -> None:
+def timed_run_trial(params: dict, *, base: dict, data_root: str, mode: str, threads: int, trials_dir: str,
+                    datasets: dict) -> None:
     """Stands in for `tuning.search.run_trial`: the hooks above, then the project's trial."""
     import tuning.search
     import tuning.train
@@ -214,7 +215,7 @@ def timed_run_trial(params: dict, *, base: dict, data_root: str, mode: str, thre
             original_worker(loop_config)
 
         tuning.train.train_worker = hooked_worker  # build_trainer looks it up at call time
-    target(params, base=base, data_root=data_root, mode=mode, threads=threads, trials_dir=trials_dir)
+    target(params, base=base, data_root=data_root, mode=mode, threads=threads, trials_dir=trials_dir, datasets=datasets)
 
 
 # --- driver side ---------------------------------------------------------------------------------------
