@@ -159,7 +159,10 @@ def cluster():
         folder.mkdir()
     gcs_port, dashboard_port = _free_port(), _free_port()
     env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(jobs.PROJECT_ROOT)}
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(jobs.PROJECT_ROOT),
+           # A job's `python` is whatever the node's PATH finds, as on a real cluster image: here
+           # that must be this venv's, also when the tests run without activating it (make test).
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     # Two logical CPUs per node: a trial asking for 1.5 fits once per node (so trials must use both),
     # and after the second node dies the head still has a CPU for Ray Data beside two 0.5-CPU workers.
