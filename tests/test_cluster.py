@@ -121,6 +121,11 @@ class TwoNodeCluster:
         logs = self.gendertune("jobs", "logs", job_id, "--address", self.address, timeout=60).stdout
         raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s; its log ends:\n{logs[-4000:]}")
 
+    def cpus_in_use(self) -> float:
+        status = subprocess.run([RAY, "status", "--address", self.gcs], env=self.env, capture_output=True, text=True)
+        used = [line.split("/")[0].strip() for line in status.stdout.splitlines() if line.strip().endswith(" CPU")]
+        return float(used[0]) if used else -1.0
+
     def alive_nodes(self) -> int:
         status = subprocess.run([RAY, "status", "--address", self.gcs], env=self.env, capture_output=True, text=True)
         active = status.stdout.split("Active:")[-1].split("Pending:")[0]
@@ -259,6 +264,9 @@ def test_jobs_stop_stops_a_running_job(cluster, cluster_prep):
 
 def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluster_prep):
     out = cluster.shared / "run-kill"
+    # SPREAD is a preference: while the stopped job above still releases its CPUs, both workers
+    # could land on the head and the node kill would hit no worker. Start from an idle cluster.
+    _wait_for(lambda: cluster.cpus_in_use() == 0, "the cluster's CPUs to be free", 120)
     submitted = cluster.gendertune(
         "submit", "--address", cluster.address, "--no-install", "--job-id", "kill-job", "--", "train",
         "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out), "--epochs", "3", "--batch-size", "16",
