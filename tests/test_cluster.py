@@ -121,14 +121,16 @@ class TwoNodeCluster:
         logs = self.gendertune("jobs", "logs", job_id, "--address", self.address, timeout=60).stdout
         raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s; its log ends:\n{logs[-4000:]}")
 
+    def ray_status(self) -> str:
+        return subprocess.run([RAY, "status", "--address", self.gcs], env=self.env, capture_output=True,
+                              text=True).stdout
+
     def cpus_in_use(self) -> float:
-        status = subprocess.run([RAY, "status", "--address", self.gcs], env=self.env, capture_output=True, text=True)
-        used = [line.split("/")[0].strip() for line in status.stdout.splitlines() if line.strip().endswith(" CPU")]
+        used = [line.split("/")[0].strip() for line in self.ray_status().splitlines() if line.strip().endswith(" CPU")]
         return float(used[0]) if used else -1.0
 
     def alive_nodes(self) -> int:
-        status = subprocess.run([RAY, "status", "--address", self.gcs], env=self.env, capture_output=True, text=True)
-        active = status.stdout.split("Active:")[-1].split("Pending:")[0]
+        active = self.ray_status().split("Active:")[-1].split("Pending:")[0]
         return active.count("node_")
 
 
