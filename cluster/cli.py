@@ -44,7 +44,7 @@ def _add_prep(sub) -> None:
     parser.add_argument("--image-size", dest="image_size", type=int, help="square output side in px (default 128)")
     parser.add_argument("--seed", type=int, help="split seed (default 0)")
     parser.add_argument("--parallelism", type=int, help="concurrent decode tasks (default: one per CPU)")
-    parser.add_argument("--out", help="output folder (created atomically)")
+    parser.add_argument("--out", help="output folder (created atomically) or object-store URI (s3://, gs://)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing prep output")
     parser.add_argument("--config", help="JSON/TOML config file with a [prep] section")
     parser.set_defaults(handler=_run_prep)
@@ -157,7 +157,7 @@ def _add_train(sub) -> None:
     )
     parser.add_argument("--model", help="architecture (default resnet50): resnet50, resnet18, googlenet, vgg19, "
                         "efficientnet_b0, convnext_tiny, vit_b_16")
-    parser.add_argument("--out", help="run folder")
+    parser.add_argument("--out", help="run folder or object-store URI (s3://, gs://)")
     _add_train_flags(parser)
     parser.set_defaults(handler=_run_train)
 
@@ -177,7 +177,7 @@ def _add_predict(sub) -> None:
         "preprocessing the model was trained with. Folders are searched for images; many images run "
         "as Ray Data batch inference. Unreadable images are reported per file.",
     )
-    parser.add_argument("--model", required=True, help="a finished `gendertune train` run folder")
+    parser.add_argument("--model", required=True, help="a finished `gendertune train` run folder (or its s3:// / gs:// URI)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders")
     parser.add_argument("--out", help="write the predictions to this CSV")
     parser.set_defaults(handler=_run_predict)
@@ -220,7 +220,7 @@ def _add_compare(sub) -> None:
     )
     parser.add_argument("--models", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()),
                         help="comma-separated models (default resnet50,resnet18,googlenet,vgg19)")
-    parser.add_argument("--out", help="comparison folder")
+    parser.add_argument("--out", help="comparison folder or object-store URI (s3://, gs://)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue an interrupted comparison in --out")
     parser.add_argument("--retrain", action="store_true", default=None, help="retrain the best configuration from scratch")
     _add_search_flags(parser)
@@ -258,8 +258,7 @@ def _add_leaderboard(sub) -> None:
 
 
 def _run_leaderboard(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from cluster import object_store
     from tuning import leaderboard
 
     if args.format == "table":
@@ -267,7 +266,7 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     else:
         leaderboard.read_leaderboard(args.dir)  # a clear error when there is none
         name = {"md": leaderboard.MD, "csv": leaderboard.CSV, "json": leaderboard.JSON}[args.format]
-        print((Path(args.dir) / name).read_text(), end="")
+        print(object_store.read_text(object_store.join(args.dir, name)), end="")
     return 0
 
 

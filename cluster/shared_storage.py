@@ -2,7 +2,8 @@
 
 On one node every local path works. On several, Ray Data readers, Train workers and Tune trials
 run on any node and read the prepared data and write checkpoints there, so each path a stage uses
-must be on storage every node mounts (NFS, EFS, Filestore, a ReadWriteMany volume...). A path
+must be on storage every node mounts (NFS, EFS, Filestore, a ReadWriteMany volume...) or an
+object-store URI (cluster.object_store; not probed: every node reaches it the same way). A path
 that only the driver's node has would fail late and confusingly (missing checkpoints on resume,
 empty reads), so we check up front, the way Ray Train validates its own storage: the driver
 leaves a unique marker where the stage will write (or fingerprints what it will read) and one
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cluster.object_store import is_uri
 
 PROBE_PREFIX = ".gendertune-storage-probe-"
 
@@ -81,9 +84,12 @@ def require_shared(*, reads: Iterable[str] = (), writes: Iterable[str] = ()) -> 
     nodes = _alive_nodes()
     if len(nodes) < 2:
         return
-    for path in filter(None, reads):
+    # An object-store URI is reached over the network from every node alike.
+    reads = [path for path in reads if path and not is_uri(path)]
+    writes = [path for path in writes if path and not is_uri(path)]
+    for path in reads:
         _check(str(Path(path).absolute()), f"input {path}", nodes)
-    for path in filter(None, writes):
+    for path in writes:
         # The output may not exist yet; its nearest existing parent is where it will be created.
         folder = nearest_existing(Path(path).absolute())
         marker = folder / f"{PROBE_PREFIX}{uuid.uuid4().hex}"

@@ -10,7 +10,8 @@
       manifest.json     counts (see `pipeline.build_manifest`), image_size, class names, splits
       config.json       the resolved PrepConfig
       class_distribution.png
-The directory appears atomically, so its existence means it is complete.
+The directory appears atomically, so its existence means it is complete. OUT may also be an
+object-store URI (cluster.object_store); there manifest.json is the last object written.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster import object_store
 from data_prep.errors import PrepInputError
 
 MANIFEST = "manifest.json"
@@ -35,7 +37,7 @@ PARQUET_COLUMNS = ("image_id", "label", "identity", "hash", "pixels")
 class PreparedData:
     """A validated prep output directory."""
 
-    root: Path
+    root: str  # an absolute local path or an object-store URI
     manifest: dict
 
     @property
@@ -50,19 +52,19 @@ class PreparedData:
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
-    def split_dir(self, split: str) -> Path:
-        return self.root / split
+    def split_dir(self, split: str) -> str:
+        return object_store.join(self.root, split)
 
 
 def open_prepared(path: str | Path) -> PreparedData:
-    """Check that `path` is a complete prep output and read its manifest."""
-    root = Path(path)
-    manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
+    """Check that `path` (a folder or URI) is a complete prep output and read its manifest."""
+    root = str(path).rstrip("/") if object_store.is_uri(path) else str(Path(path).absolute())
+    manifest_path = object_store.join(root, MANIFEST)
+    if not object_store.is_file(manifest_path):
         raise PrepInputError(
-            f"{root} is not a prepared dataset (no {MANIFEST}); run `gendertune prep --data ... --out {root}` first"
+            f"{path} is not a prepared dataset (no {MANIFEST}); run `gendertune prep --data ... --out {path}` first"
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(object_store.read_text(manifest_path))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PrepInputError(
             f"{manifest_path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}; "

@@ -10,7 +10,8 @@ one task per core at a time (`run_tasks`); the driver only ever holds ids, label
 So no staging copy of the pixels is written and read back, and no task does per-row pandas work.
 Because splits are assigned over the distinct readable files before decoding, an image that then
 fails to decode leaves its split one image short rather than reshuffling every other image.
-The whole output directory is renamed into place at the end (cluster.storage.atomic_output_dir).
+The whole output directory is renamed into place at the end (cluster.storage.atomic_output_dir);
+an object-store --out gets the shards directly and the manifest last (cluster.object_store).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import ray
 
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
-from cluster.storage import atomic_output_dir, write_json_atomic, write_text_atomic
+from cluster import object_store
+from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep import layout
 from data_prep.config import PrepConfig
 from data_prep.dedupe import find_duplicates
@@ -72,7 +74,7 @@ def discover_inputs(config: PrepConfig) -> PrepInputs:
             )
         label_path = csvs[0]
     out = Path(config.out).absolute()
-    if out == image_dir.absolute() or image_dir.absolute() in out.parents:
+    if not object_store.is_uri(config.out) and (out == image_dir.absolute() or image_dir.absolute() in out.parents):
         raise PrepInputError(f"--out {out} is inside the image folder {image_dir}; write it elsewhere")
     partition = data / CELEBA_PARTITION_FILE
     identity = data / CELEBA_IDENTITY_FILE
@@ -162,7 +164,7 @@ def decode_chunk(rows: dict[str, list], shard: str, *, image_size: int, out: str
         indices.append(i)
         faces.append(face)
     for split, (indices, faces) in sorted(by_split.items()):
-        write_shard(shard_table(rows, indices, faces), Path(out) / split / shard)
+        write_shard(shard_table(rows, indices, faces), object_store.join(out, split, shard))
     return failed
 
 
@@ -178,11 +180,15 @@ def shard_table(rows: dict[str, list], indices: list[int], faces: list[bytes]) -
     return pa.Table.from_arrays([*columns, pixels], schema=SHARD_SCHEMA)
 
 
-def write_shard(table: pa.Table, path: Path) -> None:
-    """Write one Parquet shard without compression, dictionaries or statistics: pixels are nearly
-    incompressible, and encoding them costs more time than it saves space."""
-    path.parent.mkdir(exist_ok=True)
-    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
+def write_shard(table: pa.Table, location: str) -> None:
+    """Write one Parquet shard (to a file or an object-store URI) without compression, dictionaries
+    or statistics: pixels are nearly incompressible, and encoding them costs more time than it saves."""
+    if object_store.is_uri(location):
+        filesystem, path = object_store.resolve(location)
+    else:
+        filesystem, path = None, location
+        Path(location).parent.mkdir(exist_ok=True)
+    pq.write_table(table, path, filesystem=filesystem, compression="none", use_dictionary=False, write_statistics=False)
 
 
 def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int, **shared) -> list:
@@ -229,7 +235,7 @@ def hash_images(matched: pd.DataFrame, *, parallelism: int) -> tuple[pd.DataFram
     return matched[ok].assign(hash=hashes[ok]), unreadable
 
 
-def decode_images(kept: pd.DataFrame, out: Path, *, image_size: int, rows_per_task: int,
+def decode_images(kept: pd.DataFrame, out: str, *, image_size: int, rows_per_task: int,
                   parallelism: int) -> pd.DataFrame:
     """Pass 2: write every decodable kept image into its split's shards; (image_id, reason) of the rest.
 
@@ -387,7 +393,8 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
     ensure_ray()
     require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
     parallelism = compute_parallelism(config.parallelism)
-    with atomic_output_dir(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as out:
+    with object_store.fresh_output(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as location:
+        out = location.local
         readable, unreadable = hash_images(matched, parallelism=parallelism)
         require_some_kept(readable, len(matched), unreadable)
         kept, duplicates = find_duplicates(readable)
@@ -395,7 +402,7 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
             kept, method=config.split, ratios=config.ratios, seed=config.seed,
             partition=partition, partition_path=str(inputs.partition_path),
         ).to_numpy()
-        failed = decode_images(kept, out, image_size=config.image_size, rows_per_task=config.rows_per_task,
+        failed = decode_images(kept, location.storage, image_size=config.image_size, rows_per_task=config.rows_per_task,
                                parallelism=parallelism)
         kept, duplicates, failed = settle_failures(kept, duplicates, failed)
         rejected = pd.concat([unreadable, failed]).merge(matched[["image_id", "path"]], on="image_id")

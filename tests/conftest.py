@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated HOME, one Ray session for the whole run, a generated sample.
+"""Shared fixtures: an isolated HOME, one Ray session for the whole run, a generated sample, and
+a local S3-compatible server (moto) for the object-store tests.
 
 HOME is pointed at a temporary folder before Ray is imported anywhere, so Ray's token file
 (~/.ray/auth_token) and torch's hub cache are the tests' own and never a user's.
@@ -9,13 +10,31 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 
 _HOME = tempfile.mkdtemp(prefix="gendertune-test-home-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["HOME"] = _HOME
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# The S3 endpoint the object-store tests start (s3_bucket). Set before any Ray starts, because
+# Ray's workers take their environment from the driver that started the cluster.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "gendertune-test",
+                   "AWS_SECRET_ACCESS_KEY": "gendertune-test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 
 import pytest  # noqa: E402
 
@@ -58,3 +77,25 @@ def prep_sample(sample, out, **settings):
 
     run_prep(PrepConfig.from_dict({"data": str(sample.path), "out": str(out), **settings}), log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A bucket on a local moto S3 server at AWS_ENDPOINT_URL; yields its s3:// URI."""
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                # moto needs no signature to create a bucket; pyarrow won't create one by default.
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{S3_PORT}/gendertune-test", method="PUT"))
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start") from None
+                time.sleep(0.2)
+        yield "s3://gendertune-test"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -6,7 +6,7 @@ dashboard on the head's loopback only, and a shared NFS (EFS) filesystem mounted
 before the container starts and passed into the container at the same path.
 rayjob-compare.yaml (KubeRay RayJob plus a PersistentVolumeClaim): `gendertune compare` with GPUs
 whose --data and --out are on a ReadWriteMany volume mounted in the head and every worker
-(gendertune refuses node-local paths on a multi-node cluster; s3:// is not supported), Ray
+(gendertune refuses node-local paths on a multi-node cluster), Ray
 2.60.0, token auth, one image throughout, a GPU in every worker.
 
 Only YAML parsing and Ray's bundled JSON schema: no network, no Ray runtime.
@@ -269,7 +269,7 @@ def test_entrypoint_compares_with_gpus():
     assert argv[:2] == ["gendertune", "compare"]
     assert "--gpu" in argv
     for flag in ("--data", "--out"):
-        # A filesystem path (object-store URIs are not supported for --data/--out).
+        # This manifest uses the shared volume (an s3:// URI would also do; see the README).
         assert PurePosixPath(flag_value(argv, flag) or "").is_absolute(), flag
 
 

@@ -9,12 +9,14 @@ that failed is a row with its error, ranked last.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from cluster import object_store
 from cluster.storage import write_json_atomic, write_text_atomic
 from tuning import run_layout
 from tuning.metrics import mcnemar_test
@@ -114,10 +116,11 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
 
 
 def read_leaderboard(out: str | Path) -> pd.DataFrame:
-    path = Path(out) / CSV
-    if not path.is_file():
+    """The leaderboard in `out`, a folder or an object-store URI."""
+    path = object_store.join(out, CSV)
+    if not object_store.is_file(path):
         raise FileNotFoundError(f"{out} has no {CSV}; run `gendertune compare --out {out}` first")
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return pd.read_csv(io.BytesIO(object_store.read_bytes(path)), keep_default_na=False, na_values=[""])
 
 
 def format_table(table: pd.DataFrame) -> str:

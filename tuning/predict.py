@@ -9,6 +9,7 @@ on an actor pool, each actor loading the model once. Unreadable images get an er
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import ray
 import torch
 
 from cluster.runtime import compute_parallelism, ensure_ray
+from cluster import object_store
 from cluster.shared_storage import require_shared
 from data_prep.images import ImageRejected, decode_face
 from data_prep.pipeline import IMAGE_EXTENSIONS
@@ -31,11 +33,11 @@ class RunModel:
     """A trained run's best weights plus the preprocessing it was trained with."""
 
     def __init__(self, run_dir: str | Path):
-        path = Path(run_dir) / run_layout.MODEL
-        if not path.is_file():
+        path = object_store.join(run_dir, run_layout.MODEL)  # a folder or an object-store URI
+        if not object_store.is_file(path):
             raise FileNotFoundError(f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder")
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(io.BytesIO(object_store.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt files
             raise ValueError(f"{path} is not a readable gendertune model ({type(err).__name__}: {err})") from None
         self.class_names = list(saved["class_names"])
@@ -112,7 +114,7 @@ def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64) -> pd.Data
     actors = max(1, min(compute_parallelism(), len(paths) // batch_size))
     dataset = ray.data.from_pandas(pd.DataFrame({"image": paths})).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
     predictions = dataset.map_batches(
-        _PredictActor, fn_constructor_args=(str(Path(run_dir).absolute()), max(1, compute_parallelism() // actors)),
+        _PredictActor, fn_constructor_args=(run_dir if object_store.is_uri(run_dir) else str(Path(run_dir).absolute()), max(1, compute_parallelism() // actors)),
         batch_format="pandas", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
     return predictions.to_pandas().set_index("image").loc[paths].reset_index()

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import pyarrow.fs
 import ray
+import ray.train
 import torch
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
@@ -28,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cluster.config import ConfigError, StageConfig
+from cluster.object_store import filesystem_for, is_uri, join
 from cluster.runtime import compute_parallelism
 from data_prep.layout import PreparedData, open_prepared
 from tuning.data import training_datasets
@@ -180,28 +183,34 @@ def _fit_noting_interrupts(tuner: tune.Tuner):
         signal.signal(signal.SIGINT, previous)
 
 
-def _best_state(result) -> tuple[dict, dict]:
-    """The best-val_acc checkpoint of one trial, wherever its mode stored it."""
+def _best_state(result, storage: str) -> tuple[dict, dict]:
+    """The best-val_acc checkpoint of one trial, wherever its mode stored it (`storage` is the
+    search's storage path: a folder or a URI)."""
     if result.best_checkpoints:  # in-process trials: Tune keeps the checkpoints
         checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][METRIC])
         with checkpoint.as_directory() as folder:
             return load_state_dir(folder), metrics
     # TorchTrainer trials: Train stored the checkpoints and reported their paths to Tune. Only the
     # best two survive (CheckpointConfig), so pick the best row among those still on disk.
+    fs = filesystem_for(storage)
     frame = result.metrics_dataframe
-    frame = frame[frame[CHECKPOINT_PATH_KEY].map(lambda p: isinstance(p, str) and Path(p).is_dir())]
+    frame = frame[frame[CHECKPOINT_PATH_KEY].map(
+        lambda p: isinstance(p, str) and fs.get_file_info(p).type == pyarrow.fs.FileType.Directory)]
     row = frame.loc[frame[METRIC].idxmax()]
-    return load_state_dir(row[CHECKPOINT_PATH_KEY]), row.to_dict()
+    with ray.train.Checkpoint(row[CHECKPOINT_PATH_KEY], filesystem=fs).as_directory() as folder:
+        return load_state_dir(folder), row.to_dict()
 
 
-def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: Path,
+def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,
                *, resume: bool, log=print) -> SearchOutcome:
-    """Search `model` and return its best configuration and checkpoint. `out_dir` holds Tune state."""
+    """Search `model` and return its best configuration and checkpoint. `out_dir` (a folder or a
+    URI) holds the Tune state."""
     base = dataclasses.replace(base, model=model)
     loop_settings(base, prepared)  # image size vs model, weights file: fail before any trial
     mode = resolve_mode(search, base)
-    out_dir = out_dir.absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not is_uri(out_dir):
+        out_dir = str(Path(out_dir).absolute())
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     cpus_per_trial = base.cpus_per_worker if mode == "inprocess" else 0.01
     concurrent = search.max_concurrent or max(1, compute_parallelism() // math.ceil(base.cpus_per_worker * base.workers))
     threads = max(1, compute_parallelism() // concurrent)
@@ -209,15 +218,15 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     # val_fraction is not searched, so every trial trains and validates on the same rows.
     datasets = training_datasets(prepared, val_fraction=base.val_fraction)
     trainable = tune.with_parameters(
-        run_trial, base=base.to_dict(), data_root=str(prepared.root.absolute()), mode=mode,
-        threads=threads, trials_dir=str(out_dir / "trials"), datasets=datasets,
+        run_trial, base=base.to_dict(), data_root=prepared.root, mode=mode,
+        threads=threads, trials_dir=join(out_dir, "trials"), datasets=datasets,
     )
     resources = {"cpu": cpus_per_trial, "gpu": (1 if base.gpu else 0) if mode == "inprocess" else 0}
     trainable = tune.with_resources(trainable, resources)
-    path = out_dir / SEARCH_DIR
-    if resume and tune.Tuner.can_restore(str(path)):
+    path = join(out_dir, SEARCH_DIR)
+    if resume and tune.Tuner.can_restore(path):
         log(f"[search {model}] resuming the search in {path}")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -234,7 +243,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
                 time_budget_s=search.time_budget_s or None,
             ),
             run_config=tune.RunConfig(
-                name=SEARCH_DIR, storage_path=str(out_dir),
+                name=SEARCH_DIR, storage_path=out_dir,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
                                                         checkpoint_score_order="max"),
                 failure_config=tune.FailureConfig(max_failures=base.max_failures),
@@ -258,7 +267,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
                                "give it more time, or fewer images, a smaller --image-size or batch size")
         raise RuntimeError(f"every {model} trial failed: {errors or 'no trial reported a metric'}")
     best = max(finished, key=lambda r: r.metrics_dataframe[METRIC].max())
-    state, metrics = _best_state(best)
+    state, metrics = _best_state(best, out_dir)
     params = {k: v for k, v in best.config.items()}
     history = best.metrics_dataframe[[c for c in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images_per_s", "attempt_start_epoch") if c in best.metrics_dataframe]]
     return SearchOutcome(

@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from cluster.errors import StageFailed
+from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
@@ -188,27 +189,34 @@ def write_run_outputs(
 
 
 def run_training(config: TrainConfig, *, log=print) -> dict:
-    """Train (or resume) the run in config.out and evaluate it; returns metrics.json's content."""
+    """Train (or resume) the run in config.out (a folder or a URI) and evaluate it; returns metrics.json's content."""
+    with output_location(config.out, ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
+        return train_into(location, config, log=log)
+
+
+def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> dict:
+    """run_training with the output already resolved: the driver's files go to location.local,
+    Ray Train's checkpoints to location.storage (compare's retrain calls this for a model folder)."""
     started = time.perf_counter()
     prepared = open_prepared(config.data)
     check_compatible(config, prepared)
-    out = Path(config.out).absolute()
+    out = location.local
     if run_layout.is_complete(out):
-        raise RunAlreadyComplete(f"{out} already holds a finished run ({run_layout.METRICS}); choose another --out")
+        raise RunAlreadyComplete(f"{location.storage} already holds a finished run ({run_layout.METRICS}); choose another --out")
     saved = out / run_layout.CONFIG
     if saved.is_file() and json.loads(saved.read_text()) != json.loads(config.to_json()):
-        raise ValueError(f"{out} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
+        raise ValueError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
     ensure_ray()
-    require_shared(reads=[str(prepared.root), config.weights], writes=[str(out)])
+    require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, config.to_json())
-    trainer = build_trainer(config, prepared, storage_path=str(out), name=run_layout.RAY_RUN_NAME)
+    trainer = build_trainer(config, prepared, storage_path=location.storage, name=run_layout.RAY_RUN_NAME)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise RunFailed(
             f"training failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
-            f"the checkpoints are kept in {out}: re-run the same command to resume from the latest one"
+            f"the checkpoints are kept in {location.storage}: re-run the same command to resume from the latest one"
         ) from err
     checkpoint, best = best_checkpoint(result)
     latest_state = load_checkpoint_state(result.checkpoint)
@@ -217,9 +225,9 @@ def run_training(config: TrainConfig, *, log=print) -> dict:
     split = "test" if "test" in prepared.splits else "val"
     log(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
     task = ray.remote(evaluate_held_out).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.gpu else 0)
-    held_out = ray.get(task.remote(best_state, config.to_dict(), str(prepared.root), split))
+    held_out = ray.get(task.remote(best_state, config.to_dict(), prepared.root, split))
     metrics = write_run_outputs(out, config, prepared, best_state, best, held_out, split, time.perf_counter() - started)
     low, high = metrics["accuracy_ci95"]
     log(f"{config.model}: {split} accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
-        f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {out}")
+        f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {location.storage}")
     return metrics
