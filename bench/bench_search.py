@@ -21,13 +21,17 @@ fed to the search as `points_to_evaluate` so every run here trains exactly the s
    - first training step: the moment the first training batch reaches
      `tuning.engine.train_one_epoch`, in whichever process trains (the trial in `inprocess`, the
      Train worker in `train`).
+   In `inprocess` mode only the first trial of each actor pays the process start and imports:
+   the summary gives the mean over all trials and over new and reused actors apart.
    The project's reports carry no timestamp, so the benchmark adds its hooks itself, without
    touching project files (it patches module attributes, in this process and inside the trial):
-   `tuning.search.run_trial` becomes a wrapper that records when the trial function is entered,
-   times `training_datasets` (as run_trial and build_trainer call it), and wraps `run_epochs` and
-   `tuning.worker.train_one_epoch` in the process that trains (in `train` mode by swapping
-   `tuning.train.train_worker` for a wrapper before build_trainer picks it up) to record when the
-   loop starts and when each epoch's first batch arrives; `tuning.search.TrialSummary` (the
+   `tuning.search.run_trial` (train mode) becomes a wrapper that records when the trial function
+   is entered and swaps `tuning.train.train_worker` for a wrapper before build_trainer picks it up;
+   `tuning.search.InProcessTrial` (inprocess mode) becomes a subclass that records when each trial
+   enters its actor: `setup` on a new actor, `reset_config` on one Tune reuses (reuse_actors; the
+   table says which). In the process that trains, `run_epochs`/`epoch_results` and
+   `tuning.worker.train_one_epoch` are wrapped to record when the loop starts and when each
+   epoch's first batch arrives; `tuning.search.TrialSummary` (the
    search's callback) becomes a subclass that also records, in the driver, when each trial
    appeared, when its actor started and when each result arrived; `tuning.search.OptunaSearch`
    gets the fixed configurations. The table splits the overhead into consecutive parts: actor
@@ -75,6 +79,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -99,6 +104,7 @@ ASHA_GOAL = 0.35  # epochs with ASHA / epochs at the full budget
 TOLERANCE = 0.005  # "reaches the best accuracy": within 0.5 percentage points
 SHUFFLES = 200
 EVENTS_ENV = "GENDERTUNE_BENCH_SEARCH_EVENTS"  # JSON-lines file the trial processes append to
+TRIAL_ENV = "GENDERTUNE_BENCH_SEARCH_TRIAL"  # inside an in-process trial actor: the trial it trains now
 
 
 def parse_args() -> argparse.Namespace:
@@ -138,7 +144,7 @@ def _event(kind: str, trial_id: str, **fields) -> None:
             out.write(line + "\n")
 
 
-def _time_calls(module, name: str, kind: str, trial_id: str) -> None:
+def _time_calls(module, name: str, kind: str, trial_id: Callable[[], str]) -> None:
     """Record when each call of module.<name> starts and returns (events kind_start, kind_done)."""
     original = getattr(module, name)
     if getattr(original, "bench_hooked", False):
@@ -146,76 +152,94 @@ def _time_calls(module, name: str, kind: str, trial_id: str) -> None:
 
     @functools.wraps(original)
     def timed(*args, **kwargs):
-        _event(f"{kind}_start", trial_id)
+        _event(f"{kind}_start", trial_id())
         try:
             return original(*args, **kwargs)
         finally:
-            _event(f"{kind}_done", trial_id)
+            _event(f"{kind}_done", trial_id())
 
     timed.bench_hooked = True
     setattr(module, name, timed)
 
 
-def _hook_loop(trial_id: str) -> None:
+def _hook_loop(trial_id: Callable[[], str]) -> None:
     """In the process that trains: when the epoch loop starts, and per epoch when training is called,
-    when its first batch arrives and how long the epoch's training took."""
+    when its first batch arrives and how long the epoch's training took. `trial_id()` names the
+    trial being trained now (a reused in-process actor trains several, one after another)."""
     import tuning.worker
 
     _time_calls(tuning.worker, "run_epochs", "loop", trial_id)  # called by train_worker (Train worker)
     if "tuning.search" in sys.modules:  # not imported into a Train worker just for this: it takes seconds
-        _time_calls(sys.modules["tuning.search"], "run_epochs", "loop", trial_id)  # run_trial, in-process
+        _time_calls(sys.modules["tuning.search"], "epoch_results", "loop", trial_id)  # InProcessTrial
     original = tuning.worker.train_one_epoch
     if getattr(original, "bench_hooked", False):
         return
-    epochs = iter(range(1, 1_000_000))
+    epochs: dict[str, int] = {}
 
     def hooked(model, batches, **kwargs):
-        epoch = next(epochs)
-        _event("epoch_start", trial_id, epoch=epoch)
+        trial = trial_id()
+        epoch = epochs[trial] = epochs.get(trial, 0) + 1
+        _event("epoch_start", trial, epoch=epoch)
 
         def marked():
             first = True
             for batch in batches:
                 if first:
-                    _event("first_step", trial_id, epoch=epoch)
+                    _event("first_step", trial, epoch=epoch)
                     first = False
                 yield batch
 
         stats = original(model, marked(), **kwargs)
-        _event("epoch_train_done", trial_id, epoch=epoch, seconds=stats.seconds, images=stats.count)
+        _event("epoch_train_done", trial, epoch=epoch, seconds=stats.seconds, images=stats.count)
         return stats
 
     hooked.bench_hooked = True
     tuning.worker.train_one_epoch = hooked
 
 
-def timed_run_trial(params: dict, *, base: dict, data_root: str, mode: str, threads: int, trials_dir: str,
-                    datasets: dict) -> None:
-    """Stands in for `tuning.search.run_trial`: the hooks above, then the project's trial."""
+def timed_run_trial(params: dict, *, base: dict, data_root: str, trials_dir: str, datasets: dict) -> None:
+    """Stands in for `tuning.search.run_trial` (train mode): the hooks above, then the project's trial."""
     import tuning.search
     import tuning.train
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    _event("entry", trial_id, mode=mode)
+    _event("entry", trial_id, mode="train")
     target = tuning.search.run_trial  # a fresh import in this process: the project's function
     if target.__name__ != "run_trial":
         raise RuntimeError("bench_search: tuning.search.run_trial is patched inside the trial process")
-    # Building (and materialising) the Ray Datasets: run_trial calls it in-process, build_trainer
-    # for a TorchTrainer trial.
-    _time_calls(tuning.search, "training_datasets", "datasets", trial_id)
-    _time_calls(tuning.train, "training_datasets", "datasets", trial_id)
-    if mode == "inprocess":
-        _hook_loop(trial_id)
-    else:
-        original_worker = tuning.train.train_worker
+    # Building (and materialising) the Ray Datasets, as build_trainer does for a TorchTrainer trial.
+    _time_calls(tuning.train, "training_datasets", "datasets", lambda: trial_id)
+    original_worker = tuning.train.train_worker
 
-        def hooked_worker(loop_config: dict) -> None:
-            _hook_loop(trial_id)
-            original_worker(loop_config)
+    def hooked_worker(loop_config: dict) -> None:
+        _hook_loop(lambda: trial_id)
+        original_worker(loop_config)
 
-        tuning.train.train_worker = hooked_worker  # build_trainer looks it up at call time
-    target(params, base=base, data_root=data_root, mode=mode, threads=threads, trials_dir=trials_dir, datasets=datasets)
+    tuning.train.train_worker = hooked_worker  # build_trainer looks it up at call time
+    target(params, base=base, data_root=data_root, trials_dir=trials_dir, datasets=datasets)
+
+
+def _current_trial() -> str:
+    return os.environ[TRIAL_ENV]
+
+
+class TimedInProcessTrial(search_module.InProcessTrial):
+    """Stands in for `tuning.search.InProcessTrial`: records when each trial enters the actor, a
+    new actor (setup) or a reused one (reset_config), with the hooks above in its process."""
+
+    def setup(self, config, **kwargs):
+        os.environ[TRIAL_ENV] = self.trial_id
+        _event("entry", self.trial_id, mode="inprocess", reused=False)
+        _hook_loop(_current_trial)
+        super().setup(config, **kwargs)
+        _event("datasets_done", self.trial_id)  # the datasets arrive built (with_parameters): nothing to time
+
+    def reset_config(self, new_config):
+        os.environ[TRIAL_ENV] = self.trial_id  # Tune has set the new trial's info by now
+        _event("entry", self.trial_id, mode="inprocess", reused=True)
+        _event("datasets_done", self.trial_id)
+        return super().reset_config(new_config)
 
 
 # --- driver side ---------------------------------------------------------------------------------------
@@ -253,9 +277,10 @@ class RecordingSummary(TrialSummary):
 @contextlib.contextmanager
 def instrumented(points: list[dict]):
     """run_search with the hooks above and a searcher that starts with `points`; undone on exit."""
-    names = ("run_trial", "TrialSummary", "OptunaSearch")
+    names = ("run_trial", "InProcessTrial", "TrialSummary", "OptunaSearch")
     saved = {name: getattr(search_module, name) for name in names}
     search_module.run_trial = timed_run_trial
+    search_module.InProcessTrial = TimedInProcessTrial
     search_module.TrialSummary = RecordingSummary
     search_module.OptunaSearch = functools.partial(saved["OptunaSearch"], points_to_evaluate=points)
     try:
@@ -311,6 +336,8 @@ def run_recorded(name: str, model: str, base: TrainConfig, search: SearchConfig,
         trial = trials.setdefault(e["trial"], {"trial": e["trial"], "results": [], "first_steps": {}, "train_s": {}})
         if e["event"] in ("created", "actor_started", "entry", "datasets_start", "datasets_done", "loop_start"):
             trial.setdefault(e["event"], e["t"])  # the first one: a restarted attempt records again
+            if e["event"] == "entry":
+                trial.setdefault("reused", e.get("reused", False))
         elif e["event"] in ("first_step", "epoch_start"):
             trial.setdefault(e["event"] + "s", {}).setdefault(e["epoch"], e["t"])
         elif e["event"] == "epoch_train_done":
@@ -346,7 +373,8 @@ def overhead_rows(trials: list[dict]) -> list[dict]:
         t = {**t, "epoch_start": t.get("epoch_starts", {}).get(1), "first_step": t["first_steps"].get(1)}
         if t["first_step"] is None or "created" not in t:
             raise RuntimeError(f"trial {t['trial']}: no first-step/creation time recorded (hooks did not run?)")
-        row = {"trial": t["trial"], "config": t["index"], "batch_size": t["config"].get("batch_size")}
+        row = {"trial": t["trial"], "config": t["index"], "batch_size": t["config"].get("batch_size"),
+               "reused_actor": bool(t.get("reused"))}
         for column, start, end in SEGMENTS:
             row[column] = t[end] - t[start] if t.get(start) and t.get(end) else float("nan")
         row["overhead_s"] = t["first_step"] - t["created"]
@@ -375,20 +403,27 @@ def run_overhead(args, base: TrainConfig, prepared: PreparedData, scratch: Path,
         means[mode] = statistics.fmean(r["overhead_s"] for r in rows)
         report["overhead"][mode] = {"mean_s": means[mode], "median_s": statistics.median(r["overhead_s"] for r in rows),
                                     "trials": rows}
+        for reused in (False, True):
+            subset = [r["overhead_s"] for r in rows if r["reused_actor"] == reused]
+            if subset:
+                report["overhead"][mode]["reused_actor_mean_s" if reused else "new_actor_mean_s"] = statistics.fmean(subset)
         write_json(args.json, report)
     print("\nper-trial fixed overhead (trial created -> first training step), 1 epoch, one trial at a time:")
     table = []
     for mode in ("train", "inprocess"):
         for r in report["overhead"][mode]["trials"]:
-            table.append((mode, r["config"], *(r[column] for column, _, _ in SEGMENTS), r["overhead_s"], r["epoch_s"]))
-    print(format_table(["mode", "config", "actor", "fn start", "datasets", "workers", "model", "1st batch",
-                        "OVERHEAD s", "epoch s"], table))
+            table.append((mode, r["config"], "yes" if r["reused_actor"] else "no",
+                          *(r[column] for column, _, _ in SEGMENTS), r["overhead_s"], r["epoch_s"]))
+    print(format_table(["mode", "config", "reused actor", "actor", "fn start", "datasets", "workers", "model",
+                        "1st batch", "OVERHEAD s", "epoch s"], table))
     print("(seconds, consecutive: trial created -> actor up -> trial function entered -> Datasets built -> epoch loop "
           "entered (TorchTrainer: its controller and worker group) -> model built -> first training batch; "
           "epoch: first batch -> first result at the driver, not overhead)")
     for mode in ("train", "inprocess"):
         o = report["overhead"][mode]
-        print(f"{mode:>9}: mean {o['mean_s']:.1f} s, median {o['median_s']:.1f} s over {len(o['trials'])} trial(s)")
+        split = "".join(f", {label} {o[key]:.1f} s" for key, label in (("new_actor_mean_s", "new actor"),
+                                                                         ("reused_actor_mean_s", "reused actor")) if key in o)
+        print(f"{mode:>9}: mean {o['mean_s']:.1f} s, median {o['median_s']:.1f} s over {len(o['trials'])} trial(s){split}")
     return means
 
 
@@ -396,7 +431,7 @@ def run_overhead(args, base: TrainConfig, prepared: PreparedData, scratch: Path,
 
 
 def replay_asha(curves: list[list[float]], durations: list[list[float]], order: list[int], *, max_t: int,
-                grace: int, rf: int, concurrency: int) -> dict:
+                grace: int, rf: int, concurrency: int, target: float) -> dict:
     """Feed the recorded learning curves to Ray's ASHAScheduler as a search would, return what it spent.
 
     Trials start in `order` into `concurrency` slots; trial i's epoch e result arrives durations[i][e-1]
@@ -410,6 +445,7 @@ def replay_asha(curves: list[list[float]], durations: list[list[float]], order: 
     scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=max_t,
                               grace_period=min(grace, max_t), reduction_factor=rf)
     pending, heap, spent, counter, now = list(order), [], {}, 0, 0.0
+    to_target = None  # epochs spent (all trials) when a result first reached `target`
 
     def start(i: int, now: float) -> None:
         nonlocal counter
@@ -424,6 +460,8 @@ def replay_asha(curves: list[list[float]], durations: list[list[float]], order: 
         trial, result = SimpleNamespace(trial_id=str(i)), {"training_iteration": epoch, METRIC: curves[i][epoch - 1]}
         decision = scheduler.on_trial_result(None, trial, result)
         spent[i] = epoch
+        if to_target is None and curves[i][epoch - 1] >= target:
+            to_target = sum(spent.values())
         if decision == TrialScheduler.STOP or epoch >= len(curves[i]):
             scheduler.on_trial_complete(None, trial, result)
             if pending:
@@ -433,7 +471,7 @@ def replay_asha(curves: list[list[float]], durations: list[list[float]], order: 
             counter += 1
     best = max(max(curves[i][:spent[i]]) for i in spent)
     return {"epochs": sum(spent.values()), "per_trial": [spent[i] for i in range(len(curves))], "best": best,
-            "wall_s": now}
+            "wall_s": now, "epochs_to_target": to_target}
 
 
 def run_asha(args, base: TrainConfig, prepared: PreparedData, scratch: Path, events: Path, report: dict) -> dict:

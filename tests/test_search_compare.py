@@ -45,11 +45,19 @@ def comparison(prepared, tmp_path_factory):
     # vit_b_16 cannot run at 40 px (not a multiple of its 16 px patches): it must become an error row.
     table = run_compare(
         CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18", "vit_b_16", "googlenet"]}),
-        SearchConfig.from_dict({"trials": 2}),
+        # One trial at a time, so the second trial of each model can reuse the first one's actor.
+        SearchConfig.from_dict({"trials": 2, "max_concurrent": 1}),
         TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 1, "image_size": 40}),
         log=lambda *_: None,
     )
     return out, table
+
+
+def test_in_process_trials_reuse_one_actor(comparison):
+    out, _ = comparison
+    results = sorted((out / "searches" / "resnet18" / "search").glob("*/result.json"))
+    pids = {json.loads(line)["pid"] for path in results for line in path.read_text().splitlines() if line.strip()}
+    assert len(results) == 2 and len(pids) == 1, f"{len(results)} trials ran in processes {pids}"
 
 
 def test_leaderboard_files_columns_and_ranks(comparison):

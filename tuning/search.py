@@ -1,11 +1,12 @@
 """Search one architecture's hyperparameters with Ray Tune + Optuna (TPE) and ASHA early stopping.
 
-Each trial is one training run of tuning.worker.run_epochs and reports val accuracy per epoch;
+Each trial is one training run of tuning.worker's epoch loop and reports val accuracy per epoch;
 ASHA stops weak trials at its rungs; the test split is never read here. Two trial modes:
 - `train`: the trial launches a TorchTrainer (Ray 2.60's Tune-launches-Train pattern) and holds
   only a sliver of CPU itself, so trial drivers never starve their own workers on a small box;
-- `inprocess`: a single-worker trial runs the same epoch loop inside the trial process, which
-  saves the ~20 s of worker-group start-up per trial. `auto` picks it for 1 worker.
+- `inprocess`: a single-worker trial runs the same epoch loop inside the trial actor, which
+  saves the ~20 s of worker-group start-up per trial, and Tune reuses that actor for the next
+  trial, which saves the process start and imports too. `auto` picks it for 1 worker.
 An interrupted search resumes from its Tune state (finished trials are not re-run).
 """
 
@@ -37,7 +38,7 @@ from tuning.data import training_datasets
 from tuning.search_space import param_space, trial_config
 from tuning.train import build_trainer, loop_settings
 from tuning.train_config import TrainConfig
-from tuning.worker import load_state_dir, run_epochs, torch_batches
+from tuning.worker import epoch_results, load_state_dir, save_state_dir, torch_batches
 
 METRIC = "val_acc"
 SEARCH_DIR = "search"
@@ -77,48 +78,74 @@ class SearchInterrupted(KeyboardInterrupt):
     """The search stopped before every trial finished (Ctrl-C, SIGTERM): resume it, don't rank it."""
 
 
-class TuneTrialSession:
-    """TrainSession for a single-process Tune trial: whole datasets, Tune reports and restores."""
+class InProcessSession:
+    """TrainSession for a single-process trial: the whole datasets, and the state Tune restored."""
 
     rank, world_size = 0, 1
 
-    def __init__(self, datasets: dict, device: torch.device):
-        self.datasets, self.device = datasets, device
+    def __init__(self, datasets: dict, device: torch.device, restored: dict | None = None):
+        self.datasets, self.device, self.restored = datasets, device, restored
 
     def restored_state(self) -> dict | None:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_state_dir(folder, self.device)
+        return self.restored
 
     def batches(self, split, *, batch_size, shuffle_seed):
         return torch_batches(self.datasets[split], batch_size=batch_size, shuffle_seed=shuffle_seed)
-
-    def report(self, metrics, checkpoint_dir):
-        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
 
     def wrap_model(self, model):
         return model
 
 
-def run_trial(params: dict, *, base: dict, data_root: str, mode: str, threads: int, trials_dir: str,
-              datasets: dict) -> None:
-    """The Tune trainable: one training run with the sampled parameters."""
+class InProcessTrial(tune.Trainable):
+    """A single-worker trial that runs the epoch loop in its own actor, one epoch per step().
+
+    A class trainable so that Tune can reuse its actor (`reuse_actors`): the next trial only
+    resets it (`reset_config`), keeping the process, its imports (torch and torchvision alone
+    take ~7 s here) and the dataset handles, instead of starting a new actor per trial."""
+
+    def setup(self, config: dict, *, base: dict, data_root: str, threads: int, datasets: dict) -> None:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
+        torch.set_num_threads(threads)
+        self.base, self.datasets = base, datasets
+        self.prepared = open_prepared(data_root)
+        self._begin(config, restored=None)
+
+    def _begin(self, params: dict, *, restored: dict | None) -> None:
+        """Start the run of `params` (lazily: epoch_results does nothing before the first step)."""
+        self.params = params
+        self.train_config = trial_config(self.base, params)
+        settings = loop_settings(self.train_config, self.prepared)
+        device = torch.device("cuda" if self.train_config.gpu and torch.cuda.is_available() else "cpu")
+        self.epochs = epoch_results(self.train_config, image_size=settings["image_size"],
+                                    steps_per_epoch=settings["steps_per_epoch"],
+                                    session=InProcessSession(self.datasets, device, restored), log=lambda line: None)
+        self.latest_state: dict | None = None
+
+    def step(self) -> dict:
+        row, self.latest_state = next(self.epochs)
+        return {**row, "node_id": ray.get_runtime_context().get_node_id(),
+                "done": row["epoch"] >= self.train_config.epochs}
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        save_state_dir(self.latest_state, checkpoint_dir)
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        self._begin(self.params, restored=load_state_dir(checkpoint_dir))
+
+    def reset_config(self, new_config: dict) -> bool:
+        self._begin(new_config, restored=None)
+        return True
+
+
+def run_trial(params: dict, *, base: dict, data_root: str, trials_dir: str, datasets: dict) -> None:
+    """The Tune trainable of `train` mode: one TorchTrainer run with the sampled parameters."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
     config = trial_config(base, params)
     prepared = open_prepared(data_root)
-    if mode == "inprocess":
-        torch.set_num_threads(threads)
-        settings = loop_settings(config, prepared)
-        device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
-        session = TuneTrialSession(datasets, device)
-        run_epochs(config, image_size=settings["image_size"], steps_per_epoch=settings["steps_per_epoch"],
-                   session=session, log=lambda line: None)
-        return
     trial_id = tune.get_context().get_trial_id()
     # A stable name (no timestamp): a resumed trial finds its Train run and resumes it too.
     build_trainer(config, prepared, storage_path=trials_dir, name=f"train-{trial_id}",
@@ -217,10 +244,12 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     # Built (and, when small, materialised) once for the whole search: per trial it cost ~20 s.
     # val_fraction is not searched, so every trial trains and validates on the same rows.
     datasets = training_datasets(prepared, val_fraction=base.val_fraction)
-    trainable = tune.with_parameters(
-        run_trial, base=base.to_dict(), data_root=prepared.root, mode=mode,
-        threads=threads, trials_dir=join(out_dir, "trials"), datasets=datasets,
-    )
+    if mode == "inprocess":
+        trainable = tune.with_parameters(InProcessTrial, base=base.to_dict(), data_root=prepared.root,
+                                         threads=threads, datasets=datasets)
+    else:
+        trainable = tune.with_parameters(run_trial, base=base.to_dict(), data_root=prepared.root,
+                                         trials_dir=join(out_dir, "trials"), datasets=datasets)
     resources = {"cpu": cpus_per_trial, "gpu": (1 if base.gpu else 0) if mode == "inprocess" else 0}
     trainable = tune.with_resources(trainable, resources)
     path = join(out_dir, SEARCH_DIR)
@@ -241,11 +270,15 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
                 num_samples=search.trials,
                 max_concurrent_trials=concurrent,
                 time_budget_s=search.time_budget_s or None,
+                reuse_actors=mode == "inprocess",
             ),
             run_config=tune.RunConfig(
                 name=SEARCH_DIR, storage_path=out_dir,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
-                                                        checkpoint_score_order="max"),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order="max",
+                    # A class trainable checkpoints when Tune asks; a function trainable when it reports.
+                    **({"checkpoint_frequency": 1} if mode == "inprocess" else {}),
+                ),
                 failure_config=tune.FailureConfig(max_failures=base.max_failures),
                 callbacks=[TrialSummary(model, base.epochs)],
             ),

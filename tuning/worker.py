@@ -1,10 +1,11 @@
 """The epoch loop of one training run, and the thin per-worker adapters that drive it.
 
-`run_epochs` is written once against a small `TrainSession` interface (rank, restore, data,
-report). `train_worker` adapts it to Ray Train (a TorchTrainer worker: DDP, sharded data,
-rank 0 writes checkpoints); `tuning.search` adapts it to a single-process Tune trial, which skips
-the ~20 s of worker-group start-up a TorchTrainer costs per trial. Both restore from the latest
-checkpoint after a failure, and both report once per epoch.
+`epoch_results` is written once against a small `TrainSession` interface (rank, restore, data)
+and yields each epoch's metrics and checkpoint state. `run_epochs` reports them through the
+session: `train_worker` adapts that to Ray Train (a TorchTrainer worker: DDP, sharded data,
+rank 0 writes checkpoints). `tuning.trial` steps the same generator inside a single-process Tune
+trial, which skips the ~20 s of worker-group start-up a TorchTrainer costs per trial. Both
+restore from the latest checkpoint after a failure, and both report once per epoch.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ class TrainSession(Protocol):
 
     def restored_state(self) -> dict | None: ...
     def batches(self, split: str, *, batch_size: int, shuffle_seed: int | None) -> Iterator[tuple[Tensor, Tensor]]: ...
-    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
     def wrap_model(self, model: nn.Module) -> nn.Module: ...
+
+
+class ReportingSession(TrainSession, Protocol):
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -77,9 +81,11 @@ def _gather_generator_states(generator: torch.Generator, world_size: int) -> lis
     return states
 
 
-def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: TrainSession,
-               log: Callable[[str], None] = print) -> None:
-    """Build, restore, train and report every remaining epoch of one run."""
+def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: TrainSession,
+                  log: Callable[[str], None] = print) -> Iterator[tuple[dict, dict | None]]:
+    """Build, restore, then train every remaining epoch of one run, yielding (metrics row,
+    checkpoint state) per epoch; the state is None on ranks other than 0. Nothing runs, and
+    nothing is restored, before the first next()."""
     rank, device = session.rank, session.device
     seed_everything(config.seed * 1000 + rank)
     spec = get_spec(config.model)
@@ -146,21 +152,35 @@ def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, se
             )
         generators = _gather_generator_states(generator, session.world_size)
         if rank != 0:
-            session.report(row, None)
+            yield row, None
             continue
-        checkpoint = {
+        yield row, {
             "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-            "generator": generators, "epoch": epoch + 1, "history": history,
+            "generator": generators, "epoch": epoch + 1, "history": list(history),
             "model_name": config.model, "image_size": image_size,
         }
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(checkpoint, Path(folder) / CHECKPOINT_FILE)
-            session.report(row, folder)
+
+
+def save_state_dir(state: dict, folder: str | Path) -> None:
+    torch.save(state, Path(folder) / CHECKPOINT_FILE)
 
 
 def load_state_dir(folder: str | Path, device: torch.device | str = "cpu") -> dict:
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+
+def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: ReportingSession,
+               log: Callable[[str], None] = print) -> None:
+    """Every remaining epoch of one run, each reported (rank 0 with its checkpoint) to the session."""
+    for row, state in epoch_results(config, image_size=image_size, steps_per_epoch=steps_per_epoch,
+                                    session=session, log=log):
+        if state is None:
+            session.report(row, None)
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            save_state_dir(state, folder)
+            session.report(row, folder)
 
 
 class RayTrainSession:
