@@ -490,16 +490,24 @@ def run_asha(args, base: TrainConfig, prepared: PreparedData, scratch: Path, eve
     durations = [np.diff([t["created"]] + [r["t"] for r in t["results"]]).tolist() for t in trials]
     best_full = max(max(c) for c in curves)
     epochs_full = args.trials * args.epochs
-    kw = {"max_t": args.epochs, "grace": defaults.grace_period, "rf": defaults.reduction_factor}
+    kw = {"max_t": args.epochs, "grace": defaults.grace_period, "rf": defaults.reduction_factor,
+          "target": best_full - TOLERANCE - 1e-9}
     order = list(range(args.trials))
     replay = replay_asha(curves, durations, order, concurrency=concurrency, **kw)
     sequential = replay_asha(curves, durations, order, concurrency=1, **kw)
     # The full run replayed the same way (ASHA never stopping): the wall-clock baseline of the replays.
-    full_wall = replay_asha(curves, durations, order, concurrency=concurrency,
-                            **{**kw, "grace": args.epochs})["wall_s"]
+    full = replay_asha(curves, durations, order, concurrency=concurrency, **{**kw, "grace": args.epochs})
+    full_wall = full["wall_s"]
     rng = np.random.default_rng(args.seed)
-    shuffled = [replay_asha(curves, durations, rng.permutation(args.trials).tolist(), concurrency=concurrency, **kw)
-                for _ in range(SHUFFLES)]
+    orders = [rng.permutation(args.trials).tolist() for _ in range(SHUFFLES)]
+    shuffled = [replay_asha(curves, durations, o, concurrency=concurrency, **kw) for o in orders]
+    # The same curves under other reduction factors: what `--reduction-factor` would trade.
+    by_rf = {}
+    for rf in (2, 3, 4):
+        runs = [replay_asha(curves, durations, o, concurrency=concurrency, **{**kw, "rf": rf}) for o in [order, *orders]]
+        by_rf[rf] = {"ratio_search_order": runs[0]["epochs"] / epochs_full,
+                     "mean_ratio": statistics.fmean(r["epochs"] for r in runs[1:]) / epochs_full,
+                     "kept_best_share": sum(r["best"] >= kw["target"] for r in runs[1:]) / SHUFFLES}
 
     def kept(r: dict) -> bool:
         return r["best"] >= best_full - TOLERANCE - 1e-9
@@ -517,6 +525,9 @@ def run_asha(args, base: TrainConfig, prepared: PreparedData, scratch: Path, eve
                      "min_ratio": min(r["epochs"] for r in shuffled) / epochs_full,
                      "max_ratio": max(r["epochs"] for r in shuffled) / epochs_full,
                      "kept_best_share": sum(kept(r) for r in shuffled) / SHUFFLES},
+        # Epochs spent, all trials together, until some trial first reached best_full - 0.5 pt.
+        "epochs_to_target_asha": replay["epochs_to_target"], "epochs_to_target_full": full["epochs_to_target"],
+        "by_reduction_factor": by_rf,
     })
     write_json(args.json, report)
 
@@ -559,6 +570,12 @@ def run_asha(args, base: TrainConfig, prepared: PreparedData, scratch: Path, eve
           f"epochs_asha {replay['epochs']}, best_asha {replay['best']:.4f}")
     print(f"over {SHUFFLES} shuffled trial orders: ratio mean {s['mean_ratio']:.2f} (range {s['min_ratio']:.2f}-"
           f"{s['max_ratio']:.2f}), best kept within 0.5 pt in {s['kept_best_share']:.0%}")
+    print(f"epochs spent until a trial first reached best_full - 0.5 pt: ASHA {asha['epochs_to_target_asha']}, "
+          f"full budget {asha['epochs_to_target_full']} (of {epochs_full}; in search order, so this says more about "
+          "the order than about ASHA)")
+    print(format_table(["reduction factor", "epochs / full (search order)", "mean over shuffles", "best kept (shuffles)"],
+                       [(rf, f"{v['ratio_search_order']:.2f}", f"{v['mean_ratio']:.2f}", f"{v['kept_best_share']:.0%}")
+                        for rf, v in by_rf.items()]))
     if "real" in asha:
         print(f"real ASHA search: largest val_acc difference from the full run at a common epoch "
               f"{asha['real']['max_val_acc_diff_vs_full']:.4f} (0 = the replayed curves are exactly what it saw)")

@@ -189,8 +189,11 @@ def cluster():
         _wait_for(lambda: info.alive_nodes() == 1, "the head node", 120)
         second = shlex.join([RAY, "start", *common, f"--address=127.0.0.1:{gcs_port}", '--resources={"node2": 1}',
                              f"--dashboard-agent-listen-port={_free_port()}"])
-        nodes["node2"] = _start(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs gtc-local {local_only} && exec {second}"],
-                                env, root / "node2.log")
+        # node2 gets its own temp dir as a second machine would: Ray hands every node the head's
+        # temp-dir path, and two nodes sharing it share runtime_resources, where one node's
+        # runtime-env agent deletes a job's working_dir package that the other's driver runs in.
+        private = f"mount -t tmpfs gtc-local {local_only} && mount -t tmpfs gtc-ray {root / 'ray'}"
+        nodes["node2"] = _start(["unshare", "-rm", "sh", "-c", f"{private} && exec {second}"], env, root / "node2.log")
         _wait_for(lambda: info.alive_nodes() == 2, "the second node", 120)
         _wait_for(lambda: _jobs_api_up(info), "the Jobs API", 120)
         yield info
