@@ -99,6 +99,36 @@ def test_best_runs_work_with_predict_and_leaderboard_cli(comparison, synthetic_s
     assert main(["leaderboard", str(out / "nothing-here")]) == 2
 
 
+def test_in_process_trial_restores_from_its_checkpoint_and_resets_for_a_new_trial(prepared, tmp_path):
+    """What Tune does with an InProcessTrial after a failure (restore) and between trials (reset)."""
+    from ray import tune
+
+    from data_prep.layout import open_prepared
+    from tuning.data import training_datasets
+    from tuning.search import InProcessTrial
+
+    data = open_prepared(prepared)
+    base = TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path / "unused"), "epochs": 2,
+                                  "image_size": 40}).to_dict()
+    trial_class = tune.with_parameters(InProcessTrial, base=base, data_root=data.root, threads=1,
+                                       datasets=training_datasets(data, val_fraction=0.15))
+    params = {"lr": 1e-3, "batch_size": 16}
+    trial = trial_class(config=params)
+    assert trial.train()["epoch"] == 1
+    saved = trial.save(str(tmp_path / "checkpoint"))
+    uninterrupted = trial.train()
+    restored_trial = trial_class(config=params)
+    restored_trial.restore(saved)
+    resumed = restored_trial.train()
+    assert resumed["epoch"] == 2 and resumed["attempt_start_epoch"] == 1 and resumed["done"]
+    # The checkpoint carries the RNG state, so the resumed epoch is the epoch it would have been.
+    assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
+    assert resumed["val_acc"] == uninterrupted["val_acc"]
+    assert trial.reset({"lr": 3e-4, "batch_size": 32})
+    fresh = trial.train()
+    assert fresh["epoch"] == 1 and fresh["attempt_start_epoch"] == 0 and fresh["config"]["batch_size"] == 32
+
+
 def _finished_trials(search_dir):
     done = {}
     for result in search_dir.glob("*/result.json"):
