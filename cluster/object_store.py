@@ -42,6 +42,12 @@ def is_uri(path: str | Path | None) -> bool:
     return bool(separator) and scheme.isalnum() and scheme.lower() != "file"
 
 
+def absolute(location: str | Path) -> str:
+    """A URI as given (without a trailing slash), a local path made absolute: what every node and
+    every later message should see."""
+    return str(location).rstrip("/") if is_uri(location) else str(Path(location).absolute())
+
+
 def join(base: str | Path, *parts: str) -> str:
     if is_uri(base):
         return "/".join([str(base).rstrip("/"), *(part.strip("/") for part in parts)])
@@ -62,13 +68,6 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 def filesystem_for(location: str) -> pafs.FileSystem:
     """The filesystem a Ray storage path lives on: the URI's, or the local one."""
     return resolve(location)[0] if is_uri(location) else pafs.LocalFileSystem()
-
-
-def exists(location: str | Path) -> bool:
-    if not is_uri(location):
-        return Path(location).exists()
-    fs, path = resolve(str(location))
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def is_file(location: str | Path) -> bool:
@@ -99,7 +98,10 @@ def write_bytes(location: str, data: bytes) -> None:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
         Path(location).write_bytes(data)
         return
-    fs, path = resolve(location)
+    _put(*resolve(location), data)
+
+
+def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(path) as stream:
         stream.write(data)
 
@@ -119,12 +121,14 @@ def delete_tree(uri: str) -> None:
 
 def download_small_files(uri: str, local: Path, *, skip_dirs: frozenset[str]) -> None:
     """Copy the *.json/*.csv below `uri` into `local`, leaving out Ray's own storage folders."""
+    fs, root = resolve(uri)
     for relative in list_files(uri):
         parts = relative.split("/")
         if relative.endswith(FETCHED_SUFFIXES) and not skip_dirs.intersection(parts[:-1]):
             target = local.joinpath(*parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(read_bytes(join(uri, relative)))
+            with fs.open_input_stream(f"{root}/{relative}") as stream:
+                target.write_bytes(stream.read())
 
 
 def upload_order(relatives: list[str]) -> list[str]:
@@ -133,9 +137,10 @@ def upload_order(relatives: list[str]) -> list[str]:
 
 
 def upload_tree(local: Path, uri: str) -> None:
-    relatives = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and ".partial" not in p.name]
+    fs, root = resolve(uri)
+    relatives = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
     for relative in upload_order(relatives):
-        write_bytes(join(uri, relative), (local / relative).read_bytes())
+        _put(fs, f"{root}/{relative}", (local / relative).read_bytes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +158,10 @@ class OutputLocation:
 @contextlib.contextmanager
 def output_location(out: str, *, ray_dirs: frozenset[str] = frozenset()) -> Iterator[OutputLocation]:
     """A local folder as is; a URI through a local working folder that is uploaded at the end."""
+    out = absolute(out)
     if not is_uri(out):
-        folder = Path(out).absolute()
-        yield OutputLocation(local=folder, storage=str(folder))
+        yield OutputLocation(local=Path(out), storage=out)
         return
-    out = out.rstrip("/")
     workdir = Path(tempfile.mkdtemp(prefix="gendertune-out-"))
     try:
         download_small_files(out, workdir, skip_dirs=ray_dirs)
@@ -183,7 +187,7 @@ def fresh_output(out: str, *, marker: str, overwrite: bool = False) -> Iterator[
         with atomic_output_dir(out, marker=marker, overwrite=overwrite) as staging:
             yield OutputLocation(local=staging, storage=str(staging))
         return
-    out = out.rstrip("/")
+    out = absolute(out)
     existing = list_files(out)
     if existing:
         if marker in existing and not overwrite:

@@ -58,7 +58,7 @@ class PreparedData:
 
 def open_prepared(path: str | Path) -> PreparedData:
     """Check that `path` (a folder or URI) is a complete prep output and read its manifest."""
-    root = str(path).rstrip("/") if object_store.is_uri(path) else str(Path(path).absolute())
+    root = object_store.absolute(path)
     manifest_path = object_store.join(root, MANIFEST)
     if not object_store.is_file(manifest_path):
         raise PrepInputError(

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from cluster import object_store
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
-from cluster import object_store
 from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep import layout
 from data_prep.config import PrepConfig

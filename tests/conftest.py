@@ -24,15 +24,25 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
+def wait_for(condition, what: str, timeout: float, *, interval: float = 1.0) -> None:
+    """Poll `condition()` until it is true; TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
 # The S3 endpoint the object-store tests start (s3_bucket). Set before any Ray starts, because
 # Ray's workers take their environment from the driver that started the cluster.
-S3_PORT = _free_port()
+S3_PORT = free_port()
 os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "gendertune-test",
                    "AWS_SECRET_ACCESS_KEY": "gendertune-test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 
@@ -84,17 +94,18 @@ def s3_bucket():
     """A bucket on a local moto S3 server at AWS_ENDPOINT_URL; yields its s3:// URI."""
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
                                "-p", str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def bucket_created() -> bool:
+        if server.poll() is not None:
+            raise RuntimeError("the moto S3 server exited at start-up")
+        try:
+            # moto needs no signature to create a bucket; pyarrow won't create one by default.
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{S3_PORT}/gendertune-test", method="PUT"))
+            return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                # moto needs no signature to create a bucket; pyarrow won't create one by default.
-                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{S3_PORT}/gendertune-test", method="PUT"))
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start") from None
-                time.sleep(0.2)
+        wait_for(bucket_created, "the moto S3 server", 30, interval=0.2)
         yield "s3://gendertune-test"
     finally:
         server.terminate()

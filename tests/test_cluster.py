@@ -17,7 +17,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import pandas as pd
 import pytest
 
 from cluster import jobs
+from conftest import free_port, wait_for
 from cluster.shared_storage import fingerprint, nearest_existing, unreachable_nodes
 from tuning import run_layout
 
@@ -87,12 +87,6 @@ def test_storage_fingerprints_tell_storage_apart(tmp_path):
 # --- the two-node cluster ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class TwoNodeCluster:
     address: str  # the Jobs API
@@ -139,15 +133,6 @@ def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for(condition, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(1)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _kill_node(process: subprocess.Popen) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -164,7 +149,7 @@ def cluster():
     shared, local_only = root / "shared", root / "local-only"
     for folder in (root / "home", shared, local_only):
         folder.mkdir()
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(jobs.PROJECT_ROOT),
            # Notice the killed node in ~3 s instead of ~15 s (GCS health checks; Ray's defaults are
@@ -181,21 +166,21 @@ def cluster():
     nodes = {}
     try:
         nodes["head"] = _start([RAY, "start", "--head", *common, f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                                f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
-                                f"--ray-client-server-port={_free_port()}", f"--temp-dir={root / 'ray'}"],
+                                f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
+                                f"--ray-client-server-port={free_port()}", f"--temp-dir={root / 'ray'}"],
                                env, root / "head.log")
         info = TwoNodeCluster(address=f"http://127.0.0.1:{dashboard_port}", env=env, shared=shared,
                               local_only=local_only, nodes=nodes, gcs=f"127.0.0.1:{gcs_port}")
-        _wait_for(lambda: info.alive_nodes() == 1, "the head node", 120)
+        wait_for(lambda: info.alive_nodes() == 1, "the head node", 120)
         second = shlex.join([RAY, "start", *common, f"--address=127.0.0.1:{gcs_port}", '--resources={"node2": 1}',
-                             f"--dashboard-agent-listen-port={_free_port()}"])
+                             f"--dashboard-agent-listen-port={free_port()}"])
         # node2 gets its own temp dir as a second machine would: Ray hands every node the head's
         # temp-dir path, and two nodes sharing it share runtime_resources, where one node's
         # runtime-env agent deletes a job's working_dir package that the other's driver runs in.
         private = f"mount -t tmpfs gtc-local {local_only} && mount -t tmpfs gtc-ray {root / 'ray'}"
         nodes["node2"] = _start(["unshare", "-rm", "sh", "-c", f"{private} && exec {second}"], env, root / "node2.log")
-        _wait_for(lambda: info.alive_nodes() == 2, "the second node", 120)
-        _wait_for(lambda: _jobs_api_up(info), "the Jobs API", 120)
+        wait_for(lambda: info.alive_nodes() == 2, "the second node", 120)
+        wait_for(lambda: _jobs_api_up(info), "the Jobs API", 120)
         yield info
     finally:
         for process in nodes.values():
@@ -264,7 +249,7 @@ def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluste
     out = cluster.shared / "run-kill"
     # SPREAD is a preference: while an earlier job still releases its CPUs, both workers could
     # land on the head and the node kill would hit no worker. Start from an idle cluster.
-    _wait_for(lambda: cluster.cpus_in_use() == 0, "the cluster's CPUs to be free", 120)
+    wait_for(lambda: cluster.cpus_in_use() == 0, "the cluster's CPUs to be free", 120)
     submitted = cluster.gendertune(
         "submit", "--address", cluster.address, "--no-install", "--job-id", "kill-job", "--", "train",
         "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out), "--epochs", "2", "--batch-size", "16",
@@ -272,7 +257,7 @@ def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluste
     assert submitted.returncode == 0, submitted.stderr
     # Train writes this snapshot once a checkpoint is registered: killing before that could lose it.
     snapshot = out / run_layout.RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
-    _wait_for(snapshot.exists, "the first registered checkpoint", 300)
+    wait_for(snapshot.exists, "the first registered checkpoint", 300)
     _kill_node(cluster.nodes["node2"])
     final = cluster.wait_for_job("kill-job", timeout=600)
     assert "kill-job SUCCEEDED" in final, cluster.gendertune("jobs", "logs", "kill-job", "--address", cluster.address).stdout[-3000:]
@@ -288,6 +273,6 @@ def test_jobs_stop_stops_a_running_job(cluster, cluster_prep):
                                    "train", "--data", str(cluster_prep), "--model", "resnet18", "--epochs", "50",
                                    "--out", str(cluster.shared / "long-run"))
     assert submitted.returncode == 0 and "long-job" in submitted.stdout
-    _wait_for(lambda: "RUNNING" in cluster.job_status("long-job"), "the job to run", 120)
+    wait_for(lambda: "RUNNING" in cluster.job_status("long-job"), "the job to run", 120)
     stopped = cluster.gendertune("jobs", "stop", "long-job", "--address", cluster.address)
     assert stopped.returncode == 0 and "long-job STOPPED" in stopped.stdout

@@ -36,7 +36,7 @@ def test_completion_markers_upload_last_inner_folders_first():
 
 def test_an_unknown_scheme_gets_a_clear_error():
     with pytest.raises(object_store.StorageURIError, match="nosuchscheme://x/y: cannot open this storage URI"):
-        object_store.exists("nosuchscheme://x/y")
+        object_store.is_file("nosuchscheme://x/y")
 
 
 def test_output_location_uploads_what_a_failed_stage_wrote_but_no_marker(s3_bucket):

@@ -65,7 +65,7 @@ def _settings_json(compare: CompareConfig, search: SearchConfig, base: TrainConf
 def compare_one(model: str, location: OutputLocation, compare: CompareConfig, search: SearchConfig, base: TrainConfig,
                 log=print) -> dict:
     """Search, then evaluate the winner once on test; returns its leaderboard row (its run_dir is
-    the local folder; run_compare swaps in the storage location before writing)."""
+    the local folder; compare_into swaps in the storage location before writing)."""
     run_dir = location.local / "models" / model
     if compare.resume and run_layout.is_complete(run_dir):
         log(f"[compare] {model}: already finished, reusing {location.storage_path('models', model)}")

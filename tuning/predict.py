@@ -17,8 +17,8 @@ import pandas as pd
 import ray
 import torch
 
-from cluster.runtime import compute_parallelism, ensure_ray
 from cluster import object_store
+from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from data_prep.images import ImageRejected, decode_face
 from data_prep.pipeline import IMAGE_EXTENSIONS
@@ -114,7 +114,7 @@ def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64) -> pd.Data
     actors = max(1, min(compute_parallelism(), len(paths) // batch_size))
     dataset = ray.data.from_pandas(pd.DataFrame({"image": paths})).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
     predictions = dataset.map_batches(
-        _PredictActor, fn_constructor_args=(run_dir if object_store.is_uri(run_dir) else str(Path(run_dir).absolute()), max(1, compute_parallelism() // actors)),
+        _PredictActor, fn_constructor_args=(object_store.absolute(run_dir), max(1, compute_parallelism() // actors)),
         batch_format="pandas", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
     return predictions.to_pandas().set_index("image").loc[paths].reset_index()

@@ -3,9 +3,9 @@
 `epoch_results` is written once against a small `TrainSession` interface (rank, restore, data)
 and yields each epoch's metrics and checkpoint state. `run_epochs` reports them through the
 session: `train_worker` adapts that to Ray Train (a TorchTrainer worker: DDP, sharded data,
-rank 0 writes checkpoints). `tuning.trial` steps the same generator inside a single-process Tune
-trial, which skips the ~20 s of worker-group start-up a TorchTrainer costs per trial. Both
-restore from the latest checkpoint after a failure, and both report once per epoch.
+rank 0 writes checkpoints). `tuning.search.InProcessTrial` steps the same generator inside a
+single-process Tune trial, which skips the ~20 s of worker-group start-up a TorchTrainer costs
+per trial. Both restore from the latest checkpoint after a failure, and both report once per epoch.
 """
 
 from __future__ import annotations
