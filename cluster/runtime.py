@@ -20,24 +20,10 @@ LOCAL_LOGICAL_CPUS_MIN = 8
 LOCAL_CORES_ENV = "GENDERTUNE_LOCAL_CORES"
 
 
-# Ray Data 2.60 reads Parquet footers with a pool of 32 actors per read by default: 32 new worker
-# processes, ~12 s on 2 cores, to list a handful of shards. A prep output has few large shards,
-# so two readers are plenty (measured: a 1-shard read 12-14 s -> ~2 s). A user's own value wins.
-FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-FOOTER_READERS = "2"
-
-
-def limit_footer_readers() -> None:
-    """Call where a Ray Dataset over Parquet is built: in a driver, or in a task that builds its own
-    (a cluster's workers don't inherit the driver's environment)."""
-    os.environ.setdefault(FOOTER_READERS_ENV, FOOTER_READERS)
-
-
 def ensure_ray(address: str | None = None) -> None:
     """Initialise Ray once per process: attach to `address`/RAY_ADDRESS, else start locally."""
     if ray.is_initialized():
         return
-    limit_footer_readers()  # before ray.init, so a local Ray's workers inherit it too
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)

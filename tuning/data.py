@@ -7,6 +7,8 @@ The carve is a pure function of each row, so every worker and every re-run agree
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import ray
 
@@ -39,10 +41,21 @@ def _carve(batch: dict[str, np.ndarray], *, fraction: float, keep_validation: bo
     return {key: value[mask] for key, value in batch.items()}
 
 
+# Ray Data 2.60 reads Parquet footers with a pool of 32 actors per read by default: 32 new worker
+# processes, 12-14 s on 2 cores, to list a handful of shards. A prep output has few large shards,
+# so two readers are plenty (a one-shard read then takes ~2 s). The setting is read when the read
+# is planned, in the process that calls read_parquet; a user's own value wins.
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_READERS = "2"
+
+
+def _read_split(prepared: PreparedData, split: str, columns: list[str]) -> ray.data.Dataset:
+    os.environ.setdefault(FOOTER_READERS_ENV, FOOTER_READERS)
+    return ray.data.read_parquet(prepared.split_dir(split)).select_columns(columns)
+
+
 def _read(prepared: PreparedData, split: str) -> ray.data.Dataset:
-    return ray.data.read_parquet(str(prepared.split_dir(split))).select_columns(
-        ["pixels", "label", "identity", "hash"]
-    )
+    return _read_split(prepared, split, ["pixels", "label", "identity", "hash"])
 
 
 def _images(dataset: ray.data.Dataset, image_size: int) -> ray.data.Dataset:
@@ -78,7 +91,7 @@ def test_dataset(prepared: PreparedData) -> ray.data.Dataset:
             f"{prepared.root} has no test split (splits: {', '.join(prepared.splits)}); "
             "prep with 2 or 3 --ratios, or an official partition that includes test images"
         )
-    dataset = ray.data.read_parquet(str(prepared.split_dir("test"))).select_columns(["image_id", "pixels", "label"])
+    dataset = _read_split(prepared, "test", ["image_id", "pixels", "label"])
 
     def decode_keep_ids(batch):
         return {**decode_pixels(batch, image_size=prepared.image_size), "image_id": batch["image_id"]}

@@ -20,7 +20,7 @@ from torch import nn
 
 from cluster.errors import StageFailed
 from cluster.object_store import OutputLocation, output_location
-from cluster.runtime import compute_parallelism, ensure_ray, limit_footer_readers
+from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared
@@ -114,7 +114,6 @@ def evaluate_held_out(state: dict, config_dict: dict, data_root: str, split: str
     """Ray task body: the best weights on the held-out split; returns predictions and timing."""
     config = TrainConfig.from_dict(config_dict)
     ray.data.DataContext.get_current().enable_progress_bars = False  # no bars from inside a task
-    limit_footer_readers()
     prepared = open_prepared(data_root)
     spec = get_spec(config.model)
     device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
