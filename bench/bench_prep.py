@@ -2,19 +2,24 @@
 
 Measured for each --image-size, in one run, on the same files:
 - baseline: one plain Python loop over every file, the seed notebook's approach: read the bytes,
-  hashlib.sha256, PIL open + full decode (no draft mode), convert to RGB, centre square crop,
+  hashlib.sha256, PIL open + full decode (no reduced-size decoding), convert to RGB, centre square crop,
   bilinear resize to the target size, the pixels kept in memory. It writes nothing.
 - ray: `run_prep`, the whole stage as a user runs it: listing and labels, hash + decode + crop +
   resize as parallel Ray tasks, dedupe, split, and writing the Parquet shards and reports. Ray is
   started and warmed first (worker processes up, modules imported) by an untimed prep of a few
   images; Ray's one-time start-up is reported on its own line, outside the ratio.
 
+Each size is measured --repeat times, baseline and ray alternating (b, r, b, r, ...), and the
+ratio is median(baseline s) / median(ray s): on a shared 2-core VM one run of the same loop on the
+same files varied from 12.8 to 18.7 s, so a single pair says little. Every pair's ratio is printed too.
+
 Why it is fair: both sides read the same freshly written files (from the page cache) and do the
 same per-image work; the Ray side also writes its output, which the baseline does not. One
-difference is part of what is measured: the stage decodes JPEGs in draft mode where the target
-size allows (DCT-domain 1/2-1/8 scaling that never goes below the target; none for 178x218 CelebA
-at 128 px, 1/2 at 64 px), while the baseline always decodes fully, as the seed did. So at small
-sizes part of the gain is that, not parallelism; the table shows each size separately.
+difference is part of what is measured: the stage decodes JPEGs already scaled down in the DCT
+domain (any n/8 that keeps the shorter side >= the target: 6/8 for 178x218 CelebA at 128 px, 3/8
+at 64 px; `data_prep.images`), while the baseline always decodes fully, as the seed did. So part
+of the gain is that, not parallelism (about 1.3x less CPU per image at 128 px, 2.5x at 64 px);
+the table shows each size separately.
 
 Data: the real CelebA sample at --data (default ../shared/data/celeba-sample next to the repo),
 else a generated SYNTHETIC sample. Each labelled image is copied --replicate times into a
@@ -29,6 +34,7 @@ import argparse
 import hashlib
 import io
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -60,13 +66,15 @@ def parse_args() -> argparse.Namespace:
                         help="target size(s), comma-separated, e.g. 64,128 (default 128)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N labelled images (0 = all)")
     parser.add_argument("--synthetic-n", type=int, default=2000, help="images in a generated sample (default 2000)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: --limit 200 --replicate 1")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="baseline/ray pairs per size, alternating; the ratio is of the medians (default 3)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: --limit 200 --replicate 1 --repeat 1")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args()
     if args.quick:
-        args.limit, args.replicate, args.synthetic_n = 200, 1, 200
-    if args.replicate < 1 or args.limit < 0 or not args.image_size:
-        parser.error("--replicate must be >= 1, --limit >= 0, and --image-size needs at least one size")
+        args.limit, args.replicate, args.synthetic_n, args.repeat = 200, 1, 200, 1
+    if args.replicate < 1 or args.repeat < 1 or args.limit < 0 or not args.image_size:
+        parser.error("--replicate and --repeat must be >= 1, --limit >= 0, and --image-size needs at least one size")
     return args
 
 
@@ -131,6 +139,28 @@ def timed(fn, *args):
     return result, time.perf_counter() - started
 
 
+def measure_size(paths: list[Path], scratch: Path, size: int, *, repeat: int) -> dict:
+    """`repeat` alternating baseline/ray runs at `size`; medians, their ratio and every pair's ratio."""
+    n = len(paths)
+    base_runs, ray_runs = [], []
+    for _ in range(repeat):
+        (decoded, failed), base_s = timed(seed_loop, paths, size)
+        manifest, ray_s = timed(ray_prep, scratch / "data", scratch / f"out-{size}", size)
+        shutil.rmtree(scratch / f"out-{size}")
+        if manifest["images_found"] != n:
+            raise RuntimeError(f"prep found {manifest['images_found']} images, expected {n}")
+        base_runs.append(base_s)
+        ray_runs.append(ray_s)
+    base_s, ray_s = statistics.median(base_runs), statistics.median(ray_runs)
+    return {
+        "image_size": size, "baseline_s": base_s, "baseline_img_per_s": n / base_s,
+        "baseline_decoded": decoded, "baseline_failed": failed, "ray_s": ray_s, "ray_img_per_s": n / ray_s,
+        "ray_rejected": manifest["rejected"], "ray_duplicates_dropped": manifest["duplicates_dropped"],
+        "ratio": base_s / ray_s, "baseline_runs_s": base_runs, "ray_runs_s": ray_runs,
+        "pair_ratios": [b / r for b, r in zip(base_runs, ray_runs)], "ratio_of_fastest": min(base_runs) / min(ray_runs),
+    }
+
+
 def main() -> None:
     args = parse_args()
     report = {"benchmark": "prep", "goal": GOAL, "machine": machine_info(), "replicate": args.replicate,
@@ -154,24 +184,19 @@ def main() -> None:
                   f"warm-up prep of {min(WARMUP_IMAGES, len(images))} images (untimed): {report['warmup_s']:.1f}s; "
                   f"decode tasks at once: {report['ray_decode_tasks']}")
             for size in args.image_size:
-                (decoded, failed), base_s = timed(seed_loop, paths, size)
-                manifest, ray_s = timed(ray_prep, scratch / "data", scratch / f"out-{size}", size)
-                shutil.rmtree(scratch / f"out-{size}")
-                if manifest["images_found"] != n:
-                    raise RuntimeError(f"prep found {manifest['images_found']} images, expected {n}")
-                report["results"].append({
-                    "image_size": size, "baseline_s": base_s, "baseline_img_per_s": n / base_s,
-                    "baseline_decoded": decoded, "baseline_failed": failed, "ray_s": ray_s, "ray_img_per_s": n / ray_s,
-                    "ray_rejected": manifest["rejected"], "ray_duplicates_dropped": manifest["duplicates_dropped"],
-                    "ratio": base_s / ray_s,
-                })
+                report["results"].append(measure_size(paths, scratch, size, repeat=args.repeat))
                 write_json(args.json, report)
 
     rows = [(r["image_size"], n, r["baseline_s"], r["baseline_img_per_s"], r["ray_s"], r["ray_img_per_s"],
              r["ratio"]) for r in report["results"]]
     print()
     print(format_table(["size px", "images", "baseline s", "baseline img/s", "ray s", "ray img/s", "ratio"], rows))
+    print(f"(medians of {args.repeat} alternating runs each)")
     for r in report["results"]:
+        print(f"{r['image_size']} px runs: baseline " + ", ".join(f"{s:.2f}" for s in r["baseline_runs_s"])
+              + " s; ray " + ", ".join(f"{s:.2f}" for s in r["ray_runs_s"])
+              + " s; pair ratios " + ", ".join(f"{x:.2f}" for x in r["pair_ratios"])
+              + f"; fastest/fastest {r['ratio_of_fastest']:.2f}")
         print(f"{r['image_size']} px: baseline failed to decode {r['baseline_failed']}, "
               f"prep rejected {r['ray_rejected']} and dropped {r['ray_duplicates_dropped']} duplicates")
     for r in report["results"]:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cluster.config import ConfigError
 from data_prep.config import PrepConfig
-from data_prep.images import ImageRejected, center_square_crop, decode_face, sha256_hex
+from data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, sha256_hex
 
 
 def jpeg_bytes(width=178, height=218, seed=0):
@@ -33,14 +33,38 @@ def test_centre_square_crop_of_aligned_celeba_keeps_rows_20_to_198():
     assert crop.getpixel((0, 0))[0] == 20 and crop.getpixel((0, 177))[0] == 197
 
 
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255**2 / max(np.mean((a.astype(float) - b.astype(float)) ** 2), 1e-9))
+
+
 @pytest.mark.parametrize("size", [64, 128])
-def test_decode_face_shape_and_draft_mode_keeps_quality(size):
+def test_decode_face_shape_and_scaled_jpeg_decoding_keeps_quality(size):
     data = jpeg_bytes()
-    fast = decode_face(data, image_size=size).astype(float)
-    full = decode_face(data, image_size=size, draft=False).astype(float)
+    assert _scaled_jpeg_face(data, size) is not None  # 178x218 -> 3/8 or 6/8: the fast path ran
+    fast = decode_face(data, image_size=size)
+    full = decode_face(data, image_size=size, scaled_jpeg=False)
     assert fast.shape == (size, size, 3)
-    psnr = 10 * np.log10(255**2 / max(np.mean((fast - full) ** 2), 1e-9))
-    assert psnr > 30, psnr
+    assert psnr(fast, full) > 33, psnr(fast, full)
+
+
+def test_scaled_jpeg_decoding_crops_the_same_rows_as_the_full_decode():
+    # Bands every 8 rows: a crop shifted by even half a decoded pixel moves every edge.
+    rows = np.repeat((np.arange(218) // 8 % 2 * 255).astype(np.uint8), 178 * 3).reshape(218, 178, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(rows).save(buffer, format="JPEG", quality=95)
+    fast = decode_face(buffer.getvalue(), image_size=128)[:, 64, 0].astype(float)
+    full = decode_face(buffer.getvalue(), image_size=128, scaled_jpeg=False)[:, 64, 0].astype(float)
+    assert np.abs(fast - full).mean() < 4, np.abs(fast - full).mean()  # ~1.3; ~10 when half a pixel off
+
+
+def test_cmyk_small_and_unscalable_jpegs_take_the_full_decode():
+    buffer = io.BytesIO()
+    Image.new("CMYK", (178, 218), (0, 255, 255, 0)).save(buffer, format="JPEG")
+    cmyk = buffer.getvalue()
+    assert _scaled_jpeg_face(cmyk, 64) is None
+    assert (decode_face(cmyk, image_size=64) == decode_face(cmyk, image_size=64, scaled_jpeg=False)).all()
+    assert _scaled_jpeg_face(jpeg_bytes(width=100, height=120), 128) is None  # nothing to scale down
+    assert _scaled_jpeg_face(jpeg_bytes()[:2000], 64) is None  # truncated: PIL words the rejection
 
 
 @pytest.mark.parametrize(
