@@ -8,7 +8,7 @@ module owns what happens between that and the model:
   over samples) because it runs on CPU workers once per training batch;
 - `FramingShift`: deterministic zoom in/out, for measuring accuracy under different framings.
 
-The face-centred square crop itself belongs to `data_prep.transforms.center_square_crop`; images
+The face-centred square crop itself belongs to `data_prep.images.center_square_crop`; images
 given here must already be square.
 
 All outputs are float32 N x 3 x S x S in channels_last memory format (the format convolutions
@@ -54,7 +54,7 @@ def _as_nchw(batch: Tensor) -> Tensor:
     if batch.shape[1] != batch.shape[2]:
         raise ValueError(
             f"expected square images, got {batch.shape[1]}x{batch.shape[2]}: crop with "
-            "data_prep.transforms.center_square_crop first"
+            "data_prep.images.center_square_crop first"
         )
     return batch.permute(0, 3, 1, 2)
 
