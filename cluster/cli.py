@@ -44,6 +44,18 @@ def _add_prep(sub) -> None:
     parser.add_argument("--image-size", dest="image_size", type=int, help="square output side in px (default 128)")
     parser.add_argument("--seed", type=int, help="split seed (default 0)")
     parser.add_argument("--parallelism", type=int, help="concurrent decode tasks (default: one per CPU)")
+    parser.add_argument("--align", choices=["faces", "none"],
+                        help="faces = detect each face and align it by its landmarks (default); none = centre square")
+    parser.add_argument("--no-face", dest="no_face", choices=["keep", "reject"],
+                        help="an image with no face found: keep its centre square (default) or reject it")
+    parser.add_argument("--face-zoom", dest="face_zoom", type=float,
+                        help="aligned framing: 1 = CelebA's (face, hair, chin; default), > 1 tighter, < 1 looser")
+    parser.add_argument("--detector", choices=["hog", "hog+cnn"],
+                        help="face detector: hog (default) or hog+cnn (dlib's CNN where HOG finds nothing; slower)")
+    parser.add_argument("--detect-max-side", dest="detect_max_side", type=int,
+                        help="detect faces on photos downscaled to this side (default 1024)")
+    parser.add_argument("--face-min-score", dest="face_min_score", type=float,
+                        help="ignore HOG detections scoring below this (default 0.2; false positives score ~0-0.1)")
     parser.add_argument("--out", help="output folder (created atomically) or object-store URI (s3://, gs://)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace an existing prep output")
     parser.add_argument("--config", help="JSON/TOML config file with a [prep] section")
@@ -55,7 +67,7 @@ def _run_prep(args: argparse.Namespace) -> int:
     from data_prep.pipeline import run_prep
 
     names = ["data", "labels", "attribute", "image_column", "split", "ratios", "image_size", "seed",
-             "parallelism", "out", "overwrite"]
+             "parallelism", "align", "no_face", "face_zoom", "detector", "detect_max_side", "face_min_score", "out", "overwrite"]
     config = PrepConfig.resolve(config_file=args.config, overrides=_overrides(args, names))
     run_prep(config)
     return 0
@@ -134,7 +146,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     weights.add_argument("--weights", help="start from a state dict file (ImageNet or this project's)")
     parser.add_argument("--augment", type=_augment,
                         help="augmentation strengths: 'none' or e.g. hflip=0.5,rotation=10,color_jitter=0.2,"
-                        "random_erasing=0.1,random_resized_crop=0.25 (the defaults)")
+                        "random_erasing=0.1,random_resized_crop=0.25,zoom=0.2,translate=0.05,random_border=0.3 (the defaults)")
     parser.add_argument("--val-fraction", dest="val_fraction", type=float,
                         help="share of train carved out for validation when prep made no val split (default 0.1)")
     parser.add_argument("--max-failures", dest="max_failures", type=int, help="worker failures to recover from (default 1)")
@@ -172,14 +184,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_predict(sub) -> None:
     parser = sub.add_parser(
-        "predict", help="label face images with a trained run",
-        description="Print and write the predicted label and confidence per image, with exactly the "
-        "preprocessing the model was trained with. Folders are searched for images; many images run "
-        "as Ray Data batch inference. Unreadable images are reported per file.",
+        "predict", help="label every face in photos with a trained run",
+        description="Detect every face in each photo, align it as the model's training images were, and "
+        "print and write one row per face: box, detector score, label, confidence. Folders are searched "
+        "for images; many images run as Ray Data batch inference. Unreadable images, and photos with no "
+        "face, get an error row.",
     )
     parser.add_argument("--model", required=True, help="a finished `gendertune train` run folder (or its s3:// / gs:// URI)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders")
     parser.add_argument("--out", help="write the predictions to this CSV")
+    parser.add_argument("--faces", choices=["all", "largest"], default="all",
+                        help="every face in a photo (default) or only the largest (runs trained on aligned faces)")
+    parser.add_argument("--annotate", metavar="DIR", help="write a copy of each image with its faces boxed and labelled")
     parser.set_defaults(handler=_run_predict)
 
 
@@ -187,13 +203,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     from cluster.storage import write_text_atomic
     from tuning.predict import predict
 
-    table = predict(args.model, args.inputs)
+    table = predict(args.model, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out:
         write_text_atomic(args.out, table.to_csv(index=False))
-    failed = int((table["error"] != "").sum())
+    failed = table.loc[table["error"] != "", "image"].nunique()
     if failed:
-        print(f"{failed} of {len(table)} image(s) could not be read; see the error column", file=sys.stderr)
+        print(f"{failed} of {table['image'].nunique()} image(s) gave no prediction; see the error column", file=sys.stderr)
     return 0
 
 

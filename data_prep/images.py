@@ -28,8 +28,9 @@ import math
 
 import numpy as np
 import simplejpeg
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 JPEG_START = b"\xff\xd8"
 # TurboJPEG converts these to RGB the way PIL does; CMYK/YCCK (often Adobe-inverted) are left to PIL.
 SCALABLE_JPEG_COLOURSPACES = {"YCbCr", "Gray"}
@@ -76,16 +77,30 @@ def _decode_face_image(data: bytes, *, image_size: int, scaled_jpeg: bool) -> Im
         face = _scaled_jpeg_face(data, image_size)
         if face is not None:
             return face
+    rgb = _open_rgb(data, upright=False)
+    return _resize_centre_square(rgb, image_size, box=center_square_box(*rgb.size))
+
+
+def load_photo(data: bytes) -> Image.Image:
+    """Fully decode a photo to RGB, turned upright by its EXIF orientation (phone photos are
+    stored sideways with a tag saying so), for face detection and alignment."""
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    return _open_rgb(data, upright=True)
+
+
+def _open_rgb(data: bytes, *, upright: bool) -> Image.Image:
     try:
         # No `with`: closing an image discards its pixels, and an in-memory file needs no closing.
         image = Image.open(io.BytesIO(data))
         image.load()  # a full decode: truncated or corrupt data fails here, not later
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if upright:
+            image = ImageOps.exif_transpose(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except UnidentifiedImageError:
         raise ImageRejected("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageRejected(f"corrupt or truncated image: {err}") from None
-    return _resize_centre_square(rgb, image_size, box=center_square_box(*rgb.size))
 
 
 def _scaled_jpeg_face(data: bytes, image_size: int) -> Image.Image | None:

@@ -7,6 +7,9 @@
       labels.csv        image_id,label,split,identity,hash for every kept image, sorted
       duplicates.csv    kept_id,dropped_id,hash,label_conflict
       rejected.csv      image_id,path,reason
+      faces.csv         with --align faces: per decoded image the alignment taken (aligned,
+                        centre_crop, no_face_rejected), faces found, detector and score, the
+                        largest face's box (x, y, w, h) and five landmarks, in photo pixels
       manifest.json     counts (see `pipeline.build_manifest`), image_size, class names, splits
       config.json       the resolved PrepConfig
       class_distribution.png
@@ -28,8 +31,9 @@ CONFIG = "config.json"
 LABELS = "labels.csv"
 DUPLICATES = "duplicates.csv"
 REJECTED = "rejected.csv"
+FACES = "faces.csv"
 CLASS_PLOT = "class_distribution.png"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: face alignment (manifest.alignment, faces.csv)
 PARQUET_COLUMNS = ("image_id", "label", "identity", "hash", "pixels")
 
 
@@ -47,6 +51,11 @@ class PreparedData:
     @property
     def class_names(self) -> list[str]:
         return list(self.manifest["class_names"])
+
+    @property
+    def alignment(self) -> dict | None:
+        """The AlignSettings the chips were made with, as a dict; None = centre-square crops."""
+        return self.manifest["alignment"]
 
     @property
     def splits(self) -> list[str]:

@@ -1,12 +1,16 @@
-"""Apply the prep stage with Ray tasks: list, label, hash, dedupe, split, then decode and write.
+"""Apply the prep stage with Ray tasks: list, label, hash, dedupe, split, then decode, align and write.
 
 Two parallel passes over contiguous chunks of the image list, one Ray task per chunk and at most
 one task per core at a time (`run_tasks`); the driver only ever holds ids, labels and hashes:
 1. `hash_chunk` reads and SHA-256s every file, a few percent of the cost of decoding it. With every
    hash known the driver dedupes and assigns splits (pure functions) before any pixel exists.
-2. `decode_chunk` decodes, crops and resizes the chunk's kept images and writes them straight
-   into the final per-split shards (OUT/<split>/part-NNNNN.parquet, uncompressed: decoded pixels
-   barely compress). Images that fail to decode come back as (image_id, reason) only.
+2. `decode_chunk` decodes the chunk's kept images, aligns each one's largest face onto the
+   template (data_prep.faces; or crops the centre square with --align none), and writes the chips
+   straight into the final per-split shards (OUT/<split>/part-NNNNN.parquet, uncompressed:
+   decoded pixels barely compress). Images that fail come back as (image_id, reason) only, with
+   a faces.csv row per aligned image. The face models load once per worker process (Ray reuses
+   workers between tasks); bench/bench_align.py measured these tasks against a Ray Data actor
+   pool doing the same per-image work (README: Face alignment).
 So no staging copy of the pixels is written and read back, and no task does per-row pandas work.
 Because splits are assigned over the distinct readable files before decoding, an image that then
 fails to decode leaves its split one image short rather than reshuffling every other image.
@@ -16,6 +20,7 @@ an object-store --out gets the shards directly and the manifest last (cluster.ob
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -36,12 +41,12 @@ from data_prep import layout
 from data_prep.config import PrepConfig
 from data_prep.dedupe import find_duplicates
 from data_prep.errors import PrepInputError
-from data_prep.images import ImageRejected, decode_face_bytes, sha256_hex
+from data_prep.faces import AlignSettings, Face, FaceFinder, face_chips
+from data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
 from data_prep.labels import read_identity_file, read_labels, read_partition_file
 from data_prep.splits import assign_splits
 from tuning.plots import plot_class_distribution
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 CELEBA_IMAGE_DIR = "img_align_celeba"
 CELEBA_ATTR_FILE = "list_attr_celeba.txt"
 CELEBA_PARTITION_FILE = "list_eval_partition.txt"
@@ -143,29 +148,69 @@ def hash_chunk(paths: Sequence[str]) -> tuple[list[str], list[str]]:
     return hashes, errors
 
 
-def decode_chunk(rows: dict[str, list], shard: str, *, image_size: int, out: str) -> list[tuple[str, str]]:
-    """Ray task body of pass 2: decode the chunk's images and write them into out/<split>/`shard`.
+# faces.csv: one row per image that was decoded, in the order of TEMPLATE's landmarks.
+LANDMARK_COLUMNS = [f"{point}_{axis}" for point in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+                    for axis in ("x", "y")]
+FACE_COLUMNS = ["image_id", "alignment", "faces_found", "detector", "detector_score", "x", "y", "w", "h",
+                *LANDMARK_COLUMNS]
+
+
+@functools.lru_cache(maxsize=2)
+def _face_finder(detector: str) -> FaceFinder:
+    """One FaceFinder per worker process: Ray reuses workers between tasks, so the models load
+    once per process, not once per task or image."""
+    return FaceFinder(detector)
+
+
+def face_row(image_id: str, alignment: str, faces_found: int, face: Face | None) -> tuple:
+    if face is None:
+        return (image_id, alignment, faces_found, "", np.nan, *[np.nan] * 4, *[np.nan] * len(LANDMARK_COLUMNS))
+    return (image_id, alignment, faces_found, face.detector, face.score, *face.box, *face.landmarks.ravel().tolist())
+
+
+def decode_one(data: bytes, image_id: str, *, image_size: int, align: AlignSettings | None) -> tuple[bytes | None, tuple | None]:
+    """One image's chip bytes (None: rejected for having no face) and its faces.csv row (None
+    without alignment). Raises ImageRejected for data that is no usable image."""
+    if align is None:
+        return decode_face_bytes(data, image_size=image_size), None
+    chips, found = face_chips(load_photo(data), _face_finder(align.detector), align, every_face=False)
+    if not chips:
+        return None, face_row(image_id, "no_face_rejected", 0, None)
+    return chips[0].chip.tobytes(), face_row(image_id, chips[0].path, found, chips[0].face)
+
+
+def decode_chunk(rows: dict[str, list], shard: str, *, image_size: int, out: str,
+                 align: dict | None = None) -> tuple[list[tuple[str, str]], list[tuple]]:
+    """Ray task body of pass 2: decode (and align) the chunk's images and write them into
+    out/<split>/`shard`.
 
     `rows` holds the SHARD_SCHEMA columns except pixels, plus path and split. Returns
-    (image_id, reason) for every image that failed; those are left out of the shards.
+    (image_id, reason) for every image that failed, which are left out of the shards, and the
+    faces.csv rows of the chunk (empty without alignment).
     """
+    settings = AlignSettings.from_dict(align) if align else None
     by_split: dict[str, tuple[list[int], list[bytes]]] = {}
-    failed = []
+    failed, faces = [], []
     for i, (image_id, path, split) in enumerate(zip(rows["image_id"], rows["path"], rows["split"])):
         try:
-            face = decode_face_bytes(Path(path).read_bytes(), image_size=image_size)
+            chip, face = decode_one(Path(path).read_bytes(), image_id, image_size=image_size, align=settings)
         except OSError as err:
             failed.append((image_id, read_error(err)))
             continue
         except ImageRejected as rejected:
             failed.append((image_id, str(rejected)))
             continue
-        indices, faces = by_split.setdefault(split, ([], []))
+        if face is not None:
+            faces.append(face)
+        if chip is None:
+            failed.append((image_id, "no face found (--no-face reject)"))
+            continue
+        indices, chips = by_split.setdefault(split, ([], []))
         indices.append(i)
-        faces.append(face)
-    for split, (indices, faces) in sorted(by_split.items()):
-        write_shard(shard_table(rows, indices, faces), object_store.join(out, split, shard))
-    return failed
+        chips.append(chip)
+    for split, (indices, chips) in sorted(by_split.items()):
+        write_shard(shard_table(rows, indices, chips), object_store.join(out, split, shard))
+    return failed, faces
 
 
 def shard_table(rows: dict[str, list], indices: list[int], faces: list[bytes]) -> pa.Table:
@@ -191,29 +236,52 @@ def write_shard(table: pa.Table, location: str) -> None:
     pq.write_table(table, path, filesystem=filesystem, compression="none", use_dictionary=False, write_statistics=False)
 
 
-def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int, **shared) -> list:
+def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int,
+              on_done: Callable[[int], None] | None = None, **shared) -> list:
     """`fn(*call, **shared)` for every call as Ray tasks, at most `parallelism` at a time; results
-    in call order. The bound matters: a local Ray declares more CPUs than the machine has cores
-    (cluster.runtime), and more decoders than cores only thrash the caches."""
+    in call order; `on_done(index)` after each call finishes. The bound matters: a local Ray
+    declares more CPUs than the machine has cores (cluster.runtime), and more decoders than cores
+    only thrash the caches."""
     task = ray.remote(fn)
     results: list = [None] * len(calls)
     running: dict = {}
     try:
         for index, call in enumerate(calls):
             if len(running) >= parallelism:
-                _finish_one(running, results)
+                _finish_one(running, results, on_done)
             running[task.remote(*call, **shared)] = index
         while running:
-            _finish_one(running, results)
+            _finish_one(running, results, on_done)
     finally:
         for ref in running:  # only after an error: no task may keep writing into a removed folder
             ray.cancel(ref)
     return results
 
 
-def _finish_one(running: dict, results: list) -> None:
+def _finish_one(running: dict, results: list, on_done: Callable[[int], None] | None) -> None:
     (done,), _ = ray.wait(list(running), num_returns=1)
-    results[running.pop(done)] = ray.get(done)
+    index = running.pop(done)
+    results[index] = ray.get(done)
+    if on_done is not None:
+        on_done(index)
+
+
+class Progress:
+    """`on_done` for run_tasks: prints images done / total and the rate, at most every
+    `every_s` seconds and once at the end."""
+
+    def __init__(self, label: str, sizes: Sequence[int], *, log: Callable[[str], None], every_s: float = 10.0):
+        self.label, self.sizes, self.log, self.every_s = label, sizes, log, every_s
+        self.total, self.done = sum(sizes), 0
+        self.started = self.printed = time.perf_counter()
+
+    def __call__(self, index: int) -> None:
+        self.done += self.sizes[index]
+        now = time.perf_counter()
+        if now - self.printed >= self.every_s or self.done == self.total:
+            self.printed = now
+            rate = self.done / max(now - self.started, 1e-9)
+            self.log(f"{self.label}: {self.done}/{self.total} images ({self.done / self.total:.0%}), {rate:.0f} img/s")
 
 
 def chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
@@ -221,13 +289,14 @@ def chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def hash_images(matched: pd.DataFrame, *, parallelism: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hash_images(matched: pd.DataFrame, *, parallelism: int, log: Callable[[str], None]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pass 1: `matched` with a hash column for the readable files, and (image_id, reason) for the rest.
 
     Two chunks per core: hashing is cheap, so one task's start-up is worth a big chunk."""
     paths = matched["path"].tolist()
     bounds = chunk_bounds(len(paths), -(-len(paths) // (2 * parallelism)))
-    results = run_tasks(hash_chunk, [(paths[a:b],) for a, b in bounds], parallelism=parallelism)
+    results = run_tasks(hash_chunk, [(paths[a:b],) for a, b in bounds], parallelism=parallelism,
+                        on_done=Progress("hash", [b - a for a, b in bounds], log=log))
     hashes = np.array([h for chunk_hashes, _ in results for h in chunk_hashes], dtype=object)
     errors = np.array([e for _, chunk_errors in results for e in chunk_errors], dtype=object)
     ok = errors == ""
@@ -235,19 +304,25 @@ def hash_images(matched: pd.DataFrame, *, parallelism: int) -> tuple[pd.DataFram
     return matched[ok].assign(hash=hashes[ok]), unreadable
 
 
-def decode_images(kept: pd.DataFrame, out: str, *, image_size: int, rows_per_task: int,
-                  parallelism: int) -> pd.DataFrame:
-    """Pass 2: write every decodable kept image into its split's shards; (image_id, reason) of the rest.
+def decode_images(kept: pd.DataFrame, out: str, *, image_size: int, rows_per_task: int, parallelism: int,
+                  align: AlignSettings | None, log: Callable[[str], None]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Pass 2: write every decodable kept image into its split's shards; returns (image_id, reason)
+    of the rest and the faces.csv table (empty without alignment).
 
     At most `rows_per_task` images (and MAX_TASK_PIXEL_BYTES of pixels) per task, but at least two
     tasks per core, so a core that finishes early can take over work from a slower one."""
     rows = max(1, min(rows_per_task, MAX_TASK_PIXEL_BYTES // (3 * image_size**2),
                       -(-len(kept) // (2 * parallelism))))
     columns = [*SHARD_SCHEMA.names[:-1], "path", "split"]
+    bounds = chunk_bounds(len(kept), rows)
     calls = [({name: kept[name].iloc[a:b].tolist() for name in columns}, f"part-{number:05d}.parquet")
-             for number, (a, b) in enumerate(chunk_bounds(len(kept), rows))]
-    failed = run_tasks(decode_chunk, calls, parallelism=parallelism, image_size=image_size, out=str(out))
-    return pd.DataFrame([row for chunk in failed for row in chunk], columns=["image_id", "reason"])
+             for number, (a, b) in enumerate(bounds)]
+    results = run_tasks(decode_chunk, calls, parallelism=parallelism, image_size=image_size, out=str(out),
+                        align=align.to_dict() if align else None,
+                        on_done=Progress("decode+align" if align else "decode", [b - a for a, b in bounds], log=log))
+    failed = pd.DataFrame([row for chunk, _ in results for row in chunk], columns=["image_id", "reason"])
+    faces = pd.DataFrame([row for _, chunk in results for row in chunk], columns=FACE_COLUMNS)
+    return failed, faces.sort_values("image_id", ignore_index=True)
 
 
 def settle_failures(
@@ -291,6 +366,7 @@ def build_manifest(
     kept: pd.DataFrame,
     duplicates: pd.DataFrame,
     n_rejected: int,
+    faces: pd.DataFrame,
 ) -> dict:
     class_names = class_names_for(config.attribute)
     splits = {}
@@ -307,7 +383,9 @@ def build_manifest(
         "attribute": config.attribute,
         "class_names": class_names,
         "image_size": config.image_size,
-        "crop": "centre square of the shorter side, then bilinear resize",
+        "crop": ("faces aligned by 5 landmarks onto a template (data_prep.faces)" if config.align == "faces"
+                 else "centre square of the shorter side, then bilinear resize"),
+        "alignment": align.to_dict() if (align := config.align_settings()) else None,
         "split_method": config.split,
         "ratios": list(config.ratios) if config.split != "official" else None,
         "seed": config.seed,
@@ -322,6 +400,10 @@ def build_manifest(
         "duplicates_dropped": int(len(duplicates)),
         "duplicate_label_conflicts": int(duplicates["label_conflict"].sum()),
         "kept": int(len(kept)),
+        # Over the images that were decoded with alignment (all zero with --align none).
+        "faces_aligned": int((faces["alignment"] == "aligned").sum()),
+        "no_face": int((faces["faces_found"] == 0).sum()),
+        "several_faces": int((faces["faces_found"] > 1).sum()),
         # Identities that appear in more than one split: a leak that inflates test accuracy.
         "identities_in_several_splits": shared_people if len(known) else None,
         "splits": splits,
@@ -335,6 +417,9 @@ def format_summary(manifest: dict, seconds: float) -> str:
         f"rejected {manifest['rejected']}, duplicates dropped {manifest['duplicates_dropped']}, "
         f"kept {manifest['kept']} ({manifest['image_size']} px, {manifest['split_method']} split)",
     ]
+    if manifest["alignment"]:
+        lines.append(f"faces aligned {manifest['faces_aligned']}, no face found {manifest['no_face']} "
+                     f"({manifest['alignment']['no_face']}), several faces {manifest['several_faces']} (largest kept)")
     for split, info in manifest["splits"].items():
         classes = ", ".join(
             f"{name} {n} ({n / max(info['count'], 1):.1%})" for name, n in info["classes"].items()
@@ -395,15 +480,16 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
     parallelism = compute_parallelism(config.parallelism)
     with object_store.fresh_output(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as location:
         out = location.local
-        readable, unreadable = hash_images(matched, parallelism=parallelism)
+        readable, unreadable = hash_images(matched, parallelism=parallelism, log=log)
         require_some_kept(readable, len(matched), unreadable)
         kept, duplicates = find_duplicates(readable)
         kept["split"] = assign_splits(
             kept, method=config.split, ratios=config.ratios, seed=config.seed,
             partition=partition, partition_path=str(inputs.partition_path),
         ).to_numpy()
-        failed = decode_images(kept, location.storage, image_size=config.image_size, rows_per_task=config.rows_per_task,
-                               parallelism=parallelism)
+        failed, faces = decode_images(kept, location.storage, image_size=config.image_size,
+                                      rows_per_task=config.rows_per_task, parallelism=parallelism,
+                                      align=config.align_settings(), log=log)
         kept, duplicates, failed = settle_failures(kept, duplicates, failed)
         rejected = pd.concat([unreadable, failed]).merge(matched[["image_id", "path"]], on="image_id")
         rejected = rejected[["image_id", "path", "reason"]].sort_values("image_id", ignore_index=True)
@@ -415,10 +501,12 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
                     "use more images or other --ratios"
                 )
 
-        manifest = build_manifest(config, inputs, counts, kept, duplicates, len(rejected))
+        manifest = build_manifest(config, inputs, counts, kept, duplicates, len(rejected), faces)
         kept[["image_id", "label", "split", "identity", "hash"]].to_csv(out / layout.LABELS, index=False)
         duplicates.to_csv(out / layout.DUPLICATES, index=False)
         rejected.to_csv(out / layout.REJECTED, index=False)
+        if config.align == "faces":
+            faces.to_csv(out / layout.FACES, index=False)
         write_text_atomic(out / layout.CONFIG, config.to_json())
         plot_class_distribution(
             {s: info["classes"] for s, info in manifest["splits"].items()},

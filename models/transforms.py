@@ -8,8 +8,8 @@ module owns what happens between that and the model:
   over samples) because it runs on CPU workers once per training batch;
 - `FramingShift`: deterministic zoom in/out, for measuring accuracy under different framings.
 
-The face-centred square crop itself belongs to `data_prep.images.center_square_crop`; images
-given here must already be square.
+Framing the face (alignment onto a template, or the centre-square crop) belongs to prep
+(`data_prep.faces`, `data_prep.images`); images given here must already be square.
 
 All outputs are float32 N x 3 x S x S in channels_last memory format (the format convolutions
 are fastest in on GPU), normalised with the model's ImageNet mean/std.
@@ -34,6 +34,9 @@ _ERASE_SCALE = (0.02, 0.33)
 _ERASE_RATIO = (0.3, 3.3)
 # torchvision's RandomResizedCrop default aspect ratios.
 _CROP_RATIO = (3 / 4, 4 / 3)
+# random_border: the widest border, as a fraction of the side. An aligned UTKFace-style tight
+# crop covers about the central 60% of a chip framed like CelebA (see data_prep.faces).
+MAX_BORDER = 0.3
 # RGB <-> YIQ: hue is rotated in the IQ (chroma) plane, see _hue_matrices.
 _RGB_TO_YIQ = torch.tensor(
     [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]]
@@ -54,7 +57,7 @@ def _as_nchw(batch: Tensor) -> Tensor:
     if batch.shape[1] != batch.shape[2]:
         raise ValueError(
             f"expected square images, got {batch.shape[1]}x{batch.shape[2]}: crop with "
-            "data_prep.images.center_square_crop first"
+            "data_prep.faces.face_chips or data_prep.images.center_square_crop first"
         )
     return batch.permute(0, 3, 1, 2)
 
@@ -129,13 +132,20 @@ class TrainAugment:
     - random_erasing: probability of erasing one rectangle (torchvision RandomErasing's area and
       aspect ranges, filled with the mean colour);
     - random_resized_crop: s -> crop area uniform in [1 - s, 1] of the image, aspect ratio in
-      [3/4, 4/3] (log-uniform); the main tool for robustness to face framing.
+      [3/4, 4/3] (log-uniform);
+    - zoom: s -> the face is scaled by a factor log-uniform in [1/(1 + s), 1 + s], zooming in
+      *and* out, so the model sees faces framed tighter and looser than the alignment template;
+    - translate: t -> the face moves by up to t of the image side on each axis (uniform);
+    - random_border: probability of filling everything outside a random box (each border up to
+      MAX_BORDER of the side): what a tight crop, such as UTKFace's, looks like once aligned.
 
-    Crop, rotation and flip are fused into one affine resampling of the whole batch (a
-    per-sample matrix each); areas outside the image are filled by reflection, so rotations
-    add no black corners the evaluation images never have. Differences from torchvision's
-    per-image retry loops: crop and erasing rectangles larger than the image are clamped to it
-    rather than redrawn, and hue is rotated in YIQ space rather than shifted in HSV.
+    Crop, zoom, translation, rotation and flip are fused into one affine resampling of the
+    whole batch (a per-sample matrix each). Areas outside the image, and random borders, are
+    filled with the mean colour, the colour face alignment (data_prep.faces) fills the parts
+    of a chip that lie outside the photo with, so training sees the same fill evaluation does.
+    Differences from torchvision's per-image retry loops: crop and erasing rectangles larger
+    than the image are clamped to it rather than redrawn, and hue is rotated in YIQ space
+    rather than shifted in HSV.
     """
 
     image_size: int
@@ -146,11 +156,14 @@ class TrainAugment:
     color_jitter: float = 0.0
     random_erasing: float = 0.0
     random_resized_crop: float = 0.0
+    zoom: float = 0.0
+    translate: float = 0.0
+    random_border: float = 0.0
 
     def __post_init__(self) -> None:
         _check_size(self.image_size)
         _check_norm(self)
-        for name in ("hflip", "random_erasing"):
+        for name in ("hflip", "random_erasing", "random_border"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.random_resized_crop < 1.0:
@@ -159,6 +172,10 @@ class TrainAugment:
             )
         if not 0.0 <= self.rotation <= 180.0:
             raise ValueError(f"rotation must be in [0, 180] degrees, got {self.rotation}")
+        if not 0.0 <= self.zoom <= 1.0:
+            raise ValueError(f"zoom must be in [0, 1] (scale factors 1/2 to 2 at most), got {self.zoom}")
+        if not 0.0 <= self.translate <= 0.5:
+            raise ValueError(f"translate must be in [0, 0.5] of the image side, got {self.translate}")
         if not 0.0 <= self.color_jitter <= 2.0:
             # s/4 is the hue range, which cannot exceed half the hue circle.
             raise ValueError(f"color_jitter must be in [0, 2], got {self.color_jitter}")
@@ -172,7 +189,7 @@ class TrainAugment:
         def uniform(low: float, high: float, *shape: int) -> Tensor:
             return (torch.rand(n, *shape, generator=generator) * (high - low) + low).to(x.device)
 
-        if self.random_resized_crop or self.rotation:
+        if self.random_resized_crop or self.rotation or self.zoom or self.translate:
             if x.shape[-1] > size:
                 x = _resize(x, size)  # antialias first; the resampling below only zooms in
             # grid_sample is several times faster on contiguous NCHW than on channels_last;
@@ -189,12 +206,14 @@ class TrainAugment:
         x = _normalise(x, self.mean, self.std)
         if self.random_erasing:
             x = self._erase(x, uniform)
+        if self.random_border:
+            x = self._border(x, uniform)
         return x.contiguous(memory_format=torch.channels_last)
 
     def _resample(self, x: Tensor, uniform: Uniform) -> Tensor:
-        """Random resized crop, rotation and flip as one affine map per sample. `theta` maps
-        output coordinates in [-1, 1] to input coordinates: flip, then rotate, then scale to
-        the crop's half-size and move to its centre."""
+        """Random resized crop, zoom, translation, rotation and flip as one affine map per sample.
+        `theta` maps output coordinates in [-1, 1] to input coordinates: flip, then rotate, then
+        scale to the crop's half-size (over the zoom) and move to its centre."""
         n, size = x.shape[0], self.image_size
         s = self.random_resized_crop
         area = uniform(1.0 - s, 1.0)
@@ -202,8 +221,11 @@ class TrainAugment:
         log_ratio = uniform(math.log(_CROP_RATIO[0]), math.log(_CROP_RATIO[1])) * (s > 0)
         width = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
         height = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-        centre_x = uniform(-1.0, 1.0) * (1.0 - width)
-        centre_y = uniform(-1.0, 1.0) * (1.0 - height)
+        # Output coordinates span 2, hence the factor 2 on the translation.
+        centre_x = uniform(-1.0, 1.0) * (1.0 - width) + uniform(-2 * self.translate, 2 * self.translate)
+        centre_y = uniform(-1.0, 1.0) * (1.0 - height) + uniform(-2 * self.translate, 2 * self.translate)
+        magnification = uniform(-math.log1p(self.zoom), math.log1p(self.zoom)).exp()
+        width, height = width / magnification, height / magnification
         angle = uniform(-self.rotation, self.rotation) * (math.pi / 180.0)
         flip = torch.where(uniform(0, 1) < self.hflip, -1.0, 1.0)
         cos, sin = angle.cos(), angle.sin()
@@ -215,9 +237,9 @@ class TrainAugment:
             dim=1,
         )
         grid = nnf.affine_grid(theta, [n, 3, size, size], align_corners=False)
-        return nnf.grid_sample(
-            x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
-        )
+        # Zero padding around (x - fill) is padding with the fill colour around x.
+        fill = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return nnf.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
     def _jitter(self, x: Tensor, uniform: Uniform) -> Tensor:
         """Brightness, contrast, saturation, hue with per-sample factors (x in [0, 1])."""
@@ -250,6 +272,20 @@ class TrainAugment:
         chosen = uniform(0, 1) < self.random_erasing
         mask = (in_rows[:, :, None] & in_cols[:, None, :]) & chosen.view(n, 1, 1)
         return x.masked_fill(mask[:, None], 0.0)
+
+    def _border(self, x: Tensor, uniform: Uniform) -> Tensor:
+        """Fill (the mean colour, after normalisation) outside a random box in a random subset:
+        each border's width uniform in [0, MAX_BORDER] of the side."""
+        n, _, h, w = x.shape
+        top, bottom = uniform(0, MAX_BORDER) * h, (1 - uniform(0, MAX_BORDER)) * h
+        left, right = uniform(0, MAX_BORDER) * w, (1 - uniform(0, MAX_BORDER)) * w
+        rows = torch.arange(h, device=x.device).view(1, h) + 0.5
+        cols = torch.arange(w, device=x.device).view(1, w) + 0.5
+        inside_rows = (rows >= top[:, None]) & (rows < bottom[:, None])
+        inside_cols = (cols >= left[:, None]) & (cols < right[:, None])
+        chosen = uniform(0, 1) < self.random_border
+        outside = ~(inside_rows[:, :, None] & inside_cols[:, None, :]) & chosen.view(n, 1, 1)
+        return x.masked_fill(outside[:, None], 0.0)
 
 
 def _hue_matrices(shift: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from models import (
     list_models,
     split_outputs,
 )
+from models.transforms import MAX_BORDER
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -338,7 +339,49 @@ def test_random_erasing_erases_one_rectangle_per_chosen_sample():
     assert (out.masked_select(erased[:, None].expand_as(out)) == 0).all()
 
 
+def test_zoom_goes_both_ways_and_pads_with_the_mean_colour():
+    """A bright square filling the image: zooming out shows the fill (normalised 0) around it,
+    zooming in keeps it filling the frame; both happen within one batch."""
+    faces = torch.full((64, 32, 32, 3), 255, dtype=torch.uint8)
+    out = TrainAugment(image_size=32, mean=MEAN, std=STD, hflip=0.0, zoom=1.0)(
+        faces, generator=torch.Generator().manual_seed(0))
+    bright = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    corner_is_fill = (out[:, :, 0, 0].abs() < 1e-5).all(1)
+    corner_is_bright = torch.isclose(out[:, :, 0, 0], bright.view(1, 3), atol=1e-4).all(1)
+    assert 10 < int(corner_is_fill.sum()) < 54 and (corner_is_fill | corner_is_bright).all()
+    assert torch.isclose(out[:, :, 16, 16], bright.view(1, 3), atol=1e-4).all()  # the centre stays the face
+
+
+def test_translate_moves_the_image_within_its_bound():
+    faces = torch.zeros((32, 40, 40, 3), dtype=torch.uint8)
+    faces[:, 18:22, 18:22] = 255  # a dot in the middle
+    out = TrainAugment(image_size=40, mean=MEAN, std=STD, hflip=0.0, translate=0.25)(
+        faces, generator=torch.Generator().manual_seed(0))
+    brightest = out[:, 0].flatten(1).argmax(1)
+    rows, cols = brightest // 40, brightest % 40
+    offsets = torch.stack([rows - 19.5, cols - 19.5]).abs()
+    assert offsets.max() <= 0.25 * 40 + 1.5 and (offsets > 2).any(0).float().mean() > 0.5
+
+
+def test_random_border_fills_outside_a_box_that_keeps_the_centre():
+    faces = _faces(64, 40)
+    out = TrainAugment(image_size=40, mean=MEAN, std=STD, hflip=0.0, random_border=1.0)(
+        faces, generator=torch.Generator().manual_seed(0))
+    plain = EvalPreprocess(image_size=40, mean=MEAN, std=STD)(faces)
+    changed = (out != plain).any(1)  # N x H x W
+    assert (out.masked_select(changed[:, None].expand_as(out)) == 0).all()  # changed pixels are the fill
+    keep = slice(round(40 * MAX_BORDER), round(40 * (1 - MAX_BORDER)))
+    assert not changed[:, keep, keep].any()  # never inside the central box
+    assert changed.flatten(1).any(1).float().mean() > 0.9
+    half = TrainAugment(image_size=40, mean=MEAN, std=STD, hflip=0.0, random_border=0.5)(
+        faces, generator=torch.Generator().manual_seed(0))
+    assert 16 < int((half != plain).flatten(1).any(1).sum()) < 48
+
+
 def test_augment_arguments_are_validated():
+    for name, value in (("zoom", 1.5), ("translate", 0.6), ("random_border", 2.0)):
+        with pytest.raises(ValueError, match=name):
+            TrainAugment(image_size=32, mean=MEAN, std=STD, **{name: value})
     with pytest.raises(ValueError, match="hflip"):
         TrainAugment(image_size=32, mean=MEAN, std=STD, hflip=1.5)
     with pytest.raises(ValueError, match="random_resized_crop"):

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from cluster.cli import main
 from data_prep import layout, pipeline
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
+from data_prep.faces import TEMPLATE_NAME, AlignSettings, FaceFinder, face_chips
+from data_prep.images import load_photo
 from data_prep.labels import read_labels
 
 SIZE = 32
@@ -134,3 +138,81 @@ def test_bad_inputs_name_the_problem(synthetic_sample, tmp_path):
     with pytest.raises(PrepInputError, match="none of the .* images .* has a label"):
         prep(synthetic_sample, tmp_path / "o", data=str(bare), labels=str(other))
     assert not (tmp_path / "o").exists()
+
+
+# --- face alignment ------------------------------------------------------------------------------
+
+
+def test_face_alignment_is_recorded_per_image(random_prep):
+    out, manifest = random_prep
+    faces = pd.read_csv(out / layout.FACES, dtype={"image_id": str})
+    labels = pd.read_csv(out / layout.LABELS, dtype={"image_id": str})
+    assert faces["image_id"].tolist() == labels["image_id"].tolist()  # every kept image, sorted
+    assert set(faces["alignment"]) == {"aligned", "centre_crop"}  # drawn faces: HOG finds most, not all
+    assert manifest["faces_aligned"] == (faces["alignment"] == "aligned").sum() > manifest["kept"] / 2
+    assert manifest["no_face"] == (faces["faces_found"] == 0).sum() == manifest["kept"] - manifest["faces_aligned"]
+    assert manifest["several_faces"] == (faces["faces_found"] > 1).sum()
+    assert manifest["alignment"]["template"] == TEMPLATE_NAME and manifest["alignment"]["image_size"] == SIZE
+    aligned = faces[faces["alignment"] == "aligned"]
+    assert aligned[pipeline.LANDMARK_COLUMNS].notna().all().all() and (aligned["w"] > 0).all()
+    assert aligned["left_eye_x"].lt(aligned["right_eye_x"]).all() and aligned["nose_y"].lt(aligned["mouth_left_y"]).all()
+
+
+def test_no_face_reject_and_align_none(ray_session, synthetic_sample, tmp_path, random_prep):
+    out, aligned = random_prep
+    rejecting = prep(synthetic_sample, tmp_path / "reject", no_face="reject")
+    rejected = pd.read_csv(tmp_path / "reject" / layout.REJECTED, dtype=str)
+    no_face = set(rejected.loc[rejected["reason"] == "no face found (--no-face reject)", "image_id"])
+    faces = pd.read_csv(out / layout.FACES, dtype={"image_id": str})
+    without_face = set(faces.loc[faces["alignment"] == "centre_crop", "image_id"])
+    duplicates = pd.read_csv(out / layout.DUPLICATES, dtype=str)
+    # Exact copies of a faceless image share its fate, as with any rejected image.
+    copies = set(duplicates.loc[duplicates["kept_id"].isin(without_face), "dropped_id"])
+    assert no_face == without_face | copies and rejecting["kept"] == aligned["faces_aligned"]
+    plain = prep(synthetic_sample, tmp_path / "none", align="none")
+    assert plain["alignment"] is None and plain["faces_aligned"] == plain["no_face"] == 0
+    assert plain["kept"] == aligned["kept"] and not (tmp_path / "none" / layout.FACES).exists()
+
+
+def test_real_photos_align_in_prep_exactly_as_face_chips_does(ray_session, synthetic_sample, tmp_path):
+    """A real face, a two-face group photo and a photo with no face, among synthetic images."""
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is a test dependency ([test] extra)")
+    folder = tmp_path / "photos"
+    shutil.copytree(synthetic_sample.path / "img_align_celeba", folder)
+    astronaut = Image.fromarray(skimage_data.astronaut())
+    group = Image.new("RGB", (1000, 560), (200, 200, 200))
+    group.paste(astronaut.resize((360, 360)), (0, 100))
+    group.paste(astronaut, (480, 20))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8))
+    photos = {"astronaut.png": astronaut, "group.png": group, "noise.png": noise}
+    for name, photo in photos.items():
+        photo.save(folder / name)
+    labels = read_labels(synthetic_sample.path / "list_attr_celeba.txt", "Male")
+    extra = pd.DataFrame({"image_id": list(photos), "label": [0, 0, 1]})
+    pd.concat([labels, extra]).rename(columns={"image_id": "images", "label": "Male"}).to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "out"
+    manifest = prep(synthetic_sample, out, data=str(folder), labels=str(tmp_path / "labels.csv"))
+    faces = pd.read_csv(out / layout.FACES).set_index("image_id")
+    assert faces.loc["astronaut.png", "alignment"] == "aligned" and faces.loc["astronaut.png", "faces_found"] == 1
+    assert faces.loc["group.png", "faces_found"] == 2 and faces.loc["group.png", "x"] > 480  # the larger face
+    assert faces.loc["noise.png", "alignment"] == "centre_crop"
+    assert manifest["several_faces"] >= 1
+    shards = pd.concat([pq.read_table(out / split).to_pandas() for split in manifest["splits"]]).set_index("image_id")
+    align = AlignSettings.from_dict(manifest["alignment"])
+    finder = FaceFinder(align.detector)
+    for name in photos:
+        (chip,), _ = face_chips(load_photo((folder / name).read_bytes()), finder, align, every_face=False)
+        assert shards.loc[name, "pixels"] == chip.chip.tobytes(), name
+
+
+def test_progress_counts_images_and_reports_the_end():
+    lines = []
+    progress = pipeline.Progress("decode+align", [3, 2, 4], log=lines.append, every_s=3600)
+    progress(1)  # calls finish in any order
+    progress(0)
+    assert lines == []  # not due yet
+    progress(2)
+    assert len(lines) == 1 and lines[0].startswith("decode+align: 9/9 images (100%), ") and lines[0].endswith(" img/s")
+    every = pipeline.Progress("hash", [3, 2], log=lines.append, every_s=0)
+    every(0)
+    assert lines[-1].startswith("hash: 3/5 images (60%)")

@@ -8,12 +8,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image
 
 from cluster.cli import main
 from conftest import prep_sample
+from data_prep import layout
 from data_prep.errors import PrepInputError
 from tuning import run_layout
-from tuning.predict import predict
+from tuning.predict import ANNOTATION_COLOUR, predict
 from tuning.train import RunAlreadyComplete, RunFailed, run_training
 from tuning.train_config import TrainConfig
 
@@ -78,12 +81,55 @@ def test_best_epoch_is_chosen_on_validation_not_test(ddp_run):
     assert history.loc[metrics["best_epoch"] - 1, "val_acc"] == pytest.approx(history["val_acc"].max())
 
 
-def test_predict_matches_the_evaluation(ddp_run, synthetic_sample_large):
+def test_predict_matches_the_evaluation(ddp_run, prepared, synthetic_sample_large):
+    """The same photo through prep + evaluation and through predict: the same probability, for
+    aligned faces and for the centre-square fallback alike."""
     out, _ = ddp_run
     evaluated = pd.read_csv(out / run_layout.PREDICTIONS, dtype={"image_id": str}).head(40)
+    faces = pd.read_csv(prepared / layout.FACES, dtype={"image_id": str}).set_index("image_id")
+    assert set(faces.loc[evaluated["image_id"], "alignment"]) == {"aligned", "centre_crop"}
     images = [str(synthetic_sample_large.path / "img_align_celeba" / i) for i in evaluated["image_id"]]
-    predicted = predict(str(out), images)
-    assert np.allclose(predicted["prob_male"].to_numpy(), evaluated["prob_positive"].to_numpy(), atol=1e-4)
+    predicted = predict(str(out), images, every_face=False)
+    assert predicted["image"].tolist() == images
+    assert np.allclose(predicted["prob_male"].to_numpy(), evaluated["prob_positive"].to_numpy(), atol=1e-5)
+
+
+def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is a test dependency ([test] extra)")
+    astronaut = Image.fromarray(skimage_data.astronaut())
+    group = Image.new("RGB", (1000, 560), (200, 200, 200))
+    group.paste(astronaut.resize((360, 360)), (0, 100))
+    group.paste(astronaut, (480, 20))
+    group.save(tmp_path / "group.jpg", quality=95)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(tmp_path / "noise.jpg")
+    csv = tmp_path / "faces.csv"
+    photos = [str(tmp_path / "group.jpg"), str(tmp_path / "noise.jpg"), str(tmp_path / "missing.jpg")]
+    assert main(["predict", "--model", str(out := ddp_run[0]), *photos, photos[0], "--out", str(csv),
+                 "--annotate", str(tmp_path / "boxed")]) == 0
+    table = pd.read_csv(csv).fillna({"error": "", "label": ""})
+    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "detector_score", "label", "confidence",
+                                   "prob_male", "error"]
+    group_rows = table[table["image"] == photos[0]]  # given twice, predicted once
+    assert group_rows["face"].tolist() == [0, 1] and (group_rows["error"] == "").all()
+    assert group_rows["w"].iloc[0] > group_rows["w"].iloc[1]
+    # The model was trained with --no-face keep: a photo without a face falls back to its centre.
+    noise = table[table["image"] == photos[1]]
+    assert len(noise) == 1 and noise["error"].iloc[0] == "" and np.isnan(noise["detector_score"].iloc[0])
+    assert table.loc[table["image"] == photos[2], "error"].iloc[0].startswith("unreadable file")
+    boxed = np.asarray(Image.open(tmp_path / "boxed" / "group.jpg"))
+    assert boxed.shape == (560, 1000, 3)
+    for face in group_rows.itertuples():  # the box's top edge is drawn in the annotation colour (JPEG-blurred)
+        edge = boxed[round(face.y), round(face.x + face.w / 3): round(face.x + 2 * face.w / 3)].astype(int)
+        assert (np.abs(edge - ANNOTATION_COLOUR).max(axis=1) < 70).all()
+        inside = boxed[round(face.y + face.h / 2), round(face.x + face.w / 3): round(face.x + 2 * face.w / 3)].astype(int)
+        assert (np.abs(inside - ANNOTATION_COLOUR).max(axis=1) >= 70).mean() > 0.9  # the face itself is not painted
+    assert (tmp_path / "boxed" / "noise.jpg").is_file() and not (tmp_path / "boxed" / "missing.jpg").exists()
+    assert "1 of 3 image(s) gave no prediction" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cannot reproduce that alignment"):
+        saved = torch.load(out / run_layout.MODEL, weights_only=True)
+        saved["alignment"]["template"] = "another-template"
+        torch.save(saved, tmp_path / run_layout.MODEL)
+        predict(str(tmp_path), photos[:1])
 
 
 def test_rerun_of_a_finished_run_is_refused(ddp_run, prepared):
@@ -98,11 +144,11 @@ def test_predict_cli_many_images_via_ray_data_and_bad_files(ddp_run, synthetic_s
     csv = tmp_path / "preds.csv"
     assert main(["predict", "--model", str(out), str(folder), "--out", str(csv)]) == 0
     table = pd.read_csv(csv, keep_default_na=False)
-    assert len(table) == synthetic_sample_large.n_images  # above the Ray Data threshold
+    assert table["image"].nunique() == synthetic_sample_large.n_images  # above the Ray Data threshold
     bad = table[table["error"] != ""]
     assert {p.rsplit("/", 1)[-1] for p in bad["image"]} == set(synthetic_sample_large.corrupt_ids)
     assert set(table.loc[table["error"] == "", "label"]) <= {"Female", "Male"}
-    assert "could not be read" in capsys.readouterr().err
+    assert "gave no prediction" in capsys.readouterr().err
 
 
 def test_bad_inputs_fail_before_training(prepared, tmp_path, capsys):

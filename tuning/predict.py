@@ -1,10 +1,13 @@
-"""Predict the label of face images with a trained run, using exactly its preprocessing.
+"""Predict the label of every face in photos with a trained run, using exactly its preprocessing.
 
-Each image goes through the prep stage's own decode -> centre square crop -> resize to the
-prepared size (data_prep.images.decode_face), then the model's resize and normalisation
-(models.transforms.EvalPreprocess) — the same path its test images took. (The seed's inference
-helper skipped normalisation.) A few files run in-process; many run as Ray Data batch inference
-on an actor pool, each actor loading the model once. Unreadable images get an error, not a crash.
+A run trained on aligned faces (the default) detects every face in a photo and aligns each with
+the settings stored in its model.pt (data_prep.faces), the same function prep applied to its
+training and test images; a run trained on centre-square crops (`prep --align none`) gets the prep
+stage's own decode -> centre square -> resize (data_prep.images.decode_face). Then comes the
+model's resize and normalisation (models.transforms.EvalPreprocess). (The original notebook's
+inference helper skipped normalisation and had no face detector.) A few files run in-process;
+many run as Ray Data batch inference on an actor pool, each actor loading the model and the face
+models once. An unreadable or missing image, or one with no face, gets an error row, not a crash.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
+from PIL import Image, ImageDraw
 
 from cluster import object_store
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
-from data_prep.images import ImageRejected, decode_face
-from data_prep.pipeline import IMAGE_EXTENSIONS
+from data_prep.faces import AlignSettings, FaceChip, FaceFinder, face_chips
+from data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box, decode_face, load_photo
 from models.registry import build_model, split_outputs
 from models.transforms import EvalPreprocess
 from tuning import run_layout
 
 RAY_THRESHOLD = 256  # below this many files, starting an actor pool costs more than it saves
+NO_FACE = "no face found"
+ANNOTATION_COLOUR = (255, 200, 0)
 
 
 class RunModel:
@@ -42,10 +48,16 @@ class RunModel:
             raise ValueError(f"{path} is not a readable gendertune model ({type(err).__name__}: {err})") from None
         self.class_names = list(saved["class_names"])
         self.prep_image_size = int(saved["prep_image_size"])
+        self.align = AlignSettings.from_dict(saved["alignment"]) if saved.get("alignment") else None
+        self.finder = FaceFinder(self.align.detector) if self.align else None
         self.model = build_model(saved["model_name"], image_size=int(saved["image_size"]))
         self.model.load_state_dict(saved["model"])
         self.model.eval().to(memory_format=torch.channels_last)
         self.preprocess = EvalPreprocess(image_size=int(saved["image_size"]), mean=tuple(saved["mean"]), std=tuple(saved["std"]))
+
+    @property
+    def prob_column(self) -> str:
+        return f"prob_{self.class_names[1].lower()}"
 
     @torch.no_grad()
     def prob_positive(self, faces: np.ndarray) -> np.ndarray:
@@ -53,45 +65,92 @@ class RunModel:
         logits, _ = split_outputs(self.model(self.preprocess(torch.from_numpy(faces))))
         return logits.float().softmax(1)[:, 1].numpy()
 
-    def predict_paths(self, paths: list[str]) -> pd.DataFrame:
-        faces, ok, errors = [], [], []
+    def chips(self, data: bytes, *, every_face: bool) -> list[FaceChip]:
+        """The photo's face chips, framed as this run's training images were."""
+        if self.align is None:
+            chip = decode_face(data, image_size=self.prep_image_size)  # raises ImageRejected first
+            return [FaceChip(chip, None, "centre_crop", square_box(*Image.open(io.BytesIO(data)).size))]
+        return face_chips(load_photo(data), self.finder, self.align, every_face=every_face)[0]
+
+    def predict_paths(self, paths: list[str], *, every_face: bool = True,
+                      annotate: list[str] | None = None) -> pd.DataFrame:
+        """One row per face (one error row per image without any), in the order of `paths`;
+        `annotate[i]`, when given and not empty, receives a copy of image i with its faces boxed."""
+        rows, chips = [], []
         for path in paths:
             try:
-                faces.append(decode_face(Path(path).read_bytes(), image_size=self.prep_image_size))
-                ok.append(True)
-                errors.append("")
+                found = self.chips(Path(path).read_bytes(), every_face=every_face)
             except (OSError, ImageRejected) as err:
-                ok.append(False)
-                errors.append(str(err) if isinstance(err, ImageRejected) else f"unreadable file: {err.strerror or err}")
-        probs = np.full(len(paths), np.nan)
-        if faces:
-            probs[np.array(ok)] = self.prob_positive(np.stack(faces))
-        return self.rows(paths, probs, errors)
+                rows.append(_error_row(path, str(err) if isinstance(err, ImageRejected) else f"unreadable file: {err.strerror or err}"))
+                continue
+            if not found:
+                rows.append(_error_row(path, NO_FACE))
+            for number, face in enumerate(found):
+                rows.append({"image": path, "face": number, **dict(zip("xywh", face.box)),
+                             "detector_score": face.face.score if face.face else np.nan, "error": ""})
+                chips.append(face.chip)
+        table = pd.DataFrame(rows, columns=["image", "face", "x", "y", "w", "h", "detector_score", "error"])
+        probs = np.full(len(table), np.nan)
+        if chips:
+            probs[(table["error"] == "").to_numpy()] = self.prob_positive(np.stack(chips))
+        table = self.labelled(table, probs)
+        for path, out in zip(paths, annotate or []):
+            rows_of_image = table[table["image"] == path]
+            if out and rows_of_image["error"].isin(["", NO_FACE]).all():  # a readable photo
+                faces = rows_of_image[rows_of_image["error"] == ""]
+                write_annotated(load_photo(Path(path).read_bytes()), faces, out, class_names=self.class_names,
+                                prob_column=self.prob_column)
+        return table
 
-    def rows(self, paths, probs: np.ndarray, errors) -> pd.DataFrame:
+    def labelled(self, table: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
         positive = probs >= 0.5
-        return pd.DataFrame({
-            "image": list(paths),
-            "label": [("" if np.isnan(p) else self.class_names[int(pos)]) for p, pos in zip(probs, positive)],
-            "confidence": np.where(positive, probs, 1 - probs),
-            f"prob_{self.class_names[1].lower()}": probs,
-            "error": list(errors),
-        })
+        labels = [("" if np.isnan(p) else self.class_names[int(pos)]) for p, pos in zip(probs, positive)]
+        error = table.pop("error")
+        return table.assign(label=labels, confidence=np.where(positive, probs, 1 - probs),
+                            **{self.prob_column: probs}, error=error)
+
+
+def square_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The centre square as (x, y, w, h)."""
+    left, top, right, bottom = center_square_box(width, height)
+    return left, top, right - left, bottom - top
+
+
+def _error_row(path: str, error: str) -> dict:
+    return {"image": path, "face": -1, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan,
+            "detector_score": np.nan, "error": error}
+
+
+def write_annotated(photo: Image.Image, faces: pd.DataFrame, out: str, *, class_names: list[str],
+                    prob_column: str) -> None:
+    """A copy of `photo` with every face boxed and labelled with its class and confidence."""
+    canvas = photo.copy()
+    draw = ImageDraw.Draw(canvas)
+    line = max(2, round(max(photo.size) / 300))
+    for face in faces.itertuples():
+        draw.rectangle((face.x, face.y, face.x + face.w, face.y + face.h), outline=ANNOTATION_COLOUR, width=line)
+        p = getattr(face, prob_column)
+        draw.text((face.x + line, face.y + line), f"{class_names[int(p >= 0.5)]} {max(p, 1 - p):.0%}",
+                  fill=ANNOTATION_COLOUR, font_size=max(12, round(face.w / 6)))
+    canvas.save(out, quality=92)
 
 
 class _PredictActor:
-    """Ray Data actor: loads the run once, then predicts batches of paths."""
+    """Ray Data actor: loads the run (and its face models) once, then predicts batches of paths."""
 
-    def __init__(self, run_dir: str, threads: int):
+    def __init__(self, run_dir: str, threads: int, every_face: bool):
         torch.set_num_threads(threads)
         self.run = RunModel(run_dir)
+        self.every_face = every_face
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self.run.predict_paths(batch["image"].tolist())
+        annotate = batch["annotated"].tolist()
+        return self.run.predict_paths(batch["image"].tolist(), every_face=self.every_face,
+                                      annotate=annotate if any(annotate) else None)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; folders become their image files (sorted, recursive)."""
+    """Files as given; folders become their image files (sorted, recursive); each path once."""
     paths: list[str] = []
     for item in inputs:
         path = Path(item)
@@ -101,20 +160,44 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             paths.append(str(path))  # a missing file is reported per file, like a corrupt one
     if not paths:
         raise FileNotFoundError(f"no images found in {', '.join(inputs)}")
-    return paths
+    return list(dict.fromkeys(paths))
 
 
-def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64) -> pd.DataFrame:
+def annotated_names(paths: list[str], folder: str) -> list[str]:
+    """A distinct output file in `folder` per input path: its name, numbered where names repeat."""
+    names, seen = [], {}
+    for path in paths:
+        name = Path(path).name
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        if count:
+            name = f"{Path(name).stem}-{count}{Path(name).suffix}"
+        names.append(str(Path(folder) / name))
+    return names
+
+
+def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face: bool = True,
+            annotate_dir: str | None = None) -> pd.DataFrame:
     run = RunModel(run_dir)  # a bad run folder fails before anything else happens
     paths = expand_inputs(inputs)
+    annotate = None
+    if annotate_dir:
+        Path(annotate_dir).mkdir(parents=True, exist_ok=True)
+        annotate = annotated_names(paths, str(Path(annotate_dir).absolute()))
     if len(paths) < RAY_THRESHOLD:
-        return pd.concat([run.predict_paths(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)], ignore_index=True)
+        return pd.concat([run.predict_paths(paths[i : i + batch_size], every_face=every_face,
+                                            annotate=annotate[i : i + batch_size] if annotate else None)
+                          for i in range(0, len(paths), batch_size)], ignore_index=True)
     ensure_ray()
-    require_shared(reads=[run_dir, *inputs])
+    require_shared(reads=[run_dir, *inputs], writes=[annotate_dir] if annotate_dir else [])
     actors = max(1, min(compute_parallelism(), len(paths) // batch_size))
-    dataset = ray.data.from_pandas(pd.DataFrame({"image": paths})).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
+    table = pd.DataFrame({"image": paths, "annotated": annotate or [""] * len(paths)})
+    dataset = ray.data.from_pandas(table).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
     predictions = dataset.map_batches(
-        _PredictActor, fn_constructor_args=(object_store.absolute(run_dir), max(1, compute_parallelism() // actors)),
+        _PredictActor, fn_constructor_args=(object_store.absolute(run_dir), max(1, compute_parallelism() // actors), every_face),
         batch_format="pandas", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
-    return predictions.to_pandas().set_index("image").loc[paths].reset_index()
+    result = predictions.to_pandas()
+    order = {path: i for i, path in enumerate(paths)}
+    return result.sort_values(["image", "face"], key=lambda col: col.map(order) if col.name == "image" else col,
+                              ignore_index=True)

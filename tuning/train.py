@@ -151,6 +151,8 @@ def write_run_outputs(
             "model": state["model"], "model_name": config.model, "image_size": state["image_size"],
             "prep_image_size": prepared.image_size, "mean": list(spec.mean), "std": list(spec.std),
             "class_names": prepared.class_names, "epoch": best["epoch"], "val_acc": best["val_acc"],
+            # How prep framed the faces (data_prep.faces.AlignSettings): predict reproduces it.
+            "alignment": prepared.alignment,
         },
         out / run_layout.MODEL,
     )

@@ -7,7 +7,8 @@ from typing import Literal
 
 from cluster.config import ConfigError, StageConfig
 
-AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop")
+AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop", "zoom", "translate",
+                 "random_border")
 
 
 @dataclasses.dataclass
@@ -46,6 +47,10 @@ class TrainConfig(StageConfig):
     color_jitter: float = 0.2
     random_erasing: float = 0.1
     random_resized_crop: float = 0.25
+    # Framing that alignment leaves open: zoom both ways, shifts, and borders like tight crops have.
+    zoom: float = 0.2
+    translate: float = 0.05
+    random_border: float = 0.3
     val_fraction: float = 0.1  # carved from train (by identity when known) if prep made no val split
     seed: int = 0
     max_failures: int = 1  # worker failures tolerated; each resumes from the latest checkpoint
