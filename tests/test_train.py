@@ -33,7 +33,7 @@ def train_config(prepared, out, **overrides):
     # Flips only: stronger augmentation needs more epochs than a test can afford to show learning.
     values = {"data": str(prepared), "out": str(out), "model": "resnet18", "epochs": EPOCHS, "batch_size": 16,
               "lr": 1e-3, "workers": 2, "rotation": 0.0, "color_jitter": 0.0, "random_erasing": 0.0,
-              "random_resized_crop": 0.0, **overrides}
+              "random_resized_crop": 0.0, "zoom": 0.0, "translate": 0.0, "random_border": 0.0, **overrides}
     return TrainConfig.from_dict(values)
 
 

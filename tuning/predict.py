@@ -130,8 +130,12 @@ def write_annotated(photo: Image.Image, faces: pd.DataFrame, out: str, *, class_
     for face in faces.itertuples():
         draw.rectangle((face.x, face.y, face.x + face.w, face.y + face.h), outline=ANNOTATION_COLOUR, width=line)
         p = getattr(face, prob_column)
-        draw.text((face.x + line, face.y + line), f"{class_names[int(p >= 0.5)]} {max(p, 1 - p):.0%}",
-                  fill=ANNOTATION_COLOUR, font_size=max(12, round(face.w / 6)))
+        text, size = f"{class_names[int(p >= 0.5)]} {max(p, 1 - p):.0%}", max(12, round(face.w / 5))
+        # Above the box on a dark band, so it stays readable on any photo and hides no face.
+        _, _, right, bottom = draw.textbbox((0, 0), text, font_size=size)
+        band = (face.x, max(0, face.y - bottom - 2 * line))  # ends a line above the box's outline
+        draw.rectangle((band[0], band[1], band[0] + right + 2 * line, band[1] + bottom + line), fill=(0, 0, 0))
+        draw.text((band[0] + line, band[1]), text, fill=ANNOTATION_COLOUR, font_size=size)
     canvas.save(out, quality=92)
 
 
