@@ -27,8 +27,10 @@ import pandas as pd
 
 from cluster.runtime import compute_parallelism
 from data_prep.config import PrepConfig
+from data_prep.faces import AlignSettings
 from data_prep.labels import read_labels
-from data_prep.pipeline import decode_chunk, decode_images, decode_one, discover_inputs, list_images, match_labels, run_prep
+from data_prep.pipeline import (SHARD_SCHEMA, decode_chunk, decode_images, decode_one, discover_inputs, list_images,
+                                match_labels, run_prep)
 
 from benchlib import REPO, format_table, machine_info, private_ray, ratio_line, write_json
 
@@ -58,15 +60,14 @@ def labelled_images(data: Path, labels: str | None, limit: int) -> tuple[pd.Data
 
 
 def chunk_rows(images: pd.DataFrame) -> dict[str, list]:
-    return {name: images[name].tolist() for name in ("image_id", "label", "identity", "hash", "path", "split")}
+    """`images` as the rows of one decode_chunk call, the columns decode_images hands each task."""
+    return {name: images[name].tolist() for name in [*SHARD_SCHEMA.names[:-1], "path", "split"]}
 
 
 class AlignActor:
     """Ray Data actor: prep's per-image function, with the face models this process loads once."""
 
     def __init__(self, image_size: int, align: dict):
-        from data_prep.faces import AlignSettings
-
         self.image_size, self.align = image_size, AlignSettings.from_dict(align)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -84,9 +85,13 @@ def ray_data_pass(images: pd.DataFrame, out: Path, *, image_size: int, align: di
 
 
 def timed(fn, *args, **kwargs) -> float:
+    return timed_result(fn, *args, **kwargs)[0]
+
+
+def timed_result(fn, *args, **kwargs) -> tuple[float, object]:
     started = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - started
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - started, result
 
 
 def main() -> None:
@@ -109,16 +114,17 @@ def main() -> None:
                           parallelism=parallelism, align=align, log=lambda *_: None)
             actors = timed(ray_data_pass, images, scratch / "data", image_size=args.image_size, align=align.to_dict(),
                            actors=parallelism)
-            stage = {}
-            for mode in ("faces", "none"):
+            stage, stage_images = {}, 0
+            for mode in ("faces", "none"):  # the whole --data folder: run_prep has no --limit
                 config = PrepConfig.from_dict({"data": args.data, "labels": label_path, "out": str(scratch / f"prep-{mode}"),
                                                "image_size": args.image_size, "align": mode, "split": "random"})
-                stage[mode] = timed(run_prep, config, log=lambda *_: None)
+                stage[mode], manifest = timed_result(run_prep, config, log=lambda *_: None)
+                stage_images = manifest["images_found"]
         n = len(images)
         rows = [("one process", one, n / one, 1.0), ("Ray tasks (prep)", tasks, n / tasks, one / tasks),
                 ("Ray Data actor pool", actors, n / actors, one / actors),
-                ("prep --align faces", stage["faces"], n / stage["faces"], float("nan")),
-                ("prep --align none", stage["none"], n / stage["none"], float("nan"))]
+                ("prep --align faces", stage["faces"], stage_images / stage["faces"], float("nan")),
+                ("prep --align none", stage["none"], stage_images / stage["none"], float("nan"))]
         print(f"{n} images from {args.data}, {args.image_size} px chips, {parallelism} parallel; "
               f"Ray start-up {ray_start_s:.1f} s (not counted)")
         print(format_table(["pass", "seconds", "img/s", "speed-up"], rows))

@@ -192,11 +192,9 @@ class FaceFinder:
     def __init__(self, detector: Detector = "hog"):
         import dlib  # imported here: only processes that align faces pay for it
 
-        self.detector = detector
         self._hog = dlib.get_frontal_face_detector()
         self._cnn = dlib.cnn_face_detection_model_v1(str(model_file(CNN_DETECTOR_MODEL))) if detector == "hog+cnn" else None
         self._landmarks = dlib.shape_predictor(str(model_file(LANDMARK_MODEL)))
-        self._rectangle = dlib.rectangle
 
     def find(self, image: Image.Image, *, max_side: int, min_score: float) -> list[Face]:
         """Every face in the RGB `image` whose HOG score reaches `min_score`, largest first."""
@@ -208,14 +206,14 @@ class FaceFinder:
         found = [(box, float(score), "hog") for box, score in zip(boxes, scores)]
         if not found and self._cnn is not None:
             found = [(hit.rect, float(hit.confidence), "cnn") for hit in self._cnn(pixels, 0)]
+        # Scale by the exact per-axis ratio the resize used, so landmarks land on the full photo.
+        ratio = np.array([image.width / small.width, image.height / small.height])
         faces = []
         for box, score, detector in found:
             parts = np.array([(p.x, p.y) for p in self._landmarks(pixels, box).parts()], float)
-            # Scale by the exact per-axis ratio the resize used, so landmarks land on the full photo.
-            ratio = np.array([image.width / small.width, image.height / small.height])
             corner = np.array([box.left(), box.top()]) * ratio
             size = np.array([box.width(), box.height()]) * ratio
-            faces.append(Face(box=(*corner.tolist(), *size.tolist()), landmarks=(five_points(parts)) * ratio,
+            faces.append(Face(box=(*corner.tolist(), *size.tolist()), landmarks=five_points(parts) * ratio,
                               score=score, detector=detector))
         return sorted(faces, key=lambda f: -f.area)
 

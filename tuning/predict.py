@@ -94,6 +94,7 @@ class RunModel:
         if chips:
             probs[(table["error"] == "").to_numpy()] = self.prob_positive(np.stack(chips))
         table = self.labelled(table, probs)
+        # Annotation decodes each photo again rather than keeping a batch of full-size photos in memory.
         for path, out in zip(paths, annotate or []):
             rows_of_image = table[table["image"] == path]
             if out and rows_of_image["error"].isin(["", NO_FACE]).all():  # a readable photo
