@@ -117,7 +117,7 @@ def _augment(text: str) -> dict[str, float]:
 
 TRAIN_FLAGS = ["data", "out", "model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
                "warmup_epochs", "label_smoothing", "grad_clip", "image_size", "workers", "cpus_per_worker", "placement_strategy", "gpu",
-               "precision", "pretrained", "weights", "seed", "max_failures", "val_fraction"]
+               "precision", "pretrained", "weights", "seed", "max_failures", "val_fraction", "eval_sets"]
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -150,8 +150,23 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", dest="val_fraction", type=float,
                         help="share of train carved out for validation when prep made no val split (default 0.1)")
     parser.add_argument("--max-failures", dest="max_failures", type=int, help="worker failures to recover from (default 1)")
+    _add_eval_set_flag(parser, dest="eval_sets")
     parser.add_argument("--seed", type=int, help="seed (default 0)")
     parser.add_argument("--config", help="JSON/TOML config file with a [train] section")
+
+
+def _add_mlflow_flag(parser: argparse.ArgumentParser) -> None:
+    # Not a config setting: where a run is tracked must not make its resume refuse the same run.
+    parser.add_argument("--mlflow", nargs="?", const="auto", default=None, metavar="URI",
+                        help="track in MLflow: each trial's params and per-epoch metrics, per model its final metrics "
+                        "and files; URI = http://HOST:5000, sqlite:////PATH/mlflow.db, databricks; without URI: "
+                        "OUT/mlflow.db (browse with `mlflow ui --backend-store-uri sqlite:////ABS/OUT/mlflow.db`)")
+
+
+def _add_eval_set_flag(parser: argparse.ArgumentParser, *, dest: str, required: bool = False) -> None:
+    parser.add_argument("--eval-set", dest=dest, action="append", metavar="NAME=DIR", required=required,
+                        help="after training, also score on this labelled folder (a CSV with an image column, the "
+                        "attribute, and any group columns such as age or race); repeatable")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
@@ -171,14 +186,17 @@ def _add_train(sub) -> None:
                         "efficientnet_b0, convnext_tiny, vit_b_16")
     parser.add_argument("--out", help="run folder or object-store URI (s3://, gs://)")
     _add_train_flags(parser)
+    _add_mlflow_flag(parser)
     parser.set_defaults(handler=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from tuning import tracking
     from tuning.train import run_training
     from tuning.train_config import TrainConfig
 
-    run_training(TrainConfig.resolve(config_file=args.config, overrides=_train_overrides(args)))
+    config = TrainConfig.resolve(config_file=args.config, overrides=_train_overrides(args))
+    run_training(config, tracking_uri=tracking.resolve_uri(args.mlflow, config.out))
     return 0
 
 
@@ -239,8 +257,11 @@ def _add_compare(sub) -> None:
     parser.add_argument("--out", help="comparison folder or object-store URI (s3://, gs://)")
     parser.add_argument("--resume", action="store_true", default=None, help="continue an interrupted comparison in --out")
     parser.add_argument("--retrain", action="store_true", default=None, help="retrain the best configuration from scratch")
+    parser.add_argument("--ensemble-k", dest="ensemble_k", type=int,
+                        help="the ensemble row's members: the top K models (default 0 = every model within the leader's 95%% CI)")
     _add_search_flags(parser)
     _add_train_flags(parser)
+    _add_mlflow_flag(parser)
     parser.set_defaults(handler=_run_compare)
 
 
@@ -249,7 +270,8 @@ def _compare_configs(args: argparse.Namespace):
     from tuning.search import SearchConfig
     from tuning.train_config import TrainConfig
 
-    compare = CompareConfig.resolve(config_file=args.config, overrides=_overrides(args, ["data", "out", "models", "resume", "retrain"]))
+    compare = CompareConfig.resolve(config_file=args.config,
+                                    overrides=_overrides(args, ["data", "out", "models", "resume", "retrain", "ensemble_k"]))
     search = SearchConfig.resolve(config_file=args.config, overrides={**_overrides(args, SEARCH_FLAGS), "seed": args.seed})
     # The base run settings; the search overrides the sampled ones per trial. data/out are per run.
     base = TrainConfig.resolve(config_file=args.config, overrides={**_train_overrides(args), "data": compare.data, "out": compare.out})
@@ -260,16 +282,43 @@ def _run_compare(args: argparse.Namespace) -> int:
     from tuning.compare import run_compare
     from tuning.leaderboard import format_table
 
-    table = run_compare(*_compare_configs(args))
+    from tuning import tracking
+
+    compare, search, base = _compare_configs(args)
+    table = run_compare(compare, search, base, tracking_uri=tracking.resolve_uri(args.mlflow, compare.out))
     print(format_table(table))
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    parser = sub.add_parser(
+        "evaluate", help="score a trained run on labelled folders of photos (accuracy, slices, calibration)",
+        description="Score a finished `gendertune train` run (or a compare model folder) on each --eval-set with the "
+        "run's own face alignment and preprocessing; adds the results to the run's metrics.json and writes "
+        "eval_<NAME>_predictions.csv and a gallery of its most confident mistakes.",
+    )
+    parser.add_argument("--model", required=True, help="a finished run folder")
+    _add_eval_set_flag(parser, dest="eval_sets", required=True)
+    parser.add_argument("--attribute", default="Male", help="the label column in the sets' CSVs (default Male)")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from tuning.eval_sets import evaluate_run, format_scores, load_eval_set
+
+    eval_sets = [load_eval_set(spec, attribute=args.attribute) for spec in args.eval_sets]  # all checked first
+    for eval_set in eval_sets:
+        print(format_scores(eval_set.name, evaluate_run(args.model, eval_set)))
+    return 0
+
+
 def _add_leaderboard(sub) -> None:
-    parser = sub.add_parser("leaderboard", help="print a comparison's leaderboard",
-                            description="Print the leaderboard that `gendertune compare` wrote to DIR.")
+    parser = sub.add_parser("leaderboard", help="print a comparison's leaderboard, or write its report.html",
+                            description="Print the leaderboard that `gendertune compare` wrote to DIR; "
+                            "--format html writes DIR/report.html, one self-contained page.")
     parser.add_argument("dir", metavar="DIR", help="a `gendertune compare` output folder")
-    parser.add_argument("--format", choices=["table", "md", "csv", "json"], default="table", help="output format (default table)")
+    parser.add_argument("--format", choices=["table", "md", "csv", "json", "html"], default="table",
+                        help="output format (default table)")
     parser.set_defaults(handler=_run_leaderboard)
 
 
@@ -277,7 +326,12 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     from cluster import object_store
     from tuning import leaderboard
 
-    if args.format == "table":
+    if args.format == "html":
+        from tuning.report import write_report
+
+        leaderboard.read_leaderboard(args.dir)  # a clear error when there is none
+        print(f"wrote {write_report(args.dir)}")
+    elif args.format == "table":
         print(leaderboard.format_table(leaderboard.read_leaderboard(args.dir)))
     else:
         leaderboard.read_leaderboard(args.dir)  # a clear error when there is none
@@ -391,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_make_sample, _add_prep, _add_train, _add_predict, _add_compare, _add_leaderboard, _add_demo,
+    for add in (_add_make_sample, _add_prep, _add_train, _add_predict, _add_evaluate, _add_compare, _add_leaderboard, _add_demo,
                 _add_submit, _add_jobs):
         add(sub)
     return parser

@@ -6,7 +6,8 @@ Two label formats are accepted:
   single-digit values with a double space so columns line up).
 - A CSV with an image-name column and the attribute column, values 0/1 or -1/1 (the seed's
   `gender_classification.csv` is `images,Male`).
-Labels become 0/1 with the attribute's positive value (Male) = 1.
+Labels become 0/1 with the attribute's positive value (Male) = 1. The label file's other columns
+are kept as slice columns (`read_slice_columns`): the groups evaluation reports accuracy for.
 """
 
 from __future__ import annotations
@@ -152,3 +153,22 @@ def read_partition_file(path: str | Path) -> pd.Series:
 def read_identity_file(path: str | Path) -> pd.Series:
     """`image_id person_id` -> Series indexed by image_id."""
     return _read_id_value_file(Path(path), "identity")
+
+
+def read_slice_columns(path: str | Path, attribute: str, image_column: str | None = None) -> pd.DataFrame:
+    """`image_id` plus every other column of a label file, as strings: the groups a model is
+    evaluated per (CelebA's other attributes as yes/no, a CSV's own columns such as age or race).
+    Call after `read_labels` accepted the file."""
+    path = Path(path)
+    with path.open(errors="replace") as handle:
+        first = handle.readline().strip()
+    if first.isdigit():
+        table = pd.read_csv(path, sep=r"\s+", skiprows=2, header=None, dtype=str, engine="c")
+        names = pd.read_csv(path, sep=r"\s+", skiprows=1, nrows=0).columns.tolist()
+        table.columns = ["image_id", *names]
+        others = [n for n in names if n != attribute]
+        return table[["image_id", *others]].replace({"1": "yes", "-1": "no"})
+    table = pd.read_csv(path, dtype=str, skipinitialspace=True)
+    image_column = image_column or next(c for c in IMAGE_COLUMN_CANDIDATES if c in table.columns)
+    others = [c for c in table.columns if c not in (image_column, attribute)]
+    return pd.DataFrame({"image_id": table[image_column].str.strip(), **{c: table[c].str.strip() for c in others}})

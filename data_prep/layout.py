@@ -7,6 +7,8 @@
       labels.csv        image_id,label,split,identity,hash for every kept image, sorted
       duplicates.csv    kept_id,dropped_id,hash,label_conflict
       rejected.csv      image_id,path,reason
+      slices.csv        image_id plus the label file's other columns (CelebA's other attributes as
+                        yes/no, a CSV's own columns) for every kept image: evaluation's groups
       faces.csv         with --align faces: per decoded image the alignment taken (aligned,
                         centre_crop, no_face_rejected), faces found, detector and score, the
                         largest face's box (x, y, w, h) and five landmarks, in photo pixels
@@ -19,9 +21,12 @@ object-store URI (cluster.object_store); there manifest.json is the last object 
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
 
 from cluster import object_store
 from data_prep.errors import PrepInputError
@@ -32,8 +37,9 @@ LABELS = "labels.csv"
 DUPLICATES = "duplicates.csv"
 REJECTED = "rejected.csv"
 FACES = "faces.csv"
+SLICES = "slices.csv"
 CLASS_PLOT = "class_distribution.png"
-FORMAT_VERSION = 2  # 2: face alignment (manifest.alignment, faces.csv)
+FORMAT_VERSION = 3  # 2: face alignment (manifest.alignment, faces.csv); 3: slices.csv
 PARQUET_COLUMNS = ("image_id", "label", "identity", "hash", "pixels")
 
 
@@ -80,3 +86,10 @@ def open_prepared(path: str | Path) -> PreparedData:
             "re-run `gendertune prep` with this version"
         )
     return PreparedData(root=root, manifest=manifest)
+
+
+def read_slices(prepared: PreparedData) -> pd.DataFrame | None:
+    """slices.csv (image_id + group columns, as strings), or None when the labels had no other columns."""
+    table = pd.read_csv(io.BytesIO(object_store.read_bytes(object_store.join(prepared.root, SLICES))),
+                        dtype=str, keep_default_na=False, na_values=[""])
+    return table if len(table.columns) > 1 else None

@@ -43,7 +43,7 @@ from data_prep.dedupe import find_duplicates
 from data_prep.errors import PrepInputError
 from data_prep.faces import AlignSettings, Face, FaceFinder, face_chips
 from data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
-from data_prep.labels import read_identity_file, read_labels, read_partition_file
+from data_prep.labels import read_identity_file, read_labels, read_partition_file, read_slice_columns
 from data_prep.splits import assign_splits
 from tuning.plots import plot_class_distribution
 
@@ -503,6 +503,8 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
 
         manifest = build_manifest(config, inputs, counts, kept, duplicates, len(rejected), faces)
         kept[["image_id", "label", "split", "identity", "hash"]].to_csv(out / layout.LABELS, index=False)
+        slices = read_slice_columns(inputs.label_path, config.attribute, config.image_column)
+        kept[["image_id"]].merge(slices, on="image_id", how="left").to_csv(out / layout.SLICES, index=False)
         duplicates.to_csv(out / layout.DUPLICATES, index=False)
         rejected.to_csv(out / layout.REJECTED, index=False)
         if config.align == "faces":

@@ -90,6 +90,32 @@ def prep_sample(sample, out, **settings):
 
 
 @pytest.fixture(scope="session")
+def eval_set_folder(tmp_path_factory):
+    """A labelled folder the way users bring one (tuning.eval_sets): images/ and labels.csv with
+    image_id, Male and two group columns (a numeric age, a category), drawn from another SYNTHETIC
+    sample (so other people than the training sample's), its one corrupt image included."""
+    import numpy as np
+    import pandas as pd
+
+    from data_prep.synthetic import make_sample
+
+    source = make_sample(tmp_path_factory.mktemp("eval-source") / "celeba", n=80, seed=7)
+    folder = tmp_path_factory.mktemp("eval-set") / "faces"
+    (folder / "images").mkdir(parents=True)
+    attributes = pd.read_csv(source.path / "list_attr_celeba.txt", sep=r"\s+", skiprows=1)
+    rng = np.random.default_rng(7)
+    rows = []
+    images = [i for i in sorted((source.path / "img_align_celeba").iterdir()) if i.name not in source.corrupt_ids][:59]
+    images += [source.path / "img_align_celeba" / name for name in source.corrupt_ids]  # one
+    for image in images:
+        shutil.copy(image, folder / "images" / image.name)
+        rows.append({"image_id": image.name, "Male": int(attributes.loc[image.name, "Male"] == 1),
+                     "age": int(rng.integers(18, 80)), "group": "ab"[len(rows) % 2]})
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def s3_bucket():
     """A bucket on a local moto S3 server at AWS_ENDPOINT_URL; yields its s3:// URI."""
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",

@@ -186,7 +186,7 @@ def test_mcnemar_identical_classifiers():
         ([0, 1, 1], [0.2, 0.8], "length mismatch"),
         ([0, 1], [0.2, 1.2], r"\[0, 1\]"),
         ([0, 1], [-0.1, 0.5], r"\[0, 1\]"),
-        ([0, 1], [float("nan"), 0.5], r"\[0, 1\]"),
+        ([0, 1], [float("inf"), 0.5], r"\[0, 1\]"),  # NaN is allowed: an image without a prediction
         ([0, 2], [0.2, 0.8], "only 0/1"),
         (["F", "M"], [0.2, 0.8], "only 0/1"),
         ([], [], "empty"),

@@ -72,6 +72,18 @@ def test_split_shards_match_manifest_and_labels(random_prep):
     assert not list(out.parent.glob(".*partial*"))
 
 
+def test_the_other_attributes_become_slices_of_every_kept_image(random_prep, synthetic_sample):
+    out, _ = random_prep
+    slices = pd.read_csv(out / layout.SLICES, dtype=str)
+    labels = pd.read_csv(out / layout.LABELS, dtype={"image_id": str})
+    assert slices["image_id"].tolist() == labels["image_id"].tolist()
+    assert len(slices.columns) == 1 + 39 and "Male" not in slices.columns  # CelebA's other 39 attributes
+    assert set(slices["Eyeglasses"]) <= {"yes", "no"}
+    raw = pd.read_csv(synthetic_sample.path / "list_attr_celeba.txt", sep=r"\s+", skiprows=1)
+    first = slices.iloc[0]
+    assert first["Young"] == ("yes" if raw.loc[first["image_id"], "Young"] == 1 else "no")
+
+
 def test_rerun_gives_identical_splits_and_manifest(random_prep, synthetic_sample, tmp_path):
     out, manifest = random_prep
     again = prep(synthetic_sample, tmp_path / "again")
@@ -101,6 +113,7 @@ def test_csv_labels_with_a_plain_image_folder_via_cli(ray_session, synthetic_sam
     assert code == 0
     manifest = json.loads((out / layout.MANIFEST).read_text())
     assert manifest["unlabeled_images"] == 5
+    assert list(pd.read_csv(out / layout.SLICES).columns) == ["image_id"]  # images,Male: no other columns
     assert "kept" in capsys.readouterr().out
     # A second run into the same folder is refused unless --overwrite, which then replaces it.
     assert main(["prep", "--data", str(folder), "--labels", str(tmp_path / "gender_classification.csv"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,13 +10,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from ray.tune.search.optuna import OptunaSearch
 
 from cluster.cli import main
 from conftest import prep_sample
-from tuning import leaderboard, run_layout
+from tuning import leaderboard, run_layout, tracking
 from tuning.compare import CompareConfig, run_compare
 from tuning.search import SearchConfig
 from tuning.search_space import param_space
@@ -39,17 +41,22 @@ def test_same_seed_gives_the_same_optuna_suggestions():
     assert suggestions(3) != suggestions(4)
 
 
-@pytest.fixture(scope="module")
-def comparison(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare") / "cmp"
+def compare_configs(prepared, out, **train):
     # vit_b_16 cannot run at 40 px (not a multiple of its 16 px patches): it must become an error row.
-    table = run_compare(
-        CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18", "vit_b_16", "googlenet"]}),
+    return (
+        CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18", "vit_b_16", "googlenet"],
+                                 "ensemble_k": 2}),
         # One trial at a time, so the second trial of each model can reuse the first one's actor.
         SearchConfig.from_dict({"trials": 2, "max_concurrent": 1}),
-        TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 1, "image_size": 40}),
-        log=lambda *_: None,
+        TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 1, "image_size": 40, **train}),
     )
+
+
+@pytest.fixture(scope="module")
+def comparison(prepared, eval_set_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    table = run_compare(*compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}"]),
+                        tracking_uri=tracking.resolve_uri("auto", str(out)), log=lambda *_: None)
     return out, table
 
 
@@ -63,11 +70,16 @@ def test_in_process_trials_reuse_one_actor(comparison):
 def test_leaderboard_files_columns_and_ranks(comparison):
     out, table = comparison
     for name in (leaderboard.CSV, leaderboard.JSON, leaderboard.MD, "accuracy_ci.png", "confusion_matrices.png",
-                 "accuracy_per_epoch.png", "accuracy_vs_speed.png", "config.json"):
+                 "accuracy_per_epoch.png", "accuracy_vs_speed.png", "config.json", "eval_faces_accuracy_ci.png",
+                 "reliability.png", "slice_accuracy.png"):
         assert (out / name).stat().st_size > 0, name
     written = leaderboard.read_leaderboard(out)
-    assert list(written.columns) == leaderboard.COLUMNS
-    ok = written[written["status"] == "ok"]
+    columns = list(written.columns)
+    assert columns[:len(leaderboard.COLUMNS)] == leaderboard.COLUMNS and columns[-3:] == leaderboard.LAST_COLUMNS
+    for column in ("recall_Female", "recall_Male", "acc_faces", "acc_faces_ci95_low", "acc_faces_ci95_high",
+                   "mcnemar_p_vs_leader_faces", "worst_slice_faces", "class_recall_gap_faces"):
+        assert column in columns, column
+    ok = written[(written["status"] == "ok") & (written["kind"] == "model")]
     assert ok["model"].tolist() and set(ok["model"]) == {"resnet18", "googlenet"}
     assert ok["rank"].tolist() == [1, 2]
     assert ok["accuracy"].is_monotonic_decreasing
@@ -76,7 +88,7 @@ def test_leaderboard_files_columns_and_ranks(comparison):
     second = ok.iloc[1]
     assert 0 <= second["mcnemar_p_vs_leader"] <= 1 and second["mcnemar_b"] >= 0
     assert json.loads(ok.iloc[0]["best_params"])["lr"] > 0
-    assert len(json.loads((out / leaderboard.JSON).read_text())) == 3
+    assert len(json.loads((out / leaderboard.JSON).read_text())) == 4  # two models, the ensemble, the error row
 
 
 def test_a_failing_model_becomes_an_error_row(comparison):
@@ -84,6 +96,76 @@ def test_a_failing_model_becomes_an_error_row(comparison):
     row = table[table["model"] == "vit_b_16"].iloc[0]
     assert row["status"] == "error" and "multiple of 16" in row["error"]
     assert pd.isna(row["rank"]) and table.iloc[-1]["model"] == "vit_b_16"
+
+
+def test_every_model_is_scored_on_the_eval_set_with_slices_and_calibration(comparison, eval_set_folder):
+    out, table = comparison
+    for model in ("resnet18", "googlenet"):
+        run_dir = out / "models" / model
+        metrics = run_layout.read_metrics(run_dir)
+        scores = metrics["eval_sets"]["faces"]
+        assert scores["n"] == 60 and scores["no_prediction"] == 1  # the corrupt image: counted, and wrong
+        predictions = pd.read_csv(run_dir / run_layout.eval_predictions("faces"))
+        assert len(predictions) == 60 and predictions["prob_positive"].isna().sum() == 1
+        row = table[table["model"] == model].iloc[0]
+        assert row["acc_faces"] == scores["accuracy"] and row["acc_faces_ci95_low"] <= row["acc_faces"]
+        columns = {s["column"] for s in metrics["slices"]["faces"]["slices"]}
+        assert columns == {"age", "group"}  # the CSV's own columns; the synthetic prep's attributes slice the test split
+        assert {s["column"] for s in metrics["slices"]["test"]["slices"]} >= {"Eyeglasses", "Young"}
+        assert "Male" not in {s["column"] for s in metrics["slices"]["test"]["slices"]}
+        assert metrics["temperature"] > 0 and row["ece_calibrated"] == metrics["ece_calibrated"]
+        test = pd.read_csv(run_dir / run_layout.PREDICTIONS)
+        assert np.allclose(test["prob_positive"], 1 / (1 + np.exp(-test["margin"] / metrics["temperature"])))
+        for name in ("mistakes_test.png", "mistakes_faces.png"):
+            assert (run_dir / name).stat().st_size > 0, name
+
+
+def test_ensemble_row_is_the_mean_of_its_members(comparison):
+    out, table = comparison
+    row = table[table["kind"] == "ensemble"].iloc[0]
+    assert pd.isna(row["rank"]) and set(row["members"].split("+")) == {"resnet18", "googlenet"}
+    assert 0 <= row["mcnemar_p_vs_leader"] <= 1
+    members = table[table["model"].isin(["resnet18", "googlenet"])]
+    assert row["params"] == members["params"].sum()
+    assert row["inference_images_per_s"] < members["inference_images_per_s"].min()
+    for file, key in ((run_layout.PREDICTIONS, "image_id"), (run_layout.eval_predictions("faces"), "path")):
+        probs = [pd.read_csv(out / "models" / m / file, dtype={key: str}).set_index(key)["prob_positive"]
+                 for m in ("resnet18", "googlenet")]
+        ensemble = pd.read_csv(out / "ensemble" / file, dtype={key: str}).set_index(key)["prob_positive"]
+        assert np.allclose(ensemble, ((probs[0] + probs[1]) / 2).loc[ensemble.index], equal_nan=True)
+
+
+def test_mlflow_holds_every_trial_and_every_model(comparison):
+    from mlflow.tracking import MlflowClient
+
+    out, table = comparison
+    client = MlflowClient(tracking.resolve_uri("auto", str(out)))
+    experiment = client.get_experiment_by_name(tracking.COMPARE_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("gendertune.kind") == "trial"]
+    assert {r.data.tags["gendertune.model"] for r in trials} >= {"resnet18", "googlenet"}
+    resnet_trials = [r for r in trials if r.data.tags["gendertune.model"] == "resnet18"]
+    assert len(resnet_trials) == 2 and all("lr" in r.data.params for r in resnet_trials)
+    assert len(client.get_metric_history(resnet_trials[0].info.run_id, "val_acc")) == 1  # one epoch each
+    models = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("gendertune.kind") != "trial"}
+    assert set(models) == {"resnet18", "googlenet", "ensemble", "vit_b_16"}
+    assert models["vit_b_16"].info.status == "FAILED"
+    resnet = models["resnet18"]
+    assert resnet.data.metrics["accuracy"] == table.loc[table["model"] == "resnet18", "accuracy"].iloc[0]
+    assert "acc_faces" not in resnet.data.metrics and "eval_sets_faces_accuracy" in resnet.data.metrics
+    files = {f.path for f in client.list_artifacts(resnet.info.run_id)}
+    assert {"model.pt", "metrics.json", "leaderboard.csv", "report.html", "mistakes_faces.png"} <= files
+
+
+def test_resume_scores_an_added_eval_set_without_searching_again(comparison, prepared, eval_set_folder):
+    out, _ = comparison
+    trials_before = sorted(p.name for p in (out / "searches" / "resnet18" / "search").iterdir())
+    compare, search, base = compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}", f"again={eval_set_folder}"])
+    table = run_compare(dataclasses.replace(compare, resume=True), search, base, log=lambda *_: None)
+    assert sorted(p.name for p in (out / "searches" / "resnet18" / "search").iterdir()) == trials_before
+    ok = table[table["status"] == "ok"]
+    assert ok["acc_again"].tolist() == ok["acc_faces"].tolist()  # the same folder, the same scores
+    assert set(run_layout.read_metrics(out / "models" / "googlenet")["eval_sets"]) == {"faces", "again"}
 
 
 def test_best_runs_work_with_predict_and_leaderboard_cli(comparison, synthetic_sample, capsys):

@@ -38,12 +38,12 @@ def train_config(prepared, out, **overrides):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(prepared, tmp_path_factory):
+def ddp_run(prepared, eval_set_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "resnet18"
     # Worker rank 0 dies at the start of epoch 2 and max_failures=0 lets the whole run fail. Running
     # the same command again (same --out) must resume from epoch 2's checkpoint, as after a crash.
     # (Recovery inside one run, max_failures >= 1, is tested by killing a node in test_cluster.)
-    config = train_config(prepared, out, inject_failure_at_epoch=2, max_failures=0)
+    config = train_config(prepared, out, inject_failure_at_epoch=2, max_failures=0, eval_sets=[f"faces={eval_set_folder}"])
     with pytest.raises(RunFailed, match="re-run the same command to resume"):
         run_training(config, log=lambda *_: None)
     assert not run_layout.is_complete(out)
@@ -63,6 +63,19 @@ def test_two_worker_ddp_run_learns(ddp_run):
     for name in (run_layout.CONFIG, run_layout.MODEL, run_layout.HISTORY, run_layout.PREDICTIONS,
                  "accuracy_per_epoch.png", "loss_per_epoch.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_run_is_scored_on_its_eval_set_and_evaluate_adds_another(ddp_run, eval_set_folder, capsys):
+    out, metrics = ddp_run
+    scores = metrics["eval_sets"]["faces"]
+    assert scores["n"] == 60 and scores["no_prediction"] == 1 and 0 <= scores["accuracy"] <= 1
+    assert {"macro_f1", "roc_auc", "ece", "ece_calibrated", "per_class", "accuracy_ci95"} <= set(scores)
+    assert metrics["slices"]["faces"]["worst_slice"].split("=")[0] in {"age", "group"}
+    assert main(["evaluate", "--model", str(out), "--eval-set", f"again={eval_set_folder}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"again: 60 images, accuracy {scores['accuracy']:.4f}" in printed and "worst slice" in printed
+    assert set(run_layout.read_metrics(out)["eval_sets"]) == {"faces", "again"}
+    assert main(["evaluate", "--model", str(out), "--eval-set", f"bad={eval_set_folder / 'nowhere'}"]) == 2
 
 
 def test_rerun_of_a_failed_run_resumes_from_the_latest_checkpoint(ddp_run):

@@ -2,8 +2,10 @@
 
     OUT/config.json              the resolved compare, search and train settings
     OUT/searches/<model>/        Ray Tune state (resume reads it)
-    OUT/models/<model>/          the best run in tuning.run_layout form (`gendertune predict` works on it)
-    OUT/leaderboard.{csv,json,md} and its figures (tuning.leaderboard)
+    OUT/models/<model>/          the best run in tuning.run_layout form (`gendertune predict` works on it),
+                                 scored on every --eval-set too (tuning.eval_sets)
+    OUT/ensemble/                the ensemble of the best models (tuning.ensemble)
+    OUT/leaderboard.{csv,json,md} and its figures (tuning.leaderboard), then report.html
 OUT may be an object-store URI (cluster.object_store): Tune writes there itself, the rest is
 uploaded when the comparison ends, the leaderboard last.
 A model that fails becomes an error row; the others still finish. With resume, a model whose run
@@ -19,18 +21,18 @@ import traceback
 from pathlib import Path
 
 import pandas as pd
-import ray
 
 from cluster.config import ConfigError, StageConfig
 from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import ensure_ray
 from cluster.shared_storage import require_shared
 from cluster.storage import write_text_atomic
-from data_prep.layout import PreparedData, open_prepared
+from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import get_spec
-from tuning import leaderboard, run_layout
+from tuning import ensemble, leaderboard, report, run_layout, tracking
+from tuning.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
 from tuning.search import SearchConfig, describe_params, run_search
-from tuning.train import evaluate_held_out, train_into, write_run_outputs
+from tuning.train import held_out_predictions, train_into, write_run_outputs
 from tuning.train_config import TrainConfig
 
 SEED_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
@@ -45,6 +47,7 @@ class CompareConfig(StageConfig):
     models: tuple[str, ...] = SEED_MODELS
     retrain: bool = False  # retrain the best configuration from scratch instead of keeping its checkpoint
     resume: bool = False
+    ensemble_k: int = 0  # the ensemble's members: the top k models; 0 = those within the leader's 95% CI
 
     def validate(self) -> None:
         if not self.data or not self.out:
@@ -55,6 +58,8 @@ class CompareConfig(StageConfig):
             get_spec(model)  # ValueError listing the known models
         if len(set(self.models)) != len(self.models):
             raise ConfigError(f"compare.models: {', '.join(self.models)} names a model twice")
+        if self.ensemble_k < 0 or self.ensemble_k == 1:
+            raise ConfigError(f"compare.ensemble_k: 0 (the models within the leader's CI) or at least 2, got {self.ensemble_k}")
 
 
 def _settings_json(compare: CompareConfig, search: SearchConfig, base: TrainConfig) -> str:
@@ -63,46 +68,58 @@ def _settings_json(compare: CompareConfig, search: SearchConfig, base: TrainConf
 
 
 def compare_one(model: str, location: OutputLocation, compare: CompareConfig, search: SearchConfig, base: TrainConfig,
-                log=print) -> dict:
-    """Search, then evaluate the winner once on test; returns its leaderboard row (its run_dir is
-    the local folder; compare_into swaps in the storage location before writing)."""
+                eval_sets: list[EvalSet], *, tracking_uri: str | None = None, log=print) -> dict:
+    """Search, then evaluate the winner once on test and on every eval set; returns its leaderboard
+    row (its run_dir is the local folder; compare_into swaps in the storage location before writing)."""
     run_dir = location.local / "models" / model
     if compare.resume and run_layout.is_complete(run_dir):
         log(f"[compare] {model}: already finished, reusing {location.storage_path('models', model)}")
-        summary = json.loads((run_dir / "search_summary.json").read_text())
-        return leaderboard.model_row(model, run_layout.read_metrics(run_dir), run_dir=str(run_dir), **summary)
+    else:
+        search_and_evaluate(model, run_dir, location, compare, search, base, tracking_uri=tracking_uri, log=log)
+    for eval_set in missing_sets(run_dir, eval_sets):  # on resume, only sets added since
+        scores = evaluate_run(run_dir, eval_set, seed=base.seed)
+        log(f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
+            f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})")
+    summary = json.loads((run_dir / "search_summary.json").read_text())
+    return leaderboard.model_row(model, run_layout.read_metrics(run_dir), run_dir=str(run_dir), **summary)
+
+
+def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, compare: CompareConfig,
+                        search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None, log=print) -> None:
     started = time.perf_counter()
     prepared = open_prepared(compare.data)
     outcome = run_search(model, base, search, prepared, location.storage_path("searches", model),
-                         resume=compare.resume, log=log)
+                         resume=compare.resume, log=log,
+                         callbacks=tracking.tune_callbacks(tracking_uri, tracking.COMPARE_EXPERIMENT, tags={
+                             "gendertune.model": model, "gendertune.out": location.storage}))
     summary = {"trials_run": outcome.trials_run, "trials_pruned": outcome.trials_pruned,
                "best_params": describe_params(outcome.best_params)}
     log(f"[compare] {model}: best val acc {outcome.best_metrics['val_acc']:.4f} with {summary['best_params']}")
     config = dataclasses.replace(outcome.best_config, out=location.storage_path("models", model), data=prepared.root)
+    # The summary first: metrics.json, written last by either path, marks the model finished.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "search_summary.json", json.dumps(summary) + "\n")
     if compare.retrain:
-        metrics = train_into(OutputLocation(local=run_dir, storage=config.out), config, log=log)
+        train_into(OutputLocation(local=run_dir, storage=config.out), config, log=log)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / run_layout.CONFIG, config.to_json())
         state = {**outcome.best_state, "history": outcome.history.to_dict("records")}
-        task = ray.remote(evaluate_held_out).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.gpu else 0)
-        held_out = ray.get(task.remote(state, config.to_dict(), prepared.root, "test"))
-        metrics = write_run_outputs(run_dir, config, prepared, state, outcome.best_metrics, held_out, "test",
-                                    time.perf_counter() - started)
-    write_text_atomic(run_dir / "search_summary.json", json.dumps(summary) + "\n")
-    return leaderboard.model_row(model, metrics, run_dir=str(run_dir), **summary)
+        held_out = held_out_predictions(state, config, prepared)
+        write_run_outputs(run_dir, config, prepared, state, outcome.best_metrics, held_out, time.perf_counter() - started)
 
 
-def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig, *, log=print) -> pd.DataFrame:
+def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None,
+                log=print) -> pd.DataFrame:
     prepared = open_prepared(compare.data)
     if "test" not in prepared.splits:
         raise ConfigError(f"{compare.data} has no test split; prep with 2 or 3 --ratios (or an official partition with test images)")
+    eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in base.eval_sets]
     with output_location(compare.out, ray_dirs=frozenset({"searches", run_layout.RAY_RUN_NAME})) as location:
-        return compare_into(location, prepared, compare, search, base, log=log)
+        return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri, log=log)
 
 
 def compare_into(location: OutputLocation, prepared: PreparedData, compare: CompareConfig, search: SearchConfig,
-                 base: TrainConfig, *, log=print) -> pd.DataFrame:
+                 base: TrainConfig, eval_sets: list[EvalSet], *, tracking_uri: str | None = None, log=print) -> pd.DataFrame:
     out = location.local
     if (out / leaderboard.CSV).exists() and not compare.resume:
         raise FileExistsError(f"{location.storage} already holds a leaderboard; choose another --out or pass --resume")
@@ -110,23 +127,62 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
     require_shared(reads=[prepared.root], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", _settings_json(compare, search, base))
+    if tracking_uri:
+        tracking.ensure_experiment(tracking_uri, tracking.COMPARE_EXPERIMENT)  # an unreachable server fails now
     rows = []
     for model in compare.models:
         try:
-            rows.append(compare_one(model, location, compare, search, base, log=log))
+            rows.append(compare_one(model, location, compare, search, base, eval_sets, tracking_uri=tracking_uri, log=log))
         except Exception as err:  # one model's failure (e.g. out of memory) must not sink the others
             error_log = out / "models" / model / "error.log"
             write_text_atomic(error_log, traceback.format_exc())
             log(f"[compare] {model} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
                 f"(traceback in {location.storage_path('models', model, 'error.log')})")
             rows.append(leaderboard.error_row(model, err))
-    table = leaderboard.rank_rows(rows)
-    histories, confusion = {}, {}
+    names = [s.name for s in eval_sets]
+    ranked = leaderboard.rank_rows(rows, eval_sets=names)
+    members = ensemble.choose_members(ranked, compare.ensemble_k)
+    ensemble_row = None
+    if members:
+        scores = ensemble.write_ensemble(
+            out, ranked[ranked["model"].isin(members)], class_names=prepared.class_names, eval_sets=names,
+            test_groups=read_slices(prepared), seed=base.seed,
+            eval_groups={s.name: s.table[["path", *s.slice_columns]] for s in eval_sets if s.slice_columns})
+        ensemble_row = leaderboard.ensemble_row(scores, run_dir=str(out / ensemble.FOLDER))
+        log(f"[compare] ensemble of {', '.join(members)}: test accuracy {scores['accuracy']:.4f}")
+    table = leaderboard.rank_rows(rows, eval_sets=names, ensemble=ensemble_row)
+    histories, confusion, slices, calibration = {}, {}, {}, {}
     for row in table[table["status"] == "ok"].itertuples():
-        histories[row.model] = pd.read_csv(Path(row.run_dir) / run_layout.HISTORY)
-        confusion[row.model] = run_layout.read_metrics(row.run_dir)["confusion_matrix"]
+        metrics = run_layout.read_metrics(row.run_dir)
+        slices[row.model] = metrics.get("slices", {})
+        if row.kind == "model":
+            histories[row.model] = pd.read_csv(Path(row.run_dir) / run_layout.HISTORY)
+            confusion[row.model] = metrics["confusion_matrix"]
+            calibration[row.model] = pd.read_csv(Path(row.run_dir) / run_layout.PREDICTIONS)
     # Readers open the runs where they are stored, not this process's working folder.
-    table["run_dir"] = [location.storage_path("models", model) if status == "ok" else ""
-                        for model, status in zip(table["model"], table["status"])]
-    leaderboard.write_leaderboard(table, out, histories, confusion)
+    table["run_dir"] = [location.storage_path(*(["models", model] if kind == "model" else [ensemble.FOLDER]))
+                        if status == "ok" else "" for model, kind, status in zip(table["model"], table["kind"], table["status"])]
+    leaderboard.write_leaderboard(table, out, histories, confusion, slices, calibration)
+    report.write_report(out)
+    if tracking_uri:
+        log_models(tracking_uri, out, table, location.storage)
     return table
+
+
+def log_models(uri: str, out: Path, table: pd.DataFrame, storage: str) -> None:
+    """One MLflow run per leaderboard row: its settings, history, final metrics and files, with the
+    comparison's leaderboard and report beside them."""
+    shared = [out / name for name in (leaderboard.CSV, leaderboard.MD, report.REPORT)]
+    for row in table.itertuples():
+        tags = {"gendertune.kind": row.kind, "gendertune.out": storage}
+        if row.status != "ok":
+            tracking.log_model_result(uri, tracking.COMPARE_EXPERIMENT, row.model, {}, {},
+                                      [out / "models" / row.model / "error.log"], tags=tags, status="FAILED")
+            continue
+        run_dir = out / "models" / row.model if row.kind == "model" else out / ensemble.FOLDER
+        metrics = {**run_layout.read_metrics(run_dir), "rank": row.rank, "mcnemar_p_vs_leader": row.mcnemar_p_vs_leader}
+        params = (json.loads((run_dir / run_layout.CONFIG).read_text())["train"] if row.kind == "model"
+                  else {"members": row.members})
+        history = pd.read_csv(run_dir / run_layout.HISTORY) if row.kind == "model" else None
+        tracking.log_model_result(uri, tracking.COMPARE_EXPERIMENT, row.model, params, metrics,
+                                  [*tracking.run_artifacts(run_dir), *shared], history=history, tags=tags)

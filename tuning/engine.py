@@ -162,6 +162,7 @@ def train_one_epoch(
 class EvalResult:
     stats: EpochStats  # seconds = wall time, data loading included
     prob_positive: Tensor  # P(label 1), e.g. P(Male)
+    margin: Tensor  # logit_1 - logit_0: what temperature scaling rescales (tuning.calibration)
     labels: Tensor
     model_seconds: float  # preprocessing + forward only: what "inference img/s" means
 
@@ -178,7 +179,7 @@ def evaluate(
 ) -> EvalResult:
     model.eval()
     stats = EpochStats()
-    probs, all_labels = [], []
+    probs, margins, all_labels = [], [], []
     model_seconds = 0.0
     started = time.perf_counter()
     for images, labels in batches:
@@ -193,8 +194,9 @@ def evaluate(
         stats.correct += int((logits.argmax(1) == targets).sum())
         stats.count += len(targets)
         probs.append(logits.softmax(1)[:, 1])
+        margins.append(logits[:, 1] - logits[:, 0])
         all_labels.append(targets)
     stats.seconds = time.perf_counter() - started
     empty = torch.zeros(0)
-    return EvalResult(stats, torch.cat(probs) if probs else empty,
+    return EvalResult(stats, torch.cat(probs) if probs else empty, torch.cat(margins) if margins else empty,
                       torch.cat(all_labels) if all_labels else empty.long(), model_seconds)

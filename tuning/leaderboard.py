@@ -1,9 +1,11 @@
 """The comparison leaderboard: flat rows, sorted, with a paired test of each model vs the leader.
 
 A row per model (timm-style): rank, test accuracy with its 95% CI, per-class precision/recall/F1,
-macro F1, ROC-AUC, ECE, params, train time, inference speed, trials run/pruned, the best
-hyperparameters, and McNemar's test against the leader on the *same* test images — the seed
-reported 98 vs 95 vs 94 vs 92 on 1,000 images without asking whether those gaps are real. A model
+macro F1, ROC-AUC, ECE before and after temperature scaling, the worst slice of the test split
+and the gap between the classes' recall, params, train time, inference speed, trials run/pruned,
+the best hyperparameters, per eval set its accuracy with CI (acc_<NAME>...), and McNemar's test
+against the leader on the *same* images — the seed reported 98 vs 95 vs 94 vs 92 on 1,000 images
+without asking whether those gaps are real. The ensemble row follows the ranked models; a model
 that failed is a row with its error, ranked last.
 """
 
@@ -20,88 +22,156 @@ from cluster import object_store
 from cluster.storage import write_json_atomic, write_text_atomic
 from tuning import run_layout
 from tuning.metrics import mcnemar_test
-from tuning.plots import plot_accuracy_vs_speed, plot_accuracy_with_ci, plot_confusion_matrices, plot_histories
+from tuning.plots import (
+    plot_accuracy_vs_speed,
+    plot_accuracy_with_ci,
+    plot_confusion_matrices,
+    plot_histories,
+    plot_reliability,
+    plot_slice_accuracy,
+)
 
 CSV, JSON, MD = "leaderboard.csv", "leaderboard.json", "leaderboard.md"
+# Fixed columns; per-class columns (named after the prep's classes) and per-eval-set columns
+# (acc_<NAME>, ...) come after them, in the order the rows name them.
 COLUMNS = [
-    "rank", "model", "status", "accuracy", "ci95_low", "ci95_high", "majority_rate", "macro_f1", "roc_auc", "ece",
-    "precision_Female", "recall_Female", "f1_Female", "precision_Male", "recall_Male", "f1_Male",
+    "rank", "model", "kind", "status", "accuracy", "ci95_low", "ci95_high", "majority_rate", "macro_f1", "roc_auc",
+    "ece", "ece_calibrated", "temperature", "worst_slice", "worst_slice_acc", "class_recall_gap",
     "params", "train_seconds", "inference_images_per_s", "trials_run", "trials_pruned", "best_epoch",
-    "best_val_acc", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c", "test_images", "best_params", "run_dir", "error",
+    "best_val_acc", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c", "test_images", "best_params",
 ]
+LAST_COLUMNS = ["members", "run_dir", "error"]
 
 
-def model_row(model: str, metrics: dict, *, trials_run: int, trials_pruned: int, best_params: str, run_dir: str) -> dict:
+def metric_columns(metrics: dict) -> dict:
+    """The leaderboard's columns from one metrics.json: test metrics, calibration, slices of the
+    test split, and per eval set its accuracy with CI, macro F1, ECE and worst slice."""
     row = {
-        "model": model, "status": "ok", "accuracy": metrics["accuracy"],
-        "ci95_low": metrics["accuracy_ci95"][0], "ci95_high": metrics["accuracy_ci95"][1],
+        "accuracy": metrics["accuracy"], "ci95_low": metrics["accuracy_ci95"][0], "ci95_high": metrics["accuracy_ci95"][1],
         "majority_rate": metrics["majority_rate"], "macro_f1": metrics["macro_f1"], "roc_auc": metrics["roc_auc"],
-        "ece": metrics["ece"], "params": metrics["params"], "train_seconds": metrics["wall_seconds"],
-        "inference_images_per_s": metrics["inference_images_per_s"], "trials_run": trials_run,
-        "trials_pruned": trials_pruned, "best_epoch": metrics["best_epoch"], "best_val_acc": metrics["best_val_acc"],
-        "test_images": metrics["n"], "best_params": best_params, "run_dir": run_dir, "error": "",
+        "ece": metrics["ece"], "ece_calibrated": metrics.get("ece_calibrated"), "temperature": metrics.get("temperature"),
+        "params": metrics["params"], "inference_images_per_s": metrics["inference_images_per_s"], "test_images": metrics["n"],
     }
     for name, scores in metrics["per_class"].items():
         for key in ("precision", "recall", "f1"):
             row[f"{key}_{name}"] = scores[key]
+    slices = metrics.get("slices", {})
+    row.update(_slice_columns(slices.get("test"), ""))
+    for name, scores in metrics.get("eval_sets", {}).items():
+        row.update({f"acc_{name}": scores["accuracy"], f"acc_{name}_ci95_low": scores["accuracy_ci95"][0],
+                    f"acc_{name}_ci95_high": scores["accuracy_ci95"][1], f"macro_f1_{name}": scores["macro_f1"],
+                    f"ece_calibrated_{name}": scores.get("ece_calibrated")})
+        row.update({f"recall_{cls}_{name}": value["recall"] for cls, value in scores["per_class"].items()})
+        row.update(_slice_columns(slices.get(name), f"_{name}"))
     return row
+
+
+def _slice_columns(report: dict | None, suffix: str) -> dict:
+    if not report:
+        return {}
+    return {f"worst_slice{suffix}": report["worst_slice"], f"worst_slice_acc{suffix}": report["worst_slice_acc"],
+            f"class_recall_gap{suffix}": report["class_recall_gap"]}
+
+
+def model_row(model: str, metrics: dict, *, trials_run: int, trials_pruned: int, best_params: str, run_dir: str) -> dict:
+    return {
+        "model": model, "kind": "model", "status": "ok", **metric_columns(metrics),
+        "train_seconds": metrics["wall_seconds"], "trials_run": trials_run, "trials_pruned": trials_pruned,
+        "best_epoch": metrics["best_epoch"], "best_val_acc": metrics["best_val_acc"], "best_params": best_params,
+        "run_dir": run_dir, "error": "",
+    }
+
+
+def ensemble_row(metrics: dict, *, run_dir: str) -> dict:
+    return {"model": "ensemble", "kind": "ensemble", "status": "ok", **metric_columns(metrics),
+            "members": "+".join(metrics["members"]), "run_dir": run_dir, "error": ""}
 
 
 def error_row(model: str, error: BaseException | str) -> dict:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return {"model": model, "status": "error", "error": f"{type(error).__name__}: {message}"[:500]
+    return {"model": model, "kind": "model", "status": "error", "error": f"{type(error).__name__}: {message}"[:500]
             if isinstance(error, BaseException) else message}
 
 
-def rank_rows(rows: list[dict]) -> pd.DataFrame:
-    """Sort by accuracy (ties: macro F1), errors last; add McNemar vs the leader."""
-    table = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    table["_ok"] = table["status"] == "ok"
-    table = table.sort_values(["_ok", "accuracy", "macro_f1"], ascending=[False, False, False], kind="stable")
-    table = table.drop(columns="_ok").reset_index(drop=True)
-    table["rank"] = np.where(table["status"] == "ok", np.arange(1, len(table) + 1), np.nan)
+def _columns(rows: list[dict]) -> list[str]:
+    extra = [key for row in rows for key in row if key not in COLUMNS and key not in LAST_COLUMNS]
+    return COLUMNS + list(dict.fromkeys(extra)) + LAST_COLUMNS
+
+
+def rank_rows(rows: list[dict], *, eval_sets: list[str] = (), ensemble: dict | None = None) -> pd.DataFrame:
+    """Sort the models by accuracy (ties: macro F1), errors last; add McNemar vs the leader on the
+    test split and on each eval set. The ensemble row, when given, goes after the ranked models,
+    unranked and tested against the same leader."""
+    table = pd.DataFrame(rows + ([ensemble] if ensemble else [])).reindex(columns=_columns(rows + [ensemble or {}]))
+    table["_order"] = np.select([table["kind"] == "ensemble", table["status"] == "ok"], [1, 0], 2)
+    table = table.sort_values(["_order", "accuracy", "macro_f1"], ascending=[True, False, False], kind="stable")
+    table["rank"] = np.where(table["_order"] == 0, np.arange(1, len(table) + 1), np.nan)
+    table = table.drop(columns="_order").reset_index(drop=True)
     ok = table[table["status"] == "ok"]
     if len(ok):
-        leader = _correctness(ok.iloc[0]["run_dir"])
-        for index, row in ok.iloc[1:].iterrows():
-            other = _correctness(row["run_dir"])
-            joined = leader.join(other, lsuffix="_leader", how="inner")
-            test = mcnemar_test(joined["correct_leader"].to_numpy(), joined["correct"].to_numpy())
-            table.loc[index, ["mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c"]] = [test["p_value"], test["b"], test["c"]]
-    return table
+        for file, key, suffix in [(run_layout.PREDICTIONS, "image_id", "")] + [
+                (run_layout.eval_predictions(name), "path", f"_{name}") for name in eval_sets]:
+            leader = _correctness(ok.iloc[0]["run_dir"], file, key)
+            for index, row in ok.iloc[1:].iterrows():
+                joined = leader.join(_correctness(row["run_dir"], file, key), lsuffix="_leader", how="inner")
+                test = mcnemar_test(joined["correct_leader"].to_numpy(), joined["correct"].to_numpy())
+                table.loc[index, f"mcnemar_p_vs_leader{suffix}"] = test["p_value"]
+                if not suffix:
+                    table.loc[index, ["mcnemar_b", "mcnemar_c"]] = [test["b"], test["c"]]
+    return table[[c for c in table.columns if c not in LAST_COLUMNS] + LAST_COLUMNS]
 
 
-def _correctness(run_dir: str) -> pd.DataFrame:
-    predictions = pd.read_csv(Path(run_dir) / run_layout.PREDICTIONS, dtype={"image_id": str}).set_index("image_id")
-    return pd.DataFrame({"correct": (predictions["prob_positive"] >= 0.5).astype(int) == predictions["label"]})
+def _correctness(run_dir: str, file: str, key: str) -> pd.DataFrame:
+    """Per image: was the prediction right (no prediction counts as wrong, as in the metrics)."""
+    predictions = pd.read_csv(Path(run_dir) / file, dtype={key: str}).set_index(key)
+    predicted = np.where(predictions["prob_positive"].isna(), -1, predictions["prob_positive"] >= 0.5)
+    return pd.DataFrame({"correct": predicted == predictions["label"]}, index=predictions.index)
+
+
+def eval_set_names(table: pd.DataFrame) -> list[str]:
+    return [c[len("acc_"):-len("_ci95_low")] for c in table.columns if c.startswith("acc_") and c.endswith("_ci95_low")]
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| rank | model | test accuracy (95% CI) | macro F1 | ROC-AUC | ECE | params | inference img/s | trials (pruned) | McNemar p vs #1 |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    sets = eval_set_names(table)
+    header = ["rank", "model", "test accuracy (95% CI)", *[f"{name} accuracy (95% CI)" for name in sets], "macro F1",
+              "ROC-AUC", "ECE → calibrated", "worst test slice", "class recall gap", "params", "inference img/s",
+              "trials (pruned)", "McNemar p vs #1"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, row in table.iterrows():
         if row["status"] != "ok":
-            lines.append(f"| – | {row['model']} | error: {row['error']} | | | | | | | |")
+            lines.append(f"| – | {row['model']} | error: {row['error']} |" + " |" * (len(header) - 3))
             continue
-        p_value = "leader" if row["rank"] == 1 else f"{row['mcnemar_p_vs_leader']:.3g}"
-        lines.append(
-            f"| {int(row['rank'])} | {row['model']} | {row['accuracy']:.4f} ({row['ci95_low']:.4f}–{row['ci95_high']:.4f}) "
-            f"| {row['macro_f1']:.4f} | {_fmt(row['roc_auc'])} | {row['ece']:.4f} | {row['params'] / 1e6:.1f}M "
-            f"| {row['inference_images_per_s']:.0f} | {int(row['trials_run'])} ({int(row['trials_pruned'])}) | {p_value} |"
-        )
+        rank = "ens." if row["kind"] == "ensemble" else str(int(row["rank"]))
+        name = f"ensemble of {row['members']}" if row["kind"] == "ensemble" else row["model"]
+        p_value = "leader" if row["rank"] == 1 else _fmt(row["mcnemar_p_vs_leader"], ".3g")
+        sets_cells = [f"{_fmt(row[f'acc_{n}'])} ({_fmt(row[f'acc_{n}_ci95_low'])}–{_fmt(row[f'acc_{n}_ci95_high'])})"
+                      + ("" if row["rank"] == 1 or pd.isna(row.get(f"mcnemar_p_vs_leader_{n}")) else
+                         f", p {row[f'mcnemar_p_vs_leader_{n}']:.3g}") for n in sets]
+        worst = "n/a" if pd.isna(row["worst_slice"]) else f"{row['worst_slice']} {row['worst_slice_acc']:.4f}"
+        trials = "" if pd.isna(row["trials_run"]) else f"{int(row['trials_run'])} ({int(row['trials_pruned'])})"
+        cells = [rank, name, f"{row['accuracy']:.4f} ({row['ci95_low']:.4f}–{row['ci95_high']:.4f})", *sets_cells,
+                 f"{row['macro_f1']:.4f}", _fmt(row["roc_auc"]), f"{_fmt(row['ece'])} → {_fmt(row['ece_calibrated'])}",
+                 worst, _fmt(row["class_recall_gap"]), f"{row['params'] / 1e6:.1f}M", f"{row['inference_images_per_s']:.0f}",
+                 trials, p_value]
+        lines.append("| " + " | ".join(cells) + " |")
     ok = table[table["status"] == "ok"]
     if len(ok):
         lines += ["", f"Test images: {int(ok.iloc[0]['test_images'])}; majority-class rate {ok.iloc[0]['majority_rate']:.4f}. "
-                  "McNemar's test compares each model with the leader on the same images; p ≥ 0.05 means the gap "
-                  "may well be chance."]
+                  "McNemar's test compares each model with the leader on the same images (test split, and each eval "
+                  "set's own p after its accuracy); p ≥ 0.05 means the gap may well be chance. The class recall gap is "
+                  "the difference between the two classes' recall (equal opportunity)."]
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
+def _fmt(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
-def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.DataFrame], confusion: dict) -> None:
+def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.DataFrame], confusion: dict,
+                      slices: dict[str, dict[str, dict]], calibration: dict[str, pd.DataFrame]) -> None:
+    """The leaderboard files, then its figures; `slices` is {model: {set: slice report}},
+    `calibration` {model: its test predictions}."""
     write_text_atomic(out / CSV, table.to_csv(index=False))
     write_json_atomic(out / JSON, json.loads(table.to_json(orient="records")))
     write_text_atomic(out / MD, to_markdown(table))
@@ -110,9 +180,16 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
         return
     records = ok.rename(columns={"ci95_low": "ci_lo", "ci95_high": "ci_hi", "inference_images_per_s": "images_per_s"}).to_dict("records")
     plot_accuracy_with_ci(records, out / "accuracy_ci.png")
+    for name in eval_set_names(table):
+        plot_accuracy_with_ci([{**r, "accuracy": r[f"acc_{name}"], "ci_lo": r[f"acc_{name}_ci95_low"],
+                                "ci_hi": r[f"acc_{name}_ci95_high"]} for r in records], out / f"eval_{name}_accuracy_ci.png",
+                              xlabel=f"{name} accuracy (95% CI)")
     plot_confusion_matrices(confusion, out / "confusion_matrices.png")
     plot_histories(histories, out / "accuracy_per_epoch.png")
     plot_accuracy_vs_speed(records, out / "accuracy_vs_speed.png")
+    if any(slices.values()):
+        plot_slice_accuracy(slices, out / "slice_accuracy.png")
+    plot_reliability(calibration, out / "reliability.png")
 
 
 def read_leaderboard(out: str | Path) -> pd.DataFrame:
@@ -124,7 +201,9 @@ def read_leaderboard(out: str | Path) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    columns = ["rank", "model", "status", "accuracy", "ci95_low", "ci95_high", "macro_f1", "roc_auc", "ece",
-               "params", "inference_images_per_s", "trials_run", "trials_pruned", "mcnemar_p_vs_leader", "error"]
+    columns = ["rank", "model", "kind", "status", "accuracy", "ci95_low", "ci95_high",
+               *[f"acc_{name}" for name in eval_set_names(table)], "macro_f1", "roc_auc", "ece", "ece_calibrated",
+               "worst_slice", "worst_slice_acc", "params", "inference_images_per_s", "trials_run", "trials_pruned",
+               "mcnemar_p_vs_leader", "error"]
     shown = table[columns].astype({"rank": "Int64", "params": "Int64", "trials_run": "Int64", "trials_pruned": "Int64"})
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 ECE_BINS = 15
@@ -47,14 +48,15 @@ def _as_binary(values: Any, name: str) -> np.ndarray:
     return array
 
 
-def _validate_predictions(y_true: Any, prob_male: Any) -> tuple[np.ndarray, np.ndarray]:
+def _validate_predictions(y_true: Any, prob_male: Any, *, allow_missing: bool = False) -> tuple[np.ndarray, np.ndarray]:
     labels = _as_binary(y_true, "y_true")
     probs = _as_1d(prob_male, "prob_male")
     _check_same_length(labels, probs, "y_true", "prob_male")
     if not np.issubdtype(probs.dtype, np.number) or probs.dtype == bool:
         raise ValueError(f"prob_male must be numeric probabilities, got dtype {probs.dtype}")
     probs = probs.astype(np.float64)
-    outside = ~np.isfinite(probs) | (probs < 0.0) | (probs > 1.0)
+    known = ~np.isnan(probs) if allow_missing else np.ones(probs.shape, bool)
+    outside = known & (~np.isfinite(probs) | (probs < 0.0) | (probs > 1.0))
     if outside.any():
         raise ValueError(
             f"prob_male must lie in [0, 1]; {int(outside.sum())} value(s) do not, "
@@ -123,11 +125,17 @@ def evaluate_predictions(
     The predicted class is Male when prob_male >= 0.5. `majority_rate` (the accuracy of always
     guessing the most common true class) sits next to accuracy because CelebA is imbalanced
     (about 58% Female): 0.6 accuracy there is no better than guessing.
+
+    NaN in prob_male means the image got no prediction (unreadable, or no face where the model's
+    policy rejects those). It counts as wrong in accuracy, recall and F1, so a pipeline that skips
+    hard photos cannot look better for it; ROC-AUC and ECE, which need a probability, use the
+    predicted images only. `no_prediction` says how many there were.
     """
     if len(class_names) != 2:
         raise ValueError(f"class_names must name exactly 2 classes, got {list(class_names)}")
-    labels, probs = _validate_predictions(y_true, prob_male)
-    predicted = (probs >= 0.5).astype(np.int64)
+    labels, probs = _validate_predictions(y_true, prob_male, allow_missing=True)
+    known = ~np.isnan(probs)
+    predicted = np.where(known, probs >= 0.5, -1).astype(np.int64)  # -1: neither class
     correct = predicted == labels
 
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -144,11 +152,14 @@ def evaluate_predictions(
     }
 
     male_share = float(labels.mean())
-    if 0.0 < male_share < 1.0:
-        roc_auc, roc_auc_reason = float(roc_auc_score(labels, probs)), None
-    else:
-        only = class_names[int(male_share)]
+    scored = labels[known]
+    if known.any() and 0 < scored.sum() < scored.size:
+        roc_auc, roc_auc_reason = float(roc_auc_score(scored, probs[known])), None
+    elif known.any():
+        only = class_names[int(scored[0])]
         roc_auc, roc_auc_reason = None, f"only one class ({only}) present in y_true"
+    else:
+        roc_auc, roc_auc_reason = None, "no image got a prediction"
 
     return {
         "n": int(labels.size),
@@ -159,8 +170,9 @@ def evaluate_predictions(
         "macro_f1": float(np.mean(f1)),
         "roc_auc": roc_auc,
         "roc_auc_reason": roc_auc_reason,
-        "ece": expected_calibration_error(labels, probs),
+        "ece": expected_calibration_error(scored, probs[known]) if known.any() else None,
         "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+        "no_prediction": int((~known).sum()),
     }
 
 
@@ -189,3 +201,13 @@ def mcnemar_test(correct_a: Any, correct_b: Any) -> dict[str, Any]:
     # Survival function of chi-square(1): P(X > x) = P(|Z| > sqrt(x)) = erfc(sqrt(x / 2)).
     p_value = math.erfc(math.sqrt(statistic / 2.0))
     return {"b": b, "c": c, "statistic": statistic, "p_value": p_value, "method": "chi2_cc"}
+
+
+def most_confident_mistakes(predictions: pd.DataFrame, *, limit: int = 16) -> pd.DataFrame:
+    """The wrong predictions (columns label, prob_positive) the model was surest of, surest first:
+    what a person should look at to see how a model fails."""
+    scored = predictions.dropna(subset=["prob_positive"])
+    predicted = (scored["prob_positive"] >= 0.5).astype(int)
+    wrong = scored[predicted != scored["label"]]
+    confidence = np.maximum(wrong["prob_positive"], 1 - wrong["prob_positive"])
+    return wrong.assign(confidence=confidence).sort_values("confidence", ascending=False, kind="stable").head(limit)

@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from sklearn.calibration import calibration_curve
 
 CLASS_NAMES = ("Female", "Male")
 DPI = 120
@@ -132,7 +133,8 @@ def plot_class_distribution(
     return Path(path)
 
 
-def plot_accuracy_with_ci(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def plot_accuracy_with_ci(rows: Sequence[Mapping[str, Any]], path: str | Path, *,
+                          xlabel: str = "test accuracy (95% bootstrap CI)") -> Path:
     """Horizontal bars of test accuracy with 95% CI error bars, best model on top.
 
     Each row needs keys model, accuracy, ci_lo, ci_hi.
@@ -148,7 +150,7 @@ def plot_accuracy_with_ci(rows: Sequence[Mapping[str, Any]], path: str | Path) -
         # the differences (and whether the CIs overlap) are visible rather than a row of full bars.
         low = min(row["ci_lo"] for row in ordered)
         ax.set_xlim(max(0.0, low - 0.05), 1.0)
-        ax.set(xlabel="test accuracy (95% bootstrap CI)", title="model accuracy")
+        ax.set(xlabel=xlabel, title="model accuracy")
     return Path(path)
 
 
@@ -180,3 +182,78 @@ def plot_accuracy_vs_speed(rows: Sequence[Mapping[str, Any]], path: str | Path) 
                title="accuracy vs speed")
         ax.grid(alpha=0.3, which="both")
     return Path(path)
+
+
+def plot_mistakes(mistakes: pd.DataFrame, images: Sequence[np.ndarray], path: str | Path, *,
+                  class_names: Sequence[str], title: str, columns: int = 8) -> Path:
+    """A grid of images (uint8 H x W x 3), each captioned true -> predicted (confidence); rows of
+    `mistakes` need label and prob_positive. With no mistakes the figure says so."""
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(1.5 * columns, 1.8 * rows + 0.4), layout="constrained")
+    cells = fig.subplots(rows, columns, squeeze=False).ravel()
+    for cell in cells:
+        cell.set_axis_off()
+    for cell, image, row in zip(cells, images, mistakes.itertuples()):
+        cell.imshow(image)
+        predicted = int(row.prob_positive >= 0.5)
+        confidence = max(row.prob_positive, 1 - row.prob_positive)
+        cell.set_title(f"{class_names[int(row.label)]} → {class_names[predicted]}\n{confidence:.0%}", fontsize=8)
+    if not len(images):
+        cells[0].text(0, 0.5, "no mistakes", va="center")
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def plot_reliability(predictions: Mapping[str, pd.DataFrame], path: str | Path, *, bins: int = 10) -> Path:
+    """Reliability diagrams before and after temperature scaling, a line per model: the share of
+    label 1 against the predicted P(label 1) (columns label, prob_uncalibrated, prob_positive)."""
+    with _figure(path, ncols=2, size=(10, 4.4)) as axes:
+        for ax, column, title in zip(axes, ("prob_uncalibrated", "prob_positive"), ("before calibration", "after temperature scaling")):
+            ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+            for name, table in predictions.items():
+                known = table.dropna(subset=[column])
+                observed, predicted = calibration_curve(known["label"], known[column], n_bins=bins, strategy="quantile")
+                ax.plot(predicted, observed, marker="o", label=name)
+            ax.set(xlabel="predicted probability of label 1", ylabel="observed share of label 1", title=title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    return Path(path)
+
+
+def plot_slice_accuracy(reports: Mapping[str, Mapping[str, Mapping]], path: str | Path, *, most: int = 14) -> Path:
+    """Accuracy per slice per model with 95% CIs, a panel per evaluated set; `reports` is
+    {model: {set: slice report (tuning.slices)}}. Per set, the `most` ranked slices with the lowest
+    mean accuracy over models are shown: where the models fail is what the figure is for."""
+    sets = list(dict.fromkeys(name for per_set in reports.values() for name in per_set))
+    models = list(reports)
+    with _figure(path, ncols=len(sets), size=(6.4 * len(sets), 1.5 + 0.32 * most * max(1, len(models)) ** 0.5)) as axes:
+        for ax, name in zip(axes, sets):
+            rows = [(model, row) for model in models for row in reports[model].get(name, {}).get("slices", []) if row["ranked"]]
+            by_slice: dict[str, list[float]] = {}
+            for _, row in rows:
+                by_slice.setdefault(f"{row['column']}={row['value']}", []).append(row["accuracy"])
+            shown = sorted(by_slice, key=lambda key: np.mean(by_slice[key]))[:most][::-1]  # barh draws bottom-up
+            height = 0.8 / max(1, len(models))
+            for offset, model in enumerate(models):
+                found = {f"{r['column']}={r['value']}": r for m, r in rows if m == model}
+                ys = [i + (offset - (len(models) - 1) / 2) * height for i, key in enumerate(shown) if key in found]
+                picked = [found[key] for key in shown if key in found]
+                accuracy = np.array([r["accuracy"] for r in picked])
+                errors = np.array([[a - r["ci95"][0], r["ci95"][1] - a] for a, r in zip(accuracy, picked)]).reshape(-1, 2)
+                ax.errorbar(accuracy, ys, xerr=errors.T, fmt="o", capsize=3, label=model)
+            ax.set_yticks(range(len(shown)), [f"{key} (n={_slice_n(reports, name, key)})" for key in shown], fontsize=8)
+            ax.set(xlabel="accuracy (95% Wilson CI)", title=f"{name}: the {len(shown)} hardest slices")
+            ax.grid(alpha=0.3, axis="x")
+            ax.legend(fontsize=8)
+    return Path(path)
+
+
+def _slice_n(reports: Mapping[str, Mapping[str, Mapping]], name: str, key: str) -> int:
+    for per_set in reports.values():
+        for row in per_set.get(name, {}).get("slices", []):
+            if f"{row['column']}={row['value']}" == key:
+                return row["n"]
+    return 0

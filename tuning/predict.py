@@ -4,7 +4,8 @@ A run trained on aligned faces (the default) detects every face in a photo and a
 the settings stored in its model.pt (data_prep.faces), the same function prep applied to its
 training and test images; a run trained on centre-square crops (`prep --align none`) gets the prep
 stage's own decode -> centre square -> resize (data_prep.images.decode_face). Then comes the
-model's resize and normalisation (models.transforms.EvalPreprocess). (The original notebook's
+model's resize and normalisation (models.transforms.EvalPreprocess), and the probability is
+calibrated with the temperature fitted on validation (tuning.calibration). (The original notebook's
 inference helper skipped normalisation and had no face detector.) A few files run in-process;
 many run as Ray Data batch inference on an actor pool, each actor loading the model and the face
 models once. An unreadable or missing image, or one with no face, gets an error row, not a crash.
@@ -29,6 +30,7 @@ from data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box,
 from models.registry import build_model, split_outputs
 from models.transforms import EvalPreprocess
 from tuning import run_layout
+from tuning.calibration import calibrated_probability
 
 RAY_THRESHOLD = 256  # below this many files, starting an actor pool costs more than it saves
 NO_FACE = "no face found"
@@ -54,16 +56,23 @@ class RunModel:
         self.model.load_state_dict(saved["model"])
         self.model.eval().to(memory_format=torch.channels_last)
         self.preprocess = EvalPreprocess(image_size=int(saved["image_size"]), mean=tuple(saved["mean"]), std=tuple(saved["std"]))
+        # Fitted on validation after training (tuning.calibration); 1 = the network's own probabilities.
+        self.temperature = float(saved.get("temperature", 1.0))
 
     @property
     def prob_column(self) -> str:
         return f"prob_{self.class_names[1].lower()}"
 
     @torch.no_grad()
-    def prob_positive(self, faces: np.ndarray) -> np.ndarray:
-        """uint8 N x S x S x 3 faces at the prep size -> P(label 1) per face (fp32, deterministic)."""
+    def margins(self, faces: np.ndarray) -> np.ndarray:
+        """uint8 N x S x S x 3 faces at the prep size -> logit_1 - logit_0 per face (fp32, deterministic)."""
         logits, _ = split_outputs(self.model(self.preprocess(torch.from_numpy(faces))))
-        return logits.float().softmax(1)[:, 1].numpy()
+        logits = logits.float()
+        return (logits[:, 1] - logits[:, 0]).numpy()
+
+    def prob_positive(self, faces: np.ndarray) -> np.ndarray:
+        """P(label 1) per face, calibrated with the run's temperature."""
+        return calibrated_probability(self.margins(faces), self.temperature)
 
     def chips(self, data: bytes, *, every_face: bool) -> list[FaceChip]:
         """The photo's face chips, framed as this run's training images were."""
@@ -73,9 +82,10 @@ class RunModel:
         return face_chips(load_photo(data), self.finder, self.align, every_face=every_face)[0]
 
     def predict_paths(self, paths: list[str], *, every_face: bool = True,
-                      annotate: list[str] | None = None) -> pd.DataFrame:
+                      annotate: list[str] | None = None, with_margin: bool = False) -> pd.DataFrame:
         """One row per face (one error row per image without any), in the order of `paths`;
-        `annotate[i]`, when given and not empty, receives a copy of image i with its faces boxed."""
+        `annotate[i]`, when given and not empty, receives a copy of image i with its faces boxed;
+        `with_margin` adds the uncalibrated logit margin (evaluation reports ECE before calibration)."""
         rows, chips = [], []
         for path in paths:
             try:
@@ -90,10 +100,12 @@ class RunModel:
                              "detector_score": face.face.score if face.face else np.nan, "error": ""})
                 chips.append(face.chip)
         table = pd.DataFrame(rows, columns=["image", "face", "x", "y", "w", "h", "detector_score", "error"])
-        probs = np.full(len(table), np.nan)
+        margins = np.full(len(table), np.nan)
         if chips:
-            probs[(table["error"] == "").to_numpy()] = self.prob_positive(np.stack(chips))
-        table = self.labelled(table, probs)
+            margins[(table["error"] == "").to_numpy()] = self.margins(np.stack(chips))
+        table = self.labelled(table, calibrated_probability(margins, self.temperature))
+        if with_margin:
+            table["margin"] = margins
         # Annotation decodes each photo again rather than keeping a batch of full-size photos in memory.
         for path, out in zip(paths, annotate or []):
             rows_of_image = table[table["image"] == path]
@@ -143,15 +155,16 @@ def write_annotated(photo: Image.Image, faces: pd.DataFrame, out: str, *, class_
 class _PredictActor:
     """Ray Data actor: loads the run (and its face models) once, then predicts batches of paths."""
 
-    def __init__(self, run_dir: str, threads: int, every_face: bool):
+    def __init__(self, run_dir: str, threads: int, every_face: bool, with_margin: bool):
         torch.set_num_threads(threads)
         self.run = RunModel(run_dir)
         self.every_face = every_face
+        self.with_margin = with_margin
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         annotate = batch["annotated"].tolist()
         return self.run.predict_paths(batch["image"].tolist(), every_face=self.every_face,
-                                      annotate=annotate if any(annotate) else None)
+                                      annotate=annotate if any(annotate) else None, with_margin=self.with_margin)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -182,7 +195,7 @@ def annotated_names(paths: list[str], folder: str) -> list[str]:
 
 
 def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face: bool = True,
-            annotate_dir: str | None = None) -> pd.DataFrame:
+            annotate_dir: str | None = None, with_margin: bool = False) -> pd.DataFrame:
     run = RunModel(run_dir)  # a bad run folder fails before anything else happens
     paths = expand_inputs(inputs)
     annotate = None
@@ -190,7 +203,7 @@ def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face
         Path(annotate_dir).mkdir(parents=True, exist_ok=True)
         annotate = annotated_names(paths, str(Path(annotate_dir).absolute()))
     if len(paths) < RAY_THRESHOLD:
-        return pd.concat([run.predict_paths(paths[i : i + batch_size], every_face=every_face,
+        return pd.concat([run.predict_paths(paths[i : i + batch_size], every_face=every_face, with_margin=with_margin,
                                             annotate=annotate[i : i + batch_size] if annotate else None)
                           for i in range(0, len(paths), batch_size)], ignore_index=True)
     ensure_ray()
@@ -199,7 +212,8 @@ def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face
     table = pd.DataFrame({"image": paths, "annotated": annotate or [""] * len(paths)})
     dataset = ray.data.from_pandas(table).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
     predictions = dataset.map_batches(
-        _PredictActor, fn_constructor_args=(object_store.absolute(run_dir), max(1, compute_parallelism() // actors), every_face),
+        _PredictActor, fn_constructor_args=(object_store.absolute(run_dir), max(1, compute_parallelism() // actors),
+                                            every_face, with_margin),
         batch_format="pandas", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
     result = predictions.to_pandas()

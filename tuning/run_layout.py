@@ -7,7 +7,10 @@
                              mean/std, class names), loadable with torch.load(weights_only=True)
       history.csv            per epoch: train/val loss and accuracy, lr, img/s
       metrics.json           held-out evaluation; written last, so it marks the run complete
-      test_predictions.csv   image_id,label,prob_positive (paired tests between models use it)
+      test_predictions.csv   image_id,label,margin,prob_uncalibrated,prob_positive (calibrated; paired
+                             tests between models use it)
+      eval_<NAME>_predictions.csv  the same per image of an eval set (tuning.eval_sets), by path
+      mistakes_<split|NAME>.png    the most confident mistakes
       accuracy_per_epoch.png loss_per_epoch.png confusion_matrix.png
       train/                 Ray Train storage: a checkpoint per epoch (resume reads it)
 """
@@ -23,6 +26,10 @@ HISTORY = "history.csv"
 METRICS = "metrics.json"
 PREDICTIONS = "test_predictions.csv"
 RAY_RUN_NAME = "train"
+
+
+def eval_predictions(name: str) -> str:
+    return f"eval_{name}_predictions.csv"
 
 
 def is_complete(run_dir: str | Path) -> bool:

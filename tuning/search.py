@@ -229,9 +229,10 @@ def _best_state(result, storage: str) -> tuple[dict, dict]:
 
 
 def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,
-               *, resume: bool, log=print) -> SearchOutcome:
+               *, resume: bool, callbacks: list | None = None, log=print) -> SearchOutcome:
     """Search `model` and return its best configuration and checkpoint. `out_dir` (a folder or a
-    URI) holds the Tune state."""
+    URI) holds the Tune state; `callbacks` are more Tune callbacks (e.g. tracking's MLflow logger;
+    a restored search keeps the ones it was started with)."""
     base = dataclasses.replace(base, model=model)
     loop_settings(base, prepared)  # image size vs model, weights file: fail before any trial
     mode = resolve_mode(search, base)
@@ -282,7 +283,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
                     **({"checkpoint_frequency": 1} if mode == "inprocess" else {}),
                 ),
                 failure_config=tune.FailureConfig(max_failures=base.max_failures),
-                callbacks=[TrialSummary(model, base.epochs)],
+                callbacks=[TrialSummary(model, base.epochs), *(callbacks or [])],
             ),
         )
     results, interrupted = _fit_noting_interrupts(tuner)

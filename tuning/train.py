@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
 import ray.train
@@ -23,14 +24,17 @@ from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
-from data_prep.layout import PreparedData, open_prepared
+from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import build_model, check_image_size, count_parameters, get_spec
 from models.transforms import EvalPreprocess
-from tuning import run_layout
-from tuning.data import test_dataset, training_datasets, training_views
+from tuning import run_layout, tracking
+from tuning.calibration import calibrated_probability, fit_temperature
+from tuning.data import read_split_images, test_dataset, training_datasets, training_views
 from tuning.engine import evaluate, select_precision
-from tuning.metrics import evaluate_predictions
-from tuning.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch
+from tuning.eval_sets import evaluate_run, load_eval_set
+from tuning.metrics import evaluate_predictions, expected_calibration_error, most_confident_mistakes
+from tuning.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
+from tuning.slices import slice_report
 from tuning.train_config import TrainConfig
 from tuning.worker import load_state_dir, train_worker
 
@@ -135,15 +139,29 @@ def evaluate_held_out(state: dict, config_dict: dict, data_root: str, split: str
                       precision=select_precision("fp32", device), device=device)
     return {
         "image_id": ids, "label": result.labels.tolist(), "prob_positive": result.prob_positive.tolist(),
-        "seconds": result.model_seconds, "loss": result.stats.loss,
+        "margin": result.margin.tolist(), "seconds": result.model_seconds, "loss": result.stats.loss,
     }
 
 
+def held_out_predictions(state: dict, config: TrainConfig, prepared: PreparedData) -> dict[str, dict]:
+    """The best weights on validation (to fit the temperature) and on the held-out split, as Ray
+    tasks placed like a training worker; {"val": ..., "test": ...} (only "val" without a test split)."""
+    task = ray.remote(evaluate_held_out).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.gpu else 0)
+    splits = ["val", "test"] if "test" in prepared.splits else ["val"]
+    results = ray.get([task.remote(state, config.to_dict(), prepared.root, split) for split in splits])
+    return dict(zip(splits, results))
+
+
 def write_run_outputs(
-    out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, held_out: dict,
-    split: str, wall_seconds: float,
+    out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, held_out: dict[str, dict],
+    wall_seconds: float,
 ) -> dict:
+    """Everything a finished run holds (tuning.run_layout), metrics.json last. `held_out` is
+    held_out_predictions' result: the temperature is fitted on "val", the report is on "test"
+    (or on "val", with a warning, when the prep made no test split)."""
     spec = get_spec(config.model)
+    split = "test" if "test" in held_out else "val"
+    temperature = fit_temperature(np.asarray(held_out["val"]["label"]), np.asarray(held_out["val"]["margin"]))
     history = pd.DataFrame(state["history"])
     write_text_atomic(out / run_layout.HISTORY, history.to_csv(index=False))
     torch.save(
@@ -153,15 +171,31 @@ def write_run_outputs(
             "class_names": prepared.class_names, "epoch": best["epoch"], "val_acc": best["val_acc"],
             # How prep framed the faces (data_prep.faces.AlignSettings): predict reproduces it.
             "alignment": prepared.alignment,
+            "temperature": temperature,  # predict reports sigmoid(margin / temperature)
         },
         out / run_layout.MODEL,
     )
-    predictions = pd.DataFrame({k: held_out[k] for k in ("image_id", "label", "prob_positive")})
+    scored = held_out[split]
+    predictions = pd.DataFrame({
+        "image_id": scored["image_id"], "label": scored["label"], "margin": scored["margin"],
+        "prob_uncalibrated": scored["prob_positive"],
+        "prob_positive": calibrated_probability(scored["margin"], temperature),
+    })
     write_text_atomic(out / run_layout.PREDICTIONS, predictions.to_csv(index=False))
+    # Accuracy and ROC-AUC are the same either way; ECE is reported before and after calibration.
     evaluation = evaluate_predictions(
-        predictions["label"].to_numpy(), predictions["prob_positive"].to_numpy(),
+        predictions["label"].to_numpy(), predictions["prob_uncalibrated"].to_numpy(),
         class_names=tuple(prepared.class_names), seed=config.seed,
     )
+    evaluation["ece_calibrated"] = expected_calibration_error(predictions["label"], predictions["prob_positive"])
+    groups = read_slices(prepared)
+    if groups is not None and split == "test":
+        groups = predictions[["image_id"]].merge(groups, on="image_id", how="left").drop(columns="image_id")
+        evaluation["slices"] = {"test": slice_report(predictions["label"], predictions["prob_positive"], groups,
+                                                     class_names=prepared.class_names)}
+    mistakes = most_confident_mistakes(predictions)
+    plot_mistakes(mistakes, read_split_images(prepared, split, mistakes["image_id"].tolist()), out / f"mistakes_{split}.png",
+                  class_names=prepared.class_names, title=f"{config.model}: most confident mistakes on {split}")
     plot_accuracy_per_epoch(history, out / "accuracy_per_epoch.png")
     plot_loss_per_epoch(history, out / "loss_per_epoch.png")
     plot_confusion_matrix(evaluation["confusion_matrix"], out / "confusion_matrix.png",
@@ -177,7 +211,8 @@ def write_run_outputs(
         "image_size": state["image_size"],
         "wall_seconds": wall_seconds,
         "train_images_per_s": float(history["train_images_per_s"].mean()),
-        "inference_images_per_s": len(predictions) / max(held_out["seconds"], 1e-9),
+        "temperature": temperature,
+        "inference_images_per_s": len(predictions) / max(scored["seconds"], 1e-9),
         "workers": config.workers,
         "gpu": config.gpu,
     }
@@ -190,10 +225,26 @@ def write_run_outputs(
     return metrics
 
 
-def run_training(config: TrainConfig, *, log=print) -> dict:
-    """Train (or resume) the run in config.out (a folder or a URI) and evaluate it; returns metrics.json's content."""
+def run_training(config: TrainConfig, *, tracking_uri: str | None = None, log=print) -> dict:
+    """Train (or resume) the run in config.out (a folder or a URI), evaluate it on the test split
+    and on every eval set, and log it to MLflow when `tracking_uri` is given; returns metrics.json's content."""
+    prepared = open_prepared(config.data)
+    eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in config.eval_sets]
+    if tracking_uri:
+        tracking.ensure_experiment(tracking_uri, tracking.TRAIN_EXPERIMENT)  # an unreachable server fails now
     with output_location(config.out, ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
-        return train_into(location, config, log=log)
+        train_into(location, config, log=log)
+        for eval_set in eval_sets:
+            scores = evaluate_run(location.local, eval_set, seed=config.seed)
+            low, high = scores["accuracy_ci95"]
+            log(f"{config.model}: {eval_set.name} accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f})")
+        metrics = run_layout.read_metrics(location.local)
+        if tracking_uri:
+            run = location.local
+            tracking.log_model_result(tracking_uri, tracking.TRAIN_EXPERIMENT, config.model, config.to_dict(), metrics,
+                                      tracking.run_artifacts(run), history=pd.read_csv(run / run_layout.HISTORY),
+                                      tags={"gendertune.out": location.storage})
+        return metrics
 
 
 def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> dict:
@@ -226,9 +277,8 @@ def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> d
     best_state["history"] = latest_state["history"]
     split = "test" if "test" in prepared.splits else "val"
     log(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
-    task = ray.remote(evaluate_held_out).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.gpu else 0)
-    held_out = ray.get(task.remote(best_state, config.to_dict(), prepared.root, split))
-    metrics = write_run_outputs(out, config, prepared, best_state, best, held_out, split, time.perf_counter() - started)
+    held_out = held_out_predictions(best_state, config, prepared)
+    metrics = write_run_outputs(out, config, prepared, best_state, best, held_out, time.perf_counter() - started)
     low, high = metrics["accuracy_ci95"]
     log(f"{config.model}: {split} accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
         f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {location.storage}")

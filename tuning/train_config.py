@@ -55,6 +55,8 @@ class TrainConfig(StageConfig):
     seed: int = 0
     max_failures: int = 1  # worker failures tolerated; each resumes from the latest checkpoint
     eval_batch_size: int = 256
+    # NAME=DIR labelled folders scored after training, never during selection (tuning.eval_sets).
+    eval_sets: tuple[str, ...] = ()
     # Chaos testing of failure recovery: the first attempt of the run dies at this epoch (0 = never).
     inject_failure_at_epoch: int = 0
 
@@ -84,6 +86,9 @@ class TrainConfig(StageConfig):
             raise ConfigError(f"train.placement_strategy: PACK or SPREAD, got {self.placement_strategy!r}")
         if self.max_failures < 0:
             raise ConfigError("train.max_failures: must be >= 0")
+        names = [spec.partition("=")[0] for spec in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"train.eval_sets: {', '.join(names)} names a set twice")
 
     def augment_strengths(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in AUGMENTATIONS}
