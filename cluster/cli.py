@@ -10,9 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from cluster.config import ConfigError
-from cluster.errors import StageFailed
-from cluster.storage import OutputExistsError
+from cluster.errors import GendertuneError, StageFailed
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -444,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gendertune",
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_make_sample, _add_prep, _add_train, _add_predict, _add_evaluate, _add_compare, _add_leaderboard, _add_demo,
                 _add_submit, _add_jobs):
@@ -451,22 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors a user can fix: print them plainly instead of a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, OutputExistsError, FileNotFoundError, FileExistsError, ValueError, ConnectionError,
-)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except USER_ERRORS as err:
-        print(f"gendertune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # The project's own errors are about input and settings: one line, unless --debug asks for more.
+    # Anything else is a bug and keeps its traceback.
     except StageFailed as err:
+        if args.debug:
+            raise
         print(f"gendertune {args.command}: {err}", file=sys.stderr)
         return 1
+    except GendertuneError as err:
+        if args.debug:
+            raise
+        print(f"gendertune {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:
         print(f"gendertune {args.command}: interrupted. {err or 'Re-run the same command to resume.'}", file=sys.stderr)
         return 130

@@ -16,12 +16,14 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
+from cluster.errors import UserInputError
+
 
 # Every stage's section name; a config file section outside this list is a typo.
 SECTIONS = ("prep", "train", "search", "compare", "demo")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A config value is missing, unknown, of the wrong type, or impossible."""
 
 

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import cluster
 
+from cluster.errors import MissingInputError, UserInputError
+
 ADDRESS_ENV = "RAY_ADDRESS"
 PROJECT_ROOT = Path(cluster.__file__).resolve().parent.parent
 # Never uploaded with the job: environments, VCS data, caches and local outputs (Ray also
@@ -32,7 +34,7 @@ PROJECT_ROOT = Path(cluster.__file__).resolve().parent.parent
 WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "demo-out", "*.parquet", "*.jpg"]
 
 
-class InsecureAddressError(ValueError):
+class InsecureAddressError(UserInputError):
     """A plain-HTTP Jobs API address that is not loopback, without the explicit opt-in."""
 
 
@@ -40,7 +42,7 @@ def resolve_address(address: str | None, *, allow_insecure_http: bool = False) -
     """The Jobs API URL from --address or RAY_ADDRESS, refusing plain HTTP to a remote host."""
     address = address or os.environ.get(ADDRESS_ENV)
     if not address:
-        raise ValueError(
+        raise UserInputError(
             "no cluster address: pass --address http://127.0.0.1:8265 (the dashboard, e.g. through "
             f"`ray dashboard CLUSTER.yaml` or a port-forward) or set {ADDRESS_ENV}"
         )
@@ -48,7 +50,7 @@ def resolve_address(address: str | None, *, allow_insecure_http: bool = False) -
         address = f"http://{address}"  # what Ray's client assumes too
     parts = urlsplit(address)
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"--address {address}: expected the dashboard's http(s)://HOST:PORT (default port 8265)")
+        raise UserInputError(f"--address {address}: expected the dashboard's http(s)://HOST:PORT (default port 8265)")
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname or ""):
         raise InsecureAddressError(
             f"refusing to submit over plain HTTP to {parts.hostname}: Ray's Jobs API would run anyone's code "
@@ -78,7 +80,7 @@ def job_runtime_env(*, install_dependencies: bool = True, project_root: Path = P
     """The runtime_env a job needs: this project's source and, unless the cluster image already
     has them, its dependencies (pip builds on the cluster's own packages, so present ones are kept)."""
     if not (project_root / "pyproject.toml").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"submit uploads the project source, but {project_root} has no pyproject.toml: "
             "run it from a source checkout installed with `pip install -e .`"
         )
@@ -91,11 +93,11 @@ def job_runtime_env(*, install_dependencies: bool = True, project_root: Path = P
 def entrypoint_for(command: list[str]) -> str:
     """`python -m cluster.cli ARGS`: the module form works whether or not the cluster installed us."""
     if not command:
-        raise ValueError("nothing to submit: give a gendertune command after --, e.g. `submit -- compare --data ...`")
+        raise UserInputError("nothing to submit: give a gendertune command after --, e.g. `submit -- compare --data ...`")
     if command[0] == "gendertune":
         command = command[1:]
     if command and command[0] in ("submit", "jobs"):
-        raise ValueError(f"`{command[0]}` talks to a cluster; it can't itself run as a job")
+        raise UserInputError(f"`{command[0]}` talks to a cluster; it can't itself run as a job")
     return shlex.join(["python", "-m", "cluster.cli", *command])
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cluster.errors import MissingInputError, UserInputError
 from cluster.storage import OutputExistsError, atomic_output_dir
 
 COMPLETION_MARKERS = frozenset({"metrics.json", "manifest.json", "leaderboard.csv", "leaderboard.json", "leaderboard.md"})
 FETCHED_SUFFIXES = (".json", ".csv")
 
 
-class StorageURIError(ValueError):
+class StorageURIError(UserInputError):
     """A URI that pyarrow cannot open (unknown scheme, missing bucket, bad credentials...)."""
 
 
@@ -85,7 +86,7 @@ def read_bytes(location: str | Path) -> bytes:
         with fs.open_input_stream(path) as stream:
             return stream.read()
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{location} does not exist") from err
+        raise MissingInputError(f"{location} does not exist") from err
 
 
 def read_text(location: str | Path) -> str:

@@ -21,12 +21,13 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster.errors import UserInputError
 from cluster.object_store import is_uri
 
 PROBE_PREFIX = ".gendertune-storage-probe-"
 
 
-class StorageNotSharedError(ValueError):
+class StorageNotSharedError(UserInputError):
     """A local path on a multi-node cluster that some node cannot see."""
 
 

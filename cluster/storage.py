@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import GendertuneError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(GendertuneError, FileExistsError):
     """The output path already holds a result and the user did not ask to replace it."""
 
 

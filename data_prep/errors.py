@@ -1,5 +1,7 @@
 """The one exception type the prep stage raises for bad input; its message tells the user what to do."""
 
+from cluster.errors import UserInputError
 
-class PrepInputError(ValueError):
+
+class PrepInputError(UserInputError):
     """Input data that the prep stage cannot use: the message names the file and the problem."""

@@ -34,6 +34,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from cluster.errors import MissingInputError, UserInputError
 from data_prep.images import center_square_box
 
 TEMPLATE_NAME = "celeba-mean-5pt-v1"
@@ -73,7 +74,7 @@ class AlignSettings:
         fields = {f.name for f in dataclasses.fields(cls)}
         if values.get("template") != TEMPLATE_NAME or set(values) != fields:
             differences = sorted(fields ^ set(values)) or ["template"]
-            raise ValueError(f"face alignment settings {values} differ from this version's ({', '.join(differences)}): "
+            raise UserInputError(f"face alignment settings {values} differ from this version's ({', '.join(differences)}): "
                              "this version cannot reproduce that alignment; re-run prep and training")
         return cls(**{**values, "fill": tuple(values["fill"])})
 
@@ -182,7 +183,7 @@ def model_file(name: str) -> Path:
                                   "pip install face_recognition_models (or prep with --align none)")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall face_recognition_models")
+        raise MissingInputError(f"{path} is missing: reinstall face_recognition_models")
     return path
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
+from cluster.errors import UserInputError
 from models import weights as weights_io
 
 
@@ -173,7 +174,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _SPECS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_SPECS)}") from None
+        raise UserInputError(f"unknown model {name!r}; known models: {', '.join(_SPECS)}") from None
 
 
 def check_image_size(name: str, image_size: int) -> None:

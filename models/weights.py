@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from cluster.errors import MissingInputError, UserInputError
+
 if TYPE_CHECKING:
     from models.registry import ModelSpec
 
@@ -27,11 +29,11 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _VIT_POS_EMBEDDING = "encoder.pos_embedding"
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(MissingInputError):
     """A weights file is not where it was expected; the message says what to put where."""
 
 
-class WeightsError(ValueError):
+class WeightsError(UserInputError):
     """A weights file exists but is unreadable or does not fit the model."""
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuning.engine import Precision, bf16_supported, select_precision, train_one_epoch
+from tuning.engine import Precision, bf16_supported, cpu_flags, select_precision, train_one_epoch
 
 FP16 = Precision("fp16", torch.float16)
 
@@ -85,6 +85,15 @@ def test_precision_selection():
     cpu = torch.device("cpu")
     assert select_precision("fp32", cpu).autocast_dtype is None
     assert select_precision("auto", cpu).name == ("bf16" if bf16_supported(cpu) else "fp32")
+    # AVX-512 without its BF16 extension emulates bf16 (slower): auto stays fp32 there and says why.
+    emulating = cpu_flags("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq\n")
+    chosen = select_precision("auto", cpu, emulating)
+    assert chosen.name == "fp32" and "emulated" in chosen.reason
+    with pytest.raises(ValueError, match="not supported natively"):
+        select_precision("bf16", cpu, emulating)
+    for native in ("avx512_bf16", "amx_bf16"):
+        chosen = select_precision("auto", cpu, emulating | {native})
+        assert chosen.name == "bf16" and "native" in chosen.reason
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         select_precision("fp16", cpu)
     assert FP16.needs_scaler and not select_precision("fp32", cpu).needs_scaler

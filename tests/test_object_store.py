@@ -118,6 +118,7 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
     from tuning.search import SearchConfig
 
     table = run_compare(CompareConfig.from_dict({"data": prep_uri, "out": out_uri, "models": ["resnet18"], "resume": True}),
-                        SearchConfig.from_dict({"trials": 1}), TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1}),
+                        SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
+                        TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1, "batch_size": 32}),
                         log=lines.append)
     assert any("already finished" in line for line in lines) and table.loc[0, "status"] == "ok"

@@ -16,11 +16,12 @@ import pytest
 from ray.tune.search.optuna import OptunaSearch
 
 from cluster.cli import main
+from cluster.config import ConfigError
 from conftest import prep_sample
 from tuning import leaderboard, run_layout, tracking
 from tuning.compare import CompareConfig, run_compare
 from tuning.search import SearchConfig
-from tuning.search_space import param_space
+from tuning.search_space import param_space, trial_config
 from tuning.train_config import TrainConfig
 
 
@@ -34,6 +35,18 @@ def suggestions(seed: int, n: int = 4) -> list[dict]:
     searcher = OptunaSearch(seed=seed)
     searcher.set_search_properties("val_acc", "max", param_space("resnet18"))
     return [searcher.suggest(f"trial-{i}") for i in range(n)]
+
+
+def test_augment_strength_scales_the_users_own_augmentation():
+    base = TrainConfig.from_dict({"data": "d", "out": "o", "hflip": 0.0, "rotation": 30.0, "color_jitter": 0.0,
+                                  "random_erasing": 0.0, "random_resized_crop": 0.0, "zoom": 0.0, "translate": 0.0,
+                                  "random_border": 0.0}).to_dict()
+    half = trial_config(base, {"augment_strength": 0.5, "lr": 0.01})
+    assert half.rotation == 15.0 and half.hflip == 0.0 and half.lr == 0.01  # none stays none
+    assert trial_config(base, {"augment_strength": 0.5, "hflip": 0.3}).hflip == 0.3  # searched on its own
+    none = {**base, "rotation": 0.0}
+    assert all(v == 0 for v in trial_config(none, {"augment_strength": 1.0}).augment_strengths().values())
+    assert trial_config(base, {}).rotation == 30.0  # no strength searched: the base as it is
 
 
 def test_same_seed_gives_the_same_optuna_suggestions():
@@ -85,6 +98,8 @@ def test_leaderboard_files_columns_and_ranks(comparison):
     assert ok["accuracy"].is_monotonic_decreasing
     assert (ok["ci95_low"] <= ok["accuracy"]).all() and (ok["accuracy"] <= ok["ci95_high"]).all()
     assert (ok["trials_run"] == 2).all()
+    # The best configuration's own training time, and the whole search's: two different numbers.
+    assert (ok["train_seconds"] > 0).all() and (ok["search_seconds"] > ok["train_seconds"]).all()
     second = ok.iloc[1]
     assert 0 <= second["mcnemar_p_vs_leader"] <= 1 and second["mcnemar_b"] >= 0
     assert json.loads(ok.iloc[0]["best_params"])["lr"] > 0
@@ -166,6 +181,10 @@ def test_resume_scores_an_added_eval_set_without_searching_again(comparison, pre
     ok = table[table["status"] == "ok"]
     assert ok["acc_again"].tolist() == ok["acc_faces"].tolist()  # the same folder, the same scores
     assert set(run_layout.read_metrics(out / "models" / "googlenet")["eval_sets"]) == {"faces", "again"}
+    # Other settings would mix two experiments in one leaderboard: refused, naming what differs.
+    changed = compare_configs(prepared, out, epochs=2)
+    with pytest.raises(ConfigError, match=r"train\.epochs: 1 -> 2"):
+        run_compare(dataclasses.replace(changed[0], resume=True), *changed[1:], log=lambda *_: None)
 
 
 def test_best_runs_work_with_predict_and_leaderboard_cli(comparison, synthetic_sample, capsys):

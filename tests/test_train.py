@@ -145,6 +145,16 @@ def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
         predict(str(tmp_path), photos[:1])
 
 
+def test_a_model_file_of_another_version_is_a_one_line_error(ddp_run, tmp_path, capsys):
+    saved = torch.load(ddp_run[0] / run_layout.MODEL, weights_only=True)
+    del saved["temperature"], saved["format_version"]
+    torch.save(saved, tmp_path / run_layout.MODEL)
+    assert main(["predict", "--model", str(tmp_path), str(tmp_path / "any.jpg")]) == 2
+    error = capsys.readouterr().err
+    assert "another gendertune version (model format 1, this version reads 2; missing format_version, temperature)" in error
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+
+
 def test_rerun_of_a_finished_run_is_refused(ddp_run, prepared):
     out, _ = ddp_run
     with pytest.raises(RunAlreadyComplete):

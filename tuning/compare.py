@@ -26,7 +26,7 @@ from cluster.config import ConfigError, StageConfig
 from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import ensure_ray
 from cluster.shared_storage import require_shared
-from cluster.storage import write_text_atomic
+from cluster.storage import OutputExistsError, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import get_spec
 from tuning import ensemble, leaderboard, report, run_layout, tracking
@@ -67,6 +67,22 @@ def _settings_json(compare: CompareConfig, search: SearchConfig, base: TrainConf
     return json.dumps(merged, indent=2, sort_keys=True) + "\n"
 
 
+# Settings a resumed comparison may change: they act after the searches (which sets are scored, the
+# ensemble), or say to resume at all. Any other difference would mix two experiments in one leaderboard.
+RESUMABLE_CHANGES = {("compare", "resume"), ("compare", "ensemble_k"), ("train", "eval_sets")}
+
+
+def settings_changed(saved: dict, current: dict) -> list[str]:
+    """`section.key: old -> new` for every setting that differs, except RESUMABLE_CHANGES."""
+    changes = []
+    for section in sorted(set(saved) | set(current)):
+        before, after = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if (section, key) not in RESUMABLE_CHANGES and before.get(key) != after.get(key):
+                changes.append(f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}")
+    return changes
+
+
 def compare_one(model: str, location: OutputLocation, compare: CompareConfig, search: SearchConfig, base: TrainConfig,
                 eval_sets: list[EvalSet], *, tracking_uri: str | None = None, log=print) -> dict:
     """Search, then evaluate the winner once on test and on every eval set; returns its leaderboard
@@ -93,7 +109,8 @@ def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, com
                          callbacks=tracking.tune_callbacks(tracking_uri, tracking.COMPARE_EXPERIMENT, tags={
                              "gendertune.model": model, "gendertune.out": location.storage}))
     summary = {"trials_run": outcome.trials_run, "trials_pruned": outcome.trials_pruned,
-               "best_params": describe_params(outcome.best_params)}
+               "best_params": describe_params(outcome.best_params), "search_seconds": outcome.search_seconds,
+               "best_trial_seconds": outcome.best_trial_seconds, "retrained": compare.retrain}
     log(f"[compare] {model}: best val acc {outcome.best_metrics['val_acc']:.4f} with {summary['best_params']}")
     config = dataclasses.replace(outcome.best_config, out=location.storage_path("models", model), data=prepared.root)
     # The summary first: metrics.json, written last by either path, marks the model finished.
@@ -122,11 +139,17 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
                  base: TrainConfig, eval_sets: list[EvalSet], *, tracking_uri: str | None = None, log=print) -> pd.DataFrame:
     out = location.local
     if (out / leaderboard.CSV).exists() and not compare.resume:
-        raise FileExistsError(f"{location.storage} already holds a leaderboard; choose another --out or pass --resume")
+        raise OutputExistsError(f"{location.storage} already holds a leaderboard; choose another --out or pass --resume")
+    settings = _settings_json(compare, search, base)
+    if compare.resume and (out / "config.json").is_file():
+        changes = settings_changed(json.loads((out / "config.json").read_text()), json.loads(settings))
+        if changes:
+            raise ConfigError(f"{location.storage} was started with other settings ({'; '.join(changes)}); resume it "
+                              "with the same flags (only --eval-set and --ensemble-k may change), or choose another --out")
     ensure_ray()
     require_shared(reads=[prepared.root], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", _settings_json(compare, search, base))
+    write_text_atomic(out / "config.json", settings)
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.COMPARE_EXPERIMENT)  # an unreachable server fails now
     rows = []
@@ -162,7 +185,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
     # Readers open the runs where they are stored, not this process's working folder.
     table["run_dir"] = [location.storage_path(*(["models", model] if kind == "model" else [ensemble.FOLDER]))
                         if status == "ok" else "" for model, kind, status in zip(table["model"], table["kind"], table["status"])]
-    leaderboard.write_leaderboard(table, out, histories, confusion, slices, calibration)
+    leaderboard.write_leaderboard(table, out, histories, confusion, slices, calibration, class_names=prepared.class_names)
     report.write_report(out)
     if tracking_uri:
         log_models(tracking_uri, out, table, location.storage)

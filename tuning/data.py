@@ -14,6 +14,7 @@ import pyarrow.dataset as pads
 import ray
 
 from cluster import object_store
+from cluster.errors import UserInputError
 from data_prep.layout import PreparedData
 
 _KNUTH = 2654435761  # multiplicative hash constant: spreads consecutive ids over [0, 2^32)
@@ -89,7 +90,7 @@ def training_datasets(prepared: PreparedData, *, val_fraction: float) -> dict[st
 def test_dataset(prepared: PreparedData) -> ray.data.Dataset:
     """The held-out split with image ids, read once at the very end of a run."""
     if "test" not in prepared.splits:
-        raise ValueError(
+        raise UserInputError(
             f"{prepared.root} has no test split (splits: {', '.join(prepared.splits)}); "
             "prep with 2 or 3 --ratios, or an official partition that includes test images"
         )

@@ -11,10 +11,12 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from cluster.errors import UserInputError
 from models.registry import classification_loss, split_outputs
 from tuning.train_config import TrainConfig
 
@@ -23,10 +25,12 @@ Batch = tuple[Tensor, Tensor]  # (uint8 N x H x W x 3 images, int labels)
 
 @dataclass(frozen=True)
 class Precision:
-    """How a step runs: the autocast dtype (None = fp32) and whether fp16 needs a GradScaler."""
+    """How a step runs: the autocast dtype (None = fp32) and whether fp16 needs a GradScaler;
+    `reason` says why it was chosen (the run's history records it)."""
 
     name: str
     autocast_dtype: torch.dtype | None
+    reason: str = ""
 
     @property
     def needs_scaler(self) -> bool:
@@ -38,26 +42,46 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
-def bf16_supported(device: torch.device) -> bool:
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    return {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+
+
+def bf16_supported(device: torch.device, flags: set[str] | None = None) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    # oneDNN runs bf16 fast only with AVX-512 BF16 / AMX; elsewhere it is emulated and slower.
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # Only AVX-512 BF16 or AMX run bf16 natively. oneDNN's own check (_is_mkldnn_bf16_supported)
+    # accepts any AVX-512 BW/VL/DQ CPU, where bf16 is emulated and runs slower than fp32.
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS)
 
 
-def select_precision(requested: str, device: torch.device) -> Precision:
+def select_precision(requested: str, device: torch.device, flags: set[str] | None = None) -> Precision:
     """`auto`: bf16 where the hardware does it natively, else fp16+GradScaler on GPU, else fp32."""
+    native = bf16_supported(device, flags)
+    reason = f"--precision {requested}"
     if requested == "auto":
-        if bf16_supported(device):
+        if native:
             requested = "bf16"
+            reason = "auto: native bf16 (" + ("this GPU" if device.type == "cuda" else "AVX-512 BF16 or AMX") + ")"
+        elif device.type == "cuda":
+            requested, reason = "fp16", "auto: this GPU has no bf16; fp16 with a GradScaler"
         else:
-            requested = "fp16" if device.type == "cuda" else "fp32"
-    if requested == "bf16" and not bf16_supported(device):
-        raise ValueError(f"--precision bf16 is not supported on this {device.type} device; use auto or fp32")
+            requested, reason = "fp32", "auto: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be emulated (slower)"
+    if requested == "bf16" and not native:
+        raise UserInputError(f"--precision bf16 is not supported natively on this {device.type} device; use auto or fp32")
     if requested == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a GPU; on CPU use bf16 (if supported) or fp32")
+        raise UserInputError("--precision fp16 needs a GPU; on CPU use bf16 (if supported) or fp32")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    return Precision(requested, dtypes[requested])
+    return Precision(requested, dtypes[requested], reason)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

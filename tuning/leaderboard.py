@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cluster import object_store
+from cluster.errors import MissingInputError
 from cluster.storage import write_json_atomic, write_text_atomic
 from tuning import run_layout
 from tuning.metrics import mcnemar_test
@@ -37,7 +38,7 @@ CSV, JSON, MD = "leaderboard.csv", "leaderboard.json", "leaderboard.md"
 COLUMNS = [
     "rank", "model", "kind", "status", "accuracy", "ci95_low", "ci95_high", "majority_rate", "macro_f1", "roc_auc",
     "ece", "ece_calibrated", "temperature", "worst_slice", "worst_slice_acc", "class_recall_gap",
-    "params", "train_seconds", "inference_images_per_s", "trials_run", "trials_pruned", "best_epoch",
+    "params", "train_seconds", "search_seconds", "inference_images_per_s", "trials_run", "trials_pruned", "best_epoch",
     "best_val_acc", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c", "test_images", "best_params",
 ]
 LAST_COLUMNS = ["members", "run_dir", "error"]
@@ -73,10 +74,14 @@ def _slice_columns(report: dict | None, suffix: str) -> dict:
             f"class_recall_gap{suffix}": report["class_recall_gap"]}
 
 
-def model_row(model: str, metrics: dict, *, trials_run: int, trials_pruned: int, best_params: str, run_dir: str) -> dict:
+def model_row(model: str, metrics: dict, *, trials_run: int, trials_pruned: int, best_params: str, run_dir: str,
+              search_seconds: float = float("nan"), best_trial_seconds: float | None = None, retrained: bool = False) -> dict:
+    """`train_seconds` is the best configuration's own training time (its trial's, or the retrain's),
+    `search_seconds` the whole search's wall time (summaries written before they were kept: NaN)."""
     return {
         "model": model, "kind": "model", "status": "ok", **metric_columns(metrics),
-        "train_seconds": metrics["wall_seconds"], "trials_run": trials_run, "trials_pruned": trials_pruned,
+        "train_seconds": metrics["wall_seconds"] if retrained or best_trial_seconds is None else best_trial_seconds,
+        "search_seconds": search_seconds, "trials_run": trials_run, "trials_pruned": trials_pruned,
         "best_epoch": metrics["best_epoch"], "best_val_acc": metrics["best_val_acc"], "best_params": best_params,
         "run_dir": run_dir, "error": "",
     }
@@ -169,7 +174,8 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.DataFrame], confusion: dict,
-                      slices: dict[str, dict[str, dict]], calibration: dict[str, pd.DataFrame]) -> None:
+                      slices: dict[str, dict[str, dict]], calibration: dict[str, pd.DataFrame], *,
+                      class_names: list[str]) -> None:
     """The leaderboard files, then its figures; `slices` is {model: {set: slice report}},
     `calibration` {model: its test predictions}."""
     write_text_atomic(out / CSV, table.to_csv(index=False))
@@ -184,7 +190,7 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
         plot_accuracy_with_ci([{**r, "accuracy": r[f"acc_{name}"], "ci_lo": r[f"acc_{name}_ci95_low"],
                                 "ci_hi": r[f"acc_{name}_ci95_high"]} for r in records], out / f"eval_{name}_accuracy_ci.png",
                               xlabel=f"{name} accuracy (95% CI)")
-    plot_confusion_matrices(confusion, out / "confusion_matrices.png")
+    plot_confusion_matrices(confusion, out / "confusion_matrices.png", class_names=class_names)
     plot_histories(histories, out / "accuracy_per_epoch.png")
     plot_accuracy_vs_speed(records, out / "accuracy_vs_speed.png")
     if any(slices.values()):
@@ -196,7 +202,7 @@ def read_leaderboard(out: str | Path) -> pd.DataFrame:
     """The leaderboard in `out`, a folder or an object-store URI."""
     path = object_store.join(out, CSV)
     if not object_store.is_file(path):
-        raise FileNotFoundError(f"{out} has no {CSV}; run `gendertune compare --out {out}` first")
+        raise MissingInputError(f"{out} has no {CSV}; run `gendertune compare --out {out}` first")
     return pd.read_csv(io.BytesIO(object_store.read_bytes(path)), keep_default_na=False, na_values=[""])
 
 

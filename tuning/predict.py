@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cluster import object_store
+from cluster.errors import MissingInputError, UserInputError
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from data_prep.faces import AlignSettings, FaceChip, FaceFinder, face_chips
@@ -43,21 +44,27 @@ class RunModel:
     def __init__(self, run_dir: str | Path):
         path = object_store.join(run_dir, run_layout.MODEL)  # a folder or an object-store URI
         if not object_store.is_file(path):
-            raise FileNotFoundError(f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder")
+            raise MissingInputError(f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder")
         try:
             saved = torch.load(io.BytesIO(object_store.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt files
-            raise ValueError(f"{path} is not a readable gendertune model ({type(err).__name__}: {err})") from None
+            raise UserInputError(f"{path} is not a readable gendertune model ({type(err).__name__}: {err})") from None
+        missing = [key for key in run_layout.MODEL_KEYS if key not in saved]
+        if missing or saved["format_version"] != run_layout.MODEL_FORMAT_VERSION:
+            raise UserInputError(
+                f"{path} was written by another gendertune version (model format {saved.get('format_version', 1)}, "
+                f"this version reads {run_layout.MODEL_FORMAT_VERSION}" + (f"; missing {', '.join(missing)}" if missing else "")
+                + "): train it again with this version, or predict with the version that trained it")
         self.class_names = list(saved["class_names"])
         self.prep_image_size = int(saved["prep_image_size"])
-        self.align = AlignSettings.from_dict(saved["alignment"]) if saved.get("alignment") else None
+        self.align = AlignSettings.from_dict(saved["alignment"]) if saved["alignment"] else None
         self.finder = FaceFinder(self.align.detector) if self.align else None
         self.model = build_model(saved["model_name"], image_size=int(saved["image_size"]))
         self.model.load_state_dict(saved["model"])
         self.model.eval().to(memory_format=torch.channels_last)
         self.preprocess = EvalPreprocess(image_size=int(saved["image_size"]), mean=tuple(saved["mean"]), std=tuple(saved["std"]))
         # Fitted on validation after training (tuning.calibration); 1 = the network's own probabilities.
-        self.temperature = float(saved.get("temperature", 1.0))
+        self.temperature = float(saved["temperature"])
 
     @property
     def prob_column(self) -> str:
@@ -177,7 +184,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         else:
             paths.append(str(path))  # a missing file is reported per file, like a corrupt one
     if not paths:
-        raise FileNotFoundError(f"no images found in {', '.join(inputs)}")
+        raise MissingInputError(f"no images found in {', '.join(inputs)}")
     return list(dict.fromkeys(paths))
 
 

@@ -20,12 +20,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cluster.errors import MissingInputError
+
 CONFIG = "config.json"
 MODEL = "model.pt"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
 PREDICTIONS = "test_predictions.csv"
 RAY_RUN_NAME = "train"
+# model.pt's layout: 2 = format_version, temperature, alignment; readers refuse any other.
+MODEL_FORMAT_VERSION = 2
+MODEL_KEYS = ("format_version", "model", "model_name", "image_size", "prep_image_size", "mean", "std", "class_names",
+              "alignment", "temperature")
 
 
 def eval_predictions(name: str) -> str:
@@ -39,7 +45,7 @@ def is_complete(run_dir: str | Path) -> bool:
 def read_metrics(run_dir: str | Path) -> dict:
     path = Path(run_dir) / METRICS
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{run_dir} is not a finished training run (no {METRICS}); run or resume `gendertune train --out {run_dir}`"
         )
     return json.loads(path.read_text())

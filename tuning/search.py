@@ -17,6 +17,7 @@ import json
 import math
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,6 +188,8 @@ class SearchOutcome:
     trials_run: int
     trials_pruned: int
     trials_failed: int
+    search_seconds: float  # this call's wall time (a resumed search: the part since the resume)
+    best_trial_seconds: float  # the best trial's own training time, as Tune counted it
 
 
 def _fit_noting_interrupts(tuner: tune.Tuner):
@@ -286,7 +289,9 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
                 callbacks=[TrialSummary(model, base.epochs), *(callbacks or [])],
             ),
         )
+    started = time.perf_counter()
     results, interrupted = _fit_noting_interrupts(tuner)
+    search_seconds = time.perf_counter() - started
     missing = search.trials - len(results) if not search.time_budget_s else 0
     if interrupted or missing > 0:
         # Tune returns normally after Ctrl-C, with unfinished trials: that is no result to rank.
@@ -305,7 +310,8 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     best = max(finished, key=lambda r: r.metrics_dataframe[METRIC].max())
     state, metrics = _best_state(best, out_dir)
     params = {k: v for k, v in best.config.items()}
-    history = best.metrics_dataframe[[c for c in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images_per_s", "attempt_start_epoch") if c in best.metrics_dataframe]]
+    history = best.metrics_dataframe[[c for c in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images_per_s", "attempt_start_epoch",
+                                                          "precision", "precision_reason") if c in best.metrics_dataframe]]
     return SearchOutcome(
         best_config=trial_config(base.to_dict(), params), best_params=params, best_state=state,
         best_metrics={k: metrics[k] for k in ("epoch", "val_acc", "val_loss")},
@@ -313,6 +319,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
         trials_run=len(results),
         trials_pruned=sum(1 for r in finished if r.metrics.get("training_iteration", 0) < base.epochs),
         trials_failed=sum(1 for r in results if r.error is not None),
+        search_seconds=search_seconds, best_trial_seconds=float(best.metrics.get("time_total_s", float("nan"))),
     )
 
 

@@ -2,7 +2,7 @@
 
 A space maps a parameter to `[kind, ...]`: `["loguniform", low, high]`, `["uniform", low, high]`,
 `["choice", [values]]`, or a plain constant. `augment_strength` scales every augmentation's
-default strength at once (0 = none, 1 = the TrainConfig defaults), which keeps the search
+base strength at once (0 = none, 1 = the run's own settings), which keeps the search
 low-dimensional while still letting it trade regularisation against fitting speed.
 """
 
@@ -72,10 +72,11 @@ def param_space(model: str, overrides: dict[str, Any] | None = None) -> dict[str
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of one trial: the base run settings with the sampled parameters applied."""
-    values = {**base, **{k: v for k, v in params.items() if k != "augment_strength"}}
-    if "augment_strength" in params:
-        defaults = TrainConfig(data="d", out="o")
-        for name in AUGMENTATIONS:
-            values[name] = getattr(defaults, name) * float(params["augment_strength"])
+    """The TrainConfig of one trial: the base run settings with the sampled parameters applied.
+    `augment_strength` scales the *base* augmentation (so `--augment none` stays none, and
+    `rotation=30` is what a strength of 1 means); an augmentation searched on its own takes its
+    sampled value."""
+    strength = float(params.get("augment_strength", 1.0))
+    values = {**base, **{name: base[name] * strength for name in AUGMENTATIONS}}
+    values.update({k: v for k, v in params.items() if k != "augment_strength"})
     return TrainConfig.from_dict(values)

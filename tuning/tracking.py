@@ -34,6 +34,7 @@ from typing import Any
 
 import pandas as pd
 
+from cluster.errors import UnreachableError, UserInputError
 from cluster.object_store import is_uri
 
 AUTO_SETTINGS = frozenset({"auto", "default"})
@@ -61,12 +62,12 @@ def resolve_uri(setting: str | None, out: str) -> str | None:
     if setting.lower() not in AUTO_SETTINGS:
         return setting
     if is_uri(out):
-        raise ValueError(
+        raise UserInputError(
             f"--mlflow without a URI keeps its store in --out, but {out} is an object store; "
             "pass --mlflow URI explicitly (a tracking server http://HOST:5000, or sqlite:////PATH/mlflow.db)"
         )
     if not out:
-        raise ValueError("--mlflow without a URI keeps its store in --out; give --out")
+        raise UserInputError("--mlflow without a URI keeps its store in --out; give --out")
     # `mlflow ui --backend-store-uri sqlite:////abs/out/mlflow.db` opens it; four slashes = absolute.
     return "sqlite:///" + (Path(out.removeprefix("file://")).absolute() / STORE_FILE).as_posix()
 
@@ -82,7 +83,7 @@ def ensure_experiment(uri: str, experiment: str) -> str:
         client = MlflowClient(tracking_uri=uri)
         existing = client.get_experiment_by_name(experiment)
     except MlflowException as err:  # e.g. a folder (MLflow 3 refuses that store) or an unknown scheme
-        raise ValueError(f"MLflow can't use the tracking URI {uri!r}: {err.message}") from err
+        raise UserInputError(f"MLflow can't use the tracking URI {uri!r}: {err.message}") from err
     if existing is None:
         try:
             return client.create_experiment(experiment, artifact_location=_artifact_location(uri))
@@ -105,7 +106,7 @@ def _check_reachable(uri: str) -> None:
     try:
         socket.create_connection((address.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
-        raise ConnectionError(f"cannot reach the MLflow tracking server {uri}: {err}") from None
+        raise UnreachableError(f"cannot reach the MLflow tracking server {uri}: {err}") from None
 
 
 def _artifact_location(uri: str) -> str | None:

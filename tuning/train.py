@@ -19,7 +19,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from cluster.errors import StageFailed
+from cluster.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
 from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
@@ -39,7 +39,7 @@ from tuning.train_config import TrainConfig
 from tuning.worker import load_state_dir, train_worker
 
 
-class RunAlreadyComplete(FileExistsError):
+class RunAlreadyComplete(GendertuneError, FileExistsError):
     """--out holds a finished run; nothing to resume."""
 
 
@@ -53,7 +53,7 @@ def check_compatible(config: TrainConfig, prepared: PreparedData) -> int:
     image_size = config.image_size or prepared.image_size
     check_image_size(config.model, image_size)
     if config.weights and not Path(config.weights).is_file():
-        raise FileNotFoundError(f"--weights {config.weights} does not exist")
+        raise MissingInputError(f"--weights {config.weights} does not exist")
     return image_size
 
 
@@ -166,6 +166,7 @@ def write_run_outputs(
     write_text_atomic(out / run_layout.HISTORY, history.to_csv(index=False))
     torch.save(
         {
+            "format_version": run_layout.MODEL_FORMAT_VERSION,
             "model": state["model"], "model_name": config.model, "image_size": state["image_size"],
             "prep_image_size": prepared.image_size, "mean": list(spec.mean), "std": list(spec.std),
             "class_names": prepared.class_names, "epoch": best["epoch"], "val_acc": best["val_acc"],
@@ -215,6 +216,8 @@ def write_run_outputs(
         "inference_images_per_s": len(predictions) / max(scored["seconds"], 1e-9),
         "workers": config.workers,
         "gpu": config.gpu,
+        # Which precision --precision resolved to on the workers, and why (tuning.engine.select_precision).
+        **{key: history[key].iloc[-1] for key in ("precision", "precision_reason") if key in history},
     }
     if split != "test":
         metrics["warning"] = (
@@ -258,7 +261,7 @@ def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> d
         raise RunAlreadyComplete(f"{location.storage} already holds a finished run ({run_layout.METRICS}); choose another --out")
     saved = out / run_layout.CONFIG
     if saved.is_file() and json.loads(saved.read_text()) != json.loads(config.to_json()):
-        raise ValueError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
+        raise UserInputError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
     ensure_ray()
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)

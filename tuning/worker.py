@@ -141,6 +141,7 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
             # Aggregate throughput: all workers' images over the mean worker time.
             "train_images_per_s": sums[2] / max(sums[6] / session.world_size, 1e-9),
             "attempt_start_epoch": start_epoch,
+            "precision": precision.name, "precision_reason": precision.reason,
         }
         history.append(row)
         if rank == 0:
