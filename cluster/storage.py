@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import GendertuneError
+
+
+OWNER_FILE = ".owner"
 
 
 class OutputExistsError(GendertuneError, FileExistsError):
@@ -44,13 +48,18 @@ def atomic_output_dir(final: str | Path, *, marker: str, overwrite: bool = False
                 "refusing to replace it — choose another --out"
             )
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_staging(final)
     staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    # Who is writing it: a run killed too hard to clean up (SIGKILL, a lost node) leaves the folder
+    # behind, and the next run removes it once this process is gone.
+    (staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    (staging / OWNER_FILE).unlink()
     if final.exists():
         # Move the old result aside first so `final` is never missing a complete version for
         # longer than two renames, then drop the old one.
@@ -60,6 +69,31 @@ def atomic_output_dir(final: str | Path, *, marker: str, overwrite: bool = False
         shutil.rmtree(retired, ignore_errors=True)
     else:
         staging.rename(final)
+
+
+def remove_abandoned_staging(final: Path) -> list[Path]:
+    """Delete the staging folders of `final` whose writer, on this host, no longer runs; a folder
+    another host writes, or one without an owner file, is left alone. Returns what was removed."""
+    removed = []
+    for staging in final.parent.glob(f".{final.name}.partial-*"):
+        try:
+            host, pid = (staging / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if host == socket.gethostname() and not _running(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

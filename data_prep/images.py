@@ -36,6 +36,12 @@ JPEG_START = b"\xff\xd8"
 SCALABLE_JPEG_COLOURSPACES = {"YCbCr", "Gray"}
 
 
+# Smaller than this on the shorter side there is no face to learn from (a 1x1 pixel, a 1000x1
+# strip); upscaling it would only invent one.
+MIN_IMAGE_SIDE = 24
+EXIF_ORIENTATION = 0x0112
+
+
 class ImageRejected(Exception):
     """The bytes are not a usable image; the message is the reason written to rejected.csv."""
 
@@ -73,12 +79,21 @@ def decode_face_bytes(data: bytes, *, image_size: int) -> bytes:
 def _decode_face_image(data: bytes, *, image_size: int, scaled_jpeg: bool) -> Image.Image:
     if not data:
         raise ImageRejected("empty file (0 bytes)")
-    if scaled_jpeg and data[:2] == JPEG_START:
+    # A JPEG stored sideways (EXIF orientation, as phones do) takes PIL's path, which turns it upright.
+    if scaled_jpeg and data[:2] == JPEG_START and _orientation(data) in (None, 1):
         face = _scaled_jpeg_face(data, image_size)
         if face is not None:
             return face
-    rgb = _open_rgb(data, upright=False)
+    rgb = _open_rgb(data, upright=True)
     return _resize_centre_square(rgb, image_size, box=center_square_box(*rgb.size))
+
+
+def _orientation(data: bytes) -> int | None:
+    """The EXIF orientation tag (1 = upright), read from the header only; None without one."""
+    try:
+        return Image.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION)
+    except Exception:  # unreadable headers are the full decode's to reject, with its own words
+        return None
 
 
 def load_photo(data: bytes) -> Image.Image:
@@ -90,23 +105,38 @@ def load_photo(data: bytes) -> Image.Image:
 
 
 def _open_rgb(data: bytes, *, upright: bool) -> Image.Image:
+    """Full decode to 8-bit RGB: the first frame of an animation, 16-bit data scaled (not clipped)."""
     try:
         # No `with`: closing an image discards its pixels, and an in-memory file needs no closing.
         image = Image.open(io.BytesIO(data))
-        image.load()  # a full decode: truncated or corrupt data fails here, not later
+        _check_size(*image.size)
+        image.load()  # a full decode of the first frame: truncated or corrupt data fails here, not later
         if upright:
             image = ImageOps.exif_transpose(image)
-        return image if image.mode == "RGB" else image.convert("RGB")
     except UnidentifiedImageError:
         raise ImageRejected("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageRejected(f"too many pixels for an image of a face (a decompression bomb?): {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageRejected(f"corrupt or truncated image: {err}") from None
+    if image.mode.startswith("I"):
+        # 16-bit greyscale (PNG "I;16", or "I" holding 0..65535): PIL's convert clips it to 255,
+        # i.e. white; scale it into 8 bits instead.
+        values = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((values >> 8 if values.max() > 255 else values).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _check_size(width: int, height: int) -> None:
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageRejected(f"too small: {width}x{height} px (the shorter side must be at least {MIN_IMAGE_SIDE} px)")
 
 
 def _scaled_jpeg_face(data: bytes, image_size: int) -> Image.Image | None:
     """The face from a DCT-scaled decode, or None where PIL's full decode should handle `data`."""
     try:
         height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+        _check_size(width, height)
         if (colourspace not in SCALABLE_JPEG_COLOURSPACES or min(width, height) <= image_size
                 or width * height > 2 * Image.MAX_IMAGE_PIXELS):  # PIL rejects decompression bombs
             return None

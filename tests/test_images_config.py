@@ -11,7 +11,7 @@ from PIL import Image
 
 from cluster.config import ConfigError
 from data_prep.config import PrepConfig
-from data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, sha256_hex
+from data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, load_photo, sha256_hex
 
 
 def jpeg_bytes(width=178, height=218, seed=0):
@@ -78,6 +78,53 @@ def test_cmyk_small_and_unscalable_jpegs_take_the_full_decode():
 def test_decode_face_rejects_bad_bytes_with_a_reason(data, reason):
     with pytest.raises(ImageRejected, match=reason):
         decode_face(data, image_size=64)
+
+
+def _encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1000, 1), (23, 400)])
+def test_images_too_small_for_a_face_are_rejected_not_upscaled(size):
+    for data in (_encoded(Image.new("RGB", size, (90, 90, 90)), "JPEG"), _encoded(Image.new("RGB", size), "PNG")):
+        with pytest.raises(ImageRejected, match=f"too small: {size[0]}x{size[1]} px"):
+            decode_face(data, image_size=64)
+        with pytest.raises(ImageRejected, match="too small"):
+            load_photo(data)
+
+
+def test_sixteen_bit_png_is_scaled_not_saturated():
+    ramp = np.tile(np.linspace(0, 65535, 64, dtype=np.uint16), (64, 1))
+    face = decode_face(_encoded(Image.fromarray(ramp), "PNG"), image_size=64)
+    assert face[0, 0, 0] == 0 and face[0, -1, 0] == 255 and 120 <= face[0, 32, 0] <= 135  # a ramp, not white
+
+
+def test_an_animation_gives_its_first_frame():
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    data = _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    face = decode_face(data, image_size=32)
+    assert face[..., 0].mean() > 200 and face[..., 2].mean() < 50
+
+
+def test_exif_orientation_is_applied_on_every_decode_path():
+    # A landscape photo whose left half is white, stored with "rotate 90 degrees clockwise to view" (6).
+    pixels = np.zeros((120, 200, 3), np.uint8)
+    pixels[:, :100] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    data = _encoded(image, "JPEG", exif=exif, quality=95)
+    upright = decode_face(data, image_size=64)  # viewed upright it is portrait, white on top
+    assert upright[:20].mean() > 200 and upright[-20:].mean() < 50
+    assert load_photo(data).size == (120, 200)
+
+
+def test_a_decompression_bomb_is_rejected_with_its_reason(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses above twice this
+    with pytest.raises(ImageRejected, match="decompression bomb"):
+        decode_face(_encoded(Image.new("RGB", (100, 100)), "PNG"), image_size=32)
 
 
 def test_png_and_grayscale_inputs_become_rgb():

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -12,6 +16,7 @@ import pytest
 from PIL import Image
 
 from cluster.cli import main
+from cluster.storage import OWNER_FILE, atomic_output_dir
 from data_prep import layout, pipeline
 from data_prep.config import PrepConfig
 from data_prep.errors import PrepInputError
@@ -134,6 +139,30 @@ def test_interrupted_run_leaves_no_complete_looking_output(ray_session, syntheti
         prep(synthetic_sample, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
+    final = tmp_path / "out"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from cluster.storage import atomic_output_dir\n"
+        "with atomic_output_dir(sys.argv[1], marker='manifest.json') as staging:\n"
+        "    (staging / 'half.txt').write_text('half')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"), str(final)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)  # no cleanup runs: the staging folder stays
+    writer.wait(timeout=10)
+    left = list(tmp_path.glob(".out.partial-*"))
+    assert len(left) == 1 and not final.exists()
+    other_host = tmp_path / ".out.partial-elsewhere"
+    other_host.mkdir()
+    (other_host / OWNER_FILE).write_text(f"another-host {os.getpid()}\n")
+    with atomic_output_dir(final, marker="manifest.json") as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert not left[0].exists()  # its writer is dead: removed
+    assert other_host.exists()  # written from another machine: not ours to judge
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json"]
 
 
 def test_bad_inputs_name_the_problem(synthetic_sample, tmp_path):

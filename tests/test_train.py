@@ -15,6 +15,7 @@ from cluster.cli import main
 from conftest import prep_sample
 from data_prep import layout
 from data_prep.errors import PrepInputError
+from tuning import predict as predict_module
 from tuning import run_layout
 from tuning.predict import ANNOTATION_COLOUR, predict
 from tuning.train import RunAlreadyComplete, RunFailed, run_training
@@ -105,6 +106,19 @@ def test_predict_matches_the_evaluation(ddp_run, prepared, synthetic_sample_larg
     predicted = predict(str(out), images, every_face=False)
     assert predicted["image"].tolist() == images
     assert np.allclose(predicted["prob_male"].to_numpy(), evaluated["prob_positive"].to_numpy(), atol=1e-5)
+
+
+def test_ray_data_batch_inference_gives_the_in_process_rows(ddp_run, synthetic_sample_large, monkeypatch):
+    out, _ = ddp_run
+    folder = synthetic_sample_large.path / "img_align_celeba"
+    paths = [str(p) for p in sorted(folder.iterdir())[:12]]
+    inputs = [*paths, paths[0], str(folder / "missing.jpg")]  # a path twice, and one that is not there
+    in_process = predict(str(out), inputs)
+    monkeypatch.setattr(predict_module, "RAY_THRESHOLD", 4)  # the actor-pool path, on a few images
+    on_ray = predict(str(out), inputs)
+    assert on_ray["image"].tolist() == in_process["image"].tolist() == [*paths, inputs[-1]]
+    assert np.allclose(on_ray["prob_male"], in_process["prob_male"], atol=1e-5, equal_nan=True)
+    assert on_ray["error"].iloc[-1].startswith("unreadable file") and (on_ray["error"].iloc[:-1] == "").sum() >= 11
 
 
 def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
