@@ -302,8 +302,10 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from tuning import run_layout
     from tuning.eval_sets import evaluate_run, format_scores, load_eval_set
 
+    run_layout.read_metrics(args.model)  # a finished run, or a clear error
     eval_sets = [load_eval_set(spec, attribute=args.attribute) for spec in args.eval_sets]  # all checked first
     for eval_set in eval_sets:
         print(format_scores(eval_set.name, evaluate_run(args.model, eval_set)))

@@ -47,9 +47,9 @@ def hub_weights_path(spec: ModelSpec) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(hub_weights_url(spec))
 
 
-def read_hub_weights(spec: ModelSpec) -> dict[str, Tensor]:
-    """`spec`'s ImageNet state dict from the hub cache. The file's hash is not checked (that
-    would cost seconds per build for the large models); a truncated file fails to load."""
+def require_hub_weights(spec: ModelSpec) -> Path:
+    """The cached ImageNet weights file of `spec`, or WeightsNotFoundError saying where to put it
+    (a driver calls this before any Ray work, so a missing file fails in seconds)."""
     path = hub_weights_path(spec)
     if not path.is_file():
         raise WeightsNotFoundError(
@@ -58,7 +58,13 @@ def read_hub_weights(spec: ModelSpec) -> dict[str, Tensor]:
             f"{hub_weights_url(spec)} on a machine with internet access; TORCH_HOME moves the "
             f"cache), or pass --weights FILE with a state dict instead."
         )
-    return _read_state_dict(path)
+    return path
+
+
+def read_hub_weights(spec: ModelSpec) -> dict[str, Tensor]:
+    """`spec`'s ImageNet state dict from the hub cache. The file's hash is not checked (that
+    would cost seconds per build for the large models); a truncated file fails to load."""
+    return _read_state_dict(require_hub_weights(spec))
 
 
 def read_weights_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:

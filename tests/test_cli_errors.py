@@ -1,12 +1,19 @@
 """The command line's contract for errors: the project's own are one line (exit 2), with the
-traceback under --debug; anything else is a bug and keeps its traceback."""
+traceback under --debug; anything else is a bug and keeps its traceback. And a table of bad
+inputs across the commands, each failing in seconds, before any work, leaving no output behind."""
 
 from __future__ import annotations
 
+import json
+import time
+
+import pandas as pd
 import pytest
+from PIL import Image
 
 from cluster.cli import main
 from cluster.errors import GendertuneError, MissingInputError
+from data_prep import layout
 from tuning import leaderboard
 
 
@@ -26,3 +33,92 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="a bug") as raised:
         main(["leaderboard", str(tmp_path)])
     assert not isinstance(raised.value, GendertuneError)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Small, real inputs that each case spoils in one way: an image folder with a label CSV, a
+    prep output's manifest (validation reads no more of it), a config file per mistake."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    images = root / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.new("RGB", (64, 64), (index * 40, 90, 90)).save(images / f"{index}.jpg")
+    pd.DataFrame({"images": ["0.jpg", "1.jpg", "2.jpg"], "Male": [1, 0, 1]}).to_csv(root / "labels.csv", index=False)
+    pd.DataFrame({"images": ["0.jpg"], "gender": [1]}).to_csv(root / "no_male.csv", index=False)
+    pd.DataFrame({"images": ["0.jpg", "1.jpg"], "Male": [1, 2]}).to_csv(root / "bad_values.csv", index=False)
+    prep = root / "prep"
+    prep.mkdir()
+    (prep / layout.MANIFEST).write_text(json.dumps({
+        "format_version": layout.FORMAT_VERSION, "attribute": "Male", "class_names": ["Female", "Male"],
+        "image_size": 32, "alignment": None, "splits": {"train": {"count": 2}, "test": {"count": 1}}}))
+    old_prep = root / "old-prep"
+    old_prep.mkdir()
+    (old_prep / layout.MANIFEST).write_text(json.dumps({"format_version": 1}))
+    configs = {
+        "unknown_key.toml": "[prep]\nimagesize = 64\n",
+        "unknown_section.toml": "[preprocessing]\nimage_size = 64\n",
+        "bad_domain.toml": '[search.space]\nlr = ["lognormal", 1e-4, 1e-2]\n',
+        "bad_constant.toml": "[search.space]\nhflip = 3.0\n",
+        "not_toml.toml": "[prep\nimage_size = 64\n",
+    }
+    for name, text in configs.items():
+        (root / name).write_text(text)
+    return root
+
+
+TRAIN = ["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet18"]
+COMPARE = ["compare", "--data", "{root}/prep", "--out", "{out}", "--models", "resnet18"]
+CASES = {
+    "prep: no data folder": (["prep", "--data", "{root}/nowhere", "--out", "{out}"], "nowhere does not exist"),
+    "prep: no label file": (["prep", "--data", "{root}/images", "--out", "{out}"], "0 CSV files; pass --labels FILE"),
+    "prep: label column missing": (["prep", "--data", "{root}/images", "--labels", "{root}/no_male.csv", "--out", "{out}"],
+                                   "no_male.csv: no attribute column 'Male'"),
+    "prep: label values": (["prep", "--data", "{root}/images", "--labels", "{root}/bad_values.csv", "--out", "{out}"],
+                           "values other than 0/1 or -1/1"),
+    "prep: ratios": (["prep", "--data", "{root}/images", "--ratios", "0.5,0.2", "--out", "{out}"], "sum to 1"),
+    "prep: out inside the images": (["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv",
+                                     "--out", "{root}/images/out"], "inside the image folder"),
+    "config: unknown key": (["prep", "--config", "{root}/unknown_key.toml", "--data", "{root}/images", "--out", "{out}"],
+                            "imagesize"),
+    "config: unknown section": (["prep", "--config", "{root}/unknown_section.toml", "--data", "{root}/images",
+                                 "--out", "{out}"], "unknown section(s) preprocessing"),
+    "config: not TOML": (["prep", "--config", "{root}/not_toml.toml", "--data", "{root}/images", "--out", "{out}"],
+                         "is not valid TOML"),
+    "train: hflip out of range": ([*TRAIN, "--augment", "hflip=2"], "train.hflip is a probability in [0, 1]"),
+    "train: negative rotation": ([*TRAIN, "--augment", "rotation=-5"], "train.rotation must be in [0, 180]"),
+    "train: crop of 1": ([*TRAIN, "--augment", "random_resized_crop=1.0"], "train.random_resized_crop"),
+    "train: lr": ([*TRAIN, "--lr", "0"], "train.lr: must be in (0, 10)"),
+    "train: not a prep output": (["train", "--data", "{root}/images", "--out", "{out}"], "is not a prepared dataset"),
+    "train: prep of another version": (["train", "--data", "{root}/old-prep", "--out", "{out}"], "format version 1 is not"),
+    "train: unknown model": (["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet9000"],
+                             "unknown model 'resnet9000'"),
+    "train: no ImageNet weights": ([*TRAIN, "--pretrained"], "are not in the torch hub cache"),
+    "train: weights file missing": ([*TRAIN, "--weights", "{root}/none.pt"], "none.pt does not exist"),
+    "train: eval set spec": ([*TRAIN, "--eval-set", "{root}/images"], "expected NAME=DIR"),
+    "train: eval set without labels": ([*TRAIN, "--eval-set", "faces={root}/prep"], "found 0 CSV files"),
+    "compare: a model twice": ([*COMPARE[:-1], "resnet18,resnet18"], "names a model twice"),
+    "compare: ensemble of one": ([*COMPARE, "--ensemble-k", "1"], "compare.ensemble_k"),
+    "compare: bad search space": ([*COMPARE, "--config", "{root}/bad_domain.toml"], "search.space.lr"),
+    "compare: bad search constant": ([*COMPARE, "--config", "{root}/bad_constant.toml"], "hflip is a probability"),
+    "predict: not a run": (["predict", "--model", "{root}/prep", "{root}/images"], "has no model.pt"),
+    "evaluate: not a run": (["evaluate", "--model", "{root}/prep", "--eval-set", "faces={root}/images"],
+                            "is not a finished training run"),
+    "leaderboard: no comparison": (["leaderboard", "{root}/prep"], "has no leaderboard.csv"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys):
+    template, expected = CASES[case]
+    out = tmp_path / "out"
+    args = [arg.format(root=inputs, out=out) for arg in template]
+    started = time.perf_counter()
+    code = main(args)
+    seconds = time.perf_counter() - started
+    error = capsys.readouterr().err.strip()
+    assert code == 2, error
+    assert len(error.splitlines()) == 1 and "Traceback" not in error, error
+    assert expected in error, error
+    assert seconds < 10, f"{case} took {seconds:.1f}s to fail"
+    assert not out.exists() and not (inputs / "images" / "out").exists()

@@ -31,7 +31,7 @@ from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import get_spec
 from tuning import ensemble, leaderboard, report, run_layout, tracking
 from tuning.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
-from tuning.search import SearchConfig, describe_params, run_search
+from tuning.search import SearchConfig, check_search, describe_params, run_search
 from tuning.train import held_out_predictions, train_into, write_run_outputs
 from tuning.train_config import TrainConfig
 
@@ -131,6 +131,8 @@ def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig,
     if "test" not in prepared.splits:
         raise ConfigError(f"{compare.data} has no test split; prep with 2 or 3 --ratios (or an official partition with test images)")
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in base.eval_sets]
+    for model in compare.models:
+        check_search(model, base, search)
     with output_location(compare.out, ray_dirs=frozenset({"searches", run_layout.RAY_RUN_NAME})) as location:
         return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri, log=log)
 

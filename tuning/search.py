@@ -35,8 +35,10 @@ from cluster.config import ConfigError, StageConfig
 from cluster.object_store import filesystem_for, is_uri, join
 from cluster.runtime import compute_parallelism
 from data_prep.layout import PreparedData, open_prepared
+from models.registry import get_spec
+from models.weights import require_hub_weights
 from tuning.data import training_datasets
-from tuning.search_space import param_space, trial_config
+from tuning.search_space import param_space, space_for, trial_config
 from tuning.train import build_trainer, loop_settings
 from tuning.train_config import TrainConfig
 from tuning.worker import epoch_results, load_state_dir, save_state_dir, torch_batches
@@ -229,6 +231,20 @@ def _best_state(result, storage: str) -> tuple[dict, dict]:
     row = frame.loc[frame[METRIC].idxmax()]
     with ray.train.Checkpoint(row[CHECKPOINT_PATH_KEY], filesystem=fs).as_directory() as folder:
         return load_state_dir(folder), row.to_dict()
+
+
+def check_search(model: str, base: TrainConfig, search: SearchConfig) -> None:
+    """What would otherwise fail only inside the trials, checked on the driver before Ray starts:
+    the space's entries, its constants applied to the base settings, ImageNet weights on disk."""
+    space = space_for(model, search.space)
+    param_space(model, search.space)  # each entry is a valid domain
+    constants = {name: spec for name, spec in space.items() if not isinstance(spec, list)}
+    try:
+        trial_config({**base.to_dict(), "model": model}, constants)
+    except ConfigError as err:
+        raise ConfigError(f"search.space constants {constants}: {err}") from None
+    if base.pretrained:
+        require_hub_weights(get_spec(model))
 
 
 def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,

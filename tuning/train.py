@@ -27,6 +27,7 @@ from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import build_model, check_image_size, count_parameters, get_spec
 from models.transforms import EvalPreprocess
+from models.weights import require_hub_weights
 from tuning import run_layout, tracking
 from tuning.calibration import calibrated_probability, fit_temperature
 from tuning.data import read_split_images, test_dataset, training_datasets, training_views
@@ -54,6 +55,8 @@ def check_compatible(config: TrainConfig, prepared: PreparedData) -> int:
     check_image_size(config.model, image_size)
     if config.weights and not Path(config.weights).is_file():
         raise MissingInputError(f"--weights {config.weights} does not exist")
+    if config.pretrained:
+        require_hub_weights(get_spec(config.model))
     return image_size
 
 

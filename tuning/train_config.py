@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from cluster.config import ConfigError, StageConfig
+from models.transforms import TrainAugment
 
 AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop", "zoom", "translate",
                  "random_border")
@@ -86,6 +87,10 @@ class TrainConfig(StageConfig):
             raise ConfigError(f"train.placement_strategy: PACK or SPREAD, got {self.placement_strategy!r}")
         if self.max_failures < 0:
             raise ConfigError("train.max_failures: must be >= 0")
+        try:  # the augmentation's own checks, so each range is stated once (models.transforms)
+            TrainAugment(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **self.augment_strengths())
+        except ValueError as err:
+            raise ConfigError(f"train.{err}; see --augment in `gendertune train --help`") from None
         names = [spec.partition("=")[0] for spec in self.eval_sets]
         if len(set(names)) != len(names):
             raise ConfigError(f"train.eval_sets: {', '.join(names)} names a set twice")
