@@ -14,6 +14,8 @@ import os
 
 import ray
 
+from cluster.errors import UserInputError
+
 LOCAL_LOGICAL_CPUS_MIN = 8
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know
 # the real core count too: inside a Tune trial or a Train worker a module flag would be unset.
@@ -43,3 +45,23 @@ def compute_parallelism(requested: int = 0) -> int:
     if os.environ.get(LOCAL_CORES_ENV):
         return int(os.environ[LOCAL_CORES_ENV])
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def require_resources(*, workers: int, cpus_per_worker: float, gpus_per_worker: int) -> None:
+    """Fail in seconds, saying what there is, when the cluster cannot place `workers` workers at
+    once, instead of Ray waiting forever for resources that will never come. One CPU stays free
+    for the Ray Data tasks that feed the workers (without it they wait on each other)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total_cpus = sum(n.get("CPU", 0) for n in nodes)
+    total_gpus = sum(n.get("GPU", 0) for n in nodes)
+    widest = max((n.get("CPU", 0) for n in nodes), default=0)
+    problems = []
+    if workers * cpus_per_worker > total_cpus - 1:
+        problems.append(f"{workers} workers x {cpus_per_worker:g} CPUs need {workers * cpus_per_worker:g} CPUs "
+                        f"plus 1 for data loading; the cluster has {total_cpus:g}")
+    if cpus_per_worker > widest:
+        problems.append(f"--cpus-per-worker {cpus_per_worker:g} is more than any one node has ({widest:g})")
+    if workers * gpus_per_worker > total_gpus:
+        problems.append(f"{workers} workers x {gpus_per_worker} GPU need {workers * gpus_per_worker}; the cluster has {total_gpus:g}")
+    if problems:
+        raise UserInputError("; ".join(problems) + ": use fewer --workers or --cpus-per-worker, or a larger cluster")

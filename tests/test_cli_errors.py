@@ -122,3 +122,13 @@ def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_p
     assert expected in error, error
     assert seconds < 10, f"{case} took {seconds:.1f}s to fail"
     assert not out.exists() and not (inputs / "images" / "out").exists()
+
+
+def test_more_workers_than_the_cluster_holds_fails_in_seconds(inputs, ray_session, tmp_path, capsys):
+    out = tmp_path / "out"
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    started = time.perf_counter()
+    assert main(["train", "--data", str(inputs / "prep"), "--out", str(out), "--workers", str(cpus)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"{cpus} workers x 1 CPUs need {cpus} CPUs plus 1 for data loading; the cluster has {cpus}" in error, error
+    assert time.perf_counter() - started < 10 and not out.exists()

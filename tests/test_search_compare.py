@@ -21,7 +21,7 @@ from conftest import prep_sample
 from tuning import leaderboard, run_layout, tracking
 from tuning.compare import CompareConfig, run_compare
 from tuning.search import SearchConfig
-from tuning.search_space import param_space, trial_config
+from tuning.search_space import base_point, param_space, trial_config
 from tuning.train_config import TrainConfig
 
 
@@ -78,6 +78,15 @@ def test_in_process_trials_reuse_one_actor(comparison):
     results = sorted((out / "searches" / "resnet18" / "search").glob("*/result.json"))
     pids = {json.loads(line)["pid"] for path in results for line in path.read_text().splitlines() if line.strip()}
     assert len(results) == 2 and len(pids) == 1, f"{len(results)} trials ran in processes {pids}"
+
+
+def test_the_search_tries_the_users_own_configuration(comparison, prepared):
+    out, _ = comparison
+    tried = [json.loads(path.read_text()) for path in (out / "searches" / "resnet18" / "search").glob("*/params.json")]
+    base = compare_configs(prepared, out)[2]
+    own = base_point(dataclasses.replace(base, model="resnet18"), "resnet18")
+    assert own["lr"] == base.lr and own["augment_strength"] == 1.0
+    assert own in [{key: trial[key] for key in own} for trial in tried]
 
 
 def test_leaderboard_files_columns_and_ranks(comparison):

@@ -24,7 +24,7 @@ import pandas as pd
 
 from cluster.config import ConfigError, StageConfig
 from cluster.object_store import OutputLocation, output_location
-from cluster.runtime import ensure_ray
+from cluster.runtime import ensure_ray, require_resources
 from cluster.shared_storage import require_shared
 from cluster.storage import OutputExistsError, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
@@ -149,6 +149,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
             raise ConfigError(f"{location.storage} was started with other settings ({'; '.join(changes)}); resume it "
                               "with the same flags (only --eval-set and --ensemble-k may change), or choose another --out")
     ensure_ray()
+    require_resources(workers=base.workers, cpus_per_worker=base.cpus_per_worker, gpus_per_worker=int(base.gpu))
     require_shared(reads=[prepared.root], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", settings)

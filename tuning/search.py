@@ -38,7 +38,7 @@ from data_prep.layout import PreparedData, open_prepared
 from models.registry import get_spec
 from models.weights import require_hub_weights
 from tuning.data import training_datasets
-from tuning.search_space import param_space, space_for, trial_config
+from tuning.search_space import base_point, param_space, space_for, trial_config
 from tuning.train import build_trainer, loop_settings
 from tuning.train_config import TrainConfig
 from tuning.worker import epoch_results, load_state_dir, save_state_dir, torch_batches
@@ -283,7 +283,8 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
             # metric/mode go to the searcher and scheduler, not TuneConfig: there Tune ranks the
             # trials itself on return and raises KeyError when an interrupted one has no metric yet.
             tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric=METRIC, mode="max", seed=search.seed),
+                search_alg=OptunaSearch(metric=METRIC, mode="max", seed=search.seed,
+                                        points_to_evaluate=[base_point(base, model, search.space)]),
                 scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=base.epochs,
                                         grace_period=min(search.grace_period, base.epochs),
                                         reduction_factor=search.reduction_factor),

@@ -80,3 +80,18 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
     values = {**base, **{name: base[name] * strength for name in AUGMENTATIONS}}
     values.update({k: v for k, v in params.items() if k != "augment_strength"})
     return TrainConfig.from_dict(values)
+
+
+def base_point(base: TrainConfig, model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The user's own configuration as a point of the space: the search's first trial, so a search
+    can only add to what `train` with the same settings would give. A value the space cannot hold
+    (outside its range or choices) is left for the searcher to sample."""
+    point = {}
+    for name, spec in space_for(model, overrides).items():
+        value = 1.0 if name == "augment_strength" else getattr(base, name)
+        if not isinstance(spec, list) or not spec or not isinstance(spec[0], str):
+            continue  # a constant: every trial has it anyway
+        kind, *args = spec
+        if kind == "choice" and value in args[0] or kind != "choice" and float(args[0]) <= value <= float(args[1]):
+            point[name] = value
+    return point

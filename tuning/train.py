@@ -21,7 +21,7 @@ from torch import nn
 
 from cluster.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
 from cluster.object_store import OutputLocation, output_location
-from cluster.runtime import compute_parallelism, ensure_ray
+from cluster.runtime import compute_parallelism, ensure_ray, require_resources
 from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
@@ -266,6 +266,7 @@ def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> d
     if saved.is_file() and json.loads(saved.read_text()) != json.loads(config.to_json()):
         raise UserInputError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
     ensure_ray()
+    require_resources(workers=config.workers, cpus_per_worker=config.cpus_per_worker, gpus_per_worker=int(config.gpu))
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, config.to_json())
