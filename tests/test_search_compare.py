@@ -73,6 +73,14 @@ def comparison(prepared, eval_set_folder, tmp_path_factory):
     return out, table
 
 
+def test_a_finished_search_keeps_its_results_but_not_its_checkpoints(comparison):
+    out, _ = comparison
+    searches = out / "searches"
+    assert not [p for p in searches.rglob("checkpoint_*")]
+    assert len(list((searches / "googlenet" / "search").glob("*/result.json"))) == 2
+    assert (out / "models" / "googlenet" / run_layout.MODEL).stat().st_size > 0
+
+
 def test_in_process_trials_reuse_one_actor(comparison):
     out, _ = comparison
     results = sorted((out / "searches" / "resnet18" / "search").glob("*/result.json"))
@@ -194,6 +202,19 @@ def test_resume_scores_an_added_eval_set_without_searching_again(comparison, pre
     changed = compare_configs(prepared, out, epochs=2)
     with pytest.raises(ConfigError, match=r"train\.epochs: 1 -> 2"):
         run_compare(dataclasses.replace(changed[0], resume=True), *changed[1:], log=lambda *_: None)
+
+
+def test_a_budget_that_cannot_finish_one_epoch_is_refused_in_seconds(prepared, tmp_path):
+    lines: list[str] = []
+    compare, search, base = compare_configs(prepared, tmp_path / "cmp")
+    started = time.perf_counter()
+    table = run_compare(dataclasses.replace(compare, models=("resnet18",)),
+                        dataclasses.replace(search, time_budget_s=0.01), base, log=lines.append)
+    assert time.perf_counter() - started < 60
+    assert any(line.startswith("[plan resnet18]") and "img/s per trial" in line for line in lines), lines
+    row = table.iloc[0]
+    assert row["status"] == "error" and "one epoch takes ~" in row["error"] and "--time-budget-s 0.01" in row["error"]
+    assert not (tmp_path / "cmp" / "searches" / "resnet18" / "search").exists()  # no trial was started
 
 
 def test_best_runs_work_with_predict_and_leaderboard_cli(comparison, synthetic_sample, capsys):

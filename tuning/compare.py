@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 import traceback
 from pathlib import Path
 
 import pandas as pd
 
+from cluster import object_store
 from cluster.config import ConfigError, StageConfig
 from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import ensure_ray, require_resources
@@ -92,12 +94,29 @@ def compare_one(model: str, location: OutputLocation, compare: CompareConfig, se
         log(f"[compare] {model}: already finished, reusing {location.storage_path('models', model)}")
     else:
         search_and_evaluate(model, run_dir, location, compare, search, base, tracking_uri=tracking_uri, log=log)
+        drop_checkpoints(location.storage_path("searches", model))
     for eval_set in missing_sets(run_dir, eval_sets):  # on resume, only sets added since
         scores = evaluate_run(run_dir, eval_set, seed=base.seed)
         log(f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
             f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})")
     summary = json.loads((run_dir / "search_summary.json").read_text())
     return leaderboard.model_row(model, run_layout.read_metrics(run_dir), run_dir=str(run_dir), **summary)
+
+
+def drop_checkpoints(root: str) -> None:
+    """Delete the trials' checkpoints below a finished model's search (a folder or a URI). They
+    hold weights plus optimizer state (a vgg19 trial's is ~1.6 GB) and only a resume of that search
+    could use them; the best one now lives in models/<model>/model.pt. Each trial's params,
+    results and progress stay, so the search can still be inspected."""
+    if object_store.is_uri(root):
+        found = {"/".join(parts[:depth + 1]) for parts in (path.split("/") for path in object_store.list_files(root))
+                 for depth, part in enumerate(parts[:-1]) if part.startswith("checkpoint_")}
+        for relative in sorted(found):
+            object_store.delete_tree(object_store.join(root, relative))
+    else:
+        for folder in sorted(Path(root).rglob("checkpoint_*")):
+            if folder.is_dir():
+                shutil.rmtree(folder)
 
 
 def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, compare: CompareConfig,

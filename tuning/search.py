@@ -26,18 +26,22 @@ import pyarrow.fs
 import ray
 import ray.train
 import torch
+from torch import nn
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from cluster.config import ConfigError, StageConfig
+from cluster.errors import StageFailed
 from cluster.object_store import filesystem_for, is_uri, join
 from cluster.runtime import compute_parallelism
 from data_prep.layout import PreparedData, open_prepared
-from models.registry import get_spec
+from models.registry import build_model, get_spec
+from models.transforms import EvalPreprocess
 from models.weights import require_hub_weights
 from tuning.data import training_datasets
+from tuning.engine import build_optimizer, select_precision, train_one_epoch
 from tuning.search_space import base_point, param_space, space_for, trial_config
 from tuning.train import build_trainer, loop_settings
 from tuning.train_config import TrainConfig
@@ -247,6 +251,45 @@ def check_search(model: str, base: TrainConfig, search: SearchConfig) -> None:
         require_hub_weights(get_spec(model))
 
 
+def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, steps: int = 3) -> float:
+    """Training throughput of `config`'s model, from `steps` timed steps on random images after one
+    warm-up step (Ray-free; run it where a trial would run, with the threads a trial gets)."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
+    spec = get_spec(config.model)
+    model = build_model(config.model, image_size=image_size).to(device=device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config)
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, 256, (config.batch_size, image_size, image_size, 3), dtype=torch.uint8, generator=generator),
+             torch.randint(0, 2, (config.batch_size,), generator=generator))
+    step = {"model": model, "optimizer": optimizer, "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+            "augment": EvalPreprocess(image_size=image_size, mean=spec.mean, std=spec.std),
+            "criterion": nn.CrossEntropyLoss(), "aux_weight": spec.aux_loss_weight,
+            "precision": select_precision(config.precision, device), "scaler": None, "grad_clip": 0.0, "device": device}
+    train_one_epoch(batches=[batch], **step)  # warm-up: allocator, kernels, lazy init
+    return train_one_epoch(batches=[batch] * steps, **step).images_per_s
+
+
+def plan_budget(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, *,
+                concurrent: int, threads: int, log=print) -> None:
+    """With --time-budget-s: measure a trial's speed, print what fits, and refuse a budget that
+    cannot finish one epoch (in seconds, instead of spending the whole budget to find out)."""
+    image_size = loop_settings(base, prepared)["image_size"]
+    task = ray.remote(measure_images_per_s).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
+    per_trial = ray.get(task.remote(base, image_size, threads=threads)) * base.workers
+    counts = prepared.manifest["splits"]
+    train = counts["train"]["count"] if "val" in counts else counts["train"]["count"] * (1 - base.val_fraction)
+    val = counts["val"]["count"] if "val" in counts else counts["train"]["count"] * base.val_fraction
+    epoch_s = (train + val / 3) / per_trial  # a validation pass costs about a third of a training pass
+    epochs = int(search.time_budget_s // epoch_s) * concurrent
+    log(f"[plan {model}] {per_trial:.1f} img/s per trial ({concurrent} at once): ~{epoch_s:.0f} s per epoch; "
+        f"--time-budget-s {search.time_budget_s:g} fits ~{epochs} epochs, ~{epochs / base.epochs:.1f} trials of {base.epochs}")
+    if epochs == 0:
+        raise StageFailed(f"{model}: one epoch takes ~{epoch_s:.0f} s here (measured {per_trial:.1f} img/s), more than "
+                          f"--time-budget-s {search.time_budget_s:g}; give it more time, or fewer images, a smaller "
+                          "--image-size or --batch-size, or fewer --max-concurrent trials")
+
+
 def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,
                *, resume: bool, callbacks: list | None = None, log=print) -> SearchOutcome:
     """Search `model` and return its best configuration and checkpoint. `out_dir` (a folder or a
@@ -261,6 +304,8 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     cpus_per_trial = base.cpus_per_worker if mode == "inprocess" else 0.01
     concurrent = search.max_concurrent or max(1, compute_parallelism() // math.ceil(base.cpus_per_worker * base.workers))
     threads = max(1, compute_parallelism() // concurrent)
+    if search.time_budget_s and not (resume and tune.Tuner.can_restore(join(out_dir, SEARCH_DIR))):
+        plan_budget(model, base, search, prepared, concurrent=concurrent, threads=threads, log=log)
     # Built (and, when small, materialised) once for the whole search: per trial it cost ~20 s.
     # val_fraction is not searched, so every trial trains and validates on the same rows.
     datasets = training_datasets(prepared, val_fraction=base.val_fraction)
