@@ -117,8 +117,9 @@ def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
         return load_state_dir(folder)
 
 
-def evaluate_held_out(state: dict, config_dict: dict, data_root: str, split: str) -> dict:
-    """Ray task body: the best weights on the held-out split; returns predictions and timing."""
+def evaluate_held_out(state: dict, config_dict: dict, data_root: str, splits: list[str]) -> dict[str, dict]:
+    """Ray task body: the best weights on each held-out split in turn; per split its predictions,
+    logit margins and timing."""
     config = TrainConfig.from_dict(config_dict)
     ray.data.DataContext.get_current().enable_progress_bars = False  # no bars from inside a task
     prepared = open_prepared(data_root)
@@ -128,31 +129,35 @@ def evaluate_held_out(state: dict, config_dict: dict, data_root: str, split: str
     model.load_state_dict(state["model"])
     model = model.to(device=device, memory_format=torch.channels_last)
     preprocess = EvalPreprocess(image_size=state["image_size"], mean=spec.mean, std=spec.std)
-    # Read once, so no caching: for val, only the val view is computed, not the train split too.
-    dataset = test_dataset(prepared) if split == "test" else training_views(prepared, val_fraction=config.val_fraction)["val"]
-    ids: list[str] = []
+    results = {}
+    for split in splits:
+        # Read once, so no caching: for val, only the val view is computed, not the train split too.
+        dataset = test_dataset(prepared) if split == "test" else training_views(prepared, val_fraction=config.val_fraction)["val"]
+        ids: list[str] = []
 
-    def batches():
-        for batch in dataset.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):
-            ids.extend(batch.get("image_id", [""] * len(batch["label"])))
-            yield torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy())
+        def batches():
+            for batch in dataset.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):
+                ids.extend(batch.get("image_id", [""] * len(batch["label"])))
+                yield torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy())
 
-    # fp32, like `predict`: the reported numbers must not depend on a precision shortcut.
-    result = evaluate(model, batches(), preprocess=preprocess, criterion=nn.CrossEntropyLoss(),
-                      precision=select_precision("fp32", device), device=device)
-    return {
-        "image_id": ids, "label": result.labels.tolist(), "prob_positive": result.prob_positive.tolist(),
-        "margin": result.margin.tolist(), "seconds": result.model_seconds, "loss": result.stats.loss,
-    }
+        # fp32, like `predict`: the reported numbers must not depend on a precision shortcut.
+        result = evaluate(model, batches(), preprocess=preprocess, criterion=nn.CrossEntropyLoss(),
+                          precision=select_precision("fp32", device), device=device)
+        results[split] = {
+            "image_id": ids, "label": result.labels.tolist(), "prob_positive": result.prob_positive.tolist(),
+            "margin": result.margin.tolist(), "seconds": result.model_seconds, "loss": result.stats.loss,
+        }
+    return results
 
 
 def held_out_predictions(state: dict, config: TrainConfig, prepared: PreparedData) -> dict[str, dict]:
-    """The best weights on validation (to fit the temperature) and on the held-out split, as Ray
-    tasks placed like a training worker; {"val": ..., "test": ...} (only "val" without a test split)."""
+    """The best weights on validation (to fit the temperature), then on the held-out split, in one
+    Ray task placed like a training worker; {"val": ..., "test": ...} (only "val" without a test
+    split). One task, not one per split: two at once would each hold a worker's CPUs, and on a
+    small cluster leave none for the Ray Data reads they both wait on."""
     task = ray.remote(evaluate_held_out).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.gpu else 0)
     splits = ["val", "test"] if "test" in prepared.splits else ["val"]
-    results = ray.get([task.remote(state, config.to_dict(), prepared.root, split) for split in splits])
-    return dict(zip(splits, results))
+    return ray.get(task.remote(state, config.to_dict(), prepared.root, splits))
 
 
 def write_run_outputs(
