@@ -140,7 +140,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="auto = bf16 where native (recent CPUs, Ampere+ GPUs), else fp16+GradScaler on GPU, else fp32")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", default=None,
-                         help="start from ImageNet weights in the local torch hub cache (no download)")
+                         help="start from ImageNet weights: the torch hub cache, downloaded into it if missing")
     weights.add_argument("--weights", help="start from a state dict file (ImageNet or this project's)")
     parser.add_argument("--augment", type=_augment,
                         help="augmentation strengths: 'none' or e.g. hflip=0.5,rotation=10,color_jitter=0.2,"

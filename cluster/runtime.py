@@ -1,7 +1,7 @@
 """Start or attach to Ray, the same way for every command.
 
 With `--address`/`RAY_ADDRESS` (or inside a Ray job, which sets it) we attach to the cluster.
-Otherwise a local Ray starts with more *logical* CPUs than the machine has cores: on a 2-core box
+Otherwise a local Ray starts, bound to the loopback address, with more *logical* CPUs than the machine has cores: on a 2-core box
 Ray Data reads, Train workers and Tune trial drivers each hold CPU slots, and with only 2 slots
 they wait on each other forever (see the Ray 2.60 notes). Compute-heavy stages cap their own
 concurrency at the physical core count instead (`compute_parallelism`).
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import ray
+import ray._private.ray_constants as ray_constants
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.errors import UserInputError
+from cluster.errors import GendertuneError, UserInputError
 
 LOCAL_LOGICAL_CPUS_MIN = 8
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know
@@ -26,16 +30,29 @@ def ensure_ray(address: str | None = None) -> None:
     """Initialise Ray once per process: attach to `address`/RAY_ADDRESS, else start locally."""
     if ray.is_initialized():
         return
+    # Ray Data's INFO lines (each dataset's plan, start and finish) bury the stages' own progress;
+    # its processes read this variable, so it is set before they start. A user's value wins.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     os.environ[LOCAL_CORES_ENV] = str(os.cpu_count() or 1)
-    ray.init(
-        num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
+    # A local Ray needs no other machine to reach it, yet by default its GCS, raylet, object
+    # manager and every worker listen on all interfaces. Ray binds all of them to 127.0.0.1 when
+    # the node's address is the loopback one, which it chooses itself only where it treats the OS
+    # as single-machine (this constant, off on Linux; an explicit 127.0.0.1 is replaced by the
+    # public address). Set just for this start: an attach later in the process must see it as Ray
+    # does, or the driver would report a loopback address to a real cluster.
+    cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(
+            num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
 
 
 def compute_parallelism(requested: int = 0) -> int:
@@ -65,3 +82,22 @@ def require_resources(*, workers: int, cpus_per_worker: float, gpus_per_worker: 
         problems.append(f"{workers} workers x {gpus_per_worker} GPU need {workers * gpus_per_worker}; the cluster has {total_gpus:g}")
     if problems:
         raise UserInputError("; ".join(problems) + ": use fewer --workers or --cpus-per-worker, or a larger cluster")
+
+
+def run_on_other_nodes(function: Callable[..., Any], *args: Any) -> None:
+    """`function(*args)` once on every alive node but the driver's, at the same time, each in a
+    task pinned to its node (e.g. to fill a per-node cache the driver filled for its own node,
+    before workers that read it start there). It takes no CPU, so it never waits behind them. An
+    error comes back as the function raised it, with the node named."""
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
+    task = ray.remote(function)
+    pending = {task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args): node
+               for node in nodes}
+    for ref, node in pending.items():
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, GendertuneError):
+                raise type(err.cause)(f"on node {node}: {err.cause}") from err.cause
+            raise

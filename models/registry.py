@@ -217,8 +217,9 @@ def build_model(
     - `weights_path`: a local file holding either ImageNet-shaped weights of this architecture
       (loaded before the head is replaced) or a project state dict / checkpoint with a
       `num_classes` head (loaded after); see `models.weights.read_weights_file`.
-    - `pretrained=True`: the ImageNet weights in `ModelSpec.weights`, read only from the torch
-      hub cache (`WeightsNotFoundError` says which file to put where).
+    - `pretrained=True`: the ImageNet weights in `ModelSpec.weights`, read from the torch hub
+      cache, where the stage fetched them (`models.weights.fetch_hub_weights`); building never
+      downloads, so many workers never fetch at once.
     - otherwise torchvision's random initialisation.
 
     `image_size` is validated for every model; only ViT's module depends on it.

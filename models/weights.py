@@ -1,8 +1,12 @@
-"""Reading model weights from local files, never from the network.
+"""Model weights: the ImageNet weights in the torch hub cache, fetched there when missing, and
+weights files read safely.
 
 This module owns where ImageNet weights are expected (the torch hub cache, under the file name
-torchvision would download them to), reading weights files and training checkpoints safely
-(`weights_only=True`), and loading a state dict into a model with errors that say what is wrong.
+torchvision would download them to), fetching them into it the way torchvision does (torch.hub's
+download, from torchvision's URL or a mirror of it, the hash in the file name checked), reading
+weights files and training checkpoints safely (`weights_only=True`), and loading a state dict
+into a model with errors that say what is wrong. Building a model never downloads: the stages
+fetch before any worker starts (`fetch_hub_weights`), so a cluster fetches once per node.
 Deciding *when* to load (before or after the head is replaced) is `models.registry.build_model`'s.
 """
 
@@ -10,6 +14,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +33,11 @@ if TYPE_CHECKING:
 # Prefixes wrappers add to every key: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _VIT_POS_EMBEDDING = "encoder.pos_embedding"
+# A base URL serving torchvision's weights files under their own names (an artifact store on a
+# cluster without internet, or a test's local server); unset, torchvision's own URLs are used.
+WEIGHTS_MIRROR_ENV = "GENDERTUNE_WEIGHTS_MIRROR"
+# Without a timeout a silently dropped connection would hang the command before it starts.
+DOWNLOAD_TIMEOUT_S = 60
 
 
 class WeightsNotFoundError(MissingInputError):
@@ -38,33 +49,68 @@ class WeightsError(UserInputError):
 
 
 def hub_weights_url(spec: ModelSpec) -> str:
-    return get_weight(spec.weights).url
+    """Where `spec`'s ImageNet weights are fetched from: torchvision's URL, or the same file name
+    under $GENDERTUNE_WEIGHTS_MIRROR."""
+    url = get_weight(spec.weights).url
+    mirror = os.environ.get(WEIGHTS_MIRROR_ENV)
+    return f"{mirror.rstrip('/')}/{os.path.basename(url)}" if mirror else url
 
 
 def hub_weights_path(spec: ModelSpec) -> Path:
     """Where torchvision would have cached `spec`'s ImageNet weights: honours TORCH_HOME and
     torch.hub.set_dir, read at call time."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(hub_weights_url(spec))
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(get_weight(spec.weights).url)
 
 
-def require_hub_weights(spec: ModelSpec) -> Path:
-    """The cached ImageNet weights file of `spec`, or WeightsNotFoundError saying where to put it
-    (a driver calls this before any Ray work, so a missing file fails in seconds)."""
+def fetch_hub_weights(spec: ModelSpec, *, progress: bool = True) -> Path:
+    """The cached ImageNet weights file of `spec`, downloaded into the cache first if it is not
+    there; offline, WeightsNotFoundError saying where to put it. Stages call this on the driver
+    before any Ray work (and once per other node), so a missing file fails in seconds."""
     path = hub_weights_path(spec)
-    if not path.is_file():
+    if path.is_file():
+        return path
+    url = hub_weights_url(spec)
+    try:
+        download_weights(url, path, progress=progress)
+    except OSError as err:  # URLError, refused connections, timeouts, a full disk
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
         raise WeightsNotFoundError(
-            f"ImageNet weights for {spec.name} ({spec.weights}) are not in the torch hub cache, "
-            f"and gendertune never downloads. Put the file at {path} (fetch it from "
-            f"{hub_weights_url(spec)} on a machine with internet access; TORCH_HOME moves the "
-            f"cache), or pass --weights FILE with a state dict instead."
-        )
+            f"ImageNet weights for {spec.name} ({spec.weights}) are not in the torch hub cache and "
+            f"could not be downloaded from {url} ({reason}). Put the file at {path} (fetch it on a "
+            f"machine with internet access; TORCH_HOME moves the cache, {WEIGHTS_MIRROR_ENV} names a "
+            f"mirror), or pass --weights FILE with a state dict instead."
+        ) from err
     return path
 
 
+def download_weights(url: str, path: Path, *, progress: bool = True) -> None:
+    """torch.hub's download of `url` to `path` (a temporary file beside it, moved into place only
+    when complete, so an interrupted download never looks cached), with the SHA-256 prefix that
+    torchvision's file names carry (name-<hash>.pth) checked. torchvision itself skips that check
+    by default; here it costs nothing while streaming and catches a truncated or foreign file."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torch.hub opens the URL without a timeout
+    try:
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=progress)
+    except RuntimeError as err:  # torch.hub's hash mismatch
+        raise WeightsError(f"the weights downloaded from {url} are not the published file: {err}") from err
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
 def read_hub_weights(spec: ModelSpec) -> dict[str, Tensor]:
-    """`spec`'s ImageNet state dict from the hub cache. The file's hash is not checked (that
-    would cost seconds per build for the large models); a truncated file fails to load."""
-    return _read_state_dict(require_hub_weights(spec))
+    """`spec`'s ImageNet state dict from the hub cache, where `fetch_hub_weights` put it. The
+    file's hash is checked when it is downloaded, not per build (seconds for the large models)."""
+    path = hub_weights_path(spec)
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"ImageNet weights for {spec.name} are not at {path} on this node: the stage fetches "
+            f"them before starting workers (fetch_hub_weights); put the file there by hand if this "
+            f"node cannot download"
+        )
+    return _read_state_dict(path)
 
 
 def read_weights_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:

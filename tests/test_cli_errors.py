@@ -13,7 +13,9 @@ from PIL import Image
 
 from cluster.cli import main
 from cluster.errors import GendertuneError, MissingInputError
+from conftest import free_port
 from data_prep import layout
+from models.weights import WEIGHTS_MIRROR_ENV
 from tuning import leaderboard
 
 
@@ -93,7 +95,7 @@ CASES = {
     "train: prep of another version": (["train", "--data", "{root}/old-prep", "--out", "{out}"], "format version 1 is not"),
     "train: unknown model": (["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet9000"],
                              "unknown model 'resnet9000'"),
-    "train: no ImageNet weights": ([*TRAIN, "--pretrained"], "are not in the torch hub cache"),
+    "train: no ImageNet weights, offline": ([*TRAIN, "--pretrained"], "are not in the torch hub cache and could not be downloaded"),
     "train: weights file missing": ([*TRAIN, "--weights", "{root}/none.pt"], "none.pt does not exist"),
     "train: eval set spec": ([*TRAIN, "--eval-set", "{root}/images"], "expected NAME=DIR"),
     "train: eval set without labels": ([*TRAIN, "--eval-set", "faces={root}/prep"], "found 0 CSV files"),
@@ -109,8 +111,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys):
+def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys, monkeypatch):
     template, expected = CASES[case]
+    monkeypatch.setenv(WEIGHTS_MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # offline, even where CI is not
     out = tmp_path / "out"
     args = [arg.format(root=inputs, out=out) for arg in template]
     started = time.perf_counter()

@@ -236,6 +236,32 @@ def test_submitted_compare_spreads_trials_over_both_nodes(cluster, cluster_prep)
     assert "prep-job\tSUCCEEDED" in listing.stdout and "compare-job\tSUCCEEDED" in listing.stdout
 
 
+RECORD_NODE = """
+import sys
+from pathlib import Path
+import ray
+from cluster.runtime import ensure_ray, run_on_other_nodes
+
+def record(folder):
+    (Path(folder) / ray.get_runtime_context().get_node_id()).touch()
+
+ensure_ray(sys.argv[1])
+run_on_other_nodes(record, sys.argv[2])
+print(ray.get_runtime_context().get_node_id())
+"""
+
+
+def test_a_per_node_task_runs_once_on_each_node_but_the_drivers(cluster):
+    """How --pretrained fills each node's weights cache: the driver's node is filled by the driver."""
+    folder = cluster.shared / "per-node"
+    folder.mkdir()
+    driver = subprocess.run([sys.executable, "-c", RECORD_NODE, cluster.gcs, str(folder)], env=cluster.env,
+                            capture_output=True, text=True, timeout=120)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    recorded = [p.name for p in folder.iterdir()]
+    assert len(recorded) == 1 and recorded[0] != driver.stdout.strip(), (recorded, driver.stdout)
+
+
 def test_node_local_output_is_refused_before_any_work(cluster, cluster_prep):
     out = cluster.local_only / "run"
     result = cluster.gendertune("submit", "--address", cluster.address, "--follow", "--no-install", "--",

@@ -1,10 +1,16 @@
 """Tests for the models package: registry, offline weights loading, preprocessing/augmentation.
 
-CPU only, no network: ImageNet-shaped weights are randomly initialised state dicts written to
-tmp paths (including a fake torch hub cache via TORCH_HOME).
+CPU only, no network beyond 127.0.0.1: ImageNet-shaped weights are randomly initialised state
+dicts written to tmp paths (including a fake torch hub cache via TORCH_HOME) or served by a local
+HTTP server for the download path.
 """
 
 from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import threading
 
 import numpy as np
 import pytest
@@ -29,7 +35,9 @@ from models import (
     list_models,
     split_outputs,
 )
+from conftest import free_port
 from models.transforms import MAX_BORDER
+from models.weights import WEIGHTS_MIRROR_ENV, download_weights, fetch_hub_weights, hub_weights_url
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -167,19 +175,74 @@ def test_pretrained_reads_only_the_hub_cache(tmp_path, monkeypatch, imagenet_res
     expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert hub_weights_path(get_spec("resnet18")) == expected
 
-    with pytest.raises(WeightsNotFoundError) as info:
+    with pytest.raises(WeightsNotFoundError) as info:  # building a model never downloads
         build_model("resnet18", image_size=64, pretrained=True)
-    assert isinstance(info.value, FileNotFoundError)
-    message = str(info.value)
-    assert str(expected) in message
-    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
-    assert "--weights FILE" in message
+    assert isinstance(info.value, FileNotFoundError) and str(expected) in str(info.value)
 
     expected.parent.mkdir(parents=True)
     torch.save(imagenet_resnet18, expected)
     model = build_model("resnet18", image_size=64, pretrained=True)
     assert torch.equal(model.conv1.weight, imagenet_resnet18["conv1.weight"])
     assert model.fc.out_features == 2
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving the files put in the folder it yields with its URL."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *_: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+
+
+def test_weights_are_downloaded_into_the_cache_with_their_hash_checked(tmp_path, weights_server, imagenet_resnet18):
+    folder, url = weights_server
+    made = folder / "made.pth"
+    torch.save(imagenet_resnet18, made)
+    digest = hashlib.sha256(made.read_bytes()).hexdigest()
+    named = made.rename(folder / f"resnet18-{digest[:8]}.pth")  # torchvision's name-<hash>.pth
+    cache = tmp_path / "cache" / "checkpoints"
+    download_weights(f"{url}/{named.name}", cache / named.name, progress=False)
+    fetched = torch.load(cache / named.name, weights_only=True)
+    assert torch.equal(fetched["conv1.weight"], imagenet_resnet18["conv1.weight"])
+
+    (folder / "resnet18-00000000.pth").write_bytes(named.read_bytes())  # served under another hash
+    with pytest.raises(WeightsError, match="not the published file"):
+        download_weights(f"{url}/resnet18-00000000.pth", cache / "resnet18-00000000.pth", progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == [named.name]  # no partial file left behind
+
+
+def test_pretrained_fetches_from_a_mirror_and_offline_says_what_to_do(tmp_path, monkeypatch, weights_server,
+                                                                     imagenet_resnet18, capsys):
+    folder, url = weights_server
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv(WEIGHTS_MIRROR_ENV, url)
+    spec = get_spec("resnet18")
+    assert hub_weights_url(spec) == f"{url}/resnet18-f37072fd.pth"
+    # The test cannot make torchvision's file, so the mirror serves one whose hash is not in its
+    # name: fetched from the mirror, checked, refused, and the cache left empty.
+    torch.save(imagenet_resnet18, folder / "resnet18-f37072fd.pth")
+    with pytest.raises(WeightsError, match='expected "f37072fd"'):
+        fetch_hub_weights(spec, progress=True)
+    assert "100%" in capsys.readouterr().err  # the download's progress bar, on stderr
+    assert not hub_weights_path(spec).exists() and not list(hub_weights_path(spec).parent.iterdir())
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv(WEIGHTS_MIRROR_ENV, unreachable)
+    with pytest.raises(WeightsNotFoundError) as info:
+        fetch_hub_weights(spec)
+    message = str(info.value)
+    assert f"could not be downloaded from {unreachable}/resnet18-f37072fd.pth" in message
+    assert str(hub_weights_path(spec)) in message and "--weights FILE" in message
+
+    cached = hub_weights_path(spec)  # already cached: no request at all (the mirror is unreachable)
+    torch.save(imagenet_resnet18, cached)
+    assert fetch_hub_weights(spec) == cached
 
 
 def test_weights_file_errors(tmp_path, imagenet_resnet18):

@@ -3,6 +3,8 @@ predict reproduces the evaluation, and bad inputs fail clearly before any work s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -48,8 +50,19 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
     with pytest.raises(RunFailed, match="re-run the same command to resume"):
         run_training(config, log=lambda *_: None)
     assert not run_layout.is_complete(out)
-    metrics = run_training(config, log=lambda *_: None)
+    # The driver prints the workers' lines through sys.stdout/sys.stderr, looked up per line.
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        metrics = run_training(config, log=lambda *_: None)
+    (out.parent / "console.log").write_text(console.getvalue())
     return out, metrics
+
+
+def test_each_epoch_line_reaches_the_console_once(ddp_run):
+    console = (ddp_run[0].parent / "console.log").read_text()
+    for epoch in (3, 4):  # the resumed run's epochs
+        assert console.count(f"resnet18 epoch {epoch}/{EPOCHS} ") == 1, console
+    assert "Checkpoint successfully created" not in console  # Ray Train's INFO lines are off
 
 
 def test_two_worker_ddp_run_learns(ddp_run):

@@ -26,11 +26,12 @@ import pandas as pd
 from cluster import object_store
 from cluster.config import ConfigError, StageConfig
 from cluster.object_store import OutputLocation, output_location
-from cluster.runtime import ensure_ray, require_resources
+from cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
 from cluster.storage import OutputExistsError, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import get_spec
+from models.weights import fetch_hub_weights
 from tuning import ensemble, leaderboard, report, run_layout, tracking
 from tuning.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
 from tuning.search import SearchConfig, check_search, describe_params, run_search
@@ -169,6 +170,9 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
                               "with the same flags (only --eval-set and --ensemble-k may change), or choose another --out")
     ensure_ray()
     require_resources(workers=base.workers, cpus_per_worker=base.cpus_per_worker, gpus_per_worker=int(base.gpu))
+    if base.pretrained:  # the driver fetched them for its node in check_search
+        for model in compare.models:
+            run_on_other_nodes(fetch_hub_weights, get_spec(model))
     require_shared(reads=[prepared.root], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", settings)

@@ -39,7 +39,7 @@ from cluster.runtime import compute_parallelism
 from data_prep.layout import PreparedData, open_prepared
 from models.registry import build_model, get_spec
 from models.transforms import EvalPreprocess
-from models.weights import require_hub_weights
+from models.weights import fetch_hub_weights
 from tuning.data import training_datasets
 from tuning.engine import build_optimizer, select_precision, train_one_epoch
 from tuning.search_space import base_point, param_space, space_for, trial_config
@@ -248,7 +248,7 @@ def check_search(model: str, base: TrainConfig, search: SearchConfig) -> None:
     except ConfigError as err:
         raise ConfigError(f"search.space constants {constants}: {err}") from None
     if base.pretrained:
-        require_hub_weights(get_spec(model))
+        fetch_hub_weights(get_spec(model))
 
 
 def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, steps: int = 3) -> float:

@@ -21,13 +21,13 @@ from torch import nn
 
 from cluster.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
 from cluster.object_store import OutputLocation, output_location
-from cluster.runtime import compute_parallelism, ensure_ray, require_resources
+from cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import build_model, check_image_size, count_parameters, get_spec
 from models.transforms import EvalPreprocess
-from models.weights import require_hub_weights
+from models.weights import fetch_hub_weights
 from tuning import run_layout, tracking
 from tuning.calibration import calibrated_probability, fit_temperature
 from tuning.data import read_split_images, test_dataset, training_datasets, training_views
@@ -56,7 +56,7 @@ def check_compatible(config: TrainConfig, prepared: PreparedData) -> int:
     if config.weights and not Path(config.weights).is_file():
         raise MissingInputError(f"--weights {config.weights} does not exist")
     if config.pretrained:
-        require_hub_weights(get_spec(config.model))
+        fetch_hub_weights(get_spec(config.model))
     return image_size
 
 
@@ -87,6 +87,8 @@ def build_trainer(
 ) -> TorchTrainer:
     """The TorchTrainer for one run; multi-worker Tune trials build theirs with this too, passing
     the `datasets` their search built once."""
+    # One bar per split per epoch, from the split coordinators: the epoch lines say the same.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     return TorchTrainer(
         train_worker,
         train_loop_config={"train": config.to_dict(), **loop_settings(config, prepared)},
@@ -100,6 +102,8 @@ def build_trainer(
                 num_to_keep=2, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
             ),
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            # Ray Train's own INFO lines (each report, each checkpoint) would bury the epoch lines.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,
         ),
     )
@@ -272,6 +276,8 @@ def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> d
         raise UserInputError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
     ensure_ray()
     require_resources(workers=config.workers, cpus_per_worker=config.cpus_per_worker, gpus_per_worker=int(config.gpu))
+    if config.pretrained:  # the driver fetched them for its node in check_compatible
+        run_on_other_nodes(fetch_hub_weights, get_spec(config.model))
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, config.to_json())

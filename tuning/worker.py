@@ -10,6 +10,7 @@ per trial. Both restore from the latest checkpoint after a failure, and both rep
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,6 +30,9 @@ from tuning.engine import build_optimizer, build_scheduler, evaluate, select_pre
 from tuning.train_config import TrainConfig
 
 CHECKPOINT_FILE = "state.pt"
+# Ray Train tees a worker's print() to stdout *and* to its root logger, so every printed line
+# reached the console twice; a logger record is shown once.
+logger = logging.getLogger(__name__)
 
 
 class TrainSession(Protocol):
@@ -216,6 +220,5 @@ def train_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads_per_worker"])
     run_epochs(
         TrainConfig.from_dict(loop_config["train"]), image_size=loop_config["image_size"],
-        steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(),
-        log=lambda line: print(line, flush=True),
+        steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(), log=logger.info,
     )

@@ -1,0 +1,81 @@
+"""The local Ray that every command starts (cluster.runtime): what it exposes to the network.
+
+Listening sockets are read from /proc (Linux, like CI): each LISTEN socket's inode is matched to
+the process holding it, and only this test process and its descendants count (Ray's GCS, raylet,
+agents and workers are all started from the driver), so other software on the machine doesn't.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+# Non-loopback listeners a local run may leave; 11 before it was bound to 127.0.0.1. A new one
+# (a Ray upgrade, an agent we start) must be looked at, not absorbed.
+ALLOWED_NON_LOOPBACK = 0
+_LISTEN = "0A"
+
+
+def _listening_sockets() -> dict[str, str]:
+    """{socket inode: local address} of every listening TCP socket on the machine."""
+    sockets = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == _LISTEN:
+                sockets[inode] = _address(local.split(":")[0])
+    return sockets
+
+
+def _address(hex_ip: str) -> str:
+    """/proc/net's little-endian hex words as an IP address."""
+    raw = bytes.fromhex(hex_ip)
+    ordered = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    address = ipaddress.ip_address(ordered)
+    return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue  # exited meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _listeners_of(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, address) of each listening socket those processes hold."""
+    sockets = _listening_sockets()
+    held = []
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue
+        held += [(pid, sockets[link[8:-1]]) for link in links if link.startswith("socket:[") and link[8:-1] in sockets]
+    return held
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads Linux's /proc")
+def test_a_local_run_listens_only_on_loopback(ray_session):
+    ray = ray_session
+    # Workers open their own listeners: make sure some exist before counting.
+    assert ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(2)])
+    listeners = _listeners_of(_descendants(os.getpid()))
+    assert len(listeners) >= 4, listeners  # GCS, raylet, the driver and a worker at least: the count is real
+    exposed = [(pid, address) for pid, address in listeners if not ipaddress.ip_address(address).is_loopback]
+    assert len(exposed) <= ALLOWED_NON_LOOPBACK, exposed
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
