@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-# Non-loopback listeners a local run may leave; 11 before it was bound to 127.0.0.1. A new one
+# Non-loopback listeners a local run may leave; 12 before it was bound to 127.0.0.1. A new one
 # (a Ray upgrade, an agent we start) must be looked at, not absorbed.
 ALLOWED_NON_LOOPBACK = 0
 _LISTEN = "0A"
