@@ -1,7 +1,7 @@
-"""Prep-stage throughput: `data_prep.pipeline.run_prep` on Ray vs the seed's single-process loop.
+"""Prep-stage throughput: `data_prep.pipeline.run_prep` on Ray vs the original notebook's single-process loop.
 
 Measured for each --image-size, in one run, on the same files:
-- baseline: one plain Python loop over every file, the seed notebook's approach: read the bytes,
+- baseline: one plain Python loop over every file, the original notebook's approach: read the bytes,
   hashlib.sha256, PIL open + full decode (no reduced-size decoding), convert to RGB, centre square crop,
   bilinear resize to the target size, the pixels kept in memory. It writes nothing.
 - ray: `run_prep`, the whole stage as a user runs it: listing and labels, hash + decode + crop +
@@ -17,7 +17,7 @@ Why it is fair: both sides read the same freshly written files (from the page ca
 same per-image work; the Ray side also writes its output, which the baseline does not. One
 difference is part of what is measured: the stage decodes JPEGs already scaled down in the DCT
 domain (any n/8 that keeps the shorter side >= the target: 6/8 for 178x218 CelebA at 128 px, 3/8
-at 64 px; `data_prep.images`), while the baseline always decodes fully, as the seed did. So part
+at 64 px; `data_prep.images`), while the baseline always decodes fully, as the original notebook did. So part
 of the gain is that, not parallelism (about 1.3x less CPU per image at 128 px, 2.5x at 64 px);
 the table shows each size separately.
 
@@ -109,7 +109,7 @@ def replicate(images: pd.DataFrame, copies: int, folder: Path) -> list[Path]:
 
 def seed_loop(paths: list[Path], image_size: int) -> tuple[int, int]:
     """The baseline: hash, fully decode, crop and resize every file in one process, keeping the
-    hashes and pixels in lists as the seed did. Returns (images decoded, files that failed)."""
+    hashes and pixels in lists as the original notebook did. Returns (images decoded, files that failed)."""
     hashes, faces, failed = [], [], 0
     for path in paths:
         data = path.read_bytes()

@@ -197,7 +197,7 @@ def _hook_loop(trial_id: Callable[[], str]) -> None:
     tuning.worker.train_one_epoch = hooked
 
 
-def timed_run_trial(params: dict, *, base: dict, data_root: str, trials_dir: str, datasets: dict) -> None:
+def timed_run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: str, datasets: dict) -> None:
     """Stands in for `tuning.search.run_trial` (train mode): the hooks above, then the project's trial."""
     import tuning.search
     import tuning.train

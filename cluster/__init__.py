@@ -1,5 +1,6 @@
-"""How gendertune runs: the command line, stage configs, atomic outputs and the Ray runtime.
+"""Running on one machine or a Ray cluster: the Ray runtime, atomic and shared storage (local
+paths and object-store URIs), job submission and the cluster manifests.
 
 The stage packages (data_prep, models, tuning) hold the work; this package holds what every
-stage shares about *running* it, on one machine or on a Ray cluster.
+stage shares about *running* it. The command line is `gendertune.cli`.
 """

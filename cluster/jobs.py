@@ -1,7 +1,7 @@
 """Run gendertune commands as Ray jobs: submit, follow, status, logs, stop, list.
 
 A job is any `gendertune` command line, run on the cluster's head node as
-`python -m cluster.cli ...` inside a runtime environment that carries this project's source
+`python -m gendertune.cli ...` inside a runtime environment that carries this project's source
 (`working_dir`) and its dependencies (`pip`, resolved against what the cluster already has).
 Inside the job the command attaches to the running cluster (Ray sets RAY_ADDRESS for it), so
 every command behaves the same locally and on a cluster.
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import cluster
 
-from cluster.errors import MissingInputError, UserInputError
+from gendertune.errors import MissingInputError, UserInputError
 
 ADDRESS_ENV = "RAY_ADDRESS"
 PROJECT_ROOT = Path(cluster.__file__).resolve().parent.parent
@@ -91,14 +91,14 @@ def job_runtime_env(*, install_dependencies: bool = True, project_root: Path = P
 
 
 def entrypoint_for(command: list[str]) -> str:
-    """`python -m cluster.cli ARGS`: the module form works whether or not the cluster installed us."""
+    """`python -m gendertune.cli ARGS`: the module form works whether or not the cluster installed us."""
     if not command:
         raise UserInputError("nothing to submit: give a gendertune command after --, e.g. `submit -- compare --data ...`")
     if command[0] == "gendertune":
         command = command[1:]
     if command and command[0] in ("submit", "jobs"):
         raise UserInputError(f"`{command[0]}` talks to a cluster; it can't itself run as a job")
-    return shlex.join(["python", "-m", "cluster.cli", *command])
+    return shlex.join(["python", "-m", "gendertune.cli", *command])
 
 
 def client(address: str):

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster.errors import MissingInputError, UserInputError
+from gendertune.errors import MissingInputError, UserInputError
 from cluster.storage import OutputExistsError, atomic_output_dir
 
 COMPLETION_MARKERS = frozenset({"metrics.json", "manifest.json", "leaderboard.csv", "leaderboard.json", "leaderboard.md"})

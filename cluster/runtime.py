@@ -18,7 +18,7 @@ import ray
 import ray._private.ray_constants as ray_constants
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.errors import GendertuneError, UserInputError
+from gendertune.errors import GendertuneError, UserInputError
 
 LOCAL_LOGICAL_CPUS_MIN = 8
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know
@@ -30,9 +30,12 @@ def ensure_ray(address: str | None = None) -> None:
     """Initialise Ray once per process: attach to `address`/RAY_ADDRESS, else start locally."""
     if ray.is_initialized():
         return
-    # Ray Data's INFO lines (each dataset's plan, start and finish) bury the stages' own progress;
-    # its processes read this variable, so it is set before they start. A user's value wins.
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    # Ray Data's INFO lines (each dataset's plan, start and finish) bury the stages' own progress.
+    # Its worker processes read this variable when they start; this process configured its
+    # logging when it imported ray.data, so its logger is set directly. A user's value wins.
+    if "RAY_DATA_LOG_LEVEL" not in os.environ:
+        os.environ["RAY_DATA_LOG_LEVEL"] = "WARNING"
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.errors import UserInputError
+from gendertune.errors import UserInputError
 from cluster.object_store import is_uri
 
 PROBE_PREFIX = ".gendertune-storage-probe-"

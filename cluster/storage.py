@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cluster.errors import GendertuneError
+from gendertune.errors import GendertuneError
 
 
 OWNER_FILE = ".owner"

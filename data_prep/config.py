@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from cluster.config import ConfigError, StageConfig
+from gendertune.config import ConfigError, StageConfig
 from data_prep.faces import AlignSettings
 
 

@@ -1,6 +1,6 @@
 """Exact-duplicate detection by content hash (pure): keep the smallest image_id per hash.
 
-Files are never deleted — the seed deleted duplicates from disk; we record them instead.
+Files are never deleted — the original notebook deleted duplicates from disk; we record them instead.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one exception type the prep stage raises for bad input; its message tells the user what to do."""
 
-from cluster.errors import UserInputError
+from gendertune.errors import UserInputError
 
 
 class PrepInputError(UserInputError):

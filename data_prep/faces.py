@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from cluster.errors import MissingInputError, UserInputError
+from gendertune.errors import MissingInputError, UserInputError
 from data_prep.images import center_square_box
 
 TEMPLATE_NAME = "celeba-mean-5pt-v1"

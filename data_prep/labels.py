@@ -4,7 +4,7 @@ Two label formats are accepted:
 - CelebA's official `list_attr_celeba.txt`: line 1 the image count, line 2 the 40 attribute names,
   then `image_id` and 40 values of -1/1 separated by one *or more* spaces (the real file pads
   single-digit values with a double space so columns line up).
-- A CSV with an image-name column and the attribute column, values 0/1 or -1/1 (the seed's
+- A CSV with an image-name column and the attribute column, values 0/1 or -1/1 (the original notebook's
   `gender_classification.csv` is `images,Male`).
 Labels become 0/1 with the attribute's positive value (Male) = 1. The label file's other columns
 are kept as slice columns (`read_slice_columns`): the groups evaluation reports accuracy for.

@@ -37,7 +37,7 @@ from cluster import object_store
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
-from data_prep import layout
+from data_prep import celeba, layout
 from data_prep.config import PrepConfig
 from data_prep.dedupe import find_duplicates
 from data_prep.errors import PrepInputError
@@ -45,12 +45,8 @@ from data_prep.faces import AlignSettings, Face, FaceFinder, face_chips
 from data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
 from data_prep.labels import read_identity_file, read_labels, read_partition_file, read_slice_columns
 from data_prep.splits import assign_splits
-from tuning.plots import plot_class_distribution
+from gendertune.plots import plot_class_distribution
 
-CELEBA_IMAGE_DIR = "img_align_celeba"
-CELEBA_ATTR_FILE = "list_attr_celeba.txt"
-CELEBA_PARTITION_FILE = "list_eval_partition.txt"
-CELEBA_IDENTITY_FILE = "identity_CelebA.txt"
 
 
 @dataclass(frozen=True)
@@ -66,23 +62,23 @@ def discover_inputs(config: PrepConfig) -> PrepInputs:
     data = Path(config.data)
     if not data.is_dir():
         raise PrepInputError(f"data folder {data} does not exist; pass --data DIR with your images")
-    image_dir = data / CELEBA_IMAGE_DIR if (data / CELEBA_IMAGE_DIR).is_dir() else data
+    image_dir = data / celeba.IMAGE_DIR if (data / celeba.IMAGE_DIR).is_dir() else data
     if config.labels:
         label_path = Path(config.labels)
-    elif (data / CELEBA_ATTR_FILE).is_file():
-        label_path = data / CELEBA_ATTR_FILE
+    elif (data / celeba.ATTR_FILE).is_file():
+        label_path = data / celeba.ATTR_FILE
     else:
         csvs = sorted(data.glob("*.csv"))
         if len(csvs) != 1:
             raise PrepInputError(
-                f"{data}: no {CELEBA_ATTR_FILE} and {len(csvs)} CSV files; pass --labels FILE"
+                f"{data}: no {celeba.ATTR_FILE} and {len(csvs)} CSV files; pass --labels FILE"
             )
         label_path = csvs[0]
     out = Path(config.out).absolute()
     if not object_store.is_uri(config.out) and (out == image_dir.absolute() or image_dir.absolute() in out.parents):
         raise PrepInputError(f"--out {out} is inside the image folder {image_dir}; write it elsewhere")
-    partition = data / CELEBA_PARTITION_FILE
-    identity = data / CELEBA_IDENTITY_FILE
+    partition = data / celeba.PARTITION_FILE
+    identity = data / celeba.IDENTITY_FILE
     return PrepInputs(
         image_dir=image_dir,
         label_path=label_path,
@@ -355,7 +351,7 @@ def require_some_kept(kept: pd.DataFrame, n_labelled: int, rejected: pd.DataFram
 
 
 def class_names_for(attribute: str) -> list[str]:
-    """Names for label 0 and 1; the gender attribute gets the seed's Female/Male."""
+    """Names for label 0 and 1; the gender attribute gets the original notebook's Female/Male."""
     return ["Female", "Male"] if attribute == "Male" else [f"not {attribute}", attribute]
 
 
@@ -450,7 +446,7 @@ def _load_tables(config: PrepConfig, inputs: PrepInputs) -> tuple[pd.DataFrame, 
         )
     if config.split == "identity" and inputs.identity_path is None:
         raise PrepInputError(
-            f"--split identity needs {CELEBA_IDENTITY_FILE} ('image_id person_id' lines) in {config.data}"
+            f"--split identity needs {celeba.IDENTITY_FILE} ('image_id person_id' lines) in {config.data}"
         )
     identity = read_identity_file(inputs.identity_path) if inputs.identity_path else None
     matched["identity"] = (
@@ -472,7 +468,7 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
     inputs = discover_inputs(config)
     matched, counts, partition = _load_tables(config, inputs)
     if config.split == "official" and partition is None:
-        raise PrepInputError(f"--split official needs {CELEBA_PARTITION_FILE} in {config.data}")
+        raise PrepInputError(f"--split official needs {celeba.PARTITION_FILE} in {config.data}")
     log(f"{len(matched)} labelled images to process from {inputs.image_dir}")
 
     ensure_ray()

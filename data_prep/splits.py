@@ -1,7 +1,7 @@
 """Deterministic train/val/test assignment (pure functions of the kept images and a seed).
 
-- `random`: stratified by label; ratios of 2 give train/test (the seed's 80/20), 3 give
-  train/val/test. Note the seed's random split put the same *people* in train and test, which
+- `random`: stratified by label; ratios of 2 give train/test (the original notebook's 80/20), 3 give
+  train/val/test. Note the original notebook's random split put the same *people* in train and test, which
   inflates accuracy: a model can recognise the person rather than the gender.
 - `official`: CelebA's partition file (0 train, 1 val, 2 test), identity-disjoint by design.
 - `identity`: no person in two splits; labels stratified as far as whole people allow.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from data_prep import celeba
 from data_prep.errors import PrepInputError
 
 PARTITION_NAMES = {0: "train", 1: "val", 2: "test"}
@@ -104,7 +105,7 @@ def assign_splits(
     ratios: tuple[float, ...],
     seed: int,
     partition: pd.Series | None = None,
-    partition_path: str = "list_eval_partition.txt",
+    partition_path: str = celeba.PARTITION_FILE,
 ) -> pd.Series:
     """Dispatch to one split method; `images` has image_id, label and (for identity) identity."""
     images = images.sort_values("image_id").reset_index(drop=True)
@@ -113,7 +114,7 @@ def assign_splits(
     if method == "official":
         if partition is None:
             raise PrepInputError(
-                "--split official needs list_eval_partition.txt in the data folder"
+                f"--split official needs {celeba.PARTITION_FILE} in the data folder"
             )
         return official_split(images, partition, partition_path)
     if method == "identity":

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from data_prep.celeba import ATTR_FILE, IDENTITY_FILE, IMAGE_DIR, PARTITION_FILE
+
 ATTRIBUTE_NAMES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes",
     "Bald", "Bangs", "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair",
@@ -47,10 +49,6 @@ ATTRIBUTE_NAMES: tuple[str, ...] = (
     "Young",
 )
 
-IMAGE_DIR = "img_align_celeba"
-ATTR_FILE = "list_attr_celeba.txt"
-PARTITION_FILE = "list_eval_partition.txt"
-IDENTITY_FILE = "identity_CelebA.txt"
 README_FILE = "README.txt"
 
 # Faces are always drawn on CelebA's aligned canvas and resized afterwards, so

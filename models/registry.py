@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from cluster.errors import UserInputError
+from gendertune.errors import UserInputError
 from models import weights as weights_io
 
 

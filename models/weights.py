@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from cluster.errors import MissingInputError, UserInputError
+from gendertune.errors import MissingInputError, UserInputError
 
 if TYPE_CHECKING:
     from models.registry import ModelSpec

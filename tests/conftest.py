@@ -49,6 +49,19 @@ os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCES
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+    """Each test gets one marker: `cluster` (the two-node cluster of test_cluster.py),
+    `integration` (it needs Ray: the session's `ray_session`, directly or through a fixture) or
+    `unit` (seconds, no Ray), so `pytest -m unit` is the quick loop and `make test` runs all."""
+    for item in items:
+        if item.path.name == "test_cluster.py" and "cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.cluster)
+        elif "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that needs it; startup costs seconds, so share it."""

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cluster.cli import main
-from cluster.errors import GendertuneError, MissingInputError
+from gendertune.cli import main
+from gendertune.errors import GendertuneError, MissingInputError
 from conftest import free_port
 from data_prep import layout
 from models.weights import WEIGHTS_MIRROR_ENV
@@ -63,6 +63,7 @@ def inputs(tmp_path_factory):
         "bad_domain.toml": '[search.space]\nlr = ["lognormal", 1e-4, 1e-2]\n',
         "bad_constant.toml": "[search.space]\nhflip = 3.0\n",
         "not_toml.toml": "[prep\nimage_size = 64\n",
+        "demo_section.toml": "[demo]\nepochs = 3\n",
     }
     for name, text in configs.items():
         (root / name).write_text(text)
@@ -85,6 +86,8 @@ CASES = {
                             "imagesize"),
     "config: unknown section": (["prep", "--config", "{root}/unknown_section.toml", "--data", "{root}/images",
                                  "--out", "{out}"], "unknown section(s) preprocessing"),
+    "config: a [demo] section (nothing reads it)": (["compare", "--config", "{root}/demo_section.toml", "--data",
+                                                    "{root}/prep", "--out", "{out}"], "unknown section(s) demo"),
     "config: not TOML": (["prep", "--config", "{root}/not_toml.toml", "--data", "{root}/images", "--out", "{out}"],
                          "is not valid TOML"),
     "train: hflip out of range": ([*TRAIN, "--augment", "hflip=2"], "train.hflip is a probability in [0, 1]"),

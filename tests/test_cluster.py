@@ -69,7 +69,7 @@ def test_job_runtime_env_carries_the_project_and_its_dependencies():
 
 
 def test_entrypoint_runs_the_cli_module_and_rejects_cluster_commands():
-    assert jobs.entrypoint_for(["gendertune", "compare", "--out", "/x y"]) == "python -m cluster.cli compare --out '/x y'"
+    assert jobs.entrypoint_for(["gendertune", "compare", "--out", "/x y"]) == "python -m gendertune.cli compare --out '/x y'"
     for bad in ([], ["submit", "--", "demo"], ["jobs", "list"]):
         with pytest.raises(ValueError):
             jobs.entrypoint_for(bad)
@@ -97,7 +97,7 @@ class TwoNodeCluster:
     gcs: str  # for `ray status`
 
     def gendertune(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=self.env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "gendertune.cli", *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
     def job_status(self, job_id: str) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.config import ConfigError
+from gendertune.config import ConfigError
 from data_prep.config import PrepConfig
 from data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, load_photo, sha256_hex
 

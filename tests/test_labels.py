@@ -31,9 +31,9 @@ def test_official_format_with_double_spaces(tmp_path):
 
 
 def test_csv_formats_zero_one_and_minus_one(tmp_path):
-    seed = tmp_path / "gender_classification.csv"
-    seed.write_text("images,Male\n000001.jpg,1\n000002.jpg,0\n")
-    assert read_labels(seed, "Male")["label"].tolist() == [1, 0]
+    notebook_csv = tmp_path / "gender_classification.csv"
+    notebook_csv.write_text("images,Male\n000001.jpg,1\n000002.jpg,0\n")
+    assert read_labels(notebook_csv, "Male")["label"].tolist() == [1, 0]
     signed = tmp_path / "signed.csv"
     signed.write_text("filename,Smiling,Male\na/1.png,1,-1\na/2.png,-1,1\n")
     table = read_labels(signed, "Male")
@@ -89,7 +89,7 @@ def test_partition_and_identity_files(tmp_path):
 
 
 def test_real_file_scale_parses_quickly(tmp_path):
-    """202,599 rows like the seed's CSV parse in well under a few seconds (pandas C engine)."""
+    """202,599 rows like the original notebook's CSV parse in well under a few seconds (pandas C engine)."""
     ids = [f"{i:06d}.jpg" for i in range(1, 202_600)]
     path = tmp_path / "big.csv"
     pd.DataFrame({"images": ids, "Male": [i % 2 for i in range(len(ids))]}).to_csv(path, index=False)

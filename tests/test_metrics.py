@@ -1,4 +1,4 @@
-"""Tests for tuning.metrics (evaluation numbers, McNemar) and tuning.plots (PNG figures)."""
+"""Tests for tuning.metrics (evaluation numbers, McNemar) and gendertune.plots (PNG figures)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from tuning import plots
+from gendertune import plots
 from tuning.metrics import (
-    bootstrap_accuracy_ci,
     evaluate_predictions,
     expected_calibration_error,
     mcnemar_test,
+    wilson_ci,
 )
 
 
@@ -35,7 +35,7 @@ def _calibrated(confidence: float, n: int, predict_male: bool) -> tuple[np.ndarr
 def test_hand_made_example():
     y = [0, 0, 0, 1, 1, 0]
     p = [0.1, 0.4, 0.7, 0.9, 0.2, 0.5]  # predictions 0, 0, 1, 1, 0, 1 (0.5 counts as Male)
-    result = evaluate_predictions(y, p, n_bootstrap=200)
+    result = evaluate_predictions(y, p)
     assert result["n"] == 6
     assert result["accuracy"] == pytest.approx(3 / 6)
     assert result["confusion_matrix"] == [[2, 2], [1, 1]]  # [[tn, fp], [fn, tp]]
@@ -51,60 +51,44 @@ def test_roc_auc_matches_sklearn_and_is_none_for_one_class():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 500)
     p = np.clip(0.3 * y + rng.uniform(0, 0.7, 500), 0, 1)
-    result = evaluate_predictions(y, p, n_bootstrap=50)
+    result = evaluate_predictions(y, p)
     assert result["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     assert result["roc_auc_reason"] is None
 
-    one_class = evaluate_predictions([1, 1, 1], [0.9, 0.2, 0.6], n_bootstrap=50)
+    one_class = evaluate_predictions([1, 1, 1], [0.9, 0.2, 0.6])
     assert one_class["roc_auc"] is None
     assert "Male" in one_class["roc_auc_reason"]
     assert one_class["majority_rate"] == 1.0
 
 
 def test_custom_class_names_key_per_class():
-    result = evaluate_predictions([0, 1], [0.2, 0.8], class_names=("F", "M"), n_bootstrap=10)
+    result = evaluate_predictions([0, 1], [0.2, 0.8], class_names=("F", "M"))
     assert set(result["per_class"]) == {"F", "M"}
 
 
-# --- bootstrap CI ----------------------------------------------------------------------------
+# --- accuracy CI ----------------------------------------------------------------------------
 
 
 def test_ci_contains_accuracy_and_narrows_with_more_data():
     rng = np.random.default_rng(2)
     small = rng.random(200) < 0.8
     large = rng.random(20_000) < 0.8
-    lo_s, hi_s = bootstrap_accuracy_ci(small)
-    lo_l, hi_l = bootstrap_accuracy_ci(large)
+    lo_s, hi_s = wilson_ci(int(small.sum()), small.size)
+    lo_l, hi_l = wilson_ci(int(large.sum()), large.size)
     assert lo_s <= small.mean() <= hi_s
     assert lo_l <= large.mean() <= hi_l
     assert (hi_l - lo_l) < (hi_s - lo_s) / 5  # width shrinks like 1/sqrt(n): 10x here
 
 
-def test_ci_is_reproducible_and_seed_dependent():
-    correct = np.random.default_rng(3).random(1000) < 0.7
-    assert bootstrap_accuracy_ci(correct, seed=7) == bootstrap_accuracy_ci(correct, seed=7)
-    assert bootstrap_accuracy_ci(correct, seed=7) != bootstrap_accuracy_ci(correct, seed=8)
+def test_ci_is_the_wilson_interval_and_needs_no_seed():
+    # Wilson's closed form for 8 of 10: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n).
+    z, n, p = 1.959963984540054, 10, 0.8
+    centre, half = p + z**2 / (2 * n), z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+    assert wilson_ci(8, 10) == pytest.approx(((centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)))
+    low, high = wilson_ci(10, 10)  # all right: the interval still has width, unlike a bootstrap's
+    assert high == pytest.approx(1.0) and low < 0.75
     y, p = _calibrated(0.7, 1000, True)
-    first, second = evaluate_predictions(y, p), evaluate_predictions(y, p)
-    assert first["accuracy_ci95"] == second["accuracy_ci95"]
-
-
-def test_ci_matches_index_resampling_bootstrap():
-    # The binomial shortcut must agree with the textbook resample-the-indices bootstrap.
-    correct = np.random.default_rng(4).random(2000) < 0.85
-    rng = np.random.default_rng(5)
-    textbook = correct[rng.integers(0, correct.size, (4000, correct.size))].mean(axis=1)
-    expected = np.percentile(textbook, [2.5, 97.5])
-    assert bootstrap_accuracy_ci(correct, n_bootstrap=4000) == pytest.approx(expected, abs=0.004)
-
-
-def test_bootstrap_40k_examples_is_fast():
-    import time
-
-    correct = np.random.default_rng(6).random(40_000) < 0.9
-    start = time.perf_counter()
-    bootstrap_accuracy_ci(correct, n_bootstrap=1000)
-    assert time.perf_counter() - start < 0.5
+    assert evaluate_predictions(y, p)["accuracy_ci95"] == evaluate_predictions(y, p)["accuracy_ci95"]
 
 
 # --- ECE -------------------------------------------------------------------------------------
@@ -116,7 +100,7 @@ def test_ece_zero_when_perfectly_calibrated():
     y = np.concatenate([part[0] for part in parts])
     p = np.concatenate([part[1] for part in parts])
     assert expected_calibration_error(y, p) == pytest.approx(0.0, abs=1e-12)
-    assert evaluate_predictions(y, p, n_bootstrap=10)["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert evaluate_predictions(y, p)["ece"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_ece_large_for_confident_wrong_predictions():
@@ -203,8 +187,8 @@ def test_other_functions_reject_bad_inputs():
         mcnemar_test([True, False], [True])
     with pytest.raises(ValueError, match="only 0/1"):
         mcnemar_test([0.5, 1], [1, 1])
-    with pytest.raises(ValueError, match="n_bootstrap"):
-        bootstrap_accuracy_ci([True, False], n_bootstrap=0)
+    with pytest.raises(ValueError, match="level"):
+        wilson_ci(1, 2, level=1.5)
     with pytest.raises(ValueError, match="exactly 2"):
         evaluate_predictions([0, 1], [0.1, 0.9], class_names=("A", "B", "C"))
 

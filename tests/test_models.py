@@ -45,7 +45,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @pytest.fixture(autouse=True, scope="module")
 def _one_intra_op_thread():
     """The tensors here are tiny, so extra intra-op threads only add OpenMP synchronisation,
-    which on CPUs shared with other jobs made this file 3-4x slower (measured 71 s vs 19 s)."""
+    which on CPUs shared with other jobs made this file several times slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cluster import object_store
-from cluster.cli import main
+from gendertune.cli import main
 from cluster.storage import OutputExistsError
 from conftest import prep_sample
 from data_prep.layout import MANIFEST, open_prepared

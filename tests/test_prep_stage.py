@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cluster.cli import main
+from gendertune.cli import main
 from cluster.storage import OWNER_FILE, atomic_output_dir
 from data_prep import layout, pipeline
 from data_prep.config import PrepConfig
@@ -106,7 +106,7 @@ def test_official_and_identity_splits_keep_people_apart(ray_session, synthetic_s
 
 
 def test_csv_labels_with_a_plain_image_folder_via_cli(ray_session, synthetic_sample, tmp_path, capsys):
-    """The seed's layout: a folder of images plus images,Male with 0/1 values."""
+    """The original notebook's layout: a folder of images plus images,Male with 0/1 values."""
     folder = tmp_path / "faces"
     shutil.copytree(synthetic_sample.path / "img_align_celeba", folder)
     labels = read_labels(synthetic_sample.path / "list_attr_celeba.txt", "Male")

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from ray.tune.search.optuna import OptunaSearch
 
-from cluster.cli import main
-from cluster.config import ConfigError
+from gendertune.cli import main
+from gendertune.config import ConfigError
 from conftest import prep_sample
 from tuning import leaderboard, run_layout, tracking
 from tuning.compare import CompareConfig, run_compare
@@ -40,11 +40,11 @@ def suggestions(seed: int, n: int = 4) -> list[dict]:
 def test_augment_strength_scales_the_users_own_augmentation():
     base = TrainConfig.from_dict({"data": "d", "out": "o", "hflip": 0.0, "rotation": 30.0, "color_jitter": 0.0,
                                   "random_erasing": 0.0, "random_resized_crop": 0.0, "zoom": 0.0, "translate": 0.0,
-                                  "random_border": 0.0}).to_dict()
+                                  "random_border": 0.0})
     half = trial_config(base, {"augment_strength": 0.5, "lr": 0.01})
     assert half.rotation == 15.0 and half.hflip == 0.0 and half.lr == 0.01  # none stays none
     assert trial_config(base, {"augment_strength": 0.5, "hflip": 0.3}).hflip == 0.3  # searched on its own
-    none = {**base, "rotation": 0.0}
+    none = dataclasses.replace(base, rotation=0.0)
     assert all(v == 0 for v in trial_config(none, {"augment_strength": 1.0}).augment_strengths().values())
     assert trial_config(base, {}).rotation == 30.0  # no strength searched: the base as it is
 
@@ -240,7 +240,7 @@ def test_in_process_trial_restores_from_its_checkpoint_and_resets_for_a_new_tria
 
     data = open_prepared(prepared)
     base = TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path / "unused"), "epochs": 2,
-                                  "image_size": 40}).to_dict()
+                                  "image_size": 40})
     trial_class = tune.with_parameters(InProcessTrial, base=base, data_root=data.root, threads=1,
                                        datasets=training_datasets(data, val_fraction=0.15))
     params = {"lr": 1e-3, "batch_size": 16}
@@ -271,11 +271,12 @@ def _finished_trials(search_dir):
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, ray_session, tmp_path):
     out = tmp_path / "cmp"
-    command = [sys.executable, "-m", "cluster.cli", "compare", "--data", str(prepared), "--out", str(out),
+    command = [sys.executable, "-m", "gendertune.cli", "compare", "--data", str(prepared), "--out", str(out),
                "--models", "resnet18", "--trials", "2", "--max-concurrent", "1", "--epochs", "1"]
-    # The runs attach to the tests' Ray (as a command inside a cluster job does) instead of
-    # starting their own: a Ray start-up costs seconds each.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    # Each run starts its own local Ray, as a user's command does: the tests' Ray listens on
+    # loopback only, which Ray's client on Linux cannot attach to (it swaps 127.0.0.1 for the
+    # public address), so another process cannot share it.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     search_dir = out / "searches" / "resnet18" / "search"
     deadline = time.monotonic() + 300
@@ -294,3 +295,43 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
     for name, results in first.items():
         assert after[name] == results, f"finished trial {name} was run again"
     assert leaderboard.read_leaderboard(out).iloc[0]["trials_run"] == 2
+
+
+def _trial_results(search_dir) -> list[tuple]:
+    """Each trial's params and per-epoch val_acc/val_loss, in the order the trials were created."""
+    trials = []
+    for result in search_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        params = json.loads((result.parent / "params.json").read_text())
+        trials.append((lines[0]["date"], json.dumps(params, sort_keys=True),
+                       [(line["val_acc"], line["val_loss"]) for line in lines]))
+    return [trial[1:] for trial in sorted(trials)]
+
+
+def test_a_deterministic_compare_gives_the_same_leaderboard_twice(prepared, tmp_path):
+    """Same seed, same machine, --deterministic: the same trials, the same ASHA cuts, the same
+    weights, so the same leaderboard, down to each test prediction."""
+    def compare(out):
+        # A seed other than the default, and ASHA able to cut: 3 trials of 2 epochs.
+        return run_compare(
+            CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18"]}),
+            SearchConfig.from_dict({"trials": 3, "seed": 5}),
+            TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 2, "batch_size": 16,
+                                   "seed": 5, "deterministic": True}),
+            log=lambda *_: None)
+
+    first, second = compare(tmp_path / "a"), compare(tmp_path / "b")
+    varies = [c for c in first.columns if c.endswith(("seconds", "images_per_s")) or c == "run_dir"]
+    pd.testing.assert_frame_equal(first.drop(columns=varies), second.drop(columns=varies))
+    trials = [_trial_results(tmp_path / run / "searches" / "resnet18" / "search") for run in ("a", "b")]
+    assert len(trials[0]) == 3 and trials[0] == trials[1]
+    predictions = [pd.read_csv(tmp_path / run / "models" / "resnet18" / run_layout.PREDICTIONS) for run in ("a", "b")]
+    pd.testing.assert_frame_equal(*predictions)
+
+
+def test_deterministic_refuses_trials_at_once(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="one trial at a time"):
+        run_compare(CompareConfig.from_dict({"data": str(prepared), "out": str(tmp_path), "models": ["resnet18"]}),
+                    SearchConfig.from_dict({"trials": 2, "max_concurrent": 2}),
+                    TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path), "deterministic": True}))
+    assert not any(tmp_path.iterdir())

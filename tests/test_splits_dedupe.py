@@ -59,7 +59,7 @@ def test_identity_split_is_disjoint_and_roughly_stratified():
 
 
 def test_random_split_shares_people_which_identity_split_avoids():
-    """The seed's leak: a random split puts the same person in train and test."""
+    """The original notebook's leak: a random split puts the same person in train and test."""
     images = make_images()
     split = assign_splits(images, method="random", ratios=(0.8, 0.2), seed=0)
     joined = images.assign(split=split.reindex(images["image_id"]).to_numpy())

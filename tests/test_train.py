@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.cli import main
+from gendertune.cli import main
 from conftest import prep_sample
 from data_prep import layout
 from data_prep.errors import PrepInputError

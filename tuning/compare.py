@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from cluster import object_store
-from cluster.config import ConfigError, StageConfig
+from gendertune.config import ConfigError, StageConfig
 from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
@@ -38,7 +38,7 @@ from tuning.search import SearchConfig, check_search, describe_params, run_searc
 from tuning.train import held_out_predictions, train_into, write_run_outputs
 from tuning.train_config import TrainConfig
 
-SEED_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
+DEFAULT_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ class CompareConfig(StageConfig):
 
     data: str = ""
     out: str = ""
-    models: tuple[str, ...] = SEED_MODELS
+    models: tuple[str, ...] = DEFAULT_MODELS
     retrain: bool = False  # retrain the best configuration from scratch instead of keeping its checkpoint
     resume: bool = False
     ensemble_k: int = 0  # the ensemble's members: the top k models; 0 = those within the leader's 95% CI
@@ -97,7 +97,7 @@ def compare_one(model: str, location: OutputLocation, compare: CompareConfig, se
         search_and_evaluate(model, run_dir, location, compare, search, base, tracking_uri=tracking_uri, log=log)
         drop_checkpoints(location.storage_path("searches", model))
     for eval_set in missing_sets(run_dir, eval_sets):  # on resume, only sets added since
-        scores = evaluate_run(run_dir, eval_set, seed=base.seed)
+        scores = evaluate_run(run_dir, eval_set)
         log(f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
             f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})")
     summary = json.loads((run_dir / "search_summary.json").read_text())
@@ -195,7 +195,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
     if members:
         scores = ensemble.write_ensemble(
             out, ranked[ranked["model"].isin(members)], class_names=prepared.class_names, eval_sets=names,
-            test_groups=read_slices(prepared), seed=base.seed,
+            test_groups=read_slices(prepared),
             eval_groups={s.name: s.table[["path", *s.slice_columns]] for s in eval_sets if s.slice_columns})
         ensemble_row = leaderboard.ensemble_row(scores, run_dir=str(out / ensemble.FOLDER))
         log(f"[compare] ensemble of {', '.join(members)}: test accuracy {scores['accuracy']:.4f}")

@@ -12,9 +12,10 @@ import os
 import numpy as np
 import pyarrow.dataset as pads
 import ray
+import ray.train
 
 from cluster import object_store
-from cluster.errors import UserInputError
+from gendertune.errors import UserInputError
 from data_prep.layout import PreparedData
 
 _KNUTH = 2654435761  # multiplicative hash constant: spreads consecutive ids over [0, 2^32)
@@ -45,8 +46,8 @@ def _carve(batch: dict[str, np.ndarray], *, fraction: float, keep_validation: bo
 
 
 # Ray Data 2.60 reads Parquet footers with a pool of 32 actors per read by default: 32 new worker
-# processes, 12-14 s on 2 cores, to list a handful of shards. A prep output has few large shards,
-# so two readers are plenty (a one-shard read then takes ~2 s). The setting is read when the read
+# processes, seconds of start-up on a small machine, to list a handful of shards. A prep output
+# has few large shards, so two readers are plenty. The setting is read when the read
 # is planned, in the process that calls read_parquet; a user's own value wins.
 FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_READERS = "2"
@@ -54,7 +55,19 @@ FOOTER_READERS = "2"
 
 def _read_split(prepared: PreparedData, split: str, columns: list[str]) -> ray.data.Dataset:
     os.environ.setdefault(FOOTER_READERS_ENV, FOOTER_READERS)
+    # Rows in file order, not in the order parallel reads finish: otherwise the seeded shuffle
+    # starts from another order in every process, and the same seed trains another model. A
+    # dataset keeps the context it was created with.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     return ray.data.read_parquet(prepared.split_dir(split)).select_columns(columns)
+
+
+def ordered_ingest() -> ray.data.ExecutionOptions:
+    """Ray Train's ingest options (taken from this process's DataContext) with the order kept,
+    for the streaming split that feeds its workers."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _read(prepared: PreparedData, split: str) -> ray.data.Dataset:

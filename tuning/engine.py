@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from cluster.errors import UserInputError
+from gendertune.errors import UserInputError
 from models.registry import classification_loss, split_outputs
 from tuning.train_config import TrainConfig
 

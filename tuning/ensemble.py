@@ -46,7 +46,7 @@ def mean_probability(run_dirs: list[str], file: str, key: str) -> pd.DataFrame:
 
 
 def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], eval_sets: list[str],
-                   test_groups: pd.DataFrame | None, eval_groups: dict[str, pd.DataFrame], seed: int) -> dict:
+                   test_groups: pd.DataFrame | None, eval_groups: dict[str, pd.DataFrame]) -> dict:
     """Score the ensemble of `members` (leaderboard rows with a local run_dir) into out/ensemble;
     returns its metrics, in metrics.json's form."""
     folder = out / FOLDER
@@ -54,7 +54,7 @@ def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], 
     run_dirs = members["run_dir"].tolist()
     test = mean_probability(run_dirs, run_layout.PREDICTIONS, "image_id")
     write_text_atomic(folder / run_layout.PREDICTIONS, test.to_csv(index=False))
-    metrics = _score(test, class_names, seed)
+    metrics = _score(test, class_names)
     if test_groups is not None:
         groups = test[["image_id"]].merge(test_groups, on="image_id", how="left").drop(columns="image_id")
         metrics["slices"] = {"test": slice_report(test["label"], test["prob_positive"], groups, class_names=class_names)}
@@ -62,7 +62,7 @@ def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], 
     for name in eval_sets:
         scored = mean_probability(run_dirs, run_layout.eval_predictions(name), "path")
         write_text_atomic(folder / run_layout.eval_predictions(name), scored.to_csv(index=False))
-        metrics["eval_sets"][name] = _score(scored, class_names, seed)
+        metrics["eval_sets"][name] = _score(scored, class_names)
         if name in eval_groups:
             groups = scored[["path"]].merge(eval_groups[name], on="path", how="left").drop(columns="path")
             metrics.setdefault("slices", {})[name] = slice_report(scored["label"], scored["prob_positive"], groups,
@@ -77,9 +77,9 @@ def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], 
     return metrics
 
 
-def _score(table: pd.DataFrame, class_names: list[str], seed: int) -> dict:
+def _score(table: pd.DataFrame, class_names: list[str]) -> dict:
     labels, probs = table["label"].to_numpy(), table["prob_positive"].to_numpy(dtype=np.float64)
-    metrics = evaluate_predictions(labels, probs, class_names=tuple(class_names), seed=seed)
+    metrics = evaluate_predictions(labels, probs, class_names=tuple(class_names))
     known = ~np.isnan(probs)
     # The members' probabilities were calibrated already; the mean is what the ensemble outputs.
     metrics["ece_calibrated"] = expected_calibration_error(labels[known], probs[known]) if known.any() else None

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cluster.config import ConfigError
+from gendertune.config import ConfigError
 from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep.labels import read_label_csv, read_slice_columns
 from tuning import run_layout
 from tuning.metrics import evaluate_predictions, expected_calibration_error, most_confident_mistakes
-from tuning.plots import plot_mistakes
+from gendertune.plots import plot_mistakes
 from tuning.predict import RunModel, predict
 from tuning.slices import slice_report
 
@@ -86,7 +86,7 @@ def load_eval_set(spec: str, *, attribute: str) -> EvalSet:
     return EvalSet(name, str(root), table[["image_id", "path", "label", *groups.columns.drop("image_id")]])
 
 
-def evaluate_run(run_dir: str | Path, eval_set: EvalSet, *, seed: int = 0) -> dict:
+def evaluate_run(run_dir: str | Path, eval_set: EvalSet) -> dict:
     """Score a finished run on one set; writes its predictions and gallery and adds the set to the
     run's metrics.json (rewritten atomically). Returns the set's metrics."""
     run_dir = Path(run_dir)
@@ -98,7 +98,7 @@ def evaluate_run(run_dir: str | Path, eval_set: EvalSet, *, seed: int = 0) -> di
     write_text_atomic(run_dir / run_layout.eval_predictions(eval_set.name), scored.to_csv(index=False))
     labels, probs = scored["label"].to_numpy(), scored["prob_positive"].to_numpy(dtype=np.float64)
     raw = np.where(np.isnan(probs), np.nan, 1 / (1 + np.exp(-scored["margin"].to_numpy(dtype=np.float64))))
-    metrics = evaluate_predictions(labels, probs, class_names=tuple(run.class_names), seed=seed)
+    metrics = evaluate_predictions(labels, probs, class_names=tuple(run.class_names))
     known = ~np.isnan(probs)
     metrics["ece"] = expected_calibration_error(labels[known], raw[known]) if known.any() else None
     metrics["ece_calibrated"] = expected_calibration_error(labels[known], probs[known]) if known.any() else None

@@ -4,7 +4,7 @@ A row per model (timm-style): rank, test accuracy with its 95% CI, per-class pre
 macro F1, ROC-AUC, ECE before and after temperature scaling, the worst slice of the test split
 and the gap between the classes' recall, params, train time, inference speed, trials run/pruned,
 the best hyperparameters, per eval set its accuracy with CI (acc_<NAME>...), and McNemar's test
-against the leader on the *same* images — the seed reported 98 vs 95 vs 94 vs 92 on 1,000 images
+against the leader on the *same* images — the original notebook reported 98 vs 95 vs 94 vs 92 on 1,000 images
 without asking whether those gaps are real. The ensemble row follows the ranked models; a model
 that failed is a row with its error, ranked last.
 """
@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 
 from cluster import object_store
-from cluster.errors import MissingInputError
+from gendertune.errors import MissingInputError
 from cluster.storage import write_json_atomic, write_text_atomic
 from tuning import run_layout
 from tuning.metrics import mcnemar_test
-from tuning.plots import (
+from gendertune.plots import (
     plot_accuracy_vs_speed,
     plot_accuracy_with_ci,
     plot_confusion_matrices,

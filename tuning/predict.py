@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cluster import object_store
-from cluster.errors import MissingInputError, UserInputError
+from gendertune.errors import MissingInputError, UserInputError
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from data_prep.faces import AlignSettings, FaceChip, FaceFinder, face_chips

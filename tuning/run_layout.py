@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.errors import MissingInputError
+from gendertune.errors import MissingInputError
 
 CONFIG = "config.json"
 MODEL = "model.pt"

@@ -5,7 +5,7 @@ ASHA stops weak trials at its rungs; the test split is never read here. Two tria
 - `train`: the trial launches a TorchTrainer (Ray 2.60's Tune-launches-Train pattern) and holds
   only a sliver of CPU itself, so trial drivers never starve their own workers on a small box;
 - `inprocess`: a single-worker trial runs the same epoch loop inside the trial actor, which
-  saves the ~20 s of worker-group start-up per trial, and Tune reuses that actor for the next
+  saves the worker-group start-up per trial (bench/README.md), and Tune reuses that actor for the next
   trial, which saves the process start and imports too. `auto` picks it for 1 worker.
 An interrupted search resumes from its Tune state (finished trials are not re-run).
 """
@@ -32,8 +32,8 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from cluster.config import ConfigError, StageConfig
-from cluster.errors import StageFailed
+from gendertune.config import ConfigError, StageConfig
+from gendertune.errors import StageFailed
 from cluster.object_store import filesystem_for, is_uri, join
 from cluster.runtime import compute_parallelism
 from data_prep.layout import PreparedData, open_prepared
@@ -107,10 +107,10 @@ class InProcessTrial(tune.Trainable):
     """A single-worker trial that runs the epoch loop in its own actor, one epoch per step().
 
     A class trainable so that Tune can reuse its actor (`reuse_actors`): the next trial only
-    resets it (`reset_config`), keeping the process, its imports (torch and torchvision alone
-    take ~7 s here) and the dataset handles, instead of starting a new actor per trial."""
+    resets it (`reset_config`), keeping the process, its imports (torch and torchvision are
+    slow to import) and the dataset handles, instead of starting a new actor per trial."""
 
-    def setup(self, config: dict, *, base: dict, data_root: str, threads: int, datasets: dict) -> None:
+    def setup(self, config: dict, *, base: TrainConfig, data_root: str, threads: int, datasets: dict) -> None:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
@@ -146,7 +146,7 @@ class InProcessTrial(tune.Trainable):
         return True
 
 
-def run_trial(params: dict, *, base: dict, data_root: str, trials_dir: str, datasets: dict) -> None:
+def run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: str, datasets: dict) -> None:
     """The Tune trainable of `train` mode: one TorchTrainer run with the sampled parameters."""
     import ray.data
 
@@ -244,9 +244,12 @@ def check_search(model: str, base: TrainConfig, search: SearchConfig) -> None:
     param_space(model, search.space)  # each entry is a valid domain
     constants = {name: spec for name, spec in space.items() if not isinstance(spec, list)}
     try:
-        trial_config({**base.to_dict(), "model": model}, constants)
+        trial_config(dataclasses.replace(base, model=model), constants)
     except ConfigError as err:
         raise ConfigError(f"search.space constants {constants}: {err}") from None
+    if base.deterministic and search.max_concurrent > 1:
+        raise ConfigError(f"search.max_concurrent {search.max_concurrent} with train.deterministic: a deterministic "
+                          "search runs one trial at a time; drop one of the two")
     if base.pretrained:
         fetch_hub_weights(get_spec(model))
 
@@ -302,18 +305,21 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
         out_dir = str(Path(out_dir).absolute())
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     cpus_per_trial = base.cpus_per_worker if mode == "inprocess" else 0.01
-    concurrent = search.max_concurrent or max(1, compute_parallelism() // math.ceil(base.cpus_per_worker * base.workers))
+    # Deterministic: one trial at a time, or ASHA's cuts and Optuna's next suggestion would
+    # depend on which of the trials running together reported first.
+    concurrent = 1 if base.deterministic else (
+        search.max_concurrent or max(1, compute_parallelism() // math.ceil(base.cpus_per_worker * base.workers)))
     threads = max(1, compute_parallelism() // concurrent)
     if search.time_budget_s and not (resume and tune.Tuner.can_restore(join(out_dir, SEARCH_DIR))):
         plan_budget(model, base, search, prepared, concurrent=concurrent, threads=threads, log=log)
-    # Built (and, when small, materialised) once for the whole search: per trial it cost ~20 s.
+    # Built (and, when small, materialised) once for the whole search, not once per trial.
     # val_fraction is not searched, so every trial trains and validates on the same rows.
     datasets = training_datasets(prepared, val_fraction=base.val_fraction)
     if mode == "inprocess":
-        trainable = tune.with_parameters(InProcessTrial, base=base.to_dict(), data_root=prepared.root,
+        trainable = tune.with_parameters(InProcessTrial, base=base, data_root=prepared.root,
                                          threads=threads, datasets=datasets)
     else:
-        trainable = tune.with_parameters(run_trial, base=base.to_dict(), data_root=prepared.root,
+        trainable = tune.with_parameters(run_trial, base=base, data_root=prepared.root,
                                          trials_dir=join(out_dir, "trials"), datasets=datasets)
     resources = {"cpu": cpus_per_trial, "gpu": (1 if base.gpu else 0) if mode == "inprocess" else 0}
     trainable = tune.with_resources(trainable, resources)
@@ -375,7 +381,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     history = best.metrics_dataframe[[c for c in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images_per_s", "attempt_start_epoch",
                                                           "precision", "precision_reason") if c in best.metrics_dataframe]]
     return SearchOutcome(
-        best_config=trial_config(base.to_dict(), params), best_params=params, best_state=state,
+        best_config=trial_config(base, params), best_params=params, best_state=state,
         best_metrics={k: metrics[k] for k in ("epoch", "val_acc", "val_loss")},
         history=history.drop_duplicates("epoch", keep="last").reset_index(drop=True),
         trials_run=len(results),

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray import tune
 
-from cluster.config import ConfigError
+from gendertune.config import ConfigError
 from tuning.train_config import AUGMENTATIONS, TrainConfig
 
 DEFAULT_SPACE: dict[str, Any] = {
@@ -71,13 +71,13 @@ def param_space(model: str, overrides: dict[str, Any] | None = None) -> dict[str
     return {name: to_tune_domain(name, spec) for name, spec in space_for(model, overrides).items()}
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> TrainConfig:
+def trial_config(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of one trial: the base run settings with the sampled parameters applied.
     `augment_strength` scales the *base* augmentation (so `--augment none` stays none, and
     `rotation=30` is what a strength of 1 means); an augmentation searched on its own takes its
     sampled value."""
     strength = float(params.get("augment_strength", 1.0))
-    values = {**base, **{name: base[name] * strength for name in AUGMENTATIONS}}
+    values = {**base.to_dict(), **{name: getattr(base, name) * strength for name in AUGMENTATIONS}}
     values.update({k: v for k, v in params.items() if k != "augment_strength"})
     return TrainConfig.from_dict(values)
 

@@ -15,20 +15,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
+
+from tuning.metrics import wilson_ci
 
 MIN_SLICE_IMAGES = 30
 # Numeric columns with more distinct values than this are binned; fewer are categories already.
 MAX_CATEGORIES = 12
 AGE_BANDS = (0, 18, 30, 45, 60, 200)  # the bands face-analysis studies report (FairFace-like)
-
-
-def wilson_ci(correct: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion; sound for the small counts slices have."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    interval = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return float(interval.low), float(interval.high)
 
 
 def slice_labels(values: pd.Series) -> pd.Series:

@@ -34,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from cluster.errors import UnreachableError, UserInputError
+from gendertune.errors import UnreachableError, UserInputError
 from cluster.object_store import is_uri
 
 AUTO_SETTINGS = frozenset({"auto", "default"})
@@ -49,7 +49,7 @@ MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE = 250, 6000, 8000
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
 CONNECT_TIMEOUT_S = 10
 _INVALID_KEY_CHARS = re.compile(r"[^/\w.\- ]")
-# mlflow itself is imported inside the functions: it takes ~2.5 s, paid only with --mlflow.
+# mlflow itself is imported inside the functions: a slow import, paid only with --mlflow.
 
 
 def resolve_uri(setting: str | None, out: str) -> str | None:

@@ -1,7 +1,7 @@
 """Run one training job on Ray Train, then evaluate its best checkpoint once on the held-out split.
 
 Model selection uses validation accuracy only; the test split is read once, after training, by
-a Ray task placed like a training worker (on a GPU when the run used GPUs). The seed notebook
+a Ray task placed like a training worker (on a GPU when the run used GPUs). The original notebook
 picked its best epoch by *test* accuracy, which leaks the test set into model selection.
 """
 
@@ -19,7 +19,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from cluster.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
+from gendertune.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
 from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
@@ -30,11 +30,11 @@ from models.transforms import EvalPreprocess
 from models.weights import fetch_hub_weights
 from tuning import run_layout, tracking
 from tuning.calibration import calibrated_probability, fit_temperature
-from tuning.data import read_split_images, test_dataset, training_datasets, training_views
+from tuning.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
 from tuning.engine import evaluate, select_precision
 from tuning.eval_sets import evaluate_run, load_eval_set
 from tuning.metrics import evaluate_predictions, expected_calibration_error, most_confident_mistakes
-from tuning.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
+from gendertune.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
 from tuning.slices import slice_report
 from tuning.train_config import TrainConfig
 from tuning.worker import load_state_dir, train_worker
@@ -91,10 +91,11 @@ def build_trainer(
     ray.data.DataContext.get_current().enable_progress_bars = False
     return TorchTrainer(
         train_worker,
-        train_loop_config={"train": config.to_dict(), **loop_settings(config, prepared)},
+        train_loop_config={"train": config, **loop_settings(config, prepared)},
         scaling_config=scaling_config(config),
         datasets=datasets or training_datasets(prepared, val_fraction=config.val_fraction),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"],
+                                            execution_options={"train": ordered_ingest(), "val": ordered_ingest()}),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -121,10 +122,9 @@ def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
         return load_state_dir(folder)
 
 
-def evaluate_held_out(state: dict, config_dict: dict, data_root: str, splits: list[str]) -> dict[str, dict]:
+def evaluate_held_out(state: dict, config: TrainConfig, data_root: str, splits: list[str]) -> dict[str, dict]:
     """Ray task body: the best weights on each held-out split in turn; per split its predictions,
     logit margins and timing."""
-    config = TrainConfig.from_dict(config_dict)
     ray.data.DataContext.get_current().enable_progress_bars = False  # no bars from inside a task
     prepared = open_prepared(data_root)
     spec = get_spec(config.model)
@@ -161,7 +161,7 @@ def held_out_predictions(state: dict, config: TrainConfig, prepared: PreparedDat
     small cluster leave none for the Ray Data reads they both wait on."""
     task = ray.remote(evaluate_held_out).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.gpu else 0)
     splits = ["val", "test"] if "test" in prepared.splits else ["val"]
-    return ray.get(task.remote(state, config.to_dict(), prepared.root, splits))
+    return ray.get(task.remote(state, config, prepared.root, splits))
 
 
 def write_run_outputs(
@@ -198,7 +198,7 @@ def write_run_outputs(
     # Accuracy and ROC-AUC are the same either way; ECE is reported before and after calibration.
     evaluation = evaluate_predictions(
         predictions["label"].to_numpy(), predictions["prob_uncalibrated"].to_numpy(),
-        class_names=tuple(prepared.class_names), seed=config.seed,
+        class_names=tuple(prepared.class_names),
     )
     evaluation["ece_calibrated"] = expected_calibration_error(predictions["label"], predictions["prob_positive"])
     groups = read_slices(prepared)
@@ -250,7 +250,7 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None, log=pr
     with output_location(config.out, ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
         train_into(location, config, log=log)
         for eval_set in eval_sets:
-            scores = evaluate_run(location.local, eval_set, seed=config.seed)
+            scores = evaluate_run(location.local, eval_set)
             low, high = scores["accuracy_ci95"]
             log(f"{config.model}: {eval_set.name} accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f})")
         metrics = run_layout.read_metrics(location.local)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from cluster.config import ConfigError, StageConfig
+from gendertune.config import ConfigError, StageConfig
 from models.transforms import TrainAugment
 
 AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop", "zoom", "translate",
@@ -54,6 +54,9 @@ class TrainConfig(StageConfig):
     random_border: float = 0.3
     val_fraction: float = 0.1  # carved from train (by identity when known) if prep made no val split
     seed: int = 0
+    # The same seed gives the same numbers on one machine: deterministic kernels, and a search
+    # runs one trial at a time (ASHA and Optuna then see results in one order). Slower.
+    deterministic: bool = False
     max_failures: int = 1  # worker failures tolerated; each resumes from the latest checkpoint
     eval_batch_size: int = 256
     # NAME=DIR labelled folders scored after training, never during selection (tuning.eval_sets).

@@ -4,13 +4,14 @@
 and yields each epoch's metrics and checkpoint state. `run_epochs` reports them through the
 session: `train_worker` adapts that to Ray Train (a TorchTrainer worker: DDP, sharded data,
 rank 0 writes checkpoints). `tuning.search.InProcessTrial` steps the same generator inside a
-single-process Tune trial, which skips the ~20 s of worker-group start-up a TorchTrainer costs
-per trial. Both restore from the latest checkpoint after a failure, and both report once per epoch.
+single-process Tune trial, which skips the worker-group start-up a TorchTrainer costs per trial
+(bench/README.md has the numbers). Both restore from the latest checkpoint after a failure, and both report once per epoch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -55,6 +56,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def use_deterministic_kernels() -> None:
+    """Kernels that give the same result every time (cuDNN without autotuning, cuBLAS with a fixed
+    workspace); an op that has none raises instead of silently varying."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS initialises
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+
+
 def torch_batches(dataset, *, batch_size: int, shuffle_seed: int | None) -> Iterator[tuple[Tensor, Tensor]]:
     """(uint8 images, int64 labels) from a Ray Dataset or shard; training batches drop the ragged
     last batch (BatchNorm cannot train on a batch of one) and shuffle locally with a seed."""
@@ -92,6 +101,8 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
     nothing is restored, before the first next()."""
     rank, device = session.rank, session.device
     seed_everything(config.seed * 1000 + rank)
+    if config.deterministic:
+        use_deterministic_kernels()
     spec = get_spec(config.model)
     precision = select_precision(config.precision, device)
     model = build_model(config.model, image_size=image_size, pretrained=config.pretrained, weights_path=config.weights)
@@ -219,6 +230,6 @@ def train_worker(loop_config: dict) -> None:
     """TorchTrainer's per-worker function."""
     torch.set_num_threads(loop_config["threads_per_worker"])
     run_epochs(
-        TrainConfig.from_dict(loop_config["train"]), image_size=loop_config["image_size"],
+        loop_config["train"], image_size=loop_config["image_size"],
         steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(), log=logger.info,
     )

@@ -1,7 +1,7 @@
 """The `gendertune` command line: one subcommand per stage, flags mapped onto stage configs.
 
 Every flag defaults to None so that "not given" is distinguishable from a value: the stage config
-then resolves defaults < --config file < flags (cluster.config.StageConfig.resolve).
+then resolves defaults < --config file < flags (gendertune.config.StageConfig.resolve).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from cluster.errors import GendertuneError, StageFailed
+from gendertune.errors import GendertuneError, StageFailed
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -115,7 +115,7 @@ def _augment(text: str) -> dict[str, float]:
 
 TRAIN_FLAGS = ["data", "out", "model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule",
                "warmup_epochs", "label_smoothing", "grad_clip", "image_size", "workers", "cpus_per_worker", "placement_strategy", "gpu",
-               "precision", "pretrained", "weights", "seed", "max_failures", "val_fraction", "eval_sets"]
+               "precision", "pretrained", "weights", "seed", "deterministic", "max_failures", "val_fraction", "eval_sets"]
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +150,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures", dest="max_failures", type=int, help="worker failures to recover from (default 1)")
     _add_eval_set_flag(parser, dest="eval_sets")
     parser.add_argument("--seed", type=int, help="seed (default 0)")
+    parser.add_argument("--deterministic", action="store_true", default=None,
+                        help="the same seed gives the same numbers on one machine: deterministic kernels, "
+                        "one search trial at a time (slower)")
     parser.add_argument("--config", help="JSON/TOML config file with a [train] section")
 
 
@@ -342,9 +345,9 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
 
 def _add_demo(sub) -> None:
     parser = sub.add_parser(
-        "demo", help="the whole pipeline on a generated sample: make-sample, prep, compare the seed's four models",
+        "demo", help="the whole pipeline on a generated sample: make-sample, prep, compare three of the original notebook's four models (not VGG19: it does not learn in the demo's budget)",
         description="Generate a SYNTHETIC CelebA-layout sample (or use --data), prep it with an identity split, "
-        "compare resnet50, resnet18, googlenet and vgg19 with a small search budget, print the leaderboard. "
+        "compare resnet50, resnet18 and googlenet with a small, deterministic search budget, print the leaderboard. "
         "Re-running with the same --out resumes.",
     )
     parser.add_argument("--out", default="demo-out", help="output folder (default demo-out)")

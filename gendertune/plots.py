@@ -1,4 +1,4 @@
-"""Figures for training runs and the model comparison: one PNG per function, path returned.
+"""Figures for the prep summary, training runs and the model comparison: one PNG per function, path returned.
 
 Figures are built as `matplotlib.figure.Figure` objects and rendered by the Agg canvas, never
 through pyplot: pyplot keeps a global registry of open figures (a leak in long-lived Ray workers
@@ -134,7 +134,7 @@ def plot_class_distribution(
 
 
 def plot_accuracy_with_ci(rows: Sequence[Mapping[str, Any]], path: str | Path, *,
-                          xlabel: str = "test accuracy (95% bootstrap CI)") -> Path:
+                          xlabel: str = "test accuracy (95% Wilson CI)") -> Path:
     """Horizontal bars of test accuracy with 95% CI error bars, best model on top.
 
     Each row needs keys model, accuracy, ci_lo, ci_hi.

@@ -16,11 +16,11 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
-from cluster.errors import UserInputError
+from gendertune.errors import UserInputError
 
 
 # Every stage's section name; a config file section outside this list is a typo.
-SECTIONS = ("prep", "train", "search", "compare", "demo")
+SECTIONS = ("prep", "train", "search", "compare")
 
 
 class ConfigError(UserInputError):
