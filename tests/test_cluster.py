@@ -61,7 +61,7 @@ def test_plain_http_to_a_remote_host_is_refused_unless_allowed(monkeypatch):
 def test_job_runtime_env_carries_the_project_and_its_dependencies():
     env = jobs.job_runtime_env()
     assert (Path(env["working_dir"]) / "pyproject.toml").is_file()
-    assert (Path(env["working_dir"]) / "cluster" / "cli.py").is_file()
+    assert (Path(env["working_dir"]) / "gendertune" / "cli.py").is_file()
     assert ".venv" in env["excludes"] and ".git" in env["excludes"]
     names = {dep.split(">")[0].split("=")[0].split("[")[0].strip() for dep in env["pip"]}
     assert {"torch", "torchvision", "optuna", "pandas"} <= names
