@@ -94,8 +94,7 @@ def build_trainer(
         train_loop_config={"train": config, **loop_settings(config, prepared)},
         scaling_config=scaling_config(config),
         datasets=datasets or training_datasets(prepared, val_fraction=config.val_fraction),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"],
-                                            execution_options={"train": ordered_ingest(), "val": ordered_ingest()}),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=ordered_ingest()),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
