@@ -14,7 +14,7 @@ from tuning.ensemble import choose_members, mean_probability
 from tuning.eval_sets import load_eval_set
 from tuning.metrics import evaluate_predictions, expected_calibration_error, most_confident_mistakes
 from tuning.metrics import wilson_ci
-from tuning.slices import slice_labels, slice_report
+from tuning.slices import slice_labels, slice_report, slices_of
 
 CLASSES = ("Female", "Male")
 
@@ -140,3 +140,13 @@ def test_ensemble_members_and_mean_probability(tmp_path):
     mean = mean_probability([str(tmp_path / "a"), str(tmp_path / "b")], "test_predictions.csv", "image_id")
     assert mean["prob_positive"].iloc[[0, 2]].tolist() == pytest.approx([0.8, 0.4])
     assert np.isnan(mean["prob_positive"].iloc[1])  # a member without a prediction: the ensemble has none
+
+
+def test_slices_of_looks_groups_up_by_key_not_by_position():
+    scored = pd.DataFrame({"path": ["c", "a", "b", "d"], "label": [1, 0, 1, 0], "prob_positive": [0.9, 0.8, 0.2, 0.1]})
+    groups = pd.DataFrame({"path": ["a", "b", "c", "d"], "group": ["x", "x", "y", "y"]})  # another order
+    by_key = slices_of(scored, groups, key="path", class_names=CLASSES)
+    aligned = slice_report(scored["label"], scored["prob_positive"], pd.DataFrame({"group": ["y", "x", "x", "y"]}),
+                           class_names=CLASSES)
+    assert [(s["value"], s["accuracy"]) for s in by_key["slices"]] == [("x", 0.0), ("y", 1.0)]
+    assert by_key["slices"] == aligned["slices"]

@@ -245,3 +245,16 @@ def test_plot_writes_png(tmp_path, name):
 def test_plot_rejects_history_without_columns(tmp_path):
     with pytest.raises(ValueError, match="val_acc"):
         plots.plot_accuracy_per_epoch(_history().drop(columns="val_acc"), tmp_path / "x.png")
+
+
+def test_ece_is_reported_before_and_after_calibration_and_nothing_else_moves():
+    y = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    raw = np.array([0.01, 0.99, 0.6, 0.45, 0.97, 0.02, 0.51, 0.4])
+    calibrated = 0.5 + (raw - 0.5) * 0.5  # a temperature pulls every probability toward 0.5, none across it
+    both = evaluate_predictions(y, calibrated, prob_uncalibrated=raw)
+    assert both["ece"] == pytest.approx(expected_calibration_error(y, raw))
+    assert both["ece_calibrated"] == pytest.approx(expected_calibration_error(y, calibrated))
+    assert both["ece"] != pytest.approx(both["ece_calibrated"])
+    alone = evaluate_predictions(y, calibrated)
+    assert alone["ece"] == alone["ece_calibrated"] == both["ece_calibrated"]
+    assert {k: v for k, v in both.items() if k != "ece"} == {k: v for k, v in alone.items() if k != "ece"}

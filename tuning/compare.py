@@ -191,15 +191,15 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
     names = [s.name for s in eval_sets]
     ranked = leaderboard.rank_rows(rows, eval_sets=names)
     members = ensemble.choose_members(ranked, compare.ensemble_k)
-    ensemble_row = None
+    table = ranked
     if members:
         scores = ensemble.write_ensemble(
             out, ranked[ranked["model"].isin(members)], class_names=prepared.class_names, eval_sets=names,
             test_groups=read_slices(prepared),
             eval_groups={s.name: s.table[["path", *s.slice_columns]] for s in eval_sets if s.slice_columns})
-        ensemble_row = leaderboard.ensemble_row(scores, run_dir=str(out / ensemble.FOLDER))
+        table = leaderboard.add_ensemble(ranked, leaderboard.ensemble_row(scores, run_dir=str(out / ensemble.FOLDER)),
+                                         eval_sets=names)
         log(f"[compare] ensemble of {', '.join(members)}: test accuracy {scores['accuracy']:.4f}")
-    table = leaderboard.rank_rows(rows, eval_sets=names, ensemble=ensemble_row)
     histories, confusion, slices, calibration = {}, {}, {}, {}
     for row in table[table["status"] == "ok"].itertuples():
         metrics = run_layout.read_metrics(row.run_dir)

@@ -17,8 +17,8 @@ import pandas as pd
 
 from cluster.storage import write_json_atomic, write_text_atomic
 from tuning import run_layout
-from tuning.metrics import evaluate_predictions, expected_calibration_error
-from tuning.slices import slice_report
+from tuning.metrics import evaluate_predictions
+from tuning.slices import slices_of
 
 FOLDER = "ensemble"
 
@@ -56,17 +56,14 @@ def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], 
     write_text_atomic(folder / run_layout.PREDICTIONS, test.to_csv(index=False))
     metrics = _score(test, class_names)
     if test_groups is not None:
-        groups = test[["image_id"]].merge(test_groups, on="image_id", how="left").drop(columns="image_id")
-        metrics["slices"] = {"test": slice_report(test["label"], test["prob_positive"], groups, class_names=class_names)}
+        metrics["slices"] = {"test": slices_of(test, test_groups, key="image_id", class_names=class_names)}
     metrics["eval_sets"] = {}
     for name in eval_sets:
         scored = mean_probability(run_dirs, run_layout.eval_predictions(name), "path")
         write_text_atomic(folder / run_layout.eval_predictions(name), scored.to_csv(index=False))
         metrics["eval_sets"][name] = _score(scored, class_names)
         if name in eval_groups:
-            groups = scored[["path"]].merge(eval_groups[name], on="path", how="left").drop(columns="path")
-            metrics.setdefault("slices", {})[name] = slice_report(scored["label"], scored["prob_positive"], groups,
-                                                                   class_names=class_names)
+            metrics.setdefault("slices", {})[name] = slices_of(scored, eval_groups[name], key="path", class_names=class_names)
     metrics.update({
         "members": members["model"].tolist(),
         "params": int(members["params"].sum()),
@@ -78,9 +75,6 @@ def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], 
 
 
 def _score(table: pd.DataFrame, class_names: list[str]) -> dict:
-    labels, probs = table["label"].to_numpy(), table["prob_positive"].to_numpy(dtype=np.float64)
-    metrics = evaluate_predictions(labels, probs, class_names=tuple(class_names))
-    known = ~np.isnan(probs)
     # The members' probabilities were calibrated already; the mean is what the ensemble outputs.
-    metrics["ece_calibrated"] = expected_calibration_error(labels[known], probs[known]) if known.any() else None
-    return metrics
+    return evaluate_predictions(table["label"], table["prob_positive"].to_numpy(dtype=np.float64),
+                                class_names=tuple(class_names))

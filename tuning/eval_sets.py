@@ -26,10 +26,10 @@ from gendertune.config import ConfigError
 from cluster.storage import write_json_atomic, write_text_atomic
 from data_prep.labels import read_label_csv, read_slice_columns
 from tuning import run_layout
-from tuning.metrics import evaluate_predictions, expected_calibration_error, most_confident_mistakes
+from tuning.metrics import evaluate_predictions, most_confident_mistakes
 from gendertune.plots import plot_mistakes
 from tuning.predict import RunModel, predict
-from tuning.slices import slice_report
+from tuning.slices import slices_of
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")  # it becomes a column and a file name
 LABEL_FILE = "labels.csv"
@@ -96,14 +96,11 @@ def evaluate_run(run_dir: str | Path, eval_set: EvalSet) -> dict:
         faces.rename(columns={"image": "path", run.prob_column: "prob_positive"})[["path", "prob_positive", "margin", "error"]],
         on="path", how="left")
     write_text_atomic(run_dir / run_layout.eval_predictions(eval_set.name), scored.to_csv(index=False))
-    labels, probs = scored["label"].to_numpy(), scored["prob_positive"].to_numpy(dtype=np.float64)
+    probs = scored["prob_positive"].to_numpy(dtype=np.float64)
     raw = np.where(np.isnan(probs), np.nan, 1 / (1 + np.exp(-scored["margin"].to_numpy(dtype=np.float64))))
-    metrics = evaluate_predictions(labels, probs, class_names=tuple(run.class_names))
-    known = ~np.isnan(probs)
-    metrics["ece"] = expected_calibration_error(labels[known], raw[known]) if known.any() else None
-    metrics["ece_calibrated"] = expected_calibration_error(labels[known], probs[known]) if known.any() else None
-    groups = eval_set.table[eval_set.slice_columns]
-    slices = slice_report(labels, probs, groups, class_names=run.class_names) if eval_set.slice_columns else None
+    metrics = evaluate_predictions(scored["label"], probs, class_names=tuple(run.class_names), prob_uncalibrated=raw)
+    slices = (slices_of(scored, eval_set.table[["path", *eval_set.slice_columns]], key="path", class_names=run.class_names)
+              if eval_set.slice_columns else None)
     mistakes = most_confident_mistakes(scored)
     plot_mistakes(mistakes, [run.chips(Path(p).read_bytes(), every_face=False)[0].chip for p in mistakes["path"]],
                   run_dir / f"mistakes_{eval_set.name}.png", class_names=run.class_names,

@@ -103,26 +103,45 @@ def _columns(rows: list[dict]) -> list[str]:
     return COLUMNS + list(dict.fromkeys(extra)) + LAST_COLUMNS
 
 
-def rank_rows(rows: list[dict], *, eval_sets: list[str] = (), ensemble: dict | None = None) -> pd.DataFrame:
+def rank_rows(rows: list[dict], *, eval_sets: list[str] = ()) -> pd.DataFrame:
     """Sort the models by accuracy (ties: macro F1), errors last; add McNemar vs the leader on the
-    test split and on each eval set. The ensemble row, when given, goes after the ranked models,
-    unranked and tested against the same leader."""
-    table = pd.DataFrame(rows + ([ensemble] if ensemble else [])).reindex(columns=_columns(rows + [ensemble or {}]))
-    table["_order"] = np.select([table["kind"] == "ensemble", table["status"] == "ok"], [1, 0], 2)
-    table = table.sort_values(["_order", "accuracy", "macro_f1"], ascending=[True, False, False], kind="stable")
-    table["rank"] = np.where(table["_order"] == 0, np.arange(1, len(table) + 1), np.nan)
-    table = table.drop(columns="_order").reset_index(drop=True)
-    ok = table[table["status"] == "ok"]
-    if len(ok):
-        for file, key, suffix in [(run_layout.PREDICTIONS, "image_id", "")] + [
-                (run_layout.eval_predictions(name), "path", f"_{name}") for name in eval_sets]:
-            leader = _correctness(ok.iloc[0]["run_dir"], file, key)
-            for index, row in ok.iloc[1:].iterrows():
-                joined = leader.join(_correctness(row["run_dir"], file, key), lsuffix="_leader", how="inner")
-                test = mcnemar_test(joined["correct_leader"].to_numpy(), joined["correct"].to_numpy())
-                table.loc[index, f"mcnemar_p_vs_leader{suffix}"] = test["p_value"]
-                if not suffix:
-                    table.loc[index, ["mcnemar_b", "mcnemar_c"]] = [test["b"], test["c"]]
+    test split and on each eval set."""
+    table = pd.DataFrame(rows).reindex(columns=_columns(rows))
+    ok = (table["status"] == "ok").to_numpy()
+    table = table.assign(_failed=~ok).sort_values(["_failed", "accuracy", "macro_f1"], ascending=[True, False, False],
+                                                  kind="stable").drop(columns="_failed").reset_index(drop=True)
+    n_ok = int(ok.sum())
+    table["rank"] = np.where(np.arange(len(table)) < n_ok, np.arange(1, len(table) + 1), np.nan)
+    _test_against_leader(table, range(1, n_ok), eval_sets)
+    return _last_columns_last(table)
+
+
+def add_ensemble(ranked: pd.DataFrame, ensemble: dict, *, eval_sets: list[str] = ()) -> pd.DataFrame:
+    """`ranked` (rank_rows) with the ensemble row after the ranked models, before the failed ones:
+    unranked, and tested against the same leader."""
+    n_ok = int((ranked["status"] == "ok").sum())
+    table = pd.concat([ranked.iloc[:n_ok], pd.DataFrame([ensemble]), ranked.iloc[n_ok:]], ignore_index=True)
+    _test_against_leader(table, [n_ok], eval_sets)
+    return _last_columns_last(table)
+
+
+def _test_against_leader(table: pd.DataFrame, indices, eval_sets: list[str]) -> None:
+    """McNemar of each row in `indices` against row 0, the leader, on the test split and each eval set."""
+    indices = list(indices)
+    if not indices:
+        return
+    for file, key, suffix in [(run_layout.PREDICTIONS, "image_id", "")] + [
+            (run_layout.eval_predictions(name), "path", f"_{name}") for name in eval_sets]:
+        leader = _correctness(table.loc[0, "run_dir"], file, key)
+        for index in indices:
+            joined = leader.join(_correctness(table.loc[index, "run_dir"], file, key), lsuffix="_leader", how="inner")
+            test = mcnemar_test(joined["correct_leader"].to_numpy(), joined["correct"].to_numpy())
+            table.loc[index, f"mcnemar_p_vs_leader{suffix}"] = test["p_value"]
+            if not suffix:
+                table.loc[index, ["mcnemar_b", "mcnemar_c"]] = [test["b"], test["c"]]
+
+
+def _last_columns_last(table: pd.DataFrame) -> pd.DataFrame:
     return table[[c for c in table.columns if c not in LAST_COLUMNS] + LAST_COLUMNS]
 
 

@@ -105,8 +105,14 @@ def evaluate_predictions(
     prob_male: Any,
     *,
     class_names: Sequence[str] = ("Female", "Male"),
+    prob_uncalibrated: Any = None,
 ) -> dict[str, Any]:
     """All test-set metrics for one classifier, as a JSON-serialisable dict.
+
+    `prob_male` is what the model outputs (calibrated where it was); `ece_calibrated` is its
+    expected calibration error, and `ece` that of `prob_uncalibrated`, the probabilities before
+    temperature scaling, when given (else the two are the same). Calibration never moves a
+    probability across 0.5, so every other metric is the same either way.
 
     The predicted class is Male when prob_male >= 0.5. `majority_rate` (the accuracy of always
     guessing the most common true class) sits next to accuracy because CelebA is imbalanced
@@ -121,6 +127,7 @@ def evaluate_predictions(
         raise ValueError(f"class_names must name exactly 2 classes, got {list(class_names)}")
     labels, probs = _validate_predictions(y_true, prob_male, allow_missing=True)
     known = ~np.isnan(probs)
+    raw = probs if prob_uncalibrated is None else _validate_predictions(y_true, prob_uncalibrated, allow_missing=True)[1]
     predicted = np.where(known, probs >= 0.5, -1).astype(np.int64)  # -1: neither class
     correct = predicted == labels
 
@@ -156,7 +163,8 @@ def evaluate_predictions(
         "macro_f1": float(np.mean(f1)),
         "roc_auc": roc_auc,
         "roc_auc_reason": roc_auc_reason,
-        "ece": expected_calibration_error(scored, probs[known]) if known.any() else None,
+        "ece": expected_calibration_error(scored, raw[known]) if known.any() else None,
+        "ece_calibrated": expected_calibration_error(scored, probs[known]) if known.any() else None,
         "confusion_matrix": confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
         "no_prediction": int((~known).sum()),
     }

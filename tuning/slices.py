@@ -80,5 +80,12 @@ def slice_report(labels: Sequence[int], prob_positive: Sequence[float], groups: 
     }
 
 
+def slices_of(scored: pd.DataFrame, groups: pd.DataFrame, *, key: str, class_names: Sequence[str]) -> dict:
+    """slice_report of predictions (columns `key`, label, prob_positive) with their groups, a
+    table of `key` and one column per slice variable, looked up by `key`."""
+    looked_up = scored[[key]].merge(groups, on=key, how="left").drop(columns=key)
+    return slice_report(scored["label"], scored["prob_positive"], looked_up, class_names=class_names)
+
+
 def _share(hits: np.ndarray) -> float | None:
     return float(hits.mean()) if hits.size else None

@@ -33,9 +33,9 @@ from tuning.calibration import calibrated_probability, fit_temperature
 from tuning.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
 from tuning.engine import evaluate, select_precision
 from tuning.eval_sets import evaluate_run, load_eval_set
-from tuning.metrics import evaluate_predictions, expected_calibration_error, most_confident_mistakes
+from tuning.metrics import evaluate_predictions, most_confident_mistakes
 from gendertune.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
-from tuning.slices import slice_report
+from tuning.slices import slices_of
 from tuning.train_config import TrainConfig
 from tuning.worker import load_state_dir, train_worker
 
@@ -194,17 +194,12 @@ def write_run_outputs(
         "prob_positive": calibrated_probability(scored["margin"], temperature),
     })
     write_text_atomic(out / run_layout.PREDICTIONS, predictions.to_csv(index=False))
-    # Accuracy and ROC-AUC are the same either way; ECE is reported before and after calibration.
-    evaluation = evaluate_predictions(
-        predictions["label"].to_numpy(), predictions["prob_uncalibrated"].to_numpy(),
-        class_names=tuple(prepared.class_names),
-    )
-    evaluation["ece_calibrated"] = expected_calibration_error(predictions["label"], predictions["prob_positive"])
+    evaluation = evaluate_predictions(predictions["label"], predictions["prob_positive"],
+                                      class_names=tuple(prepared.class_names),
+                                      prob_uncalibrated=predictions["prob_uncalibrated"])
     groups = read_slices(prepared)
     if groups is not None and split == "test":
-        groups = predictions[["image_id"]].merge(groups, on="image_id", how="left").drop(columns="image_id")
-        evaluation["slices"] = {"test": slice_report(predictions["label"], predictions["prob_positive"], groups,
-                                                     class_names=prepared.class_names)}
+        evaluation["slices"] = {"test": slices_of(predictions, groups, key="image_id", class_names=prepared.class_names)}
     mistakes = most_confident_mistakes(predictions)
     plot_mistakes(mistakes, read_split_images(prepared, split, mistakes["image_id"].tolist()), out / f"mistakes_{split}.png",
                   class_names=prepared.class_names, title=f"{config.model}: most confident mistakes on {split}")

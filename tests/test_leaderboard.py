@@ -1,0 +1,58 @@
+"""The leaderboard's ranking: order, ranks, McNemar against the leader on the same images, and the
+ensemble row's place, on run folders the test writes (tuning.leaderboard)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tuning import leaderboard, run_layout
+from tuning.metrics import mcnemar_test
+
+LABELS = np.array([0, 1] * 20)
+
+
+def _run(tmp_path, name: str, wrong: int) -> dict:
+    """A run folder whose predictions get the first `wrong` images wrong, and its leaderboard row."""
+    folder = tmp_path / name
+    folder.mkdir()
+    probs = np.where(LABELS == 1, 0.9, 0.1)
+    probs[:wrong] = 1 - probs[:wrong]
+    pd.DataFrame({"image_id": [f"{i:06d}.jpg" for i in range(LABELS.size)], "label": LABELS,
+                  "prob_positive": probs}).to_csv(folder / run_layout.PREDICTIONS, index=False)
+    accuracy = 1 - wrong / LABELS.size
+    return {"model": name, "kind": "model", "status": "ok", "accuracy": accuracy, "macro_f1": accuracy,
+            "run_dir": str(folder), "error": ""}
+
+
+def test_models_are_ranked_by_accuracy_with_mcnemar_against_the_leader(tmp_path):
+    rows = [_run(tmp_path, "weak", 12), leaderboard.error_row("broken", RuntimeError("out of memory")),
+            _run(tmp_path, "strong", 2), _run(tmp_path, "middle", 6)]
+    table = leaderboard.rank_rows(rows)
+    assert table["model"].tolist() == ["strong", "middle", "weak", "broken"]
+    assert table["rank"].tolist()[:3] == [1, 2, 3] and np.isnan(table["rank"].iloc[3])
+    assert table["error"].iloc[3] == "RuntimeError: out of memory"
+    correct = {n: np.arange(LABELS.size) >= w for n, w in (("strong", 2), ("middle", 6), ("weak", 12))}
+    for name in ("middle", "weak"):
+        expected = mcnemar_test(correct["strong"], correct[name])
+        row = table.set_index("model").loc[name]
+        assert row["mcnemar_p_vs_leader"] == pytest.approx(expected["p_value"])
+        assert (row["mcnemar_b"], row["mcnemar_c"]) == (expected["b"], expected["c"])
+    assert np.isnan(table["mcnemar_p_vs_leader"].iloc[0])
+    assert table.columns[-3:].tolist() == leaderboard.LAST_COLUMNS
+
+
+def test_the_ensemble_row_follows_the_ranked_models_unranked_and_tested_against_the_leader(tmp_path):
+    ranked = leaderboard.rank_rows([_run(tmp_path, "strong", 2), _run(tmp_path, "weak", 12),
+                                    leaderboard.error_row("broken", "failed")])
+    ensemble = {**_run(tmp_path, "ensemble", 4), "kind": "ensemble", "members": "strong+weak"}
+    table = leaderboard.add_ensemble(ranked, ensemble)
+    assert table["model"].tolist() == ["strong", "weak", "ensemble", "broken"]
+    assert np.isnan(table["rank"].iloc[2]) and table["members"].iloc[2] == "strong+weak"
+    expected = mcnemar_test(np.arange(LABELS.size) >= 2, np.arange(LABELS.size) >= 4)
+    assert table["mcnemar_p_vs_leader"].iloc[2] == pytest.approx(expected["p_value"])
+    # The models' own rows are as rank_rows left them.
+    pd.testing.assert_frame_equal(table.drop(index=2).reset_index(drop=True)[ranked.columns], ranked,
+                                  check_dtype=False)
+    assert table.columns[-3:].tolist() == leaderboard.LAST_COLUMNS
