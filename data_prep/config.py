@@ -30,7 +30,7 @@ class PrepConfig(StageConfig):
     align: Literal["faces", "none"] = "faces"
     no_face: Literal["keep", "reject"] = "keep"  # keep = the centre square of an image with no face found
     face_zoom: float = 1.0  # 1 = CelebA's aligned framing (face, hair, chin); > 1 tighter
-    detector: Literal["hog", "hog+cnn"] = "hog"  # hog+cnn: dlib's CNN where HOG finds nothing (~35x slower)
+    detector: Literal["hog", "hog+cnn"] = "hog"  # hog+cnn: dlib's CNN where HOG finds nothing (much slower)
     detect_max_side: int = 1024  # larger photos are detected downscaled to this side
     # HOG's false positives (patches of clothing, texture) score ~0-0.1; 99% of CelebA faces score > 0.25.
     face_min_score: float = 0.2

@@ -11,8 +11,7 @@ face in a photo), so a model always sees faces framed the way it was trained on 
   shear, so faces keep their proportions) from those five points onto `TEMPLATE`, then one
   bilinear warp into an `image_size`^2 chip.
 - The template is the mean five-point layout of aligned CelebA faces inside their centre
-  square (measured with these detectors on 1,465 images of the shared sample, made left-right
-  symmetric). So zoom 1 frames any face the way the original notebook's crop framed CelebA:
+  square, as these detectors find it, made left-right symmetric (README: Face alignment). So zoom 1 frames any face the way the original notebook's crop framed CelebA:
   eyes at 52% of the height, hair and chin inside. The README's Face alignment section gives
   the measurements behind the default zoom.
 - Out-of-image areas (a face near the edge, a tight crop) are filled with one colour, `FILL_RGB`,
@@ -188,7 +187,8 @@ def model_file(name: str) -> Path:
 
 
 class FaceFinder:
-    """dlib's detectors and landmark model, loaded once (about 1 s); then `find` per photo."""
+    """dlib's detectors and landmark model, loaded once per process (loading takes longer than
+    aligning a photo); then `find` per photo."""
 
     def __init__(self, detector: Detector = "hog"):
         import dlib  # imported here: only processes that align faces pay for it

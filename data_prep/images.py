@@ -10,10 +10,8 @@ DCT domain (libjpeg-turbo via simplejpeg) by the smallest of its factors 1/8 ...
 shorter side >= the target: 178x218 CelebA decodes at 6/8 (134x164) for 128 px and at 3/8 for
 64 px, so both the inverse DCT and the colour conversion touch about half the pixels. PIL's own
 `draft` offers only 1/2, 1/4 and 1/8, none of which fits 128 px. The final bilinear resize reads a
-source box scaled by exactly that factor, so the crop lands where the full-size crop would. On
-real CelebA faces this path costs ~1.3x less CPU per image at 128 px (2.5x at 64 px), and within ~1.4 dB PSNR of
-PIL's full decode when both are compared with a Lanczos resize of the full decode (38.6 vs 40.0
-dB). Anything else (PNG, CMYK JPEGs, data TurboJPEG refuses, images no larger than the target)
+source box scaled by exactly that factor, so the crop lands where the full-size crop would. The
+README's prep section gives what this saves and what it costs in fidelity. Anything else (PNG, CMYK JPEGs, data TurboJPEG refuses, images no larger than the target)
 goes through PIL's full decode, which also words the rejection of corrupt data. The crop is the
 resize's source box rather than a separate copy, and `decode_face_bytes` hands the pixels
 straight to the writer without a numpy round trip: at 128 px decoding and resizing are nearly all

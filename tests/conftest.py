@@ -51,9 +51,12 @@ import pytest  # noqa: E402
 
 def pytest_collection_modifyitems(items):
     """Each test gets one marker: `cluster` (the two-node cluster of test_cluster.py),
-    `integration` (it needs Ray: the session's `ray_session`, directly or through a fixture) or
-    `unit` (seconds, no Ray), so `pytest -m unit` is the quick loop and `make test` runs all."""
+    `integration` (it needs Ray: the session's `ray_session`, directly or through a fixture; or
+    it says so itself because it trains a real network for seconds) or `unit` (no Ray, quick), so
+    `pytest -m unit` is the quick loop and `make test` runs all."""
     for item in items:
+        if item.get_closest_marker("integration"):
+            continue
         if item.path.name == "test_cluster.py" and "cluster" in item.fixturenames:
             item.add_marker(pytest.mark.cluster)
         elif "ray_session" in item.fixturenames:

@@ -55,6 +55,7 @@ def _fit(precision, scaler, *, grad_clip=1.0, epochs=3):
     return model, losses
 
 
+@pytest.mark.integration  # trains or runs a real network for seconds
 def test_fp16_with_grad_scaler_learns_and_keeps_weights_finite():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
     model, losses = _fit(FP16, scaler, epochs=4)

@@ -129,6 +129,7 @@ def test_detector_finds_the_astronaut_face(finder, astronaut):
     assert mouth_left[0] < mouth_right[0] and face.score > 0
 
 
+@pytest.mark.integration  # runs dlib's CNN detector for seconds
 def test_cnn_detector_takes_over_where_hog_finds_nothing(astronaut):
     # No HOG detection reaches a score of 10, so every face here comes from the CNN (MMOD) detector.
     (face,) = FaceFinder("hog+cnn").find(astronaut, max_side=1024, min_score=10.0)

@@ -79,6 +79,7 @@ def vit_min_size() -> nn.Module:
     return build_model("vit_b_16", num_classes=2, image_size=get_spec("vit_b_16").min_input_size)
 
 
+@pytest.mark.integration  # trains or runs a real network for seconds
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward_at_min_size(name, request):
     spec = get_spec(name)
@@ -289,6 +290,7 @@ def test_googlenet_weights_without_aux_heads(tmp_path):
     assert model.transform_input
 
 
+@pytest.mark.integration  # trains or runs a real network for seconds
 def test_vit_position_embeddings_interpolated_from_224(tmp_path, vit_min_size):
     # The shared ViT's state dict, given a 224 px position grid (14 x 14 patches + class token)
     # and a 1000-class head, stands in for ImageNet weights.

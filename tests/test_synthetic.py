@@ -169,6 +169,7 @@ def test_rejects_impossible_requests(tmp_path: Path) -> None:
         make_sample(tmp_path / "y", n=10, people=20)
 
 
+@pytest.mark.integration  # trains a classifier for seconds
 def test_male_signal_is_learnable_but_not_trivial(tmp_path: Path) -> None:
     # Folds are split by identity, so it is the number of identities, not of
     # images, that limits what a 256-feature linear model can learn; two

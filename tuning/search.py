@@ -347,7 +347,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
             run_config=tune.RunConfig(
                 name=SEARCH_DIR, storage_path=out_dir,
                 # The best checkpoint is all compare needs; Ray keeps the latest too, for resume.
-                # Each one holds the optimizer state: a vgg19 trial's is ~1.6 GB, so more add up.
+                # Each one holds weights and optimizer state (VGG19: 143 M parameters, three copies with AdamW).
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max",
                     # A class trainable checkpoints when Tune asks; a function trainable when it reports.
