@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from gendertune.config import ConfigError, StageConfig
+from gendertune.config import ConfigError, StageConfig, setting
 from data_prep.faces import AlignSettings
 
 
@@ -14,26 +14,31 @@ from data_prep.faces import AlignSettings
 class PrepConfig(StageConfig):
     section = "prep"
 
-    data: str = ""
-    out: str = ""
-    labels: str | None = None  # default: list_attr_celeba.txt, else the single *.csv in --data
-    attribute: str = "Male"
-    image_column: str | None = None  # CSV labels only; auto-detected when unset
-    split: Literal["random", "official", "identity"] = "random"
-    ratios: tuple[float, ...] = (0.8, 0.2)
-    image_size: int = 128
-    seed: int = 0
-    overwrite: bool = False
-    rows_per_task: int = 256  # most images per Ray task: large enough to amortise scheduling
-    parallelism: int = 0  # concurrent decode tasks; 0 = one per CPU Ray can see
+    data: str = setting("", help="data folder: img_align_celeba/ + list_attr_celeba.txt, or images + a CSV")
+    out: str = setting("", help="output folder (created atomically) or object-store URI (s3://, gs://)")
+    # Unset: list_attr_celeba.txt, else the single *.csv in --data.
+    labels: str | None = setting(None, help="label file (CelebA list_attr format or CSV); unset = found in --data")
+    attribute: str = setting("Male", help="the target attribute column; 1/-1 or 1/0 become 1/0")
+    image_column: str | None = setting(None, help="CSV column with image names, CSV labels only; unset = auto-detected")
+    split: Literal["random", "official", "identity"] = setting("random", help="split method")
+    ratios: tuple[float, ...] = setting((0.8, 0.2), help="split ratios: 2 = train,test, 3 = train,val,test")
+    image_size: int = setting(128, help="square output side in px")
+    seed: int = setting(0, help="split seed")
+    overwrite: bool = setting(False, help="replace an existing prep output")
+    # Large enough to amortise Ray's per-task scheduling.
+    rows_per_task: int = setting(256, help="most images per Ray task", flag=False)
+    parallelism: int = setting(0, help="concurrent decode tasks; 0 = one per CPU Ray can see")
     # Face alignment (data_prep.faces): detect, find landmarks, warp onto one template.
-    align: Literal["faces", "none"] = "faces"
-    no_face: Literal["keep", "reject"] = "keep"  # keep = the centre square of an image with no face found
-    face_zoom: float = 1.0  # 1 = CelebA's aligned framing (face, hair, chin); > 1 tighter
-    detector: Literal["hog", "hog+cnn"] = "hog"  # hog+cnn: dlib's CNN where HOG finds nothing (much slower)
-    detect_max_side: int = 1024  # larger photos are detected downscaled to this side
+    align: Literal["faces", "none"] = setting(
+        "faces", help="faces = detect each face and align it by its landmarks; none = centre square")
+    no_face: Literal["keep", "reject"] = setting(
+        "keep", help="an image with no face found: keep its centre square, or reject it")
+    face_zoom: float = setting(1.0, help="aligned framing: 1 = CelebA's (face, hair, chin), > 1 tighter, < 1 looser")
+    detector: Literal["hog", "hog+cnn"] = setting(
+        "hog", help="face detector: hog, or hog+cnn = dlib's CNN where HOG finds nothing, slower")
+    detect_max_side: int = setting(1024, help="detect faces on photos downscaled to this side")
     # HOG's false positives (patches of clothing, texture) score ~0-0.1; 99% of CelebA faces score > 0.25.
-    face_min_score: float = 0.2
+    face_min_score: float = setting(0.2, help="ignore HOG detections scoring below this; false positives score ~0-0.1")
 
     def validate(self) -> None:
         if not self.data:

@@ -4,6 +4,9 @@ Each stage declares a dataclass that subclasses `StageConfig`. A config file (JS
 holds one section per stage, e.g. `{"prep": {"image_size": 96}}`. Unknown sections and keys are
 rejected rather than ignored: a typo in a config file silently falling back to a default is the
 classic way a tuning run ends up measuring something other than what its author meant.
+
+Fields are declared with `setting`, which keeps a setting's help next to its default; the command
+line's flags are generated from those fields (gendertune.flags), so each is written once.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import tomllib
 import types
 import typing
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Self
 
 from gendertune.errors import UserInputError
@@ -25,6 +29,21 @@ SECTIONS = ("prep", "train", "search", "compare")
 
 class ConfigError(UserInputError):
     """A config value is missing, unknown, of the wrong type, or impossible."""
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, flag: bool | str = True,
+            names: Sequence[str] = (), exclusive: str = "", repeat: bool = False, metavar: str = "",
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text: `lr: float = setting(1e-3, help="peak learning rate")`.
+
+    flag: True = also a command-line flag, --kebab-case of the field's name; a string = the flag's
+    name; False = a config-file setting only. names: the values it accepts, listed in the help
+    (validate checks them). exclusive: flags sharing this name cannot be given together. repeat: a
+    tuple given by repeating the flag (NAME=DIR sets) rather than as comma-separated values.
+    """
+    metadata = {"help": help, "flag": flag, "names": tuple(names), "exclusive": exclusive, "repeat": repeat,
+                "metavar": metavar}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:

@@ -103,6 +103,7 @@ CASES = {
     "train: eval set spec": ([*TRAIN, "--eval-set", "{root}/images"], "expected NAME=DIR"),
     "train: eval set without labels": ([*TRAIN, "--eval-set", "faces={root}/prep"], "found 0 CSV files"),
     "compare: a model twice": ([*COMPARE[:-1], "resnet18,resnet18"], "names a model twice"),
+    "compare: unknown model": ([*COMPARE[:-1], "resnet18,resnet9000"], "unknown model 'resnet9000'"),
     "compare: ensemble of one": ([*COMPARE, "--ensemble-k", "1"], "compare.ensemble_k"),
     "compare: bad search space": ([*COMPARE, "--config", "{root}/bad_domain.toml"], "search.space.lr"),
     "compare: bad search constant": ([*COMPARE, "--config", "{root}/bad_constant.toml"], "hflip is a probability"),

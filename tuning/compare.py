@@ -24,13 +24,13 @@ from pathlib import Path
 import pandas as pd
 
 from cluster import object_store
-from gendertune.config import ConfigError, StageConfig
+from gendertune.config import ConfigError, StageConfig, setting
 from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
 from cluster.storage import OutputExistsError, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
-from models.registry import get_spec
+from models.registry import get_spec, list_models
 from models.weights import fetch_hub_weights
 from tuning import ensemble, leaderboard, report, run_layout, tracking
 from tuning.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
@@ -45,12 +45,13 @@ DEFAULT_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
 class CompareConfig(StageConfig):
     section = "compare"
 
-    data: str = ""
-    out: str = ""
-    models: tuple[str, ...] = DEFAULT_MODELS
-    retrain: bool = False  # retrain the best configuration from scratch instead of keeping its checkpoint
-    resume: bool = False
-    ensemble_k: int = 0  # the ensemble's members: the top k models; 0 = those within the leader's 95% CI
+    data: str = setting("", help="a `gendertune prep` output folder")
+    out: str = setting("", help="comparison folder or object-store URI (s3://, gs://)")
+    models: tuple[str, ...] = setting(DEFAULT_MODELS, help="comma-separated models", names=list_models())
+    retrain: bool = setting(False, help="retrain the best configuration from scratch instead of keeping its checkpoint")
+    resume: bool = setting(False, help="continue an interrupted comparison in --out")
+    ensemble_k: int = setting(0, help="the ensemble row's members: the top K models; 0 = every model within the "
+                              "leader's 95% CI")
 
     def validate(self) -> None:
         if not self.data or not self.out:

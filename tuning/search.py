@@ -32,7 +32,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from gendertune.config import ConfigError, StageConfig
+from gendertune.config import ConfigError, StageConfig, setting
 from gendertune.errors import StageFailed
 from cluster.object_store import filesystem_for, is_uri, join
 from cluster.runtime import compute_parallelism
@@ -55,14 +55,17 @@ SEARCH_DIR = "search"
 class SearchConfig(StageConfig):
     section = "search"
 
-    trials: int = 8
-    time_budget_s: float = 0.0  # 0 = no limit; otherwise no new trials start after this long
-    max_concurrent: int = 0  # 0 = as many as the CPUs allow (cores // CPUs per trial)
-    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 2  # ASHA: keep 1/reduction_factor of trials at each rung
-    seed: int = 0
-    trial_mode: Literal["auto", "train", "inprocess"] = "auto"
-    space: dict = dataclasses.field(default_factory=dict)  # overrides of tuning.search_space
+    trials: int = setting(8, help="Optuna trials per model")
+    time_budget_s: float = setting(0.0, help="stop starting trials after this long, per model; 0 = no limit")
+    max_concurrent: int = setting(0, help="trials at once; 0 = as many as the CPUs allow: cores // CPUs per trial")
+    grace_period: int = setting(1, help="ASHA: epochs every trial gets before it can be stopped")
+    reduction_factor: int = setting(2, help="ASHA: keep 1/reduction_factor of the trials at each rung")
+    # The command line's --seed sets it and the runs' seed together (gendertune.cli).
+    seed: int = setting(0, help="the seed of the search's Optuna sampler")
+    trial_mode: Literal["auto", "train", "inprocess"] = setting(
+        "auto", help="train = each trial launches a TorchTrainer; inprocess = 1-worker trials run in the trial "
+        "process (no worker start-up); auto = inprocess for 1 worker")
+    space: dict = setting(default_factory=dict, help="overrides of tuning.search_space", flag=False)
 
     def validate(self) -> None:
         if self.trials < 1:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from gendertune.config import ConfigError, StageConfig
+from gendertune.config import ConfigError, StageConfig, setting
+from models.registry import list_models
 from models.transforms import TrainAugment
 
 AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop", "zoom", "translate",
@@ -16,53 +17,65 @@ AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_
 class TrainConfig(StageConfig):
     section = "train"
 
-    data: str = ""  # a `gendertune prep` output
-    out: str = ""  # the run directory; re-running with the same --out resumes it
-    model: str = "resnet50"
-    epochs: int = 5
-    batch_size: int = 64  # per worker, as in torchvision's references
-    lr: float = 1e-3
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.05
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = 0.5
-    step_epochs: int = 3  # step schedule: multiply lr by step_gamma every step_epochs
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
-    image_size: int = 0  # 0 = the prepared image size
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpu: bool = False
+    data: str = setting("", help="a `gendertune prep` output folder")
+    out: str = setting("", help="run folder or object-store URI (s3://, gs://); the same --out again resumes the run")
+    model: str = setting("resnet50", help="architecture", names=list_models())
+    epochs: int = setting(5, help="epochs")
+    batch_size: int = setting(64, help="batch size per worker")  # per worker, as in torchvision's references
+    lr: float = setting(1e-3, help="peak learning rate")
+    optimizer: Literal["adamw", "adam", "sgd"] = setting("adamw", help="optimizer; sgd = nesterov, with the momentum setting")
+    momentum: float = setting(0.9, help="sgd's momentum", flag=False)
+    weight_decay: float = setting(0.05, help="weight decay, not on biases and norms")
+    schedule: Literal["cosine", "step", "constant"] = setting("cosine", help="lr schedule after warmup")
+    warmup_epochs: float = setting(0.5, help="linear warmup length in epochs")
+    step_epochs: int = setting(3, help="step schedule: multiply lr by step_gamma every step_epochs", flag=False)
+    step_gamma: float = setting(0.1, help="step schedule: the lr factor at each step", flag=False)
+    label_smoothing: float = setting(0.0, help="label smoothing")
+    grad_clip: float = setting(0.0, help="max global gradient norm; 0 = off")
+    image_size: int = setting(0, help="training image side in px; 0 = the prepared size")
+    workers: int = setting(1, help="Ray Train workers, DDP")
+    cpus_per_worker: float = setting(1.0, help="CPUs reserved per worker")
+    gpu: bool = setting(False, help="one GPU per worker (NCCL)")
     # PACK keeps a run's workers on few nodes (fast allreduce); SPREAD puts them on different
     # nodes, so losing one node costs one worker, not the whole group.
-    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    pretrained: bool = False
-    weights: str | None = None
-    # Augmentation strengths (0 = off); see models.transforms.TrainAugment for their meaning.
+    placement_strategy: Literal["PACK", "SPREAD"] = setting(
+        "PACK", help="PACK workers onto few nodes, or SPREAD them over nodes")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", help="auto = bf16 where native (recent CPUs, Ampere+ GPUs), else fp16+GradScaler on GPU, else fp32")
+    pretrained: bool = setting(False, exclusive="weights",
+                               help="start from ImageNet weights: the torch hub cache, downloaded into it if missing")
+    weights: str | None = setting(None, exclusive="weights",
+                                  help="start from a state dict file (ImageNet or this project's)")
+    # Augmentation strengths (0 = off); see models.transforms.TrainAugment for their meaning. The
+    # command line sets them together with --augment (gendertune.cli).
     # Random resized crops are on by default: robustness to how a face is framed is a goal.
-    hflip: float = 0.5
-    rotation: float = 10.0
-    color_jitter: float = 0.2
-    random_erasing: float = 0.1
-    random_resized_crop: float = 0.25
+    hflip: float = setting(0.5, help="probability of a horizontal flip", flag=False)
+    rotation: float = setting(10.0, help="maximum rotation in degrees", flag=False)
+    color_jitter: float = setting(0.2, help="brightness, contrast and saturation jitter (hue: a quarter)", flag=False)
+    random_erasing: float = setting(0.1, help="probability of erasing one rectangle", flag=False)
+    random_resized_crop: float = setting(0.25, help="crop area down to 1 - this of the image", flag=False)
     # Framing that alignment leaves open: zoom both ways, shifts, and borders like tight crops have.
-    zoom: float = 0.2
-    translate: float = 0.05
-    random_border: float = 0.3
-    val_fraction: float = 0.1  # carved from train (by identity when known) if prep made no val split
-    seed: int = 0
+    zoom: float = setting(0.2, help="scale the face by up to 1 + this, in and out", flag=False)
+    translate: float = setting(0.05, help="shift the face by up to this share of the side", flag=False)
+    random_border: float = setting(0.3, help="probability of a random border, as tight crops have", flag=False)
+    # Carved from train by identity when identities are known, so no person is on both sides.
+    val_fraction: float = setting(0.1, help="share of train carved out for validation when prep made no val split")
+    seed: int = setting(0, help="seed of the run; in compare, of the search too")
     # The same seed gives the same numbers on one machine: deterministic kernels, and a search
     # runs one trial at a time (ASHA and Optuna then see results in one order). Slower.
-    deterministic: bool = False
-    max_failures: int = 1  # worker failures tolerated; each resumes from the latest checkpoint
-    eval_batch_size: int = 256
+    deterministic: bool = setting(False, help="the same seed gives the same numbers on one machine: deterministic "
+                                  "kernels, one search trial at a time (slower)")
+    # Each failure resumes from the latest checkpoint.
+    max_failures: int = setting(1, help="worker failures to recover from")
+    eval_batch_size: int = setting(256, help="batch size of evaluation", flag=False)
     # NAME=DIR labelled folders scored after training, never during selection (tuning.eval_sets).
-    eval_sets: tuple[str, ...] = ()
+    eval_sets: tuple[str, ...] = setting(
+        (), flag="--eval-set", repeat=True, metavar="NAME=DIR",
+        help="after training, also score on this labelled folder (a CSV with an image column, the attribute, "
+        "and any group columns such as age or race); repeatable")
     # Chaos testing of failure recovery: the first attempt of the run dies at this epoch (0 = never).
-    inject_failure_at_epoch: int = 0
+    inject_failure_at_epoch: int = setting(0, help="the run's first attempt dies at this epoch; 0 = never",
+                                           flag=False)
 
     def validate(self) -> None:
         if not self.data:
