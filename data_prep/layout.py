@@ -16,7 +16,7 @@
       config.json       the resolved PrepConfig
       class_distribution.png
 The directory appears atomically, so its existence means it is complete. OUT may also be an
-object-store URI (cluster.object_store); there manifest.json is the last object written.
+object-store URI (cluster.storage); there manifest.json is the last object written.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cluster import object_store
+from cluster import storage
 from data_prep.errors import PrepInputError
 
 MANIFEST = "manifest.json"
@@ -68,18 +68,18 @@ class PreparedData:
         return list(self.manifest["splits"])
 
     def split_dir(self, split: str) -> str:
-        return object_store.join(self.root, split)
+        return storage.join(self.root, split)
 
 
 def open_prepared(path: str | Path) -> PreparedData:
     """Check that `path` (a folder or URI) is a complete prep output and read its manifest."""
-    root = object_store.absolute(path)
-    manifest_path = object_store.join(root, MANIFEST)
-    if not object_store.is_file(manifest_path):
+    root = storage.absolute(path)
+    manifest_path = storage.join(root, MANIFEST)
+    if not storage.is_file(manifest_path):
         raise PrepInputError(
             f"{path} is not a prepared dataset (no {MANIFEST}); run `gendertune prep --data ... --out {path}` first"
         )
-    manifest = json.loads(object_store.read_text(manifest_path))
+    manifest = json.loads(storage.read_text(manifest_path))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PrepInputError(
             f"{manifest_path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
@@ -90,6 +90,6 @@ def open_prepared(path: str | Path) -> PreparedData:
 
 def read_slices(prepared: PreparedData) -> pd.DataFrame | None:
     """slices.csv (image_id + group columns, as strings), or None when the labels had no other columns."""
-    table = pd.read_csv(io.BytesIO(object_store.read_bytes(object_store.join(prepared.root, SLICES))),
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(prepared.root, SLICES))),
                         dtype=str, keep_default_na=False, na_values=[""])
     return table if len(table.columns) > 1 else None

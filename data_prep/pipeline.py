@@ -15,7 +15,7 @@ So no staging copy of the pixels is written and read back, and no task does per-
 Because splits are assigned over the distinct readable files before decoding, an image that then
 fails to decode leaves its split one image short rather than reshuffling every other image.
 The whole output directory is renamed into place at the end (cluster.storage.atomic_output_dir);
-an object-store --out gets the shards directly and the manifest last (cluster.object_store).
+an object-store --out gets the shards directly and the manifest last (cluster.storage.fresh_output).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cluster import object_store
+from cluster import storage
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
 from cluster.storage import write_json_atomic, write_text_atomic
@@ -75,7 +75,7 @@ def discover_inputs(config: PrepConfig) -> PrepInputs:
             )
         label_path = csvs[0]
     out = Path(config.out).absolute()
-    if not object_store.is_uri(config.out) and (out == image_dir.absolute() or image_dir.absolute() in out.parents):
+    if not storage.is_uri(config.out) and (out == image_dir.absolute() or image_dir.absolute() in out.parents):
         raise PrepInputError(f"--out {out} is inside the image folder {image_dir}; write it elsewhere")
     partition = data / celeba.PARTITION_FILE
     identity = data / celeba.IDENTITY_FILE
@@ -205,7 +205,7 @@ def decode_chunk(rows: dict[str, list], shard: str, *, image_size: int, out: str
         indices.append(i)
         chips.append(chip)
     for split, (indices, chips) in sorted(by_split.items()):
-        write_shard(shard_table(rows, indices, chips), object_store.join(out, split, shard))
+        write_shard(shard_table(rows, indices, chips), storage.join(out, split, shard))
     return failed, faces
 
 
@@ -224,12 +224,8 @@ def shard_table(rows: dict[str, list], indices: list[int], faces: list[bytes]) -
 def write_shard(table: pa.Table, location: str) -> None:
     """Write one Parquet shard (to a file or an object-store URI) without compression, dictionaries
     or statistics: pixels are nearly incompressible, and encoding them costs more time than it saves."""
-    if object_store.is_uri(location):
-        filesystem, path = object_store.resolve(location)
-    else:
-        filesystem, path = None, location
-        Path(location).parent.mkdir(exist_ok=True)
-    pq.write_table(table, path, filesystem=filesystem, compression="none", use_dictionary=False, write_statistics=False)
+    with storage.open_output(location) as stream:
+        pq.write_table(table, stream, compression="none", use_dictionary=False, write_statistics=False)
 
 
 def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int,
@@ -474,7 +470,7 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
     ensure_ray()
     require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
     parallelism = compute_parallelism(config.parallelism)
-    with object_store.fresh_output(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as location:
+    with storage.fresh_output(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as location:
         out = location.local
         readable, unreadable = hash_images(matched, parallelism=parallelism, log=log)
         require_some_kept(readable, len(matched), unreadable)

@@ -205,7 +205,7 @@ def _leaderboard_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_leaderboard(args: argparse.Namespace) -> int:
-    from cluster import object_store
+    from cluster import storage
     from tuning import leaderboard
 
     if args.format == "html":
@@ -218,7 +218,7 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     else:
         leaderboard.read_leaderboard(args.dir)  # a clear error when there is none
         name = {"md": leaderboard.MD, "csv": leaderboard.CSV, "json": leaderboard.JSON}[args.format]
-        print(object_store.read_text(object_store.join(args.dir, name)), end="")
+        print(storage.read_text(storage.join(args.dir, name)), end="")
     return 0
 
 

@@ -134,8 +134,10 @@ def eval_set_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_bucket():
     """A bucket on a local moto S3 server at AWS_ENDPOINT_URL; yields its s3:// URI."""
+    # The request recorder (test_storage reads the order of uploads from it) writes here, not in the cwd.
     server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "-p", str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MOTO_RECORDER_FILEPATH": os.path.join(_HOME, "moto-recording.jsonl")})
     def bucket_created() -> bool:
         if server.poll() is not None:
             raise RuntimeError("the moto S3 server exited at start-up")

@@ -28,7 +28,7 @@ RAY_FREE = {
     "data_prep.celeba", "data_prep.config", "data_prep.dedupe", "data_prep.errors", "data_prep.faces", "data_prep.images",
     "data_prep.labels", "data_prep.layout", "data_prep.splits", "data_prep.synthetic",
     "models", "models.registry", "models.transforms", "models.weights",
-    "cluster.object_store", "cluster.storage",
+    "cluster.storage",
     "tuning.calibration", "tuning.engine", "tuning.metrics", "tuning.run_layout", "tuning.slices",
     "tuning.train_config", "tuning.ensemble", "tuning.leaderboard", "tuning.report",
 }

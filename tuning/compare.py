@@ -6,8 +6,8 @@
                                  scored on every --eval-set too (tuning.eval_sets)
     OUT/ensemble/                the ensemble of the best models (tuning.ensemble)
     OUT/leaderboard.{csv,json,md} and its figures (tuning.leaderboard), then report.html
-OUT may be an object-store URI (cluster.object_store): Tune writes there itself, the rest is
-uploaded when the comparison ends, the leaderboard last.
+OUT may be an object-store URI (cluster.storage): Tune writes there itself, the rest is
+uploaded when the comparison ends, each model's metrics.json after its other files, the leaderboard last.
 A model that fails becomes an error row; the others still finish. With resume, a model whose run
 folder is complete is not searched again, and an interrupted search continues where it stopped.
 """
@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from cluster import object_store
 from gendertune.config import ConfigError, StageConfig, setting
-from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
-from cluster.storage import OutputExistsError, write_text_atomic
+from cluster.storage import (OutputExistsError, OutputLocation, delete_tree, is_uri, join, list_files, output_location,
+                             write_text_atomic)
 from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import get_spec, list_models
 from models.weights import fetch_hub_weights
@@ -39,6 +38,9 @@ from tuning.train import held_out_predictions, train_into, write_run_outputs
 from tuning.train_config import TrainConfig
 
 DEFAULT_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
+# The files that vouch for a finished part of OUT, uploaded to an object store after every other
+# file: each model's (and the ensemble's) metrics.json, then the leaderboard for the whole comparison.
+COMPLETION_MARKERS = (run_layout.METRICS, leaderboard.CSV, leaderboard.JSON, leaderboard.MD)
 
 
 @dataclasses.dataclass
@@ -110,11 +112,11 @@ def drop_checkpoints(root: str) -> None:
     hold weights plus optimizer state (VGG19: 143 M parameters, three copies with AdamW) and only
     a resume of that search could use them; the best one now lives in models/<model>/model.pt. Each trial's params,
     results and progress stay, so the search can still be inspected."""
-    if object_store.is_uri(root):
-        found = {"/".join(parts[:depth + 1]) for parts in (path.split("/") for path in object_store.list_files(root))
+    if is_uri(root):
+        found = {"/".join(parts[:depth + 1]) for parts in (path.split("/") for path in list_files(root))
                  for depth, part in enumerate(parts[:-1]) if part.startswith("checkpoint_")}
         for relative in sorted(found):
-            object_store.delete_tree(object_store.join(root, relative))
+            delete_tree(join(root, relative))
     else:
         for folder in sorted(Path(root).rglob("checkpoint_*")):
             if folder.is_dir():
@@ -154,7 +156,8 @@ def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig,
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in base.eval_sets]
     for model in compare.models:
         check_search(model, base, search)
-    with output_location(compare.out, ray_dirs=frozenset({"searches", run_layout.RAY_RUN_NAME})) as location:
+    with output_location(compare.out, markers=COMPLETION_MARKERS,
+                         ray_dirs=frozenset({"searches", run_layout.RAY_RUN_NAME})) as location:
         return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri, log=log)
 
 

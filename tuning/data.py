@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import ray
 import ray.train
 
-from cluster import object_store
+from cluster import storage
 from gendertune.errors import UserInputError
 from data_prep.layout import PreparedData
 
@@ -121,7 +121,7 @@ def read_split_images(prepared: PreparedData, split: str, image_ids: list[str]) 
     if not image_ids:
         return []
     root = prepared.split_dir(split)
-    filesystem, path = object_store.resolve(root) if object_store.is_uri(root) else (None, root)
+    filesystem, path = storage.resolve(root)
     table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table(
         columns=["image_id", "pixels"], filter=pads.field("image_id").isin(image_ids))
     size = prepared.image_size

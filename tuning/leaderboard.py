@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cluster import object_store
+from cluster import storage
 from gendertune.errors import MissingInputError
 from cluster.storage import write_json_atomic, write_text_atomic
 from tuning import run_layout
@@ -219,10 +219,10 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
 
 def read_leaderboard(out: str | Path) -> pd.DataFrame:
     """The leaderboard in `out`, a folder or an object-store URI."""
-    path = object_store.join(out, CSV)
-    if not object_store.is_file(path):
+    path = storage.join(out, CSV)
+    if not storage.is_file(path):
         raise MissingInputError(f"{out} has no {CSV}; run `gendertune compare --out {out}` first")
-    return pd.read_csv(io.BytesIO(object_store.read_bytes(path)), keep_default_na=False, na_values=[""])
+    return pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False, na_values=[""])
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -22,7 +22,7 @@ import ray
 import torch
 from PIL import Image, ImageDraw
 
-from cluster import object_store
+from cluster import storage
 from gendertune.errors import MissingInputError, UserInputError
 from cluster.runtime import compute_parallelism, ensure_ray
 from cluster.shared_storage import require_shared
@@ -42,11 +42,11 @@ class RunModel:
     """A trained run's best weights plus the preprocessing it was trained with."""
 
     def __init__(self, run_dir: str | Path):
-        path = object_store.join(run_dir, run_layout.MODEL)  # a folder or an object-store URI
-        if not object_store.is_file(path):
+        path = storage.join(run_dir, run_layout.MODEL)  # a folder or an object-store URI
+        if not storage.is_file(path):
             raise MissingInputError(f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder")
         try:
-            saved = torch.load(io.BytesIO(object_store.read_bytes(path)), map_location="cpu", weights_only=True)
+            saved = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt files
             raise UserInputError(f"{path} is not a readable gendertune model ({type(err).__name__}: {err})") from None
         missing = [key for key in run_layout.MODEL_KEYS if key not in saved]
@@ -219,7 +219,7 @@ def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face
     table = pd.DataFrame({"image": paths, "annotated": annotate or [""] * len(paths)})
     dataset = ray.data.from_pandas(table).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
     predictions = dataset.map_batches(
-        _PredictActor, fn_constructor_args=(object_store.absolute(run_dir), max(1, compute_parallelism() // actors),
+        _PredictActor, fn_constructor_args=(storage.absolute(run_dir), max(1, compute_parallelism() // actors),
                                             every_face, with_margin),
         batch_format="pandas", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )

@@ -34,7 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from gendertune.config import ConfigError, StageConfig, setting
 from gendertune.errors import StageFailed
-from cluster.object_store import filesystem_for, is_uri, join
+from cluster.storage import is_uri, join, resolve
 from cluster.runtime import compute_parallelism
 from data_prep.layout import PreparedData, open_prepared
 from models.registry import build_model, get_spec
@@ -231,7 +231,7 @@ def _best_state(result, storage: str) -> tuple[dict, dict]:
             return load_state_dir(folder), metrics
     # TorchTrainer trials: Train stored the checkpoints and reported their paths to Tune. Only the
     # best two survive (CheckpointConfig), so pick the best row among those still on disk.
-    fs = filesystem_for(storage)
+    fs, _ = resolve(storage)
     frame = result.metrics_dataframe
     frame = frame[frame[CHECKPOINT_PATH_KEY].map(
         lambda p: isinstance(p, str) and fs.get_file_info(p).type == pyarrow.fs.FileType.Directory)]

@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from gendertune.errors import UnreachableError, UserInputError
-from cluster.object_store import is_uri
+from cluster.storage import is_uri
 
 AUTO_SETTINGS = frozenset({"auto", "default"})
 STORE_FILE = "mlflow.db"

@@ -20,10 +20,9 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from gendertune.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
-from cluster.object_store import OutputLocation, output_location
 from cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
-from cluster.storage import write_json_atomic, write_text_atomic
+from cluster.storage import OutputLocation, output_location, write_json_atomic, write_text_atomic
 from data_prep.layout import PreparedData, open_prepared, read_slices
 from models.registry import build_model, check_image_size, count_parameters, get_spec
 from models.transforms import EvalPreprocess
@@ -241,7 +240,7 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None, log=pr
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in config.eval_sets]
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.TRAIN_EXPERIMENT)  # an unreachable server fails now
-    with output_location(config.out, ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
+    with output_location(config.out, markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
         train_into(location, config, log=log)
         for eval_set in eval_sets:
             scores = evaluate_run(location.local, eval_set)

@@ -1,0 +1,233 @@
+"""cluster.storage: one API for local folders and object-store URIs, tried on both (the object
+store is a real S3 protocol: a local moto server); prep writes its shards to a URI, compare's Tune
+and Train state and its leaderboard go there, predict and `leaderboard` read from there, and the
+completion markers each stage names are only ever uploaded last."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster import storage
+from cluster.storage import OutputExistsError
+from gendertune.cli import main
+from gendertune.errors import MissingInputError
+from conftest import prep_sample
+from data_prep.layout import MANIFEST, open_prepared
+from tuning import compare, leaderboard, run_layout
+from tuning.train import RunAlreadyComplete, run_training
+from tuning.train_config import TrainConfig
+
+
+def test_uri_detection_and_joining():
+    assert storage.is_uri("s3://bucket/run") and storage.is_uri("gs://b/x")
+    assert not storage.is_uri("/tmp/run") and not storage.is_uri("file:///tmp/run")
+    assert not storage.is_uri("runs/a://b") and not storage.is_uri(None)
+    assert storage.join("s3://bucket/run/", "models", "/resnet18") == "s3://bucket/run/models/resnet18"
+    assert storage.join("/tmp/run", "models") == "/tmp/run/models"
+
+
+def test_completion_markers_upload_last_inner_folders_first():
+    order = storage.upload_order(["leaderboard.csv", "models/a/metrics.json", "models/a/history.csv",
+                                  "config.json", "models/a/model.pt", "leaderboard.json"], markers=compare.COMPLETION_MARKERS)
+    assert order[:3] == ["models/a/history.csv", "models/a/model.pt", "config.json"]
+    assert order[3] == "models/a/metrics.json" and set(order[4:]) == {"leaderboard.csv", "leaderboard.json"}
+
+
+def test_an_unknown_scheme_gets_a_clear_error():
+    with pytest.raises(storage.StorageURIError, match="nosuchscheme://x/y: cannot open this storage URI"):
+        storage.is_file("nosuchscheme://x/y")
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path):
+    """An empty location: a local folder, or a fresh prefix in the test bucket."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return f"{request.getfixturevalue('s3_bucket')}/api/{uuid.uuid4().hex[:8]}"
+
+
+def test_the_same_calls_read_write_and_list_a_folder_and_an_object_store(location):
+    assert storage.absolute(location + "/") == location
+    storage.write_bytes(storage.join(location, "notes", "a.txt"), b"hello")
+    storage.write_bytes(storage.join(location, "b.bin"), bytes(range(256)))
+    shard = storage.join(location, "train", "part-00000.parquet")
+    with storage.open_output(shard) as stream:
+        pq.write_table(pa.table({"image_id": ["x", "y"]}), stream)
+    assert storage.list_files(location) == ["b.bin", "notes/a.txt", "train/part-00000.parquet"]
+    assert storage.list_files(storage.join(location, "notes")) == ["a.txt"]
+    assert storage.list_files(storage.join(location, "nothing-here")) == []
+    assert storage.read_text(storage.join(location, "notes", "a.txt")) == "hello"
+    assert storage.read_bytes(storage.join(location, "b.bin")) == bytes(range(256))
+    filesystem, path = storage.resolve(shard)
+    assert pq.read_table(path, filesystem=filesystem)["image_id"].to_pylist() == ["x", "y"]
+    assert storage.is_file(storage.join(location, "b.bin"))
+    assert not storage.is_file(storage.join(location, "notes")) and not storage.is_file(storage.join(location, "c.txt"))
+    missing = storage.join(location, "c.txt")
+    with pytest.raises(MissingInputError, match=re.escape(f"{missing} does not exist")):
+        storage.read_bytes(missing)
+    storage.delete_tree(storage.join(location, "notes"))
+    assert storage.list_files(location) == ["b.bin", "train/part-00000.parquet"]
+
+
+def test_a_relative_path_and_a_file_uri_name_the_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage.write_bytes("out/run/config.json", b"{}")
+    assert storage.absolute("out/run") == str(Path.cwd() / "out" / "run")
+    assert storage.absolute(f"file://{Path.cwd()}/out") == str(Path.cwd() / "out")
+    assert storage.list_files(f"file://{Path.cwd()}/out") == ["run/config.json"]
+    assert storage.read_text(tmp_path / "out" / "run" / "config.json") == "{}"
+
+
+def test_metrics_json_is_an_ordinary_file_unless_the_caller_names_it_a_marker():
+    order = storage.upload_order(["DONE", "a/DONE", "a/metrics.json", "manifest.json", "b.txt"], markers={"DONE"})
+    assert order == ["a/metrics.json", "b.txt", "manifest.json", "a/DONE", "DONE"]
+
+
+@contextlib.contextmanager
+def uploads_to(uri: str):
+    """The objects below `uri` that became visible inside the block, in the order the S3 server
+    made them so (a single PUT, or the completion of a multipart upload), read from moto's recorder."""
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+
+    def recorder(action: str, method: str = "POST") -> str:
+        request = urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}", method=method)
+        return urllib.request.urlopen(request).read().decode()
+
+    recorder("reset-recording")
+    recorder("start-recording")
+    uploads: list[str] = []
+    try:
+        yield uploads
+    finally:
+        recorder("stop-recording")
+    prefix = urllib.parse.urlparse(uri.replace("s3://", "http://host/", 1)).path.rstrip("/") + "/"
+    for line in recorder("download-recording", "GET").splitlines():
+        entry = json.loads(line)
+        url = urllib.parse.urlparse(entry["url"])
+        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+        path = urllib.parse.unquote(url.path)
+        made_visible = (entry["method"] == "PUT" and not {"uploadId", "partNumber"} & query.keys()) or (
+            entry["method"] == "POST" and "uploadId" in query)
+        # Keys ending in "/" are the empty folder objects pyarrow leaves when it deletes a folder's last file.
+        if made_visible and path.startswith(prefix) and not path.endswith("/"):
+            uploads.append(path.removeprefix(prefix))
+
+
+def _write_files(folder: Path, relatives: list[str]) -> None:
+    for relative in relatives:
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(relative)
+
+
+def test_the_markers_the_stage_names_are_uploaded_last_inner_folders_first(s3_bucket):
+    # Marker names no stage uses: the storage layer takes them from its caller, knows none itself.
+    files = ["DONE.flag", "inner/DONE.flag", "inner/a.txt", "metrics.json", "z.txt"]
+    uri = f"{s3_bucket}/unit/invented-markers"
+    with uploads_to(uri) as uploads:
+        with storage.output_location(uri, markers={"DONE.flag"}) as location:
+            _write_files(location.local, files)
+    assert uploads == ["inner/a.txt", "metrics.json", "z.txt", "inner/DONE.flag", "DONE.flag"]
+    uri = f"{s3_bucket}/unit/invented-marker-fresh"
+    with uploads_to(uri) as uploads:
+        with storage.fresh_output(uri, marker="READY") as location:
+            _write_files(location.local, ["READY", "data/part.bin", "notes.txt"])
+    assert uploads == [storage.IN_PROGRESS, "data/part.bin", "notes.txt", "READY"]
+    assert storage.list_files(uri) == ["READY", "data/part.bin", "notes.txt"]
+
+
+def test_output_location_uploads_what_a_failed_stage_wrote_but_no_marker(s3_bucket):
+    uri = f"{s3_bucket}/unit/stopped-run"
+    with pytest.raises(RuntimeError, match="stopped"):
+        with storage.output_location(uri, markers=[run_layout.METRICS]) as location:
+            (location.local / "config.json").write_text("{}")
+            raise RuntimeError("stopped")
+    assert storage.list_files(uri) == ["config.json"]
+    # The next attempt starts from what is there (a resume compares configs with it).
+    with storage.output_location(uri, markers=[run_layout.METRICS]) as location:
+        assert (location.local / "config.json").read_text() == "{}"
+        (location.local / "metrics.json").write_text("{}")
+    assert storage.list_files(uri) == ["config.json", "metrics.json"]
+
+
+def test_prep_to_a_uri_is_never_complete_half_way_and_refuses_foreign_objects(s3_bucket, ray_session, synthetic_sample):
+    uri = f"{s3_bucket}/unit/prep-interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        with storage.fresh_output(uri, marker=MANIFEST) as location:
+            storage.write_bytes(storage.join(location.storage, "train", "part-00000.parquet"), b"x")
+            raise KeyboardInterrupt
+    left = storage.list_files(uri)
+    assert MANIFEST not in left and storage.IN_PROGRESS in left
+    with pytest.raises(Exception, match="not a prepared dataset"):
+        open_prepared(uri)
+    # A re-run clears its own interrupted attempt and finishes.
+    prep_sample(synthetic_sample, uri, image_size=32)
+    files = storage.list_files(uri)
+    assert MANIFEST in files and storage.IN_PROGRESS not in files and "train/part-00000.parquet" in files
+    foreign = f"{s3_bucket}/unit/someone-elses"
+    storage.write_bytes(f"{foreign}/notes.txt", b"mine")
+    with pytest.raises(OutputExistsError, match="not a gendertune output"):
+        prep_sample(synthetic_sample, foreign, image_size=32)
+    assert storage.read_text(f"{foreign}/notes.txt") == "mine"
+
+
+@pytest.fixture(scope="module")
+def s3_comparison(s3_bucket, ray_session, synthetic_sample):
+    """prep -> compare (TorchTrainer trials) with --data and --out both on S3."""
+    prep_uri, out_uri = f"{s3_bucket}/e2e/prep", f"{s3_bucket}/e2e/cmp"
+    prep_sample(synthetic_sample, prep_uri, image_size=32, split="identity", ratios=[0.6, 0.2, 0.2])
+    assert main(["compare", "--data", prep_uri, "--out", out_uri, "--models", "resnet18", "--trials", "1",
+                 "--epochs", "1", "--trial-mode", "train", "--batch-size", "32"]) == 0
+    return prep_uri, out_uri
+
+
+def test_compare_writes_its_leaderboard_runs_and_checkpoints_to_the_uri(s3_comparison, capsys):
+    _, out_uri = s3_comparison
+    files = storage.list_files(out_uri)
+    for name in (leaderboard.CSV, leaderboard.JSON, leaderboard.MD, "config.json",
+                 f"models/resnet18/{run_layout.METRICS}", f"models/resnet18/{run_layout.MODEL}"):
+        assert name in files
+    # Tune's experiment state was written to the bucket by Ray itself; the trials' checkpoints
+    # were deleted from there once the model's search was done.
+    assert any(f.startswith("searches/resnet18/search/") for f in files)
+    assert not any(part.startswith("checkpoint_") for f in files for part in f.split("/")[:-1])
+    table = leaderboard.read_leaderboard(out_uri)
+    assert table.loc[0, "status"] == "ok" and table.loc[0, "run_dir"] == f"{out_uri}/models/resnet18"
+    capsys.readouterr()
+    assert main(["leaderboard", out_uri, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["model"] == "resnet18"
+
+
+def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, synthetic_sample, tmp_path):
+    prep_uri, out_uri = s3_comparison
+    run_uri = f"{out_uri}/models/resnet18"
+    config = TrainConfig.from_dict(json.loads(storage.read_text(f"{run_uri}/{run_layout.CONFIG}"))["train"])
+    assert config.out == run_uri and config.data == prep_uri
+    with pytest.raises(RunAlreadyComplete, match=run_uri):
+        run_training(config, log=lambda *_: None)
+    images = sorted((synthetic_sample.path / "img_align_celeba").glob("*.jpg"))[:3]
+    out_csv = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", run_uri, *map(str, images), "--out", str(out_csv)]) == 0
+    predictions = pd.read_csv(out_csv)
+    assert len(predictions) == 3 and predictions["prob_male"].between(0, 1).all() and predictions["error"].isna().all()
+    # A resumed compare reuses the finished model from the bucket instead of searching again.
+    lines: list[str] = []
+    from tuning.compare import CompareConfig, run_compare
+    from tuning.search import SearchConfig
+
+    table = run_compare(CompareConfig.from_dict({"data": prep_uri, "out": out_uri, "models": ["resnet18"], "resume": True}),
+                        SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
+                        TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1, "batch_size": 32}),
+                        log=lines.append)
+    assert any("already finished" in line for line in lines) and table.loc[0, "status"] == "ok"
