@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from gendertune.console import print_progress_to_stdout
 from gendertune.errors import GendertuneError, StageFailed
 
 Handler = Callable[[argparse.Namespace], int]
@@ -457,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    print_progress_to_stdout()
     try:
         return args.handler(args)
     # The project's own errors are about input and settings: one line, unless --debug asks for more.
