@@ -107,18 +107,18 @@ def main() -> None:
             parallelism = compute_parallelism()
             # Warm-up: every worker process gets its models once, untimed (a real prep pays this once per worker).
             decode_images(images.head(8 * parallelism), str(scratch / "warm"), image_size=args.image_size,
-                          rows_per_task=4, parallelism=parallelism, align=align, log=lambda *_: None)
+                          rows_per_task=4, parallelism=parallelism, align=align)
             one = timed(decode_chunk, chunk_rows(images), "part-00000.parquet", image_size=args.image_size,
                         out=str(scratch / "one"), align=align.to_dict())
             tasks = timed(decode_images, images, str(scratch / "tasks"), image_size=args.image_size, rows_per_task=256,
-                          parallelism=parallelism, align=align, log=lambda *_: None)
+                          parallelism=parallelism, align=align)
             actors = timed(ray_data_pass, images, scratch / "data", image_size=args.image_size, align=align.to_dict(),
                            actors=parallelism)
             stage, stage_images = {}, 0
             for mode in ("faces", "none"):  # the whole --data folder: run_prep has no --limit
                 config = PrepConfig.from_dict({"data": args.data, "labels": label_path, "out": str(scratch / f"prep-{mode}"),
                                                "image_size": args.image_size, "align": mode, "split": "random"})
-                stage[mode], manifest = timed_result(run_prep, config, log=lambda *_: None)
+                stage[mode], manifest = timed_result(run_prep, config)
                 stage_images = manifest["images_found"]
         n = len(images)
         rows = [("one process", one, n / one, 1.0), ("Ray tasks (prep)", tasks, n / tasks, one / tasks),

@@ -131,7 +131,7 @@ def ray_prep(folder: Path, out: Path, image_size: int) -> dict:
     # The centre-square stage the baseline loop reproduces; bench_align.py measures face alignment.
     config = PrepConfig.from_dict({"data": str(folder), "labels": str(folder / LABEL_FILE), "out": str(out),
                                    "image_size": image_size, "align": "none"})
-    return run_prep(config, log=lambda *_: None)
+    return run_prep(config)
 
 
 def timed(fn, *args):

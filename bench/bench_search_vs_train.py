@@ -52,8 +52,7 @@ def prep_shared(scratch: Path, image_size: int) -> Path:
             raise SystemExit(f"{SHARED_SAMPLE} is not here: pass --prep DIR")
         run_prep(PrepConfig.from_dict({
             "data": str(SHARED_SAMPLE), "labels": str(SHARED_SAMPLE / "gender_classification.csv"),
-            "out": str(out), "image_size": image_size, "split": "identity", "ratios": [0.8, 0.1, 0.1]}),
-            log=lambda *_: None)
+            "out": str(out), "image_size": image_size, "split": "identity", "ratios": [0.8, 0.1, 0.1]}))
     return out
 
 
@@ -80,7 +79,7 @@ def main() -> None:
             train_dir = scratch / "train"
             started = time.perf_counter()
             trained = run_training(TrainConfig.from_dict({"data": str(prep), "out": str(train_dir), "model": args.model,
-                                                          "epochs": args.epochs}), log=lambda *_: None)
+                                                          "epochs": args.epochs}))
             budget = time.perf_counter() - started
             print(f"train (defaults, {args.epochs} epochs): test {trained['accuracy']:.4f} in {budget:.0f} s", flush=True)
             compare_dir = scratch / "compare"
@@ -88,8 +87,7 @@ def main() -> None:
             table = run_compare(
                 CompareConfig.from_dict({"data": str(prep), "out": str(compare_dir), "models": [args.model]}),
                 SearchConfig.from_dict({"trials": args.trials, "time_budget_s": budget}),
-                TrainConfig.from_dict({"data": str(prep), "out": str(compare_dir), "epochs": args.epochs}),
-                log=lambda *_: None)
+                TrainConfig.from_dict({"data": str(prep), "out": str(compare_dir), "epochs": args.epochs}))
             searched_s = time.perf_counter() - started
         row = table[table["kind"] == "model"].iloc[0]
         if row["status"] != "ok":

@@ -131,7 +131,7 @@ def run_plain(config: TrainConfig, prepared: PreparedData, splits: dict[str, tup
     session = InMemorySession(splits)
     started = time.perf_counter()
     run_epochs(config, image_size=settings["image_size"], steps_per_epoch=settings["steps_per_epoch"],
-               session=session, log=lambda line: None)
+               session=session)
     return session.reports, time.perf_counter() - started
 
 
@@ -139,7 +139,7 @@ def prep_sample(scratch: Path, n: int, image_size: int) -> Path:
     sample = make_sample(scratch / "sample", n=n, seed=0).path
     out = scratch / "prep"
     run_prep(PrepConfig.from_dict({"data": str(sample), "out": str(out), "image_size": image_size,
-                                   "ratios": [0.8, 0.1, 0.1]}), log=lambda *_: None)
+                                   "ratios": [0.8, 0.1, 0.1]}))
     return out
 
 

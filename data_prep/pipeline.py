@@ -21,6 +21,7 @@ an object-store --out gets the shards directly and the manifest last (cluster.st
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from data_prep.labels import read_identity_file, read_labels, read_partition_fil
 from data_prep.splits import assign_splits
 from gendertune.plots import plot_class_distribution
 
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -259,11 +261,11 @@ def _finish_one(running: dict, results: list, on_done: Callable[[int], None] | N
 
 
 class Progress:
-    """`on_done` for run_tasks: prints images done / total and the rate, at most every
+    """`on_done` for run_tasks: logs images done / total and the rate, at most every
     `every_s` seconds and once at the end."""
 
-    def __init__(self, label: str, sizes: Sequence[int], *, log: Callable[[str], None], every_s: float = 10.0):
-        self.label, self.sizes, self.log, self.every_s = label, sizes, log, every_s
+    def __init__(self, label: str, sizes: Sequence[int], *, every_s: float = 10.0):
+        self.label, self.sizes, self.every_s = label, sizes, every_s
         self.total, self.done = sum(sizes), 0
         self.started = self.printed = time.perf_counter()
 
@@ -273,7 +275,7 @@ class Progress:
         if now - self.printed >= self.every_s or self.done == self.total:
             self.printed = now
             rate = self.done / max(now - self.started, 1e-9)
-            self.log(f"{self.label}: {self.done}/{self.total} images ({self.done / self.total:.0%}), {rate:.0f} img/s")
+            logger.info(f"{self.label}: {self.done}/{self.total} images ({self.done / self.total:.0%}), {rate:.0f} img/s")
 
 
 def chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
@@ -281,14 +283,14 @@ def chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def hash_images(matched: pd.DataFrame, *, parallelism: int, log: Callable[[str], None]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hash_images(matched: pd.DataFrame, *, parallelism: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pass 1: `matched` with a hash column for the readable files, and (image_id, reason) for the rest.
 
     Two chunks per core: hashing is cheap, so one task's start-up is worth a big chunk."""
     paths = matched["path"].tolist()
     bounds = chunk_bounds(len(paths), -(-len(paths) // (2 * parallelism)))
     results = run_tasks(hash_chunk, [(paths[a:b],) for a, b in bounds], parallelism=parallelism,
-                        on_done=Progress("hash", [b - a for a, b in bounds], log=log))
+                        on_done=Progress("hash", [b - a for a, b in bounds]))
     hashes = np.array([h for chunk_hashes, _ in results for h in chunk_hashes], dtype=object)
     errors = np.array([e for _, chunk_errors in results for e in chunk_errors], dtype=object)
     ok = errors == ""
@@ -297,7 +299,7 @@ def hash_images(matched: pd.DataFrame, *, parallelism: int, log: Callable[[str],
 
 
 def decode_images(kept: pd.DataFrame, out: str, *, image_size: int, rows_per_task: int, parallelism: int,
-                  align: AlignSettings | None, log: Callable[[str], None]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  align: AlignSettings | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pass 2: write every decodable kept image into its split's shards; returns (image_id, reason)
     of the rest and the faces.csv table (empty without alignment).
 
@@ -311,7 +313,7 @@ def decode_images(kept: pd.DataFrame, out: str, *, image_size: int, rows_per_tas
              for number, (a, b) in enumerate(bounds)]
     results = run_tasks(decode_chunk, calls, parallelism=parallelism, image_size=image_size, out=str(out),
                         align=align.to_dict() if align else None,
-                        on_done=Progress("decode+align" if align else "decode", [b - a for a, b in bounds], log=log))
+                        on_done=Progress("decode+align" if align else "decode", [b - a for a, b in bounds]))
     failed = pd.DataFrame([row for chunk, _ in results for row in chunk], columns=["image_id", "reason"])
     faces = pd.DataFrame([row for _, chunk in results for row in chunk], columns=FACE_COLUMNS)
     return failed, faces.sort_values("image_id", ignore_index=True)
@@ -458,21 +460,21 @@ def _load_tables(config: PrepConfig, inputs: PrepInputs) -> tuple[pd.DataFrame, 
     return matched, counts, partition
 
 
-def run_prep(config: PrepConfig, *, log=print) -> dict:
+def run_prep(config: PrepConfig) -> dict:
     """Run the whole stage; returns the manifest. Raises PrepInputError for unusable input."""
     started = time.perf_counter()
     inputs = discover_inputs(config)
     matched, counts, partition = _load_tables(config, inputs)
     if config.split == "official" and partition is None:
         raise PrepInputError(f"--split official needs {celeba.PARTITION_FILE} in {config.data}")
-    log(f"{len(matched)} labelled images to process from {inputs.image_dir}")
+    logger.info(f"{len(matched)} labelled images to process from {inputs.image_dir}")
 
     ensure_ray()
     require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
     parallelism = compute_parallelism(config.parallelism)
     with storage.fresh_output(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as location:
         out = location.local
-        readable, unreadable = hash_images(matched, parallelism=parallelism, log=log)
+        readable, unreadable = hash_images(matched, parallelism=parallelism)
         require_some_kept(readable, len(matched), unreadable)
         kept, duplicates = find_duplicates(readable)
         kept["split"] = assign_splits(
@@ -481,7 +483,7 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
         ).to_numpy()
         failed, faces = decode_images(kept, location.storage, image_size=config.image_size,
                                       rows_per_task=config.rows_per_task, parallelism=parallelism,
-                                      align=config.align_settings(), log=log)
+                                      align=config.align_settings())
         kept, duplicates, failed = settle_failures(kept, duplicates, failed)
         rejected = pd.concat([unreadable, failed]).merge(matched[["image_id", "path"]], on="image_id")
         rejected = rejected[["image_id", "path", "reason"]].sort_values("image_id", ignore_index=True)
@@ -509,5 +511,5 @@ def run_prep(config: PrepConfig, *, log=print) -> dict:
         )
         # The manifest goes last: together with the atomic rename it marks the output complete.
         write_json_atomic(out / layout.MANIFEST, manifest)
-    log(format_summary(manifest, time.perf_counter() - started))
+    logger.info(format_summary(manifest, time.perf_counter() - started))
     return manifest

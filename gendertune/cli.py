@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Collection, Sequence
 
 from gendertune import flags
+from gendertune.console import print_progress_to_stdout
 from gendertune.errors import GendertuneError, StageFailed
 
 Handler = Callable[[argparse.Namespace], int]
@@ -400,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # The top level's options take no values, so the first other word is the subcommand.
     args = build_parser(flags_for=[arg for arg in argv if not arg.startswith("-")][:1]).parse_args(argv)
+    print_progress_to_stdout()
     try:
         return args.handler(args)
     # The project's own errors are about input and settings: one line, unless --debug asks for more.

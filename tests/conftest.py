@@ -101,7 +101,7 @@ def prep_sample(sample, out, **settings):
     from data_prep.config import PrepConfig
     from data_prep.pipeline import run_prep
 
-    run_prep(PrepConfig.from_dict({"data": str(sample.path), "out": str(out), **settings}), log=lambda *_: None)
+    run_prep(PrepConfig.from_dict({"data": str(sample.path), "out": str(out), **settings}))
     return out
 
 

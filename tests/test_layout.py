@@ -24,7 +24,7 @@ LAYERS = {
 # testable without Ray. Their project imports must be on this list too.
 RAY_FREE = {
     "gendertune", "data_prep", "tuning", "cluster",  # the packages' __init__, run by any import of a module
-    "gendertune.config", "gendertune.errors", "gendertune.flags", "gendertune.plots",
+    "gendertune.config", "gendertune.console", "gendertune.errors", "gendertune.flags", "gendertune.plots",
     "data_prep.celeba", "data_prep.config", "data_prep.dedupe", "data_prep.errors", "data_prep.faces", "data_prep.images",
     "data_prep.labels", "data_prep.layout", "data_prep.splits", "data_prep.synthetic",
     "models", "models.registry", "models.transforms", "models.weights",

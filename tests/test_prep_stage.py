@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ SIZE = 32
 
 def prep(sample, out, **overrides):
     config = PrepConfig.from_dict({"data": str(sample.path), "out": str(out), "image_size": SIZE, **overrides})
-    return pipeline.run_prep(config, log=lambda *_: None)
+    return pipeline.run_prep(config)
 
 
 @pytest.fixture(scope="module")
@@ -247,14 +248,15 @@ def test_real_photos_align_in_prep_exactly_as_face_chips_does(ray_session, synth
         assert shards.loc[name, "pixels"] == chip.chip.tobytes(), name
 
 
-def test_progress_counts_images_and_reports_the_end():
-    lines = []
-    progress = pipeline.Progress("decode+align", [3, 2, 4], log=lines.append, every_s=3600)
+def test_progress_counts_images_and_reports_the_end(caplog):
+    caplog.set_level(logging.INFO, logger="data_prep")
+    progress = pipeline.Progress("decode+align", [3, 2, 4], every_s=3600)
     progress(1)  # calls finish in any order
     progress(0)
-    assert lines == []  # not due yet
+    assert caplog.messages == []  # not due yet
     progress(2)
+    lines = caplog.messages
     assert len(lines) == 1 and lines[0].startswith("decode+align: 9/9 images (100%), ") and lines[0].endswith(" img/s")
-    every = pipeline.Progress("hash", [3, 2], log=lines.append, every_s=0)
+    every = pipeline.Progress("hash", [3, 2], every_s=0)
     every(0)
-    assert lines[-1].startswith("hash: 3/5 images (60%)")
+    assert caplog.messages[-1].startswith("hash: 3/5 images (60%)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def compare_configs(prepared, out, **train):
 def comparison(prepared, eval_set_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "cmp"
     table = run_compare(*compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}"]),
-                        tracking_uri=tracking.resolve_uri("auto", str(out)), log=lambda *_: None)
+                        tracking_uri=tracking.resolve_uri("auto", str(out)))
     return out, table
 
 
@@ -193,7 +194,7 @@ def test_resume_scores_an_added_eval_set_without_searching_again(comparison, pre
     out, _ = comparison
     trials_before = sorted(p.name for p in (out / "searches" / "resnet18" / "search").iterdir())
     compare, search, base = compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}", f"again={eval_set_folder}"])
-    table = run_compare(dataclasses.replace(compare, resume=True), search, base, log=lambda *_: None)
+    table = run_compare(dataclasses.replace(compare, resume=True), search, base)
     assert sorted(p.name for p in (out / "searches" / "resnet18" / "search").iterdir()) == trials_before
     ok = table[table["status"] == "ok"]
     assert ok["acc_again"].tolist() == ok["acc_faces"].tolist()  # the same folder, the same scores
@@ -201,16 +202,17 @@ def test_resume_scores_an_added_eval_set_without_searching_again(comparison, pre
     # Other settings would mix two experiments in one leaderboard: refused, naming what differs.
     changed = compare_configs(prepared, out, epochs=2)
     with pytest.raises(ConfigError, match=r"train\.epochs: 1 -> 2"):
-        run_compare(dataclasses.replace(changed[0], resume=True), *changed[1:], log=lambda *_: None)
+        run_compare(dataclasses.replace(changed[0], resume=True), *changed[1:])
 
 
-def test_a_budget_that_cannot_finish_one_epoch_is_refused_in_seconds(prepared, tmp_path):
-    lines: list[str] = []
+def test_a_budget_that_cannot_finish_one_epoch_is_refused_in_seconds(prepared, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="tuning")
     compare, search, base = compare_configs(prepared, tmp_path / "cmp")
     started = time.perf_counter()
     table = run_compare(dataclasses.replace(compare, models=("resnet18",)),
-                        dataclasses.replace(search, time_budget_s=0.01), base, log=lines.append)
+                        dataclasses.replace(search, time_budget_s=0.01), base)
     assert time.perf_counter() - started < 60
+    lines = caplog.messages
     assert any(line.startswith("[plan resnet18]") and "img/s per trial" in line for line in lines), lines
     row = table.iloc[0]
     assert row["status"] == "error" and "one epoch takes ~" in row["error"] and "--time-budget-s 0.01" in row["error"]
@@ -317,8 +319,7 @@ def test_a_deterministic_compare_gives_the_same_leaderboard_twice(prepared, tmp_
             CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18"]}),
             SearchConfig.from_dict({"trials": 3, "seed": 5}),
             TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 2, "batch_size": 16,
-                                   "seed": 5, "deterministic": True}),
-            log=lambda *_: None)
+                                   "seed": 5, "deterministic": True}))
 
     first, second = compare(tmp_path / "a"), compare(tmp_path / "b")
     varies = [c for c in first.columns if c.endswith(("seconds", "images_per_s")) or c == "run_dir"]

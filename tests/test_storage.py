@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import urllib.parse
@@ -209,25 +210,24 @@ def test_compare_writes_its_leaderboard_runs_and_checkpoints_to_the_uri(s3_compa
     assert json.loads(capsys.readouterr().out)[0]["model"] == "resnet18"
 
 
-def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, synthetic_sample, tmp_path):
+def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, synthetic_sample, tmp_path, caplog):
     prep_uri, out_uri = s3_comparison
     run_uri = f"{out_uri}/models/resnet18"
     config = TrainConfig.from_dict(json.loads(storage.read_text(f"{run_uri}/{run_layout.CONFIG}"))["train"])
     assert config.out == run_uri and config.data == prep_uri
     with pytest.raises(RunAlreadyComplete, match=run_uri):
-        run_training(config, log=lambda *_: None)
+        run_training(config)
     images = sorted((synthetic_sample.path / "img_align_celeba").glob("*.jpg"))[:3]
     out_csv = tmp_path / "predictions.csv"
     assert main(["predict", "--model", run_uri, *map(str, images), "--out", str(out_csv)]) == 0
     predictions = pd.read_csv(out_csv)
     assert len(predictions) == 3 and predictions["prob_male"].between(0, 1).all() and predictions["error"].isna().all()
     # A resumed compare reuses the finished model from the bucket instead of searching again.
-    lines: list[str] = []
+    caplog.set_level(logging.INFO, logger="tuning")
     from tuning.compare import CompareConfig, run_compare
     from tuning.search import SearchConfig
 
     table = run_compare(CompareConfig.from_dict({"data": prep_uri, "out": out_uri, "models": ["resnet18"], "resume": True}),
                         SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
-                        TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1, "batch_size": 32}),
-                        log=lines.append)
-    assert any("already finished" in line for line in lines) and table.loc[0, "status"] == "ok"
+                        TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1, "batch_size": 32}))
+    assert any("already finished" in line for line in caplog.messages) and table.loc[0, "status"] == "ok"

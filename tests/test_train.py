@@ -48,12 +48,12 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
     # (Recovery inside one run, max_failures >= 1, is tested by killing a node in test_cluster.)
     config = train_config(prepared, out, inject_failure_at_epoch=2, max_failures=0, eval_sets=[f"faces={eval_set_folder}"])
     with pytest.raises(RunFailed, match="re-run the same command to resume"):
-        run_training(config, log=lambda *_: None)
+        run_training(config)
     assert not run_layout.is_complete(out)
     # The driver prints the workers' lines through sys.stdout/sys.stderr, looked up per line.
     console = io.StringIO()
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
-        metrics = run_training(config, log=lambda *_: None)
+        metrics = run_training(config)
     (out.parent / "console.log").write_text(console.getvalue())
     return out, metrics
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import time
 import traceback
@@ -37,6 +38,7 @@ from tuning.search import SearchConfig, check_search, describe_params, run_searc
 from tuning.train import held_out_predictions, train_into, write_run_outputs
 from tuning.train_config import TrainConfig
 
+logger = logging.getLogger(__name__)
 DEFAULT_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
 # The files that vouch for a finished part of OUT, uploaded to an object store after every other
 # file: each model's (and the ensemble's) metrics.json, then the leaderboard for the whole comparison.
@@ -90,19 +92,19 @@ def settings_changed(saved: dict, current: dict) -> list[str]:
 
 
 def compare_one(model: str, location: OutputLocation, compare: CompareConfig, search: SearchConfig, base: TrainConfig,
-                eval_sets: list[EvalSet], *, tracking_uri: str | None = None, log=print) -> dict:
+                eval_sets: list[EvalSet], *, tracking_uri: str | None = None) -> dict:
     """Search, then evaluate the winner once on test and on every eval set; returns its leaderboard
     row (its run_dir is the local folder; compare_into swaps in the storage location before writing)."""
     run_dir = location.local / "models" / model
     if compare.resume and run_layout.is_complete(run_dir):
-        log(f"[compare] {model}: already finished, reusing {location.storage_path('models', model)}")
+        logger.info(f"[compare] {model}: already finished, reusing {location.storage_path('models', model)}")
     else:
-        search_and_evaluate(model, run_dir, location, compare, search, base, tracking_uri=tracking_uri, log=log)
+        search_and_evaluate(model, run_dir, location, compare, search, base, tracking_uri=tracking_uri)
         drop_checkpoints(location.storage_path("searches", model))
     for eval_set in missing_sets(run_dir, eval_sets):  # on resume, only sets added since
         scores = evaluate_run(run_dir, eval_set)
-        log(f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
-            f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})")
+        logger.info(f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
+                    f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})")
     summary = json.loads((run_dir / "search_summary.json").read_text())
     return leaderboard.model_row(model, run_layout.read_metrics(run_dir), run_dir=str(run_dir), **summary)
 
@@ -124,23 +126,23 @@ def drop_checkpoints(root: str) -> None:
 
 
 def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, compare: CompareConfig,
-                        search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None, log=print) -> None:
+                        search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None) -> None:
     started = time.perf_counter()
     prepared = open_prepared(compare.data)
     outcome = run_search(model, base, search, prepared, location.storage_path("searches", model),
-                         resume=compare.resume, log=log,
+                         resume=compare.resume,
                          callbacks=tracking.tune_callbacks(tracking_uri, tracking.COMPARE_EXPERIMENT, tags={
                              "gendertune.model": model, "gendertune.out": location.storage}))
     summary = {"trials_run": outcome.trials_run, "trials_pruned": outcome.trials_pruned,
                "best_params": describe_params(outcome.best_params), "search_seconds": outcome.search_seconds,
                "best_trial_seconds": outcome.best_trial_seconds, "retrained": compare.retrain}
-    log(f"[compare] {model}: best val acc {outcome.best_metrics['val_acc']:.4f} with {summary['best_params']}")
+    logger.info(f"[compare] {model}: best val acc {outcome.best_metrics['val_acc']:.4f} with {summary['best_params']}")
     config = dataclasses.replace(outcome.best_config, out=location.storage_path("models", model), data=prepared.root)
     # The summary first: metrics.json, written last by either path, marks the model finished.
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "search_summary.json", json.dumps(summary) + "\n")
     if compare.retrain:
-        train_into(OutputLocation(local=run_dir, storage=config.out), config, log=log)
+        train_into(OutputLocation(local=run_dir, storage=config.out), config)
     else:
         write_text_atomic(run_dir / run_layout.CONFIG, config.to_json())
         state = {**outcome.best_state, "history": outcome.history.to_dict("records")}
@@ -148,8 +150,8 @@ def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, com
         write_run_outputs(run_dir, config, prepared, state, outcome.best_metrics, held_out, time.perf_counter() - started)
 
 
-def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None,
-                log=print) -> pd.DataFrame:
+def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig, *,
+                tracking_uri: str | None = None) -> pd.DataFrame:
     prepared = open_prepared(compare.data)
     if "test" not in prepared.splits:
         raise ConfigError(f"{compare.data} has no test split; prep with 2 or 3 --ratios (or an official partition with test images)")
@@ -158,11 +160,11 @@ def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig,
         check_search(model, base, search)
     with output_location(compare.out, markers=COMPLETION_MARKERS,
                          ray_dirs=frozenset({"searches", run_layout.RAY_RUN_NAME})) as location:
-        return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri, log=log)
+        return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri)
 
 
 def compare_into(location: OutputLocation, prepared: PreparedData, compare: CompareConfig, search: SearchConfig,
-                 base: TrainConfig, eval_sets: list[EvalSet], *, tracking_uri: str | None = None, log=print) -> pd.DataFrame:
+                 base: TrainConfig, eval_sets: list[EvalSet], *, tracking_uri: str | None = None) -> pd.DataFrame:
     out = location.local
     if (out / leaderboard.CSV).exists() and not compare.resume:
         raise OutputExistsError(f"{location.storage} already holds a leaderboard; choose another --out or pass --resume")
@@ -185,12 +187,12 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
     rows = []
     for model in compare.models:
         try:
-            rows.append(compare_one(model, location, compare, search, base, eval_sets, tracking_uri=tracking_uri, log=log))
+            rows.append(compare_one(model, location, compare, search, base, eval_sets, tracking_uri=tracking_uri))
         except Exception as err:  # one model's failure (e.g. out of memory) must not sink the others
             error_log = out / "models" / model / "error.log"
             write_text_atomic(error_log, traceback.format_exc())
-            log(f"[compare] {model} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                f"(traceback in {location.storage_path('models', model, 'error.log')})")
+            logger.warning(f"[compare] {model} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                           f"(traceback in {location.storage_path('models', model, 'error.log')})")
             rows.append(leaderboard.error_row(model, err))
     names = [s.name for s in eval_sets]
     ranked = leaderboard.rank_rows(rows, eval_sets=names)
@@ -203,7 +205,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
             eval_groups={s.name: s.table[["path", *s.slice_columns]] for s in eval_sets if s.slice_columns})
         table = leaderboard.add_ensemble(ranked, leaderboard.ensemble_row(scores, run_dir=str(out / ensemble.FOLDER)),
                                          eval_sets=names)
-        log(f"[compare] ensemble of {', '.join(members)}: test accuracy {scores['accuracy']:.4f}")
+        logger.info(f"[compare] ensemble of {', '.join(members)}: test accuracy {scores['accuracy']:.4f}")
     histories, confusion, slices, calibration = {}, {}, {}, {}
     for row in table[table["status"] == "ok"].itertuples():
         metrics = run_layout.read_metrics(row.run_dir)

@@ -12,6 +12,7 @@ of the budget.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -28,23 +29,24 @@ SAMPLE_IMAGES, SAMPLE_PEOPLE = 800, 400
 IMAGE_SIZE = 32
 TRIALS, EPOCHS, BATCH_SIZE = 2, 6, 16
 MODELS = ("resnet50", "resnet18", "googlenet")
+logger = logging.getLogger(__name__)
 
 
-def run_demo(*, out: str, data: str | None = None, labels: str | None = None, log=print) -> None:
+def run_demo(*, out: str, data: str | None = None, labels: str | None = None) -> None:
     started = time.perf_counter()
     root = Path(out).absolute()
     if data is None:
         data = str(root / "sample")
         if not (Path(data) / "README.txt").is_file():
             summary = make_sample(data, n=SAMPLE_IMAGES, seed=0, people=SAMPLE_PEOPLE)
-            log(f"[demo] wrote {summary.n_images} SYNTHETIC images ({summary.n_people} people) to {data}")
+            logger.info(f"[demo] wrote {summary.n_images} SYNTHETIC images ({summary.n_people} people) to {data}")
     prep_out = root / "prep"
     if not (prep_out / layout.MANIFEST).is_file():
         has_identity = (Path(data) / celeba.IDENTITY_FILE).is_file()
         run_prep(PrepConfig.from_dict({
             "data": data, "labels": labels, "out": str(prep_out), "image_size": IMAGE_SIZE,
             "split": "identity" if has_identity else "random", "ratios": [0.7, 0.15, 0.15],
-        }), log=log)
+        }))
     compare_out = str(root / "compare")
     base = TrainConfig.from_dict({"data": str(prep_out), "out": compare_out, "epochs": EPOCHS, "batch_size": BATCH_SIZE,
                                   "deterministic": True})
@@ -52,7 +54,6 @@ def run_demo(*, out: str, data: str | None = None, labels: str | None = None, lo
         CompareConfig.from_dict({"data": str(prep_out), "out": compare_out, "models": list(MODELS), "resume": True}),
         SearchConfig.from_dict({"trials": TRIALS}),
         base,
-        log=log,
     )
-    log(format_table(table))
-    log(f"[demo] done in {time.perf_counter() - started:.0f}s; leaderboard in {compare_out}/leaderboard.md")
+    logger.info(format_table(table))
+    logger.info(f"[demo] done in {time.perf_counter() - started:.0f}s; leaderboard in {compare_out}/leaderboard.md")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import signal
 import threading
@@ -49,6 +50,7 @@ from tuning.worker import epoch_results, load_state_dir, save_state_dir, torch_b
 
 METRIC = "val_acc"
 SEARCH_DIR = "search"
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -130,7 +132,7 @@ class InProcessTrial(tune.Trainable):
         device = torch.device("cuda" if self.train_config.gpu and torch.cuda.is_available() else "cpu")
         self.epochs = epoch_results(self.train_config, image_size=settings["image_size"],
                                     steps_per_epoch=settings["steps_per_epoch"],
-                                    session=InProcessSession(self.datasets, device, restored), log=lambda line: None)
+                                    session=InProcessSession(self.datasets, device, restored))
         self.latest_state: dict | None = None
 
     def step(self) -> dict:
@@ -163,24 +165,20 @@ def run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: st
 
 
 class TrialSummary(tune.Callback):
-    """One line per finished, pruned or failed trial (printed: Tune pickles its callbacks)."""
+    """One line per finished, pruned or failed trial, to this module's logger."""
 
     def __init__(self, model: str, max_epochs: int):
         self.model, self.max_epochs = model, max_epochs
-
-    @staticmethod
-    def log(line: str) -> None:
-        print(line, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         epochs = result.get("training_iteration", 0)
         status = "finished" if epochs >= self.max_epochs else f"pruned by ASHA after {epochs} epoch(s)"
         params = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
-        self.log(f"[search {self.model}] trial {trial.trial_id} {status}: val_acc {result.get(METRIC, float('nan')):.4f} ({params})")
+        logger.info(f"[search {self.model}] trial {trial.trial_id} {status}: val_acc {result.get(METRIC, float('nan')):.4f} ({params})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(f"[search {self.model}] trial {trial.trial_id} failed: see {trial.local_path}")
+        logger.warning(f"[search {self.model}] trial {trial.trial_id} failed: see {trial.local_path}")
 
 
 def _short(value: Any) -> str:
@@ -277,7 +275,7 @@ def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, 
 
 
 def plan_budget(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, *,
-                concurrent: int, threads: int, log=print) -> None:
+                concurrent: int, threads: int) -> None:
     """With --time-budget-s: measure a trial's speed, print what fits, and refuse a budget that
     cannot finish one epoch (in seconds, instead of spending the whole budget to find out)."""
     image_size = loop_settings(base, prepared)["image_size"]
@@ -288,8 +286,8 @@ def plan_budget(model: str, base: TrainConfig, search: SearchConfig, prepared: P
     val = counts["val"]["count"] if "val" in counts else counts["train"]["count"] * base.val_fraction
     epoch_s = (train + val / 3) / per_trial  # a validation pass costs about a third of a training pass
     epochs = int(search.time_budget_s // epoch_s) * concurrent
-    log(f"[plan {model}] {per_trial:.1f} img/s per trial ({concurrent} at once): ~{epoch_s:.0f} s per epoch; "
-        f"--time-budget-s {search.time_budget_s:g} fits ~{epochs} epochs, ~{epochs / base.epochs:.1f} trials of {base.epochs}")
+    logger.info(f"[plan {model}] {per_trial:.1f} img/s per trial ({concurrent} at once): ~{epoch_s:.0f} s per epoch; "
+                f"--time-budget-s {search.time_budget_s:g} fits ~{epochs} epochs, ~{epochs / base.epochs:.1f} trials of {base.epochs}")
     if epochs == 0:
         raise StageFailed(f"{model}: one epoch takes ~{epoch_s:.0f} s here (measured {per_trial:.1f} img/s), more than "
                           f"--time-budget-s {search.time_budget_s:g}; give it more time, or fewer images, a smaller "
@@ -297,7 +295,7 @@ def plan_budget(model: str, base: TrainConfig, search: SearchConfig, prepared: P
 
 
 def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,
-               *, resume: bool, callbacks: list | None = None, log=print) -> SearchOutcome:
+               *, resume: bool, callbacks: list | None = None) -> SearchOutcome:
     """Search `model` and return its best configuration and checkpoint. `out_dir` (a folder or a
     URI) holds the Tune state; `callbacks` are more Tune callbacks (e.g. tracking's MLflow logger;
     a restored search keeps the ones it was started with)."""
@@ -314,7 +312,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
         search.max_concurrent or max(1, compute_parallelism() // math.ceil(base.cpus_per_worker * base.workers)))
     threads = max(1, compute_parallelism() // concurrent)
     if search.time_budget_s and not (resume and tune.Tuner.can_restore(join(out_dir, SEARCH_DIR))):
-        plan_budget(model, base, search, prepared, concurrent=concurrent, threads=threads, log=log)
+        plan_budget(model, base, search, prepared, concurrent=concurrent, threads=threads)
     # Built (and, when small, materialised) once for the whole search, not once per trial.
     # val_fraction is not searched, so every trial trains and validates on the same rows.
     datasets = training_datasets(prepared, val_fraction=base.val_fraction)
@@ -328,7 +326,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     trainable = tune.with_resources(trainable, resources)
     path = join(out_dir, SEARCH_DIR)
     if resume and tune.Tuner.can_restore(path):
-        log(f"[search {model}] resuming the search in {path}")
+        logger.info(f"[search {model}] resuming the search in {path}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(

@@ -8,6 +8,7 @@ picked its best epoch by *test* accuracy, which leaks the test set into model se
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from gendertune.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plo
 from tuning.slices import slices_of
 from tuning.train_config import TrainConfig
 from tuning.worker import load_state_dir, train_worker
+
+logger = logging.getLogger(__name__)
 
 
 class RunAlreadyComplete(GendertuneError, FileExistsError):
@@ -233,7 +236,7 @@ def write_run_outputs(
     return metrics
 
 
-def run_training(config: TrainConfig, *, tracking_uri: str | None = None, log=print) -> dict:
+def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dict:
     """Train (or resume) the run in config.out (a folder or a URI), evaluate it on the test split
     and on every eval set, and log it to MLflow when `tracking_uri` is given; returns metrics.json's content."""
     prepared = open_prepared(config.data)
@@ -241,11 +244,11 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None, log=pr
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.TRAIN_EXPERIMENT)  # an unreachable server fails now
     with output_location(config.out, markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
-        train_into(location, config, log=log)
+        train_into(location, config)
         for eval_set in eval_sets:
             scores = evaluate_run(location.local, eval_set)
             low, high = scores["accuracy_ci95"]
-            log(f"{config.model}: {eval_set.name} accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f})")
+            logger.info(f"{config.model}: {eval_set.name} accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f})")
         metrics = run_layout.read_metrics(location.local)
         if tracking_uri:
             run = location.local
@@ -255,7 +258,7 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None, log=pr
         return metrics
 
 
-def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> dict:
+def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     """run_training with the output already resolved: the driver's files go to location.local,
     Ray Train's checkpoints to location.storage (compare's retrain calls this for a model folder)."""
     started = time.perf_counter()
@@ -287,10 +290,10 @@ def train_into(location: OutputLocation, config: TrainConfig, *, log=print) -> d
     best_state = load_checkpoint_state(checkpoint)
     best_state["history"] = latest_state["history"]
     split = "test" if "test" in prepared.splits else "val"
-    log(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
+    logger.info(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
     held_out = held_out_predictions(best_state, config, prepared)
     metrics = write_run_outputs(out, config, prepared, best_state, best, held_out, time.perf_counter() - started)
     low, high = metrics["accuracy_ci95"]
-    log(f"{config.model}: {split} accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
-        f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {location.storage}")
+    logger.info(f"{config.model}: {split} accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+                f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {location.storage}")
     return metrics

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -32,7 +32,9 @@ from tuning.train_config import TrainConfig
 
 CHECKPOINT_FILE = "state.pt"
 # Ray Train tees a worker's print() to stdout *and* to its root logger, so every printed line
-# reached the console twice; a logger record is shown once.
+# reached the console twice; a logger record is shown once. Ray Train gives each worker's root
+# logger a console handler (its stdout, forwarded to the driver); a Tune trial actor has none, so
+# the in-process trials' epoch lines stay there (Tune's table is the display).
 logger = logging.getLogger(__name__)
 
 
@@ -94,8 +96,8 @@ def _gather_generator_states(generator: torch.Generator, world_size: int) -> lis
     return states
 
 
-def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: TrainSession,
-                  log: Callable[[str], None] = print) -> Iterator[tuple[dict, dict | None]]:
+def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
+                  session: TrainSession) -> Iterator[tuple[dict, dict | None]]:
     """Build, restore, then train every remaining epoch of one run, yielding (metrics row,
     checkpoint state) per epoch; the state is None on ranks other than 0. Nothing runs, and
     nothing is restored, before the first next()."""
@@ -128,7 +130,7 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
             generator.set_state(state["generator"][rank])
         start_epoch, history = state["epoch"], state["history"]
         if rank == 0:
-            log(f"[gendertune] resuming {config.model} from the checkpoint of epoch {start_epoch}")
+            logger.info(f"[gendertune] resuming {config.model} from the checkpoint of epoch {start_epoch}")
 
     for epoch in range(start_epoch, config.epochs):
         # Chaos testing: only an attempt that started from scratch fails, so the restart finishes.
@@ -159,8 +161,8 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
             "precision": precision.name, "precision_reason": precision.reason,
         }
         history.append(row)
-        if rank == 0:
-            log(
+        if rank == 0:  # one line per epoch, not one per worker
+            logger.info(
                 f"[gendertune] {config.model} epoch {epoch + 1}/{config.epochs}  "
                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}  "
@@ -186,11 +188,10 @@ def load_state_dir(folder: str | Path, device: torch.device | str = "cpu") -> di
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
 
 
-def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: ReportingSession,
-               log: Callable[[str], None] = print) -> None:
+def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: ReportingSession) -> None:
     """Every remaining epoch of one run, each reported (rank 0 with its checkpoint) to the session."""
     for row, state in epoch_results(config, image_size=image_size, steps_per_epoch=steps_per_epoch,
-                                    session=session, log=log):
+                                    session=session):
         if state is None:
             session.report(row, None)
             continue
@@ -231,5 +232,5 @@ def train_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads_per_worker"])
     run_epochs(
         loop_config["train"], image_size=loop_config["image_size"],
-        steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(), log=logger.info,
+        steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(),
     )
