@@ -6,6 +6,7 @@ through another module of the project."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,25 @@ def test_pure_modules_import_no_ray(module):
     assert not [name for name in imports if name == "ray" or name.startswith("ray.")], module
     project = {name for name in imports if name.split(".")[0] in PACKAGES and name in MODULES}
     assert project <= RAY_FREE, f"{module} imports {sorted(project - RAY_FREE)}, which may import Ray"
+
+
+def _modules_on_the_readme_map() -> set[str]:
+    """The modules the README's Layout map names: `pkg/mod.py`, or a bare `mod.py` after `pkg/`."""
+    block = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("```")[1]
+    named, package = set(), None
+    for with_package, folder, bare in re.findall(r"\b(\w+/\w+)\.py|\b(\w+)/(?=\s)|\b(\w+)\.py", block):
+        if with_package:
+            package = with_package.split("/")[0]
+            named.add(with_package.replace("/", "."))
+        elif folder in PACKAGES:
+            package = folder
+        elif bare and package:
+            named.add(f"{package}.{bare}")
+    return named
+
+
+def test_the_readme_layout_map_names_every_module_and_only_real_ones():
+    modules = {name for name, path in MODULES.items() if path.name != "__init__.py"}
+    mapped = _modules_on_the_readme_map()
+    assert not modules - mapped, f"add to the README's Layout map: {sorted(modules - mapped)}"
+    assert not mapped - modules, f"the README's Layout map names modules that don't exist: {sorted(mapped - modules)}"
