@@ -38,8 +38,9 @@ from data_prep.config import PrepConfig
 from data_prep.layout import PreparedData, open_prepared
 from data_prep.pipeline import run_prep
 from data_prep.synthetic import make_sample
-from tuning.data import decode_pixels, in_validation
+from tuning.data import in_validation
 from tuning.engine import select_precision
+from tuning.pixels import decode_pixels
 from tuning.train import build_trainer, load_checkpoint_state, loop_settings
 from tuning.train_config import TrainConfig
 from tuning.worker import run_epochs

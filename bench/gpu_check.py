@@ -9,15 +9,14 @@
     --repeats such runs is the number (goal: >= 3,000 img/s on one H100 at 224 px, batch 256).
     --compile repeats it, last, with torch.compile(model), and reports its warm-up (compile) time.
 (b) data path, no model: numpy batches shaped like prep's Parquet rows (`pixels` = S*S*3 uint8
-    bytes each) -> `tuning.data.decode_pixels` -> torch tensor -> host-to-device copy (pageable
+    bytes each) -> `tuning.pixels.decode_pixels` -> torch tensor -> host-to-device copy (pageable
     memory, non_blocking, as train_one_epoch does it) -> TrainAugment on the device; cumulative
     stages, plus augmentation alone on a batch already on the device. One process, i.e. what one
     data worker can feed.
 
-Every number is printed with the device name. Ray is never imported: `tuning.data` imports it at
-module level only for its Dataset helpers, which this check does not use, so `decode_pixels` is
-imported with a placeholder module standing in for `ray` (see import_decode_pixels). Runs on a CPU
-too (`--quick --device cpu`), to check that it works before spending GPU time.
+Every number is printed with the device name. Ray is never imported: every module used here is
+Ray-free (tests/test_layout.py's RAY_FREE list). Runs on a CPU too (`--quick --device cpu`), to
+check that it works before spending GPU time.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,22 +41,10 @@ from benchlib import format_table, machine_info, ratio_line, write_json  # noqa:
 from models.registry import build_model, get_spec  # noqa: E402
 from models.transforms import TrainAugment  # noqa: E402
 from tuning.engine import build_optimizer, build_scheduler, select_precision, train_one_epoch  # noqa: E402
+from tuning.pixels import decode_pixels  # noqa: E402
 from tuning.train_config import TrainConfig  # noqa: E402
 
 GOAL = 3000.0
-
-
-def import_decode_pixels() -> Callable[..., dict]:
-    """`tuning.data.decode_pixels` without Ray, which may not be installed here."""
-    placeholder = "ray" not in sys.modules
-    if placeholder:
-        sys.modules["ray"] = types.ModuleType("ray")
-    try:
-        from tuning.data import decode_pixels
-    finally:
-        if placeholder:
-            del sys.modules["ray"]
-    return decode_pixels
 
 
 def parse_args() -> argparse.Namespace:
@@ -128,7 +114,6 @@ def train_rates(model: nn.Module, args: argparse.Namespace, config: TrainConfig,
 
 def data_path_rates(args: argparse.Namespace, device: torch.device, augment: TrainAugment) -> dict[str, float]:
     """img/s of each cumulative stage of the data path, and of augmentation alone."""
-    decode_pixels = import_decode_pixels()
     rng = np.random.default_rng(0)
     n, row_bytes = args.batch_size, args.prep_size * args.prep_size * 3
     pixels = np.empty(n, dtype=object)

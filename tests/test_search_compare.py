@@ -21,9 +21,10 @@ from gendertune.config import ConfigError
 from conftest import prep_sample
 from tuning import leaderboard, run_layout, tracking
 from tuning.compare import CompareConfig, run_compare
-from tuning.search import SearchConfig
+from tuning.search import SearchConfig, run_search
 from tuning.search_space import base_point, param_space, trial_config
 from tuning.train_config import TrainConfig
+from tuning.worker import TIMING_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,43 @@ def test_the_search_tries_the_users_own_configuration(comparison, prepared):
     own = base_point(dataclasses.replace(base, model="resnet18"), "resnet18")
     assert own["lr"] == base.lr and own["augment_strength"] == 1.0
     assert own in [{key: trial[key] for key in own} for trial in tried]
+
+
+def _epoch_rows(search_dir) -> list[dict]:
+    return [json.loads(line) for path in search_dir.glob("*/result.json") for line in path.read_text().splitlines()
+            if line.strip()]
+
+
+def _assert_start_up_times_in_order(row: dict) -> None:
+    # Tune's own `timestamp`, taken when the trial reported the row, is in whole seconds, rounded down.
+    assert row["run_started_at"] <= row["loop_started_at"] <= row["epoch_started_at"] <= row["first_step_at"] \
+        < row["timestamp"] + 1, row
+    assert 0 < row["train_seconds"] <= row["time_this_iter_s"], row
+
+
+def test_in_process_epoch_rows_carry_their_start_up_times_in_order(comparison):
+    out, _ = comparison
+    rows = _epoch_rows(out / "searches" / "resnet18" / "search")
+    assert len(rows) == 2  # two trials of one epoch, the second in the first one's actor
+    for row in rows:
+        _assert_start_up_times_in_order(row)
+    first, second = sorted(rows, key=lambda row: row["run_started_at"])
+    assert second["run_started_at"] > first["first_step_at"]  # a reused actor: the trial's own start
+    assert set(TIMING_COLUMNS) <= set(pd.read_csv(out / "models" / "resnet18" / run_layout.HISTORY).columns)
+
+
+def test_a_search_tries_the_points_it_is_given_first_and_train_mode_rows_carry_start_up_times(prepared, tmp_path):
+    from data_prep.layout import open_prepared
+
+    base = TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path / "unused"), "epochs": 1, "image_size": 40})
+    own = base_point(dataclasses.replace(base, model="resnet18"), "resnet18")
+    point = {**own, "lr": 2.5e-3, "batch_size": 16}
+    outcome = run_search("resnet18", base, SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
+                         open_prepared(prepared), str(tmp_path / "search"), resume=False, points_to_evaluate=[point],
+                         log=lambda *_: None)
+    assert point != own and outcome.best_params == point
+    (row,) = _epoch_rows(tmp_path / "search" / "search")
+    _assert_start_up_times_in_order(row)
 
 
 def test_leaderboard_files_columns_and_ranks(comparison):
@@ -186,6 +224,7 @@ def test_mlflow_holds_every_trial_and_every_model(comparison):
     resnet = models["resnet18"]
     assert resnet.data.metrics["accuracy"] == table.loc[table["model"] == "resnet18", "accuracy"].iloc[0]
     assert "acc_faces" not in resnet.data.metrics and "eval_sets_faces_accuracy" in resnet.data.metrics
+    assert "train_seconds" in resnet.data.metrics and "first_step_at" not in resnet.data.metrics  # a timestamp
     files = {f.path for f in client.list_artifacts(resnet.info.run_id)}
     assert {"model.pt", "metrics.json", "leaderboard.csv", "report.html", "mistakes_faces.png"} <= files
 

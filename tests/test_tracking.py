@@ -96,8 +96,9 @@ def test_a_model_result_is_one_run_with_flat_metrics_params_history_and_files(st
     }
     params = {"lr": 1e-3, "model": "resnet18", "weights": None, "eval_sets": ["utkface"], "data": "d" * 7000,
               "space": {"lr": ["loguniform", 1e-4, 1e-2]}, "odd:key?": 1, "odd_key_": 2}
+    # first_step_at, a wall-clock timestamp (tuning.worker's *_at columns), is no metric: not logged.
     history = pd.DataFrame({"epoch": [1, 2, 3], "val_acc": [0.5, 0.6, 0.7], "train_loss": [1.0, None, 0.5],
-                            "node_id": ["a", "b", "c"]})
+                            "node_id": ["a", "b", "c"], "first_step_at": [1.7e9, 1.7e9 + 5, 1.7e9 + 10]})
     run_id = tracking.log_model_result(
         uri, "models", "resnet18", params, metrics,
         [tmp_path / "model.pt", tmp_path / "metrics.json", tmp_path / "leaderboard.csv", tmp_path / "figures"],

@@ -101,6 +101,17 @@ def test_rerun_of_a_failed_run_resumes_from_the_latest_checkpoint(ddp_run):
     assert metrics["epochs_run"] == EPOCHS
 
 
+def test_history_dates_each_attempt_start_up(ddp_run):
+    out, _ = ddp_run
+    history = pd.read_csv(out / run_layout.HISTORY)
+    assert (history["run_started_at"] <= history["loop_started_at"]).all()
+    assert (history["loop_started_at"] <= history["epoch_started_at"]).all()
+    assert (history["epoch_started_at"] < history["first_step_at"]).all() and (history["train_seconds"] > 0).all()
+    failed, rerun = history[history["attempt_start_epoch"] == 0], history[history["attempt_start_epoch"] == 2]
+    assert failed["run_started_at"].nunique() == failed["loop_started_at"].nunique() == 1
+    assert rerun["run_started_at"].min() > failed["first_step_at"].max()  # the re-run's own start
+
+
 def test_best_epoch_is_chosen_on_validation_not_test(ddp_run):
     out, metrics = ddp_run
     history = pd.read_csv(out / run_layout.HISTORY)

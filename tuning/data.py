@@ -1,4 +1,4 @@
-"""Ray Datasets over a prep output: pixel decoding and the train/val/test views a run needs.
+"""Ray Datasets over a prep output: the train/val/test views a run needs, decoded (tuning.pixels).
 
 When the prep output has no val split, validation is carved from train — by person when the
 identity is known (so validation, like test, never shares people with training), else by image.
@@ -17,6 +17,7 @@ import ray.train
 from cluster import storage
 from gendertune.errors import UserInputError
 from data_prep.layout import PreparedData
+from tuning.pixels import decode_pixels
 
 _KNUTH = 2654435761  # multiplicative hash constant: spreads consecutive ids over [0, 2^32)
 # Decoded train+val up to this size are computed once and kept in the object store: otherwise
@@ -29,15 +30,6 @@ def in_validation(identity: np.ndarray, file_hash: np.ndarray, fraction: float) 
     by_person = ((identity.astype(np.uint64) * _KNUTH) % 2**32) / 2**32
     by_image = np.array([int(h[:8], 16) / 2**32 for h in file_hash]) if len(file_hash) else np.zeros(0)
     return np.where(identity >= 0, by_person, by_image) < fraction
-
-
-def decode_pixels(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
-    """Parquet `pixels` bytes -> uint8 N x S x S x 3 `image`; labels as int64."""
-    flat = np.frombuffer(b"".join(batch["pixels"]), dtype=np.uint8)
-    return {
-        "image": flat.reshape(len(batch["pixels"]), image_size, image_size, 3),
-        "label": batch["label"].astype(np.int64),
-    }
 
 
 def _carve(batch: dict[str, np.ndarray], *, fraction: float, keep_validation: bool) -> dict[str, np.ndarray]:

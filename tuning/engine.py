@@ -123,6 +123,10 @@ class EpochStats:
     correct: int = 0
     count: int = 0
     seconds: float = 0.0
+    # Wall-clock (time.time(), comparable across processes on one machine) for a training pass:
+    # when it began, and when its first batch's step was done; NaN before that or for evaluation.
+    started_at: float = math.nan
+    first_step_at: float = math.nan
 
     @property
     def loss(self) -> float:
@@ -152,7 +156,7 @@ def train_one_epoch(
     device: torch.device,
 ) -> EpochStats:
     model.train()
-    stats = EpochStats()
+    stats = EpochStats(started_at=time.time())
     started = time.perf_counter()
     for images, labels in batches:
         inputs = augment(images.to(device, non_blocking=True))
@@ -178,6 +182,8 @@ def train_one_epoch(
         stats.loss_sum += float(loss.detach()) * len(targets)
         stats.correct += int((logits.argmax(1) == targets).sum())
         stats.count += len(targets)
+        if math.isnan(stats.first_step_at):  # float(loss) above waited for the device: the step has run
+            stats.first_step_at = time.time()
     stats.seconds = time.perf_counter() - started
     return stats
 

@@ -5,7 +5,8 @@
       config.json            resolved TrainConfig
       model.pt               best-by-validation weights + what predict needs (model name, sizes,
                              mean/std, class names), loadable with torch.load(weights_only=True)
-      history.csv            per epoch: train/val loss and accuracy, lr, img/s
+      history.csv            per epoch: train/val loss and accuracy, lr, img/s, start-up timestamps
+                             (tuning.worker.TIMING_COLUMNS)
       metrics.json           held-out evaluation; written last, so it marks the run complete
       test_predictions.csv   image_id,label,margin,prob_uncalibrated,prob_positive (calibrated; paired
                              tests between models use it)

@@ -46,7 +46,7 @@ from tuning.engine import build_optimizer, select_precision, train_one_epoch
 from tuning.search_space import base_point, param_space, space_for, trial_config
 from tuning.train import build_trainer, loop_settings
 from tuning.train_config import TrainConfig
-from tuning.worker import epoch_results, load_state_dir, save_state_dir, torch_batches
+from tuning.worker import TIMING_COLUMNS, epoch_results, load_state_dir, save_state_dir, torch_batches
 
 METRIC = "val_acc"
 SEARCH_DIR = "search"
@@ -116,6 +116,7 @@ class InProcessTrial(tune.Trainable):
     slow to import) and the dataset handles, instead of starting a new actor per trial."""
 
     def setup(self, config: dict, *, base: TrainConfig, data_root: str, threads: int, datasets: dict) -> None:
+        self.run_started_at = time.time()  # first: the rows' run_started_at includes the set-up below
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
@@ -132,7 +133,8 @@ class InProcessTrial(tune.Trainable):
         device = torch.device("cuda" if self.train_config.gpu and torch.cuda.is_available() else "cpu")
         self.epochs = epoch_results(self.train_config, image_size=settings["image_size"],
                                     steps_per_epoch=settings["steps_per_epoch"],
-                                    session=InProcessSession(self.datasets, device, restored))
+                                    session=InProcessSession(self.datasets, device, restored),
+                                    run_started_at=self.run_started_at)
         self.latest_state: dict | None = None
 
     def step(self) -> dict:
@@ -147,12 +149,14 @@ class InProcessTrial(tune.Trainable):
         self._begin(self.params, restored=load_state_dir(checkpoint_dir))
 
     def reset_config(self, new_config: dict) -> bool:
+        self.run_started_at = time.time()
         self._begin(new_config, restored=None)
         return True
 
 
 def run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: str, datasets: dict) -> None:
     """The Tune trainable of `train` mode: one TorchTrainer run with the sampled parameters."""
+    started_at = time.time()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
@@ -161,7 +165,7 @@ def run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: st
     trial_id = tune.get_context().get_trial_id()
     # A stable name (no timestamp): a resumed trial finds its Train run and resumes it too.
     build_trainer(config, prepared, storage_path=trials_dir, name=f"train-{trial_id}",
-                  callbacks=[TuneReportCallback()], datasets=datasets).fit()
+                  callbacks=[TuneReportCallback()], datasets=datasets, run_started_at=started_at).fit()
 
 
 class TrialSummary(tune.Callback):
@@ -295,10 +299,13 @@ def plan_budget(model: str, base: TrainConfig, search: SearchConfig, prepared: P
 
 
 def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,
-               *, resume: bool, callbacks: list | None = None) -> SearchOutcome:
+               *, resume: bool, callbacks: list | None = None,
+               points_to_evaluate: list[dict] | None = None) -> SearchOutcome:
     """Search `model` and return its best configuration and checkpoint. `out_dir` (a folder or a
     URI) holds the Tune state; `callbacks` are more Tune callbacks (e.g. tracking's MLflow logger;
-    a restored search keeps the ones it was started with)."""
+    a restored search keeps the ones it was started with); `points_to_evaluate` are the
+    configurations the searcher tries first, in order (default: the base settings' own point,
+    tuning.search_space.base_point)."""
     base = dataclasses.replace(base, model=model)
     loop_settings(base, prepared)  # image size vs model, weights file: fail before any trial
     mode = resolve_mode(search, base)
@@ -336,7 +343,8 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
             # trials itself on return and raises KeyError when an interrupted one has no metric yet.
             tune_config=tune.TuneConfig(
                 search_alg=OptunaSearch(metric=METRIC, mode="max", seed=search.seed,
-                                        points_to_evaluate=[base_point(base, model, search.space)]),
+                                        points_to_evaluate=[base_point(base, model, search.space)]
+                                        if points_to_evaluate is None else points_to_evaluate),
                 scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=base.epochs,
                                         grace_period=min(search.grace_period, base.epochs),
                                         reduction_factor=search.reduction_factor),
@@ -380,7 +388,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     state, metrics = _best_state(best, out_dir)
     params = {k: v for k, v in best.config.items()}
     history = best.metrics_dataframe[[c for c in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images_per_s", "attempt_start_epoch",
-                                                          "precision", "precision_reason") if c in best.metrics_dataframe]]
+                                                          "precision", "precision_reason", *TIMING_COLUMNS) if c in best.metrics_dataframe]]
     return SearchOutcome(
         best_config=trial_config(base, params), best_params=params, best_state=state,
         best_metrics={k: metrics[k] for k in ("epoch", "val_acc", "val_loss")},

@@ -49,6 +49,9 @@ MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE = 250, 6000, 8000
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
 CONNECT_TIMEOUT_S = 10
 _INVALID_KEY_CHARS = re.compile(r"[^/\w.\- ]")
+# History columns named *_at are wall-clock timestamps (tuning.worker's TIMING_COLUMNS): they date
+# an epoch, they measure nothing, so they are no metric to chart.
+TIMESTAMP_SUFFIX = "_at"
 # mlflow itself is imported inside the functions: a slow import, paid only with --mlflow.
 
 
@@ -153,11 +156,11 @@ def log_model_result(
     `params` go in as strings (nested dicts as `a/b`, lists as JSON, values cut to MLflow's limit);
     `metrics` are flattened to numbers (`per_class` as `recall_Female`, like the leaderboard's
     columns; other nested dicts as `a_b`, lists as `a_0`, `a_1`; None, bools and strings dropped).
-    `history` has an `epoch` column: every other numeric column is logged per epoch with
-    step=epoch (a final metric of the same name is left out). `artifacts` (files or folders) are
-    copied into the run. Runs are tagged with `tags` (gendertune.kind=model unless `tags` says
-    otherwise, e.g. "ensemble"). `status` is MLflow's run status: FINISHED, or FAILED for a model
-    whose run failed."""
+    `history` has an `epoch` column: every other numeric column but the `*_at` timestamps is
+    logged per epoch with step=epoch (a final metric of the same name is left out). `artifacts`
+    (files or folders) are copied into the run. Runs are tagged with `tags` (gendertune.kind=model
+    unless `tags` says otherwise, e.g. "ensemble"). `status` is MLflow's run status: FINISHED, or
+    FAILED for a model whose run failed."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -242,7 +245,8 @@ def _is_number(value: Any) -> bool:
 def _history_points(history: pd.DataFrame) -> Iterator[tuple[str, float, int]]:
     for row in history.to_dict("records"):
         epoch = int(row.pop("epoch"))
-        yield from ((column, float(value), epoch) for column, value in row.items() if _is_number(value))
+        yield from ((column, float(value), epoch) for column, value in row.items()
+                    if _is_number(value) and not str(column).endswith(TIMESTAMP_SUFFIX))
 
 
 def run_artifacts(run_dir: Path) -> list[Path]:

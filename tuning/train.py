@@ -85,15 +85,18 @@ def loop_settings(config: TrainConfig, prepared: PreparedData) -> dict:
 
 
 def build_trainer(
-    config: TrainConfig, prepared: PreparedData, *, storage_path: str, name: str, callbacks=None, datasets=None
+    config: TrainConfig, prepared: PreparedData, *, storage_path: str, name: str, callbacks=None, datasets=None,
+    run_started_at: float | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for one run; multi-worker Tune trials build theirs with this too, passing
-    the `datasets` their search built once."""
+    the `datasets` their search built once and when the trial started (`run_started_at`, the
+    epoch rows' column; default: now, as the trainer is built)."""
     # One bar per split per epoch, from the split coordinators: the epoch lines say the same.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    run_started_at = time.time() if run_started_at is None else run_started_at
     return TorchTrainer(
         train_worker,
-        train_loop_config={"train": config, **loop_settings(config, prepared)},
+        train_loop_config={"train": config, **loop_settings(config, prepared), "run_started_at": run_started_at},
         scaling_config=scaling_config(config),
         datasets=datasets or training_datasets(prepared, val_fraction=config.val_fraction),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=ordered_ingest()),

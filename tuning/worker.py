@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,10 @@ from tuning.engine import build_optimizer, build_scheduler, evaluate, select_pre
 from tuning.train_config import TrainConfig
 
 CHECKPOINT_FILE = "state.pt"
+# What each epoch row says about time, besides its metrics: `*_at` columns are wall-clock Unix
+# seconds (time.time(), on rank 0; one clock across the processes of one machine), so a run's
+# start-up can be read off its own rows. See epoch_results.
+TIMING_COLUMNS = ("run_started_at", "loop_started_at", "epoch_started_at", "first_step_at", "train_seconds")
 # Ray Train tees a worker's print() to stdout *and* to its root logger, so every printed line
 # reached the console twice; a logger record is shown once. Ray Train gives each worker's root
 # logger a console handler (its stdout, forwarded to the driver); a Tune trial actor has none, so
@@ -96,11 +101,21 @@ def _gather_generator_states(generator: torch.Generator, world_size: int) -> lis
     return states
 
 
-def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
-                  session: TrainSession) -> Iterator[tuple[dict, dict | None]]:
+def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: TrainSession,
+                  run_started_at: float | None = None) -> Iterator[tuple[dict, dict | None]]:
     """Build, restore, then train every remaining epoch of one run, yielding (metrics row,
     checkpoint state) per epoch; the state is None on ranks other than 0. Nothing runs, and
-    nothing is restored, before the first next()."""
+    nothing is restored, before the first next().
+
+    Besides the metrics, each row carries TIMING_COLUMNS: `run_started_at` (when the run was
+    started, before its data and processes were set up: given by the caller, else the loop's
+    start), `loop_started_at` (when this loop began in this process, i.e. this attempt: a
+    restarted run has a later one), `epoch_started_at` (when the epoch's training pass began; for
+    the first epoch, after the model was built and restored), `first_step_at` (when its first
+    batch's optimizer step was done; NaN without a batch) and `train_seconds` (its training pass,
+    data waits included)."""
+    loop_started_at = time.time()
+    run_started_at = loop_started_at if run_started_at is None else run_started_at
     rank, device = session.rank, session.device
     seed_everything(config.seed * 1000 + rank)
     if config.deterministic:
@@ -159,6 +174,9 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
             "train_images_per_s": sums[2] / max(sums[6] / session.world_size, 1e-9),
             "attempt_start_epoch": start_epoch,
             "precision": precision.name, "precision_reason": precision.reason,
+            "run_started_at": run_started_at, "loop_started_at": loop_started_at,
+            "epoch_started_at": train.started_at, "first_step_at": train.first_step_at,
+            "train_seconds": sums[6] / session.world_size,
         }
         history.append(row)
         if rank == 0:  # one line per epoch, not one per worker
@@ -188,10 +206,11 @@ def load_state_dir(folder: str | Path, device: torch.device | str = "cpu") -> di
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
 
 
-def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: ReportingSession) -> None:
+def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: ReportingSession,
+               run_started_at: float | None = None) -> None:
     """Every remaining epoch of one run, each reported (rank 0 with its checkpoint) to the session."""
     for row, state in epoch_results(config, image_size=image_size, steps_per_epoch=steps_per_epoch,
-                                    session=session):
+                                    session=session, run_started_at=run_started_at):
         if state is None:
             session.report(row, None)
             continue
@@ -233,4 +252,5 @@ def train_worker(loop_config: dict) -> None:
     run_epochs(
         loop_config["train"], image_size=loop_config["image_size"],
         steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(),
+        run_started_at=loop_config["run_started_at"],
     )
