@@ -40,8 +40,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from cluster.runtime import compute_parallelism
-from tuning.search import METRIC, SearchConfig
-from tuning.train_config import TrainConfig
+from tuning.search import METRIC
+from tuning.config import SearchConfig, TrainConfig
 
 from benchlib import format_table, write_json
 from searchlib import Bench, add_data_args, bench_session, suggested_configs

@@ -63,11 +63,10 @@ def test_correct(run_dir: Path) -> np.ndarray:
 
 def main() -> None:
     args = parse_args()
-    from tuning.compare import CompareConfig, run_compare
+    from tuning.compare import run_compare
+    from tuning.config import CompareConfig, SearchConfig, TrainConfig
     from tuning.metrics import mcnemar_test
-    from tuning.search import SearchConfig
     from tuning.train import run_training
-    from tuning.train_config import TrainConfig
 
     report = {"benchmark": "search_vs_train", "machine": machine_info(), "model": args.model, "epochs": args.epochs}
     with tempfile.TemporaryDirectory(prefix="gendertune-bench-svt-") as tmp:

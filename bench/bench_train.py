@@ -42,7 +42,7 @@ from tuning.data import in_validation
 from tuning.engine import select_precision
 from tuning.pixels import decode_pixels
 from tuning.train import build_trainer, load_checkpoint_state, loop_settings
-from tuning.train_config import TrainConfig
+from tuning.config import TrainConfig
 from tuning.worker import run_epochs
 
 from benchlib import format_table, machine_info, private_ray, ratio_line, str_list, write_json

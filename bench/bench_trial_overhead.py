@@ -39,8 +39,8 @@ import argparse
 import math
 import statistics
 
-from tuning.search import METRIC, SearchConfig
-from tuning.train_config import TrainConfig
+from tuning.search import METRIC
+from tuning.config import SearchConfig, TrainConfig
 
 from benchlib import format_table, write_json
 from searchlib import Bench, add_data_args, bench_session, suggested_configs

@@ -42,7 +42,7 @@ from models.registry import build_model, get_spec  # noqa: E402
 from models.transforms import TrainAugment  # noqa: E402
 from tuning.engine import build_optimizer, build_scheduler, select_precision, train_one_epoch  # noqa: E402
 from tuning.pixels import decode_pixels  # noqa: E402
-from tuning.train_config import TrainConfig  # noqa: E402
+from tuning.config import TrainConfig  # noqa: E402
 
 GOAL = 3000.0
 

@@ -30,9 +30,9 @@ from data_prep.config import PrepConfig
 from data_prep.layout import PreparedData, open_prepared
 from data_prep.pipeline import run_prep
 from data_prep.synthetic import make_sample
-from tuning.search import METRIC, SearchConfig, run_search
+from tuning.search import METRIC, run_search
+from tuning.config import SearchConfig, TrainConfig
 from tuning.search_space import param_space
-from tuning.train_config import TrainConfig
 from tuning.worker import TIMING_COLUMNS
 
 from benchlib import machine_info, private_ray

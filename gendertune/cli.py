@@ -3,8 +3,8 @@
 A stage's flags are its config dataclass's fields (gendertune.flags). Every flag defaults to None
 so that "not given" is distinguishable from a value: the stage config then resolves
 defaults < --config file < flags (gendertune.config.StageConfig.resolve).
-Only the subcommand being run gets its flags built: that imports its configs' modules (torch, Ray
-Tune: seconds), which `gendertune leaderboard`, `jobs` or `--help` should not pay for the others.
+Only the subcommand being run gets its flags built: that imports its configs' modules (torch, for
+the model registry's names), which `gendertune leaderboard`, `jobs` or `--help` should not pay for.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _run_make_sample(args: argparse.Namespace) -> int:
 
 def _augment(text: str) -> dict[str, float]:
     """`none`, or comma-separated NAME=STRENGTH pairs, e.g. hflip=0.5,rotation=10."""
-    from tuning.train_config import AUGMENTATIONS
+    from tuning.config import AUGMENTATIONS
 
     if text.strip().lower() == "none":
         return dict.fromkeys(AUGMENTATIONS, 0.0)
@@ -79,7 +79,7 @@ def _augment(text: str) -> dict[str, float]:
 
 def _add_train_flags(parser: argparse.ArgumentParser, *, skip: Collection[str] = ()) -> None:
     """TrainConfig's flags, less `skip`, and --augment for its augmentation strengths: `train`'s and `compare`'s."""
-    from tuning.train_config import TrainConfig
+    from tuning.config import TrainConfig
 
     flags.add_flags(parser, TrainConfig, skip=skip)
     defaults = ",".join(f"{name}={flags.shown_default(value)}" for name, value in TrainConfig().augment_strengths().items())
@@ -97,13 +97,13 @@ def _add_mlflow_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
-    from tuning.train_config import TrainConfig
+    from tuning.config import TrainConfig
 
     return {**flags.overrides(args, TrainConfig), **(args.augment or {})}
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
-    from tuning.train_config import TrainConfig
+    from tuning.config import TrainConfig
 
     _add_train_flags(parser)
     _add_config_flag(parser, TrainConfig)
@@ -113,7 +113,7 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from tuning import tracking
     from tuning.train import run_training
-    from tuning.train_config import TrainConfig
+    from tuning.config import TrainConfig
 
     config = TrainConfig.resolve(config_file=args.config, overrides=_train_overrides(args))
     run_training(config, tracking_uri=tracking.resolve_uri(args.mlflow, config.out))
@@ -144,9 +144,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _compare_flags(parser: argparse.ArgumentParser) -> None:
-    from tuning.compare import CompareConfig
-    from tuning.search import SearchConfig
-    from tuning.train_config import TrainConfig
+    from tuning.config import CompareConfig, SearchConfig, TrainConfig
 
     flags.add_flags(parser, CompareConfig)
     # One --seed, TrainConfig's, sets both seeds; compare's own --data and --out are the runs' too.
@@ -157,9 +155,7 @@ def _compare_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _compare_configs(args: argparse.Namespace):
-    from tuning.compare import CompareConfig
-    from tuning.search import SearchConfig
-    from tuning.train_config import TrainConfig
+    from tuning.config import CompareConfig, SearchConfig, TrainConfig
 
     compare = CompareConfig.resolve(config_file=args.config, overrides=flags.overrides(args, CompareConfig))
     search = SearchConfig.resolve(config_file=args.config, overrides=flags.overrides(args, SearchConfig))
@@ -181,7 +177,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
-    from tuning.train_config import TrainConfig
+    from tuning.config import TrainConfig
 
     parser.add_argument("--model", required=True, help="a finished run folder")
     flags.add_flags(parser, TrainConfig, only={"eval_sets"}, required={"eval_sets"})
@@ -382,7 +378,7 @@ COMMANDS = {
 
 def build_parser(flags_for: Collection[str] = tuple(COMMANDS)) -> argparse.ArgumentParser:
     """The command line; only the subcommands in `flags_for` get their flags (the others would
-    never parse anything, and building a stage's flags imports its config's module: torch, Ray Tune)."""
+    never parse anything, and building a stage's flags imports its config's module, and with it torch)."""
     parser = argparse.ArgumentParser(
         prog="gendertune",
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",

@@ -17,9 +17,7 @@ from gendertune import cli, flags
 from gendertune.config import StageConfig, setting
 from data_prep.config import PrepConfig
 from models.registry import list_models
-from tuning.compare import CompareConfig
-from tuning.search import SearchConfig
-from tuning.train_config import AUGMENTATIONS, TrainConfig
+from tuning.config import AUGMENTATIONS, CompareConfig, SearchConfig, TrainConfig
 
 
 @dataclasses.dataclass
@@ -140,9 +138,14 @@ def test_compare_seed_augment_and_the_weights_flags():
 
 
 def test_only_the_command_run_builds_its_flags():
-    """`gendertune leaderboard` or `jobs` must not import torch and Ray Tune for the stage configs' flags."""
+    """`gendertune leaderboard` or `jobs` must not import torch for the stage configs' flags, and no
+    command's flags import Ray: the configs live apart from the stages."""
     code = ("import sys; from gendertune.cli import build_parser; "
             "build_parser(flags_for=['leaderboard']).parse_args(['leaderboard', 'x']); "
-            "print(sorted({'torch', 'ray', 'tuning.train_config'} & set(sys.modules)))")
+            "print(sorted({'torch', 'ray', 'tuning.config'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    code = ("import sys; from gendertune.cli import build_parser; build_parser(flags_for=['compare', 'train', 'prep']); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -31,7 +31,7 @@ RAY_FREE = {
     "models", "models.registry", "models.transforms", "models.weights",
     "cluster.storage",
     "tuning.calibration", "tuning.engine", "tuning.metrics", "tuning.run_layout", "tuning.slices",
-    "tuning.train_config", "tuning.ensemble", "tuning.leaderboard", "tuning.report", "tuning.pixels",
+    "tuning.config", "tuning.ensemble", "tuning.leaderboard", "tuning.report", "tuning.pixels",
 }
 
 

@@ -20,10 +20,10 @@ from gendertune.cli import main
 from gendertune.config import ConfigError
 from conftest import prep_sample
 from tuning import leaderboard, run_layout, tracking
-from tuning.compare import CompareConfig, run_compare
-from tuning.search import SearchConfig, run_search
+from tuning.compare import run_compare
+from tuning.config import CompareConfig, SearchConfig, TrainConfig
+from tuning.search import run_search
 from tuning.search_space import base_point, param_space, trial_config
-from tuning.train_config import TrainConfig
 from tuning.worker import TIMING_COLUMNS
 
 

@@ -28,7 +28,7 @@ from conftest import prep_sample
 from data_prep.layout import MANIFEST, open_prepared
 from tuning import compare, leaderboard, run_layout
 from tuning.train import RunAlreadyComplete, run_training
-from tuning.train_config import TrainConfig
+from tuning.config import TrainConfig
 
 
 def test_uri_detection_and_joining():
@@ -224,8 +224,8 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
     assert len(predictions) == 3 and predictions["prob_male"].between(0, 1).all() and predictions["error"].isna().all()
     # A resumed compare reuses the finished model from the bucket instead of searching again.
     caplog.set_level(logging.INFO, logger="tuning")
-    from tuning.compare import CompareConfig, run_compare
-    from tuning.search import SearchConfig
+    from tuning.compare import run_compare
+    from tuning.config import CompareConfig, SearchConfig
 
     table = run_compare(CompareConfig.from_dict({"data": prep_uri, "out": out_uri, "models": ["resnet18"], "resume": True}),
                         SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),

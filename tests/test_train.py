@@ -21,7 +21,7 @@ from tuning import predict as predict_module
 from tuning import run_layout
 from tuning.predict import ANNOTATION_COLOUR, predict
 from tuning.train import RunAlreadyComplete, RunFailed, run_training
-from tuning.train_config import TrainConfig
+from tuning.config import TrainConfig
 
 EPOCHS = 4
 

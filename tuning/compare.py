@@ -24,50 +24,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from gendertune.config import ConfigError, StageConfig, setting
+from gendertune.config import ConfigError
 from cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
 from cluster.shared_storage import require_shared
 from cluster.storage import (OutputExistsError, OutputLocation, delete_tree, is_uri, join, list_files, output_location,
                              write_text_atomic)
 from data_prep.layout import PreparedData, open_prepared, read_slices
-from models.registry import get_spec, list_models
+from models.registry import get_spec
 from models.weights import fetch_hub_weights
 from tuning import ensemble, leaderboard, report, run_layout, tracking
 from tuning.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
-from tuning.search import SearchConfig, check_search, describe_params, run_search
+from tuning.search import check_search, describe_params, run_search
+from tuning.config import CompareConfig, SearchConfig, TrainConfig
 from tuning.train import held_out_predictions, train_into, write_run_outputs
-from tuning.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
-DEFAULT_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
 # The files that vouch for a finished part of OUT, uploaded to an object store after every other
 # file: each model's (and the ensemble's) metrics.json, then the leaderboard for the whole comparison.
 COMPLETION_MARKERS = (run_layout.METRICS, leaderboard.CSV, leaderboard.JSON, leaderboard.MD)
-
-
-@dataclasses.dataclass
-class CompareConfig(StageConfig):
-    section = "compare"
-
-    data: str = setting("", help="a `gendertune prep` output folder")
-    out: str = setting("", help="comparison folder or object-store URI (s3://, gs://)")
-    models: tuple[str, ...] = setting(DEFAULT_MODELS, help="comma-separated models", names=list_models())
-    retrain: bool = setting(False, help="retrain the best configuration from scratch instead of keeping its checkpoint")
-    resume: bool = setting(False, help="continue an interrupted comparison in --out")
-    ensemble_k: int = setting(0, help="the ensemble row's members: the top K models; 0 = every model within the "
-                              "leader's 95% CI")
-
-    def validate(self) -> None:
-        if not self.data or not self.out:
-            raise ConfigError("compare: give --data PREP_OUT and --out DIR")
-        if not self.models:
-            raise ConfigError("compare.models: name at least one model")
-        for model in self.models:
-            get_spec(model)  # ValueError listing the known models
-        if len(set(self.models)) != len(self.models):
-            raise ConfigError(f"compare.models: {', '.join(self.models)} names a model twice")
-        if self.ensemble_k < 0 or self.ensemble_k == 1:
-            raise ConfigError(f"compare.ensemble_k: 0 (the models within the leader's CI) or at least 2, got {self.ensemble_k}")
 
 
 def _settings_json(compare: CompareConfig, search: SearchConfig, base: TrainConfig) -> str:

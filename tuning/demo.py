@@ -20,10 +20,9 @@ from data_prep import celeba, layout
 from data_prep.config import PrepConfig
 from data_prep.pipeline import run_prep
 from data_prep.synthetic import make_sample
-from tuning.compare import CompareConfig, run_compare
+from tuning.compare import run_compare
+from tuning.config import CompareConfig, SearchConfig, TrainConfig
 from tuning.leaderboard import format_table
-from tuning.search import SearchConfig
-from tuning.train_config import TrainConfig
 
 SAMPLE_IMAGES, SAMPLE_PEOPLE = 800, 400
 IMAGE_SIZE = 32

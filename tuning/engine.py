@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gendertune.errors import UserInputError
 from models.registry import classification_loss, split_outputs
-from tuning.train_config import TrainConfig
+from tuning.config import TrainConfig
 
 Batch = tuple[Tensor, Tensor]  # (uint8 N x H x W x 3 images, int labels)
 

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import pyarrow.fs
@@ -33,7 +33,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from gendertune.config import ConfigError, StageConfig, setting
+from gendertune.config import ConfigError
 from gendertune.errors import StageFailed
 from cluster.storage import is_uri, join, resolve
 from cluster.runtime import compute_parallelism
@@ -45,37 +45,12 @@ from tuning.data import training_datasets
 from tuning.engine import build_optimizer, select_precision, train_one_epoch
 from tuning.search_space import base_point, param_space, space_for, trial_config
 from tuning.train import build_trainer, loop_settings
-from tuning.train_config import TrainConfig
+from tuning.config import SearchConfig, TrainConfig
 from tuning.worker import TIMING_COLUMNS, epoch_results, load_state_dir, save_state_dir, torch_batches
 
 METRIC = "val_acc"
 SEARCH_DIR = "search"
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class SearchConfig(StageConfig):
-    section = "search"
-
-    trials: int = setting(8, help="Optuna trials per model")
-    time_budget_s: float = setting(0.0, help="stop starting trials after this long, per model; 0 = no limit")
-    max_concurrent: int = setting(0, help="trials at once; 0 = as many as the CPUs allow: cores // CPUs per trial")
-    grace_period: int = setting(1, help="ASHA: epochs every trial gets before it can be stopped")
-    reduction_factor: int = setting(2, help="ASHA: keep 1/reduction_factor of the trials at each rung")
-    # The command line's --seed sets it and the runs' seed together (gendertune.cli).
-    seed: int = setting(0, help="the seed of the search's Optuna sampler")
-    trial_mode: Literal["auto", "train", "inprocess"] = setting(
-        "auto", help="train = each trial launches a TorchTrainer; inprocess = 1-worker trials run in the trial "
-        "process (no worker start-up); auto = inprocess for 1 worker")
-    space: dict = setting(default_factory=dict, help="overrides of tuning.search_space", flag=False)
-
-    def validate(self) -> None:
-        if self.trials < 1:
-            raise ConfigError("search.trials: must be >= 1")
-        if self.time_budget_s < 0 or self.max_concurrent < 0:
-            raise ConfigError("search.time_budget_s and search.max_concurrent must be >= 0")
-        if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ConfigError("search.grace_period must be >= 1 and search.reduction_factor >= 2")
 
 
 def resolve_mode(search: SearchConfig, base: TrainConfig) -> str:

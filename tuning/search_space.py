@@ -13,7 +13,7 @@ from typing import Any
 from ray import tune
 
 from gendertune.config import ConfigError
-from tuning.train_config import AUGMENTATIONS, TrainConfig
+from tuning.config import AUGMENTATIONS, TrainConfig
 
 DEFAULT_SPACE: dict[str, Any] = {
     "lr": ["loguniform", 1e-4, 3e-3],

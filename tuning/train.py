@@ -36,7 +36,7 @@ from tuning.eval_sets import evaluate_run, load_eval_set
 from tuning.metrics import evaluate_predictions, most_confident_mistakes
 from gendertune.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
 from tuning.slices import slices_of
-from tuning.train_config import TrainConfig
+from tuning.config import TrainConfig
 from tuning.worker import load_state_dir, train_worker
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from models.registry import build_model, get_spec
 from models.transforms import EvalPreprocess, TrainAugment
 from tuning.engine import build_optimizer, build_scheduler, evaluate, select_precision, train_one_epoch
-from tuning.train_config import TrainConfig
+from tuning.config import TrainConfig
 
 CHECKPOINT_FILE = "state.pt"
 # What each epoch row says about time, besides its metrics: `*_at` columns are wall-clock Unix
