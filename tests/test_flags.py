@@ -94,7 +94,7 @@ def test_every_setting_has_help(config):
 
 
 def test_the_config_file_only_settings_are_no_flags():
-    config_only = {"momentum", "step_epochs", "step_gamma", "eval_batch_size", "inject_failure_at_epoch", *AUGMENTATIONS}
+    config_only = {"momentum", "step_epochs", "step_gamma", "eval_batch_size", *AUGMENTATIONS}
     assert {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in flags.flag_fields(TrainConfig)} == config_only
     assert {f.name for f in flags.flag_fields(PrepConfig)} == {f.name for f in dataclasses.fields(PrepConfig)} - {"rows_per_task"}
     assert {f.name for f in flags.flag_fields(SearchConfig)} == {f.name for f in dataclasses.fields(SearchConfig)} - {"space"}

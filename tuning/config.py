@@ -76,9 +76,6 @@ class TrainConfig(StageConfig):
         (), flag="--eval-set", repeat=True, metavar="NAME=DIR",
         help="after training, also score on this labelled folder (a CSV with an image column, the attribute, "
         "and any group columns such as age or race); repeatable")
-    # Chaos testing of failure recovery: the first attempt of the run dies at this epoch (0 = never).
-    inject_failure_at_epoch: int = setting(0, help="the run's first attempt dies at this epoch; 0 = never",
-                                           flag=False)
 
     def validate(self) -> None:
         if not self.data:

@@ -148,9 +148,6 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
             logger.info(f"[gendertune] resuming {config.model} from the checkpoint of epoch {start_epoch}")
 
     for epoch in range(start_epoch, config.epochs):
-        # Chaos testing: only an attempt that started from scratch fails, so the restart finishes.
-        if epoch == config.inject_failure_at_epoch > 0 and state is None and rank == 0:
-            raise RuntimeError(f"injected failure at epoch {epoch} (inject_failure_at_epoch)")
         train = train_one_epoch(
             model, session.batches("train", batch_size=config.batch_size, shuffle_seed=config.seed * 1000 + epoch),
             optimizer=optimizer, scheduler=scheduler,
