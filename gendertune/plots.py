@@ -73,7 +73,8 @@ def _draw_confusion(ax: Axes, cm: Any, class_names: Sequence[str], title: str | 
     if counts.shape != (len(class_names), len(class_names)):
         raise ValueError(f"confusion matrix shape {counts.shape} does not match {class_names}")
     # Row-normalised: each cell is the share of that *true* class, i.e. per-class recall on the
-    # diagonal, which stays readable when the classes are imbalanced.
+    # diagonal, which stays readable when the classes are imbalanced. Drawn here rather than with
+    # sklearn's ConfusionMatrixDisplay, which writes either the counts or the shares in a cell, not both.
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)

@@ -36,7 +36,7 @@ from tuning import ensemble, leaderboard, report, run_layout, tracking
 from tuning.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
 from tuning.search import check_search, describe_params, run_search
 from tuning.config import CompareConfig, SearchConfig, TrainConfig
-from tuning.train import held_out_predictions, train_into, write_run_outputs
+from tuning.train import evaluate_held_out_and_write, train_into
 
 logger = logging.getLogger(__name__)
 # The files that vouch for a finished part of OUT, uploaded to an object store after every other
@@ -120,8 +120,7 @@ def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, com
     else:
         write_text_atomic(run_dir / run_layout.CONFIG, config.to_json())
         state = {**outcome.best_state, "history": outcome.history.to_dict("records")}
-        held_out = held_out_predictions(state, config, prepared)
-        write_run_outputs(run_dir, config, prepared, state, outcome.best_metrics, held_out, time.perf_counter() - started)
+        evaluate_held_out_and_write(run_dir, config, prepared, state, outcome.best_metrics, started=started)
 
 
 def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig, *,

@@ -168,6 +168,15 @@ def held_out_predictions(state: dict, config: TrainConfig, prepared: PreparedDat
     return ray.get(task.remote(state, config, prepared.root, splits))
 
 
+def evaluate_held_out_and_write(out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, *,
+                                started: float) -> dict:
+    """The one held-out evaluation of a run's chosen weights, used by train and by compare (which
+    keeps its search's best trial): predictions on the held-out splits, then every file of the
+    finished run, metrics.json last. Returns the metrics; `started` is when the run began."""
+    held_out = held_out_predictions(state, config, prepared)
+    return write_run_outputs(out, config, prepared, state, best, held_out, time.perf_counter() - started)
+
+
 def write_run_outputs(
     out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, held_out: dict[str, dict],
     wall_seconds: float,
@@ -294,8 +303,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     best_state["history"] = latest_state["history"]
     split = "test" if "test" in prepared.splits else "val"
     logger.info(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
-    held_out = held_out_predictions(best_state, config, prepared)
-    metrics = write_run_outputs(out, config, prepared, best_state, best, held_out, time.perf_counter() - started)
+    metrics = evaluate_held_out_and_write(out, config, prepared, best_state, best, started=started)
     low, high = metrics["accuracy_ci95"]
     logger.info(f"{config.model}: {split} accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
                 f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {location.storage}")
