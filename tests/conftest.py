@@ -1,5 +1,7 @@
-"""Shared fixtures: an isolated HOME, one Ray session for the whole run, a generated sample, and
-a local S3-compatible server (moto) for the object-store tests.
+"""Shared fixtures: an isolated HOME, one Ray session for the whole run, a generated sample, a
+local S3-compatible server (moto) for the object-store tests, and what the models tests
+(test_registry, test_weights, test_transforms) share: one intra-op thread, a ViT and ImageNet's
+mean/std.
 
 HOME is pointed at a temporary folder before Ray is imported anywhere, so Ray's token file
 (~/.ray/auth_token) and torch's hub cache are the tests' own and never a user's.
@@ -75,6 +77,34 @@ def ray_session():
     ensure_ray()
     yield ray
     ray.shutdown()
+
+
+# ImageNet's normalisation, which every model spec uses (test_registry, test_transforms).
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """The models tests' tensors are tiny, so extra intra-op threads only add OpenMP
+    synchronisation, which on CPUs shared with other jobs made those tests several times slower.
+    The models test files use it for the whole module (pytestmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vit_min_size():
+    """ViT-B/16 (86M parameters) at its smallest size, built once per module that uses it."""
+    import torch
+
+    from models import build_model, get_spec
+
+    torch.manual_seed(0)
+    return build_model("vit_b_16", num_classes=2, image_size=get_spec("vit_b_16").min_input_size)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from tuning.metrics import (
     evaluate_predictions,
     expected_calibration_error,
     mcnemar_test,
+    most_confident_mistakes,
     wilson_ci,
 )
 
@@ -64,6 +65,19 @@ def test_roc_auc_matches_sklearn_and_is_none_for_one_class():
 def test_custom_class_names_key_per_class():
     result = evaluate_predictions([0, 1], [0.2, 0.8], class_names=("F", "M"))
     assert set(result["per_class"]) == {"F", "M"}
+
+
+def test_an_image_without_prediction_counts_as_wrong():
+    result = evaluate_predictions([0, 1, 1, 0], [0.1, 0.9, np.nan, 0.2])
+    assert result["accuracy"] == 0.75 and result["no_prediction"] == 1
+    assert result["per_class"]["Male"]["recall"] == 0.5  # the Male image without a prediction was missed
+    assert result["roc_auc"] == 1.0  # on the images that have a probability
+
+
+def test_most_confident_mistakes_come_first():
+    predictions = pd.DataFrame({"image_id": list("abcde"), "label": [0, 1, 0, 1, 0],
+                                "prob_positive": [0.9, 0.2, 0.6, 0.95, np.nan]})
+    assert most_confident_mistakes(predictions)["image_id"].tolist() == ["a", "b", "c"]
 
 
 # --- accuracy CI ----------------------------------------------------------------------------

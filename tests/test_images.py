@@ -1,16 +1,15 @@
-"""Per-image decoding/cropping and the stage config's validation and precedence."""
+"""Tests for data_prep.images: per-image decoding and cropping (the scaled JPEG path against the
+full decode, EXIF orientation, 16-bit, animated and grayscale inputs) and the rejection of bad
+images with a reason."""
 
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from gendertune.config import ConfigError
-from data_prep.config import PrepConfig
 from data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, load_photo, sha256_hex
 
 
@@ -133,30 +132,3 @@ def test_png_and_grayscale_inputs_become_rgb():
     face = decode_face(buffer.getvalue(), image_size=32)
     assert face.shape == (32, 32, 3) and (face == 128).all()
     assert sha256_hex(b"abc").startswith("ba7816bf")
-
-
-def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):
-    with pytest.raises(ConfigError, match="unknown prep setting\\(s\\) imagesize"):
-        PrepConfig.from_dict({"data": "d", "out": "o", "imagesize": 64})
-    with pytest.raises(ConfigError, match="sum to 1"):
-        PrepConfig.from_dict({"data": "d", "out": "o", "ratios": [0.8, 0.3]})
-    with pytest.raises(ConfigError, match="2 \\(train,test\\) or 3"):
-        PrepConfig.from_dict({"data": "d", "out": "o", "ratios": [1.0]})
-    with pytest.raises(ConfigError, match="prep.image_size: expected a whole number"):
-        PrepConfig.from_dict({"data": "d", "out": "o", "image_size": "big"})
-    with pytest.raises(ConfigError, match="prep.split: 'kfold' is not one of"):
-        PrepConfig.from_dict({"data": "d", "out": "o", "split": "kfold"})
-    with pytest.raises(ConfigError, match="between 16 and 1024"):
-        PrepConfig.from_dict({"data": "d", "out": "o", "image_size": 8})
-
-
-def test_config_precedence_defaults_file_flags(tmp_path):
-    path = tmp_path / "gt.toml"
-    path.write_text('[prep]\nimage_size = 96\nseed = 3\nratios = [0.7, 0.15, 0.15]\n')
-    config = PrepConfig.resolve(config_file=path, overrides={"data": "d", "out": "o", "seed": 5, "split": None})
-    assert (config.image_size, config.seed, config.ratios, config.split) == (96, 5, (0.7, 0.15, 0.15), "random")
-    assert json.loads(config.to_json())["prep"]["image_size"] == 96
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"prep": {"image_size": 64}, "trian": {}}')
-    with pytest.raises(ConfigError, match="unknown section\\(s\\) trian"):
-        PrepConfig.resolve(config_file=bad, overrides={"data": "d", "out": "o"})
