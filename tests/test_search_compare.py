@@ -129,8 +129,7 @@ def test_a_search_tries_the_points_it_is_given_first_and_train_mode_rows_carry_s
     own = base_point(dataclasses.replace(base, model="resnet18"), "resnet18")
     point = {**own, "lr": 2.5e-3, "batch_size": 16}
     outcome = run_search("resnet18", base, SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
-                         open_prepared(prepared), str(tmp_path / "search"), resume=False, points_to_evaluate=[point],
-                         log=lambda *_: None)
+                         open_prepared(prepared), str(tmp_path / "search"), resume=False, points_to_evaluate=[point])
     assert point != own and outcome.best_params == point
     (row,) = _epoch_rows(tmp_path / "search" / "search")
     _assert_start_up_times_in_order(row)
