@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -70,9 +72,20 @@ def compare_configs(prepared, out, **train):
 @pytest.fixture(scope="module")
 def comparison(prepared, eval_set_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    table = run_compare(*compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}"]),
-                        tracking_uri=tracking.resolve_uri("auto", str(out)))
+    # The driver prints the trials' lines through sys.stdout/sys.stderr, looked up per line.
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        table = run_compare(*compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}"]),
+                            tracking_uri=tracking.resolve_uri("auto", str(out)))
+    (out.parent / "console.log").write_text(console.getvalue())
     return out, table
+
+
+def test_trials_print_no_checkpoint_lines_or_dataset_progress_bars(comparison):
+    console = (comparison[0].parent / "console.log").read_text()
+    assert "Trial status" in console  # Tune's table is the display
+    assert "Checkpoint successfully created" not in console
+    assert "Running Dataset" not in console and "execution finished" not in console
 
 
 def test_a_finished_search_keeps_its_results_but_not_its_checkpoints(comparison):

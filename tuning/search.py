@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.fs
 import ray
+import ray.data
 import ray.train
 import torch
 from torch import nn
@@ -92,9 +93,9 @@ class InProcessTrial(tune.Trainable):
 
     def setup(self, config: dict, *, base: TrainConfig, data_root: str, threads: int, datasets: dict) -> None:
         self.run_started_at = time.time()  # first: the rows' run_started_at includes the set-up below
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
+        # Ray Train's INFO line per checkpoint, which build_trainer's LoggingConfig turns off in
+        # train mode: Tune's table already says each trial's progress.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
         torch.set_num_threads(threads)
         self.base, self.datasets = base, datasets
         self.prepared = open_prepared(data_root)
@@ -132,9 +133,6 @@ class InProcessTrial(tune.Trainable):
 def run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: str, datasets: dict) -> None:
     """The Tune trainable of `train` mode: one TorchTrainer run with the sampled parameters."""
     started_at = time.time()
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the display
     config = trial_config(base, params)
     prepared = open_prepared(data_root)
     trial_id = tune.get_context().get_trial_id()
@@ -297,6 +295,9 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
         plan_budget(model, base, search, prepared, concurrent=concurrent, threads=threads)
     # Built (and, when small, materialised) once for the whole search, not once per trial.
     # val_fraction is not searched, so every trial trains and validates on the same rows.
+    # A Dataset executes with the DataContext it was created with, in whichever process reads it:
+    # switched off here, its progress bars stay off in the trials too (Tune's table is the display).
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = training_datasets(prepared, val_fraction=base.val_fraction)
     if mode == "inprocess":
         trainable = tune.with_parameters(InProcessTrial, base=base, data_root=prepared.root,
