@@ -1,8 +1,9 @@
 """The models stage: architectures (registry), local-only weights, and preprocessing/augmentation.
 
 `models.registry` builds torchvision classifiers with fresh heads, `models.weights` reads
-ImageNet or project weights from local files (never the network), `models.transforms` turns
-prepared uint8 face crops into normalised model input.
+ImageNet or project weights from local files (and, for --pretrained, downloads a missing ImageNet
+file into torch's hub cache first), `models.transforms` turns prepared uint8 face crops into
+normalised model input.
 """
 
 from __future__ import annotations
