@@ -278,17 +278,18 @@ def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluste
     wait_for(lambda: cluster.cpus_in_use() == 0, "the cluster's CPUs to be free", 120)
     submitted = cluster.gendertune(
         "submit", "--address", cluster.address, "--no-install", "--job-id", "kill-job", "--", "train",
-        "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out), "--epochs", "2", "--batch-size", "16",
+        "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out), "--epochs", "3", "--batch-size", "16",
         "--workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD", "--max-failures", "2")
     assert submitted.returncode == 0, submitted.stderr
     # Train writes this snapshot once a checkpoint is registered: killing before that could lose it.
     snapshot = out / run_layout.RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
-    wait_for(snapshot.exists, "the first registered checkpoint", 300)
+    # Polled often, and 3 epochs: the kill must land while training still runs.
+    wait_for(snapshot.exists, "the first registered checkpoint", 300, interval=0.1)
     _kill_node(cluster.nodes["node2"])
     final = cluster.wait_for_job("kill-job", timeout=600)
     assert "kill-job SUCCEEDED" in final, cluster.gendertune("jobs", "logs", "kill-job", "--address", cluster.address).stdout[-3000:]
     history = pd.read_csv(out / run_layout.HISTORY)
-    assert history["epoch"].tolist() == [1, 2]
+    assert history["epoch"].tolist() == [1, 2, 3]
     # Epochs after the failure ran in an attempt that started from a checkpoint, not from epoch 0.
     assert history["attempt_start_epoch"].max() >= 1
     assert cluster.alive_nodes() == 1

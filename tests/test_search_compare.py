@@ -322,6 +322,10 @@ def _finished_trials(search_dir):
     return done
 
 
+def _trial_dirs(search_dir):
+    return [path for path in search_dir.glob("InProcessTrial_*") if path.is_dir()]
+
+
 def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, ray_session, tmp_path):
     out = tmp_path / "cmp"
     command = [sys.executable, "-m", "gendertune.cli", "compare", "--data", str(prepared), "--out", str(out),
@@ -333,8 +337,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     search_dir = out / "searches" / "resnet18" / "search"
     deadline = time.monotonic() + 300
-    while not _finished_trials(search_dir) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(1)
+    # Interrupt once the second trial has started: Tune starts it only after it has recorded the
+    # first as finished (one trial at a time), so the state it saves on Ctrl-C says so. A trial
+    # that has written its last result but is still saving its checkpoint is not finished yet.
+    while not (_finished_trials(search_dir) and len(_trial_dirs(search_dir)) >= 2) and time.monotonic() < deadline \
+            and process.poll() is None:
+        time.sleep(0.2)
     first = _finished_trials(search_dir)
     assert first, "no trial finished before the deadline"
     process.send_signal(signal.SIGINT)  # what Ctrl-C does; Tune saves its state and exits
