@@ -37,8 +37,8 @@ class PrepConfig(StageConfig):
     detector: Literal["hog", "hog+cnn"] = setting(
         "hog", help="face detector: hog, or hog+cnn = dlib's CNN where HOG finds nothing, slower")
     detect_max_side: int = setting(1024, help="detect faces on photos downscaled to this side")
-    # HOG's false positives (patches of clothing, texture) score ~0-0.1; 99% of CelebA faces score > 0.25.
-    face_min_score: float = setting(0.2, help="ignore HOG detections scoring below this; false positives score ~0-0.1")
+    # Between the scores of HOG's false positives (clothing, texture) and of real faces (README: Face alignment).
+    face_min_score: float = setting(0.2, help="ignore HOG detections scoring below this")
 
     def validate(self) -> None:
         if not self.data:
