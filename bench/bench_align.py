@@ -1,7 +1,7 @@
 """Face-alignment throughput: prep's parallel decode+align pass vs the same work in one process.
 
 Measured in one run, on the same files (the real CelebA sample at --data by default):
-- one process: `data_prep.pipeline.decode_chunk` called directly on all images, the detector and
+- one process: `gendertune.data_prep.pipeline.decode_chunk` called directly on all images, the detector and
   landmark model loaded once: read, decode, detect, find landmarks, warp, write the shard.
 - Ray tasks: the same function as prep runs it (`decode_images`: chunks as Ray tasks, at most one
   per core, the models loaded once per worker process), writing the same shards.
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from cluster.runtime import compute_parallelism
-from data_prep.config import PrepConfig
-from data_prep.faces import AlignSettings
-from data_prep.labels import read_labels
-from data_prep.pipeline import (SHARD_SCHEMA, decode_chunk, decode_images, decode_one, discover_inputs, list_images,
-                                match_labels, run_prep)
+from gendertune.cluster.runtime import compute_parallelism
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.faces import AlignSettings
+from gendertune.data_prep.labels import read_labels
+from gendertune.data_prep.pipeline import SHARD_SCHEMA, decode_chunk, decode_images, decode_one, discover_inputs, list_images, match_labels, run_prep
 
 from benchlib import REPO, format_table, machine_info, private_ray, ratio_line, write_json
 

@@ -1,8 +1,8 @@
-"""ASHA's savings in `tuning.search`: epochs spent vs the full budget to reach the best accuracy (goal <= 0.35).
+"""ASHA's savings in `gendertune.tuning.search.run`: epochs spent vs the full budget to reach the best accuracy (goal <= 0.35).
 
-The project's own `tuning.search.run_search` (Ray Tune + OptunaSearch + ASHA) trains a fixed list
+The project's own `gendertune.tuning.search.run.run_search` (Ray Tune + OptunaSearch + ASHA) trains a fixed list
 of configurations: the first --trials suggestions of an `OptunaSearch(seed=--seed)` over
-`tuning.search_space.param_space(--model)`, the configurations a real search starts with, given to
+`gendertune.tuning.search.space.param_space(--model)`, the configurations a real search starts with, given to
 the search as `points_to_evaluate`, so every search here trains exactly the same ones.
 
 Each configuration is trained once for the full --epochs with no early stopping (the same search,
@@ -39,9 +39,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from cluster.runtime import compute_parallelism
-from tuning.search import METRIC
-from tuning.config import SearchConfig, TrainConfig
+from gendertune.cluster.runtime import compute_parallelism
+from gendertune.tuning.search.run import METRIC
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
 
 from benchlib import format_table, write_json
 from searchlib import Bench, add_data_args, bench_session, suggested_configs

@@ -1,4 +1,4 @@
-"""Prep-stage throughput: `data_prep.pipeline.run_prep` on Ray vs the original notebook's single-process loop.
+"""Prep-stage throughput: `gendertune.data_prep.pipeline.run_prep` on Ray vs the original notebook's single-process loop.
 
 Measured for each --image-size, in one run, on the same files:
 - baseline: one plain Python loop over every file, the original notebook's approach: read the bytes,
@@ -17,7 +17,7 @@ Why it is fair: both sides read the same freshly written files (from the page ca
 same per-image work; the Ray side also writes its output, which the baseline does not. One
 difference is part of what is measured: the stage decodes JPEGs already scaled down in the DCT
 domain (any n/8 that keeps the shorter side >= the target: 6/8 for 178x218 CelebA at 128 px, 3/8
-at 64 px; `data_prep.images`), while the baseline always decodes fully, as the original notebook did. So part
+at 64 px; `gendertune.data_prep.images`), while the baseline always decodes fully, as the original notebook did. So part
 of the gain is that, not parallelism (about 1.3x less CPU per image at 128 px, 2.5x at 64 px);
 the table shows each size separately.
 
@@ -43,11 +43,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cluster.runtime import compute_parallelism
-from data_prep.config import PrepConfig
-from data_prep.labels import read_labels
-from data_prep.pipeline import discover_inputs, list_images, match_labels, run_prep
-from data_prep.synthetic import make_sample
+from gendertune.cluster.runtime import compute_parallelism
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.labels import read_labels
+from gendertune.data_prep.pipeline import discover_inputs, list_images, match_labels, run_prep
+from gendertune.data_prep.synthetic import make_sample
 
 from benchlib import REPO, format_table, int_list, machine_info, private_ray, ratio_line, write_json
 

@@ -1,7 +1,7 @@
 """Does a search beat the user's own configuration at the same wall-clock budget?
 
 Baseline: one `train` of --model with every default (plus --epochs), timed end to end (training,
-held-out evaluation) as `tuning.train.run_training` runs it. Then a `compare` of the same model with
+held-out evaluation) as `gendertune.tuning.train.run.run_training` runs it. Then a `compare` of the same model with
 `--time-budget-s` set to that measured time: Optuna + ASHA, its first trial being that same default
 configuration (points_to_evaluate), the others what TPE suggests. Both are scored once on the same
 test split; the difference and its McNemar p-value are printed, and
@@ -43,8 +43,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def prep_shared(scratch: Path, image_size: int) -> Path:
-    from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
+    from gendertune.data_prep.config import PrepConfig
+    from gendertune.data_prep.pipeline import run_prep
 
     out = scratch / f"prep-{image_size}"
     if not (out / "manifest.json").is_file():
@@ -63,10 +63,12 @@ def test_correct(run_dir: Path) -> np.ndarray:
 
 def main() -> None:
     args = parse_args()
-    from tuning.compare import run_compare
-    from tuning.config import CompareConfig, SearchConfig, TrainConfig
-    from tuning.metrics import mcnemar_test
-    from tuning.train import run_training
+    from gendertune.tuning.compare.run import run_compare
+    from gendertune.tuning.compare.config import CompareConfig
+    from gendertune.tuning.search.config import SearchConfig
+    from gendertune.tuning.train.config import TrainConfig
+    from gendertune.tuning.evaluate.metrics import mcnemar_test
+    from gendertune.tuning.train.run import run_training
 
     report = {"benchmark": "search_vs_train", "machine": machine_info(), "model": args.model, "epochs": args.epochs}
     with tempfile.TemporaryDirectory(prefix="gendertune-bench-svt-") as tmp:

@@ -1,14 +1,14 @@
 """Training throughput: the Ray Train path vs a plain single-process loop, per precision, in one run.
 
-- ray: `tuning.train.build_trainer` (a TorchTrainer with 1 worker) fed by Ray Data from a prep
+- ray: `gendertune.tuning.train.run.build_trainer` (a TorchTrainer with 1 worker) fed by Ray Data from a prep
   output, exactly as `gendertune train` runs it.
 - plain: the same epoch loop in this process over the same rows, read once with pyarrow and held
   in memory as uint8 tensors (shuffled per epoch by index, the ragged last batch dropped, as the
   Ray path does). No Ray.
 
-Both call the project's own loop, `tuning.worker.run_epochs` -> `tuning.engine.train_one_epoch`,
+Both call the project's own loop, `gendertune.tuning.train.worker.run_epochs` -> `gendertune.tuning.train.engine.train_one_epoch`,
 with one TrainConfig: same model, image size, batch size, precision, augmentation, seeds,
-optimizer and schedule, and the same torch thread count (`tuning.train.loop_settings`, i.e.
+optimizer and schedule, and the same torch thread count (`gendertune.tuning.train.run.loop_settings`, i.e.
 compute_parallelism() // workers, which the Ray worker passes to torch.set_num_threads). The only
 difference is where batches come from and what runs around the loop, which is what the ratio is
 about. The number is `train_images_per_s` as the loop reports it: images over the time spent
@@ -34,16 +34,16 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from data_prep.config import PrepConfig
-from data_prep.layout import PreparedData, open_prepared
-from data_prep.pipeline import run_prep
-from data_prep.synthetic import make_sample
-from tuning.data import in_validation
-from tuning.engine import select_precision
-from tuning.pixels import decode_pixels
-from tuning.train import build_trainer, load_checkpoint_state, loop_settings
-from tuning.config import TrainConfig
-from tuning.worker import run_epochs
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.layout import PreparedData, open_prepared
+from gendertune.data_prep.pipeline import run_prep
+from gendertune.data_prep.synthetic import make_sample
+from gendertune.tuning.train.data import in_validation
+from gendertune.tuning.train.engine import select_precision
+from gendertune.tuning.train.pixels import decode_pixels
+from gendertune.tuning.train.run import build_trainer, load_checkpoint_state, loop_settings
+from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.worker import run_epochs
 
 from benchlib import format_table, machine_info, private_ray, ratio_line, str_list, write_json
 
@@ -72,7 +72,7 @@ def parse_args() -> argparse.Namespace:
 
 
 class InMemorySession:
-    """`tuning.worker.TrainSession` for one process over in-memory tensors: no Ray, no DDP."""
+    """`gendertune.tuning.train.worker.TrainSession` for one process over in-memory tensors: no Ray, no DDP."""
 
     rank, world_size, device = 0, 1, torch.device("cpu")
 
@@ -101,7 +101,7 @@ class InMemorySession:
 
 
 def in_memory(prepared: PreparedData, split: str, *, val_fraction: float) -> tuple[Tensor, Tensor]:
-    """The rows that `tuning.data.training_datasets` streams to the Ray path as `split` ("train" or
+    """The rows that `gendertune.tuning.train.data.training_datasets` streams to the Ray path as `split` ("train" or
     "val"), read with pyarrow: prep's own split, else the carve from train that it makes."""
     has_val = "val" in prepared.splits
     table = pq.read_table(prepared.split_dir(split if has_val else "train"), columns=["pixels", "label", "identity", "hash"])

@@ -2,7 +2,7 @@
 
 For each trial mode, `train` (the trial builds and fits a TorchTrainer with one worker: Ray 2.60's
 Tune-launches-Train pattern) and `inprocess` (the trial runs the epoch loop itself), the project's
-own `tuning.search.run_search` runs --trials trials of 1 epoch, one trial at a time (max_concurrent
+own `gendertune.tuning.search.run.run_search` runs --trials trials of 1 epoch, one trial at a time (max_concurrent
 1, so no trial's start-up competes with another trial's training), on a fixed list of
 configurations: the first --trials suggestions of an `OptunaSearch(seed=--seed)` over the model's
 search space, given to the search as `points_to_evaluate`, so both modes train the same ones.
@@ -12,7 +12,7 @@ Per trial:
 
 both on one clock (time.time(), one machine). "Created" is when the driver-side Tune callback
 (searchlib.SearchRecorder) first sees the trial in the controller's trial list, before Tune
-requests its actor. Everything else comes from the trial's own epoch row (tuning.worker's
+requests its actor. Everything else comes from the trial's own epoch row (gendertune.tuning.train.worker's
 TIMING_COLUMNS), which both modes report, in whichever process trains: `run_started_at` (the
 trial's code starts: InProcessTrial's setup or reset_config, or run_trial), `loop_started_at` (the
 epoch loop starts: in `train` mode inside the Train worker), `epoch_started_at` (model built, the
@@ -39,8 +39,9 @@ import argparse
 import math
 import statistics
 
-from tuning.search import METRIC
-from tuning.config import SearchConfig, TrainConfig
+from gendertune.tuning.search.run import METRIC
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
 
 from benchlib import format_table, write_json
 from searchlib import Bench, add_data_args, bench_session, suggested_configs

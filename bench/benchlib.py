@@ -17,6 +17,31 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The design's folders and the gendertune sub-packages they install as (pyproject's package-dir).
+SUBPACKAGES = {"cluster": "cluster", "data_prep": "data_prep", "models": "models", "tuning": "tuning"}
+
+
+def use_source_tree() -> None:
+    """Make `gendertune.*` importable from this checkout where the project is not pip-installed
+    (the GPU machine runs a bare copy of the tree): the folders become gendertune's sub-packages,
+    as the installed package maps them."""
+    import importlib.util
+
+    try:
+        import gendertune.tuning  # noqa: F401  (installed, editable or not)
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(REPO))
+    import gendertune
+
+    for name, folder in SUBPACKAGES.items():
+        spec = importlib.util.spec_from_file_location(f"gendertune.{name}", REPO / folder / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        setattr(gendertune, name, module)
 
 
 def int_list(text: str) -> list[int]:
@@ -69,7 +94,7 @@ def private_ray(root: Path) -> Iterator[float]:
     import ray
     import ray.data
 
-    from cluster.runtime import ensure_ray
+    from gendertune.cluster.runtime import ensure_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     home = root / "home"

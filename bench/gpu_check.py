@@ -1,15 +1,15 @@
 """GPU check: training and data-path throughput of this project's own code on one GPU, without Ray.
 
-(a) train: `models.registry.build_model` (ResNet50 by default) in channels_last, trained by
-    `tuning.engine.train_one_epoch` with bf16 autocast and the default TrainConfig's optimizer,
-    schedule and augmentation (`build_optimizer`, `build_scheduler`, `models.transforms.TrainAugment`
+(a) train: `gendertune.models.registry.build_model` (ResNet50 by default) in channels_last, trained by
+    `gendertune.tuning.train.engine.train_one_epoch` with bf16 autocast and the default TrainConfig's optimizer,
+    schedule and augmentation (`build_optimizer`, `build_scheduler`, `gendertune.models.transforms.TrainAugment`
     applied to each batch on the GPU, as a GPU run does). Batches are synthetic uint8 images already
     on the GPU, so only the model step and augmentation are timed. Images/s over --steps steps after
     --warmup untimed steps, with CUDA synchronised before and after the timer; the median of
     --repeats such runs is the number (goal: >= 3,000 img/s on one H100 at 224 px, batch 256).
     --compile repeats it, last, with torch.compile(model), and reports its warm-up (compile) time.
 (b) data path, no model: numpy batches shaped like prep's Parquet rows (`pixels` = S*S*3 uint8
-    bytes each) -> `tuning.pixels.decode_pixels` -> torch tensor -> host-to-device copy (pageable
+    bytes each) -> `gendertune.tuning.train.pixels.decode_pixels` -> torch tensor -> host-to-device copy (pageable
     memory, non_blocking, as train_one_epoch does it) -> TrainAugment on the device; cumulative
     stages, plus augmentation alone on a batch already on the device. One process, i.e. what one
     data worker can feed.
@@ -30,19 +30,18 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-# The project's packages, where it is not pip-installed (the GPU machine runs a bare copy of the tree).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from torch import Tensor, nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from benchlib import format_table, machine_info, ratio_line, use_source_tree, write_json
 
-from benchlib import format_table, machine_info, ratio_line, write_json  # noqa: E402
-from models.registry import build_model, get_spec  # noqa: E402
-from models.transforms import TrainAugment  # noqa: E402
-from tuning.engine import build_optimizer, build_scheduler, select_precision, train_one_epoch  # noqa: E402
-from tuning.pixels import decode_pixels  # noqa: E402
-from tuning.config import TrainConfig  # noqa: E402
+use_source_tree()  # the project's packages, where it is not pip-installed (the GPU machine)
+from gendertune.models.registry import build_model, get_spec  # noqa: E402
+from gendertune.models.transforms import TrainAugment  # noqa: E402
+from gendertune.tuning.train.engine import build_optimizer, build_scheduler, select_precision, train_one_epoch  # noqa: E402
+from gendertune.tuning.train.pixels import decode_pixels  # noqa: E402
+from gendertune.tuning.train.config import TrainConfig  # noqa: E402
 
 GOAL = 3000.0
 

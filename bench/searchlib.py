@@ -1,10 +1,10 @@
 """What the two search benchmarks (bench_trial_overhead.py, bench_asha.py) share: their flags and
 data, the fixed configurations they train, and one recorded `run_search`.
 
-A recorded search is the project's own `tuning.search.run_search`, given the configurations to
+A recorded search is the project's own `gendertune.tuning.search.run.run_search`, given the configurations to
 start with (`points_to_evaluate`) and one more Tune callback, `SearchRecorder`, which notes on the
 driver when each trial appeared, when its actor started and when each result arrived, with the
-result itself: the epoch rows carry the trial's own start-up times (tuning.worker.TIMING_COLUMNS).
+result itself: the epoch rows carry the trial's own start-up times (gendertune.tuning.train.worker.TIMING_COLUMNS).
 Nothing in the project is replaced or wrapped.
 
 Kept apart from benchlib.py because it imports Ray at module level (a Tune callback is a class
@@ -25,15 +25,16 @@ from pathlib import Path
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from cluster.runtime import compute_parallelism
-from data_prep.config import PrepConfig
-from data_prep.layout import PreparedData, open_prepared
-from data_prep.pipeline import run_prep
-from data_prep.synthetic import make_sample
-from tuning.search import METRIC, run_search
-from tuning.config import SearchConfig, TrainConfig
-from tuning.search_space import param_space
-from tuning.worker import TIMING_COLUMNS
+from gendertune.cluster.runtime import compute_parallelism
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.layout import PreparedData, open_prepared
+from gendertune.data_prep.pipeline import run_prep
+from gendertune.data_prep.synthetic import make_sample
+from gendertune.tuning.search.run import METRIC, run_search
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.search.space import param_space
+from gendertune.tuning.train.worker import TIMING_COLUMNS
 
 from benchlib import machine_info, private_ray
 

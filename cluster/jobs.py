@@ -23,12 +23,10 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import cluster
-
-from gendertune.errors import MissingInputError, UserInputError
+from gendertune.base.errors import MissingInputError, UserInputError
 
 ADDRESS_ENV = "RAY_ADDRESS"
-PROJECT_ROOT = Path(cluster.__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded with the job: environments, VCS data, caches and local outputs (Ray also
 # honours the project's .gitignore).
 WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "demo-out", "*.parquet", "*.jpg"]

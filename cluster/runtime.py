@@ -18,7 +18,7 @@ import ray
 import ray._private.ray_constants as ray_constants
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gendertune.errors import GendertuneError, UserInputError
+from gendertune.base.errors import GendertuneError, UserInputError
 
 LOCAL_LOGICAL_CPUS_MIN = 8
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know

@@ -3,7 +3,7 @@
 On one node every local path works. On several, Ray Data readers, Train workers and Tune trials
 run on any node and read the prepared data and write checkpoints there, so each path a stage uses
 must be on storage every node mounts (NFS, EFS, Filestore, a ReadWriteMany volume...) or an
-object-store URI (cluster.storage; not probed: every node reaches it the same way). A path
+object-store URI (gendertune.cluster.storage; not probed: every node reaches it the same way). A path
 that only the driver's node has would fail late and confusingly (missing checkpoints on resume,
 empty reads), so we check up front, the way Ray Train validates its own storage: the driver
 leaves a unique marker where the stage will write (or fingerprints what it will read) and one
@@ -21,8 +21,8 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from gendertune.errors import UserInputError
-from cluster.storage import is_uri
+from gendertune.base.errors import UserInputError
+from gendertune.cluster.storage import is_uri
 
 PROBE_PREFIX = ".gendertune-storage-probe-"
 

@@ -40,7 +40,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from gendertune.errors import GendertuneError, MissingInputError, UserInputError
+from gendertune.base.errors import GendertuneError, MissingInputError, UserInputError
 
 
 OWNER_FILE = ".owner"

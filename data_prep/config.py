@@ -6,8 +6,8 @@ import dataclasses
 import math
 from typing import Literal
 
-from gendertune.config import ConfigError, StageConfig, setting
-from data_prep.faces import AlignSettings
+from gendertune.base.config import ConfigError, StageConfig, setting
+from gendertune.data_prep.faces import AlignSettings
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class PrepConfig(StageConfig):
     # Large enough to amortise Ray's per-task scheduling.
     rows_per_task: int = setting(256, help="most images per Ray task", flag=False)
     parallelism: int = setting(0, help="concurrent decode tasks; 0 = one per CPU Ray can see")
-    # Face alignment (data_prep.faces): detect, find landmarks, warp onto one template.
+    # Face alignment (gendertune.data_prep.faces): detect, find landmarks, warp onto one template.
     align: Literal["faces", "none"] = setting(
         "faces", help="faces = detect each face and align it by its landmarks; none = centre square")
     no_face: Literal["keep", "reject"] = setting(

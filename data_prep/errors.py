@@ -1,6 +1,6 @@
 """The one exception type the prep stage raises for bad input; its message tells the user what to do."""
 
-from gendertune.errors import UserInputError
+from gendertune.base.errors import UserInputError
 
 
 class PrepInputError(UserInputError):

@@ -16,7 +16,7 @@ face in a photo), so a model always sees faces framed the way it was trained on 
   the measurements behind the default zoom.
 - Out-of-image areas (a face near the edge, a tight crop) are filled with one colour, `FILL_RGB`,
   the ImageNet mean: it enters the networks as ~0 after normalisation, the most neutral input
-  there is, and it is easy to reproduce in training augmentation (models.transforms).
+  there is, and it is easy to reproduce in training augmentation (gendertune.models.transforms).
 
 Pure functions do the geometry; `FaceFinder` holds the loaded models (load it once per process).
 """
@@ -33,8 +33,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from gendertune.errors import MissingInputError, UserInputError
-from data_prep.images import center_square_box
+from gendertune.base.errors import MissingInputError, UserInputError
+from gendertune.data_prep.images import center_square_box
 
 TEMPLATE_NAME = "celeba-mean-5pt-v1"
 # (x, y) in unit chip coordinates (0..1, y down) of: left eye, right eye (as seen in the image),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from data_prep.errors import PrepInputError
+from gendertune.data_prep.errors import PrepInputError
 
 IMAGE_COLUMN_CANDIDATES = ("image_id", "images", "image", "filename", "file", "path")
 

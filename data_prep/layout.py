@@ -16,7 +16,7 @@
       config.json       the resolved PrepConfig
       class_distribution.png
 The directory appears atomically, so its existence means it is complete. OUT may also be an
-object-store URI (cluster.storage); there manifest.json is the last object written.
+object-store URI (gendertune.cluster.storage); there manifest.json is the last object written.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from cluster import storage
-from data_prep.errors import PrepInputError
+from gendertune.cluster import storage
+from gendertune.data_prep.errors import PrepInputError
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"

@@ -5,7 +5,7 @@ one task per core at a time (`run_tasks`); the driver only ever holds ids, label
 1. `hash_chunk` reads and SHA-256s every file, a few percent of the cost of decoding it. With every
    hash known the driver dedupes and assigns splits (pure functions) before any pixel exists.
 2. `decode_chunk` decodes the chunk's kept images, aligns each one's largest face onto the
-   template (data_prep.faces; or crops the centre square with --align none), and writes the chips
+   template (gendertune.data_prep.faces; or crops the centre square with --align none), and writes the chips
    straight into the final per-split shards (OUT/<split>/part-NNNNN.parquet, uncompressed:
    decoded pixels barely compress). Images that fail come back as (image_id, reason) only, with
    a faces.csv row per aligned image. The face models load once per worker process (Ray reuses
@@ -14,8 +14,8 @@ one task per core at a time (`run_tasks`); the driver only ever holds ids, label
 So no staging copy of the pixels is written and read back, and no task does per-row pandas work.
 Because splits are assigned over the distinct readable files before decoding, an image that then
 fails to decode leaves its split one image short rather than reshuffling every other image.
-The whole output directory is renamed into place at the end (cluster.storage.atomic_output_dir);
-an object-store --out gets the shards directly and the manifest last (cluster.storage.fresh_output).
+The whole output directory is renamed into place at the end (gendertune.cluster.storage.atomic_output_dir);
+an object-store --out gets the shards directly and the manifest last (gendertune.cluster.storage.fresh_output).
 """
 
 from __future__ import annotations
@@ -34,19 +34,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cluster import storage
-from cluster.runtime import compute_parallelism, ensure_ray
-from cluster.shared_storage import require_shared
-from cluster.storage import write_json_atomic, write_text_atomic
-from data_prep import celeba, layout
-from data_prep.config import PrepConfig
-from data_prep.dedupe import find_duplicates
-from data_prep.errors import PrepInputError
-from data_prep.faces import AlignSettings, Face, FaceFinder, face_chips
-from data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
-from data_prep.labels import read_identity_file, read_labels, read_partition_file, read_slice_columns
-from data_prep.splits import assign_splits
-from gendertune.plots import plot_class_distribution
+from gendertune.cluster import storage
+from gendertune.cluster.runtime import compute_parallelism, ensure_ray
+from gendertune.cluster.shared_storage import require_shared
+from gendertune.cluster.storage import write_json_atomic, write_text_atomic
+from gendertune.cluster.tasks import Progress, run_tasks
+from gendertune.data_prep import celeba, layout
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.dedupe import find_duplicates
+from gendertune.data_prep.errors import PrepInputError
+from gendertune.data_prep.faces import AlignSettings, Face, FaceFinder, face_chips
+from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
+from gendertune.data_prep.labels import read_identity_file, read_labels, read_partition_file, read_slice_columns
+from gendertune.data_prep.splits import assign_splits
+from gendertune.base.plots import plot_class_distribution
 
 logger = logging.getLogger(__name__)
 
@@ -230,54 +231,6 @@ def write_shard(table: pa.Table, location: str) -> None:
         pq.write_table(table, stream, compression="none", use_dictionary=False, write_statistics=False)
 
 
-def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int,
-              on_done: Callable[[int], None] | None = None, **shared) -> list:
-    """`fn(*call, **shared)` for every call as Ray tasks, at most `parallelism` at a time; results
-    in call order; `on_done(index)` after each call finishes. The bound matters: a local Ray
-    declares more CPUs than the machine has cores (cluster.runtime), and more decoders than cores
-    only thrash the caches."""
-    task = ray.remote(fn)
-    results: list = [None] * len(calls)
-    running: dict = {}
-    try:
-        for index, call in enumerate(calls):
-            if len(running) >= parallelism:
-                _finish_one(running, results, on_done)
-            running[task.remote(*call, **shared)] = index
-        while running:
-            _finish_one(running, results, on_done)
-    finally:
-        for ref in running:  # only after an error: no task may keep writing into a removed folder
-            ray.cancel(ref)
-    return results
-
-
-def _finish_one(running: dict, results: list, on_done: Callable[[int], None] | None) -> None:
-    (done,), _ = ray.wait(list(running), num_returns=1)
-    index = running.pop(done)
-    results[index] = ray.get(done)
-    if on_done is not None:
-        on_done(index)
-
-
-class Progress:
-    """`on_done` for run_tasks: logs images done / total and the rate, at most every
-    `every_s` seconds and once at the end."""
-
-    def __init__(self, label: str, sizes: Sequence[int], *, every_s: float = 10.0):
-        self.label, self.sizes, self.every_s = label, sizes, every_s
-        self.total, self.done = sum(sizes), 0
-        self.started = self.printed = time.perf_counter()
-
-    def __call__(self, index: int) -> None:
-        self.done += self.sizes[index]
-        now = time.perf_counter()
-        if now - self.printed >= self.every_s or self.done == self.total:
-            self.printed = now
-            rate = self.done / max(now - self.started, 1e-9)
-            logger.info(f"{self.label}: {self.done}/{self.total} images ({self.done / self.total:.0%}), {rate:.0f} img/s")
-
-
 def chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
     """[start, stop) of consecutive chunks of at most `rows` rows covering range(n)."""
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
@@ -377,7 +330,7 @@ def build_manifest(
         "attribute": config.attribute,
         "class_names": class_names,
         "image_size": config.image_size,
-        "crop": ("faces aligned by 5 landmarks onto a template (data_prep.faces)" if config.align == "faces"
+        "crop": ("faces aligned by 5 landmarks onto a template (gendertune.data_prep.faces)" if config.align == "faces"
                  else "centre square of the shorter side, then bilinear resize"),
         "alignment": align.to_dict() if (align := config.align_settings()) else None,
         "split_method": config.split,

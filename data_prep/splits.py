@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from data_prep import celeba
-from data_prep.errors import PrepInputError
+from gendertune.data_prep import celeba
+from gendertune.data_prep.errors import PrepInputError
 
 PARTITION_NAMES = {0: "train", 1: "val", 2: "test"}
 

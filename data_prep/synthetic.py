@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from data_prep.celeba import ATTR_FILE, IDENTITY_FILE, IMAGE_DIR, PARTITION_FILE
+from gendertune.data_prep.celeba import ATTR_FILE, IDENTITY_FILE, IMAGE_DIR, PARTITION_FILE
 
 ATTRIBUTE_NAMES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes",

@@ -1,3 +1,3 @@
-"""The command line (`gendertune.cli`, the top layer) and what every layer shares: the stage
-config base (`gendertune.config`), the project's error classes (`gendertune.errors`) and the
-figures several stages draw (`gendertune.plots`). See the README's Layout section."""
+"""gendertune: tune and compare face-gender classifiers on Ray. The design's folders are its
+sub-packages (`gendertune.data_prep`, `.models`, `.tuning`, `.cluster`); `gendertune.base` is the
+shared base and `gendertune.cli` the command line. See the README's Layout section."""

@@ -1,8 +1,8 @@
 """The `gendertune` command line: one subcommand per stage, its flags generated from the stage configs.
 
-A stage's flags are its config dataclass's fields (gendertune.flags). Every flag defaults to None
+A stage's flags are its config dataclass's fields (gendertune.base.flags). Every flag defaults to None
 so that "not given" is distinguishable from a value: the stage config then resolves
-defaults < --config file < flags (gendertune.config.StageConfig.resolve).
+defaults < --config file < flags (gendertune.base.config.StageConfig.resolve).
 Only the subcommand being run gets its flags built: that imports its configs' modules (torch, for
 the model registry's names), which `gendertune leaderboard`, `jobs` or `--help` should not pay for.
 """
@@ -14,9 +14,9 @@ import dataclasses
 import sys
 from collections.abc import Callable, Collection, Sequence
 
-from gendertune import flags
-from gendertune.console import print_progress_to_stdout
-from gendertune.errors import GendertuneError, StageFailed
+from gendertune.base import flags
+from gendertune.base.console import print_progress_to_stdout
+from gendertune.base.errors import GendertuneError, StageFailed
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -28,15 +28,15 @@ def _add_config_flag(parser: argparse.ArgumentParser, *configs) -> None:
 
 
 def _prep_flags(parser: argparse.ArgumentParser) -> None:
-    from data_prep.config import PrepConfig
+    from gendertune.data_prep.config import PrepConfig
 
     flags.add_flags(parser, PrepConfig)
     _add_config_flag(parser, PrepConfig)
 
 
 def _run_prep(args: argparse.Namespace) -> int:
-    from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
+    from gendertune.data_prep.config import PrepConfig
+    from gendertune.data_prep.pipeline import run_prep
 
     run_prep(PrepConfig.resolve(config_file=args.config, overrides=flags.overrides(args, PrepConfig)))
     return 0
@@ -49,7 +49,7 @@ def _make_sample_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_make_sample(args: argparse.Namespace) -> int:
-    from data_prep.synthetic import make_sample
+    from gendertune.data_prep.synthetic import make_sample
 
     summary = make_sample(args.out, n=args.n, seed=args.seed)
     print(f"wrote {summary.n_images} SYNTHETIC images ({summary.n_male} male, {summary.n_people} people, "
@@ -59,7 +59,7 @@ def _run_make_sample(args: argparse.Namespace) -> int:
 
 def _augment(text: str) -> dict[str, float]:
     """`none`, or comma-separated NAME=STRENGTH pairs, e.g. hflip=0.5,rotation=10."""
-    from tuning.config import AUGMENTATIONS
+    from gendertune.tuning.train.config import AUGMENTATIONS
 
     if text.strip().lower() == "none":
         return dict.fromkeys(AUGMENTATIONS, 0.0)
@@ -79,7 +79,7 @@ def _augment(text: str) -> dict[str, float]:
 
 def _add_train_flags(parser: argparse.ArgumentParser, *, skip: Collection[str] = ()) -> None:
     """TrainConfig's flags, less `skip`, and --augment for its augmentation strengths: `train`'s and `compare`'s."""
-    from tuning.config import TrainConfig
+    from gendertune.tuning.train.config import TrainConfig
 
     flags.add_flags(parser, TrainConfig, skip=skip)
     defaults = ",".join(f"{name}={flags.shown_default(value)}" for name, value in TrainConfig().augment_strengths().items())
@@ -97,13 +97,13 @@ def _add_mlflow_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
-    from tuning.config import TrainConfig
+    from gendertune.tuning.train.config import TrainConfig
 
     return {**flags.overrides(args, TrainConfig), **(args.augment or {})}
 
 
 def _train_flags(parser: argparse.ArgumentParser) -> None:
-    from tuning.config import TrainConfig
+    from gendertune.tuning.train.config import TrainConfig
 
     _add_train_flags(parser)
     _add_config_flag(parser, TrainConfig)
@@ -111,9 +111,9 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from tuning import tracking
-    from tuning.train import run_training
-    from tuning.config import TrainConfig
+    from gendertune.cluster import tracking
+    from gendertune.tuning.train.run import run_training
+    from gendertune.tuning.train.config import TrainConfig
 
     config = TrainConfig.resolve(config_file=args.config, overrides=_train_overrides(args))
     run_training(config, tracking_uri=tracking.resolve_uri(args.mlflow, config.out))
@@ -130,8 +130,8 @@ def _predict_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from cluster.storage import write_text_atomic
-    from tuning.predict import predict
+    from gendertune.cluster.storage import write_text_atomic
+    from gendertune.tuning.evaluate.predict import predict
 
     table = predict(args.model, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -144,7 +144,9 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _compare_flags(parser: argparse.ArgumentParser) -> None:
-    from tuning.config import CompareConfig, SearchConfig, TrainConfig
+    from gendertune.tuning.compare.config import CompareConfig
+    from gendertune.tuning.search.config import SearchConfig
+    from gendertune.tuning.train.config import TrainConfig
 
     flags.add_flags(parser, CompareConfig)
     # One --seed, TrainConfig's, sets both seeds; compare's own --data and --out are the runs' too.
@@ -155,7 +157,9 @@ def _compare_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _compare_configs(args: argparse.Namespace):
-    from tuning.config import CompareConfig, SearchConfig, TrainConfig
+    from gendertune.tuning.compare.config import CompareConfig
+    from gendertune.tuning.search.config import SearchConfig
+    from gendertune.tuning.train.config import TrainConfig
 
     compare = CompareConfig.resolve(config_file=args.config, overrides=flags.overrides(args, CompareConfig))
     search = SearchConfig.resolve(config_file=args.config, overrides=flags.overrides(args, SearchConfig))
@@ -165,10 +169,10 @@ def _compare_configs(args: argparse.Namespace):
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from tuning.compare import run_compare
-    from tuning.leaderboard import format_table
+    from gendertune.tuning.compare.run import run_compare
+    from gendertune.tuning.compare.leaderboard import format_table
 
-    from tuning import tracking
+    from gendertune.cluster import tracking
 
     compare, search, base = _compare_configs(args)
     table = run_compare(compare, search, base, tracking_uri=tracking.resolve_uri(args.mlflow, compare.out))
@@ -177,7 +181,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
-    from tuning.config import TrainConfig
+    from gendertune.tuning.train.config import TrainConfig
 
     parser.add_argument("--model", required=True, help="a finished run folder")
     flags.add_flags(parser, TrainConfig, only={"eval_sets"}, required={"eval_sets"})
@@ -185,8 +189,8 @@ def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from tuning import run_layout
-    from tuning.eval_sets import evaluate_run, format_scores, load_eval_set
+    from gendertune.tuning.evaluate import run_layout
+    from gendertune.tuning.evaluate.eval_sets import evaluate_run, format_scores, load_eval_set
 
     run_layout.read_metrics(args.model)  # a finished run, or a clear error
     eval_sets = [load_eval_set(spec, attribute=args.attribute) for spec in args.eval_sets]  # all checked first
@@ -202,11 +206,11 @@ def _leaderboard_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_leaderboard(args: argparse.Namespace) -> int:
-    from cluster import storage
-    from tuning import leaderboard
+    from gendertune.cluster import storage
+    from gendertune.tuning.compare import leaderboard
 
     if args.format == "html":
-        from tuning.report import write_report
+        from gendertune.tuning.compare.report import write_report
 
         leaderboard.read_leaderboard(args.dir)  # a clear error when there is none
         print(f"wrote {write_report(args.dir)}")
@@ -220,14 +224,14 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _demo_flags(parser: argparse.ArgumentParser) -> None:
-    from data_prep.config import PrepConfig
+    from gendertune.data_prep.config import PrepConfig
 
     parser.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     flags.add_flags(parser, PrepConfig, only={"data", "labels"})  # what the demo's prep reads instead of its sample
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from tuning.demo import run_demo
+    from gendertune.tuning.compare.demo import run_demo
 
     run_demo(out=args.out, data=args.data, labels=args.labels)
     return 0
@@ -250,7 +254,7 @@ def _submit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from gendertune.cluster import jobs
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     address = jobs.resolve_address(args.address, allow_insecure_http=args.allow_insecure_http)
@@ -263,7 +267,7 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 
 def _follow(address: str, job_id: str) -> int:
-    from cluster import jobs
+    from gendertune.cluster import jobs
 
     try:
         status = jobs.follow(address, job_id)
@@ -285,7 +289,7 @@ def _jobs_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_jobs(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from gendertune.cluster import jobs
 
     address = jobs.resolve_address(args.address, allow_insecure_http=args.allow_insecure_http)
     if args.action == "list":

@@ -1,11 +1,11 @@
 """The model registry: which torchvision architectures gendertune compares, and how each is built.
 
 This module owns the per-architecture facts (`ModelSpec`), building a model with a fresh
-`num_classes` head (optionally starting from ImageNet or project weights, see `models.weights`),
+`num_classes` head (optionally starting from ImageNet or project weights, see `gendertune.models.weights`),
 image-size validation, and the loss that folds in GoogLeNet's auxiliary heads.
 
 Nothing here downloads: torchvision builders are always called with `weights=None` and weights
-are read from local files by `models.weights`.
+are read from local files by `gendertune.models.weights`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from gendertune.errors import UserInputError
-from models import weights as weights_io
+from gendertune.base.errors import UserInputError
+from gendertune.models import weights as weights_io
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,9 @@ def build_model(
     Weights, in order of precedence:
     - `weights_path`: a local file holding either ImageNet-shaped weights of this architecture
       (loaded before the head is replaced) or a project state dict / checkpoint with a
-      `num_classes` head (loaded after); see `models.weights.read_weights_file`.
+      `num_classes` head (loaded after); see `gendertune.models.weights.read_weights_file`.
     - `pretrained=True`: the ImageNet weights in `ModelSpec.weights`, read from the torch hub
-      cache, where the stage fetched them (`models.weights.fetch_hub_weights`); building never
+      cache, where the stage fetched them (`gendertune.models.weights.fetch_hub_weights`); building never
       downloads, so many workers never fetch at once.
     - otherwise torchvision's random initialisation.
 

@@ -9,7 +9,7 @@ module owns what happens between that and the model:
 - `FramingShift`: deterministic zoom in/out, for measuring accuracy under different framings.
 
 Framing the face (alignment onto a template, or the centre-square crop) belongs to prep
-(`data_prep.faces`, `data_prep.images`); images given here must already be square.
+(`gendertune.data_prep.faces`, `gendertune.data_prep.images`); images given here must already be square.
 
 All outputs are float32 N x 3 x S x S in channels_last memory format (the format convolutions
 are fastest in on GPU), normalised with the model's ImageNet mean/std.
@@ -35,7 +35,7 @@ _ERASE_RATIO = (0.3, 3.3)
 # torchvision's RandomResizedCrop default aspect ratios.
 _CROP_RATIO = (3 / 4, 4 / 3)
 # random_border: the widest border, as a fraction of the side. An aligned UTKFace-style tight
-# crop covers about the central 60% of a chip framed like CelebA (see data_prep.faces).
+# crop covers about the central 60% of a chip framed like CelebA (see gendertune.data_prep.faces).
 MAX_BORDER = 0.3
 # RGB <-> YIQ: hue is rotated in the IQ (chroma) plane, see _hue_matrices.
 _RGB_TO_YIQ = torch.tensor(
@@ -57,7 +57,7 @@ def _as_nchw(batch: Tensor) -> Tensor:
     if batch.shape[1] != batch.shape[2]:
         raise ValueError(
             f"expected square images, got {batch.shape[1]}x{batch.shape[2]}: crop with "
-            "data_prep.faces.face_chips or data_prep.images.center_square_crop first"
+            "gendertune.data_prep.faces.face_chips or gendertune.data_prep.images.center_square_crop first"
         )
     return batch.permute(0, 3, 1, 2)
 
@@ -141,7 +141,7 @@ class TrainAugment:
 
     Crop, zoom, translation, rotation and flip are fused into one affine resampling of the
     whole batch (a per-sample matrix each). Areas outside the image, and random borders, are
-    filled with the mean colour, the colour face alignment (data_prep.faces) fills the parts
+    filled with the mean colour, the colour face alignment (gendertune.data_prep.faces) fills the parts
     of a chip that lie outside the photo with, so training sees the same fill evaluation does.
     Differences from torchvision's per-image retry loops: crop and erasing rectangles larger
     than the image are clamped to it rather than redrawn, and hue is rotated in YIQ space

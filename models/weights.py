@@ -7,7 +7,7 @@ download, from torchvision's URL or a mirror of it, the hash in the file name ch
 weights files and training checkpoints safely (`weights_only=True`), and loading a state dict
 into a model with errors that say what is wrong. Building a model never downloads: the stages
 fetch before any worker starts (`fetch_hub_weights`), so a cluster fetches once per node.
-Deciding *when* to load (before or after the head is replaced) is `models.registry.build_model`'s.
+Deciding *when* to load (before or after the head is replaced) is `gendertune.models.registry.build_model`'s.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from gendertune.errors import MissingInputError, UserInputError
+from gendertune.base.errors import MissingInputError, UserInputError
 
 if TYPE_CHECKING:
-    from models.registry import ModelSpec
+    from gendertune.models.registry import ModelSpec
 
 # Prefixes wrappers add to every key: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

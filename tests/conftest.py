@@ -72,7 +72,7 @@ def ray_session():
     """One local Ray for every test that needs it; startup costs seconds, so share it."""
     import ray
 
-    from cluster.runtime import ensure_ray
+    from gendertune.cluster.runtime import ensure_ray
 
     ensure_ray()
     yield ray
@@ -101,7 +101,7 @@ def vit_min_size():
     """ViT-B/16 (86M parameters) at its smallest size, built once per module that uses it."""
     import torch
 
-    from models import build_model, get_spec
+    from gendertune.models import build_model, get_spec
 
     torch.manual_seed(0)
     return build_model("vit_b_16", num_classes=2, image_size=get_spec("vit_b_16").min_input_size)
@@ -110,7 +110,7 @@ def vit_min_size():
 @pytest.fixture(scope="session")
 def synthetic_sample(tmp_path_factory):
     """A 240-image SYNTHETIC CelebA-layout sample with planted duplicates and a corrupt file."""
-    from data_prep.synthetic import make_sample
+    from gendertune.data_prep.synthetic import make_sample
 
     root = tmp_path_factory.mktemp("sample") / "celeba"
     summary = make_sample(root, n=240, seed=0)
@@ -120,7 +120,7 @@ def synthetic_sample(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_sample_large(tmp_path_factory):
     """A 600-image SYNTHETIC sample: enough for a small CNN to learn in a few epochs."""
-    from data_prep.synthetic import make_sample
+    from gendertune.data_prep.synthetic import make_sample
 
     root = tmp_path_factory.mktemp("sample-large") / "celeba"
     return make_sample(root, n=600, seed=1)
@@ -128,8 +128,8 @@ def synthetic_sample_large(tmp_path_factory):
 
 def prep_sample(sample, out, **settings):
     """Run the prep stage on a generated sample quietly; returns the output folder."""
-    from data_prep.config import PrepConfig
-    from data_prep.pipeline import run_prep
+    from gendertune.data_prep.config import PrepConfig
+    from gendertune.data_prep.pipeline import run_prep
 
     run_prep(PrepConfig.from_dict({"data": str(sample.path), "out": str(out), **settings}))
     return out
@@ -137,13 +137,13 @@ def prep_sample(sample, out, **settings):
 
 @pytest.fixture(scope="session")
 def eval_set_folder(tmp_path_factory):
-    """A labelled folder the way users bring one (tuning.eval_sets): images/ and labels.csv with
+    """A labelled folder the way users bring one (gendertune.tuning.evaluate.eval_sets): images/ and labels.csv with
     image_id, Male and two group columns (a numeric age, a category), drawn from another SYNTHETIC
     sample (so other people than the training sample's), its one corrupt image included."""
     import numpy as np
     import pandas as pd
 
-    from data_prep.synthetic import make_sample
+    from gendertune.data_prep.synthetic import make_sample
 
     source = make_sample(tmp_path_factory.mktemp("eval-source") / "celeba", n=80, seed=7)
     folder = tmp_path_factory.mktemp("eval-set") / "faces"

@@ -1,12 +1,12 @@
-"""Tests for tuning.calibration: temperature scaling of an overconfident model."""
+"""Tests for gendertune.tuning.evaluate.calibration: temperature scaling of an overconfident model."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tuning.calibration import calibrated_probability, fit_temperature
-from tuning.metrics import expected_calibration_error
+from gendertune.tuning.evaluate.calibration import calibrated_probability, fit_temperature
+from gendertune.tuning.evaluate.metrics import expected_calibration_error
 
 
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model():

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from gendertune.cli import main
-from gendertune.errors import GendertuneError, MissingInputError
+from gendertune.base.errors import GendertuneError, MissingInputError
 from conftest import free_port
-from data_prep import layout
-from models.weights import WEIGHTS_MIRROR_ENV
-from tuning import leaderboard
+from gendertune.data_prep import layout
+from gendertune.models.weights import WEIGHTS_MIRROR_ENV
+from gendertune.tuning.compare import leaderboard
 
 
 def test_a_project_error_is_one_line_and_debug_shows_it_whole(tmp_path, capsys):

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cluster.storage import OutputExistsError
-from data_prep.config import PrepConfig
-from data_prep.pipeline import run_prep
-from gendertune import console
+from gendertune.cluster.storage import OutputExistsError
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.pipeline import run_prep
+from gendertune.base import console
 from gendertune.cli import main
 
 FIRST_LINE = "3 labelled images to process from "

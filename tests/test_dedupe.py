@@ -1,11 +1,11 @@
-"""Tests for data_prep.dedupe: exact dedupe keeps the smallest id and flags label conflicts, and
+"""Tests for gendertune.data_prep.dedupe: exact dedupe keeps the smallest id and flags label conflicts, and
 the copies of an image that fails to decode are rejected with it."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from data_prep.dedupe import find_duplicates
+from gendertune.data_prep.dedupe import find_duplicates
 
 
 def test_dedupe_keeps_smallest_id_and_flags_label_conflicts():
@@ -23,7 +23,7 @@ def test_dedupe_keeps_smallest_id_and_flags_label_conflicts():
 
 def test_duplicates_of_an_image_that_fails_to_decode_are_rejected_with_it():
     """Dedupe runs before decoding, so the copy of a corrupt file must be rejected, not listed."""
-    from data_prep.pipeline import settle_failures
+    from gendertune.data_prep.pipeline import settle_failures
 
     images = pd.DataFrame({"image_id": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "hash": ["h1", "h1", "h2", "h2"],
                            "label": [0, 0, 1, 1]})

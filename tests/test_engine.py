@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuning.engine import Precision, bf16_supported, cpu_flags, select_precision, train_one_epoch
+from gendertune.tuning.train.engine import Precision, bf16_supported, cpu_flags, select_precision, train_one_epoch
 
 FP16 = Precision("fp16", torch.float16)
 

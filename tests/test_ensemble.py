@@ -1,4 +1,4 @@
-"""Tests for tuning.ensemble: which models join the ensemble, and its mean probability."""
+"""Tests for gendertune.tuning.compare.ensemble: which models join the ensemble, and its mean probability."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuning.ensemble import choose_members, mean_probability
+from gendertune.tuning.compare.ensemble import choose_members, mean_probability
 
 
 def test_ensemble_members_and_mean_probability(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for tuning.eval_sets: a labelled folder read with its group columns, and bad eval-set
+"""Tests for gendertune.tuning.evaluate.eval_sets: a labelled folder read with its group columns, and bad eval-set
 folders checked before any work."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from data_prep.errors import PrepInputError
-from gendertune.config import ConfigError
-from tuning.eval_sets import load_eval_set
+from gendertune.data_prep.errors import PrepInputError
+from gendertune.base.config import ConfigError
+from gendertune.tuning.evaluate.eval_sets import load_eval_set
 
 
 def _write_set(folder, rows, *, name="labels.csv"):

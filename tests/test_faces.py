@@ -1,4 +1,4 @@
-"""Face detection and alignment (data_prep.faces): the geometry as pure functions, then dlib's real
+"""Face detection and alignment (gendertune.data_prep.faces): the geometry as pure functions, then dlib's real
 detector and landmark model on a real face photo that scikit-image ships (NASA's astronaut
 portrait of Eileen Collins, public domain)."""
 
@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from data_prep.faces import (
-    FILL_RGB,
-    AlignSettings,
-    FaceFinder,
-    apply_matrix,
-    face_chips,
-    similarity_matrix,
-    template_points,
-    warp_to_chip,
-)
-from data_prep.images import ImageRejected, load_photo
+from gendertune.data_prep.faces import FILL_RGB, AlignSettings, FaceFinder, apply_matrix, face_chips, similarity_matrix, template_points, warp_to_chip
+from gendertune.data_prep.images import ImageRejected, load_photo
 
 SIZE = 96
 

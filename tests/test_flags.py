@@ -1,4 +1,4 @@
-"""The stage flags are generated from the config dataclasses (gendertune.flags): a setting is
+"""The stage flags are generated from the config dataclasses (gendertune.base.flags): a setting is
 declared once, with its help and default, becomes a flag parsed as its annotation says, and still
 resolves defaults < config file < flags. And the commands' parsers offer exactly those flags."""
 
@@ -13,11 +13,14 @@ from typing import Literal
 
 import pytest
 
-from gendertune import cli, flags
-from gendertune.config import StageConfig, setting
-from data_prep.config import PrepConfig
-from models.registry import list_models
-from tuning.config import AUGMENTATIONS, CompareConfig, SearchConfig, TrainConfig
+from gendertune import cli
+from gendertune.base import flags
+from gendertune.base.config import StageConfig, setting
+from gendertune.data_prep.config import PrepConfig
+from gendertune.models.registry import list_models
+from gendertune.tuning.train.config import AUGMENTATIONS, TrainConfig
+from gendertune.tuning.compare.config import CompareConfig
+from gendertune.tuning.search.config import SearchConfig
 
 
 @dataclasses.dataclass
@@ -142,7 +145,7 @@ def test_only_the_command_run_builds_its_flags():
     command's flags import Ray: the configs live apart from the stages."""
     code = ("import sys; from gendertune.cli import build_parser; "
             "build_parser(flags_for=['leaderboard']).parse_args(['leaderboard', 'x']); "
-            "print(sorted({'torch', 'ray', 'tuning.config'} & set(sys.modules)))")
+            "print(sorted({'torch', 'ray', 'gendertune.tuning.train.config'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     code = ("import sys; from gendertune.cli import build_parser; build_parser(flags_for=['compare', 'train', 'prep']); "

@@ -1,4 +1,4 @@
-"""Tests for data_prep.images: per-image decoding and cropping (the scaled JPEG path against the
+"""Tests for gendertune.data_prep.images: per-image decoding and cropping (the scaled JPEG path against the
 full decode, EXIF orientation, 16-bit, animated and grayscale inputs) and the rejection of bad
 images with a reason."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, load_photo, sha256_hex
+from gendertune.data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, load_photo, sha256_hex
 
 
 def jpeg_bytes(width=178, height=218, seed=0):

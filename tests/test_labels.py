@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from data_prep.errors import PrepInputError
-from data_prep.labels import read_identity_file, read_labels, read_partition_file
+from gendertune.data_prep.errors import PrepInputError
+from gendertune.data_prep.labels import read_identity_file, read_labels, read_partition_file
 
 NAMES = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Male", "Young"]
 

@@ -12,36 +12,55 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("gendertune", "data_prep", "models", "tuning", "cluster")
+# The repository's folders and the import names they install as: one import name, gendertune.
+FOLDERS = {"gendertune": "gendertune", "cluster": "gendertune.cluster", "data_prep": "gendertune.data_prep",
+           "models": "gendertune.models", "tuning": "gendertune.tuning"}
 
-# Longest matching prefix wins. A module may import its own layer or any layer below.
-LAYERS = {
-    "gendertune.cli": 3,  # the command line
-    "tuning": 2, "data_prep": 2,  # the stages
-    "models": 1, "cluster": 1,  # models; the Ray runtime, storage and jobs
-    "gendertune": 0,  # what every layer shares: config base, errors, figures
-}
+# The layers, bottom first: a module may import its own layer or any layer below. Longest
+# matching prefix wins; a sub-package's __init__ belongs to its own layer.
+LAYERS = [
+    ("gendertune.base",),  # what every layer shares: config base, errors, flags, console, figures
+    ("gendertune.cluster",),  # the Ray runtime, task runner, storage, tracking, jobs
+    ("gendertune.data_prep", "gendertune.models"),  # prep; the model registry and transforms
+    ("gendertune.tuning.evaluate", "gendertune.tuning"),  # scoring and predicting with a run
+    ("gendertune.tuning.train",),  # one training run
+    ("gendertune.tuning.search",),  # one model's search
+    ("gendertune.tuning.compare",),  # the comparison, its leaderboard and report, the demo
+    ("gendertune.cli", "gendertune"),  # the command line and the Python API
+]
 # The work itself (parse, hash, align, split, transform, metrics, ...): plain Python, runnable and
 # testable without Ray. Their project imports must be on this list too.
 RAY_FREE = {
-    "gendertune", "data_prep", "tuning", "cluster",  # the packages' __init__, run by any import of a module
-    "gendertune.config", "gendertune.console", "gendertune.errors", "gendertune.flags", "gendertune.plots",
-    "data_prep.celeba", "data_prep.config", "data_prep.dedupe", "data_prep.errors", "data_prep.faces", "data_prep.images",
-    "data_prep.labels", "data_prep.layout", "data_prep.splits", "data_prep.synthetic",
-    "models", "models.registry", "models.transforms", "models.weights",
-    "cluster.storage",
-    "tuning.calibration", "tuning.engine", "tuning.metrics", "tuning.run_layout", "tuning.slices",
-    "tuning.config", "tuning.ensemble", "tuning.leaderboard", "tuning.report", "tuning.pixels",
+    # the packages' __init__, run by any import of a module
+    "gendertune", "gendertune.base", "gendertune.cluster", "gendertune.data_prep", "gendertune.models",
+    "gendertune.tuning", "gendertune.tuning.evaluate", "gendertune.tuning.train", "gendertune.tuning.search",
+    "gendertune.tuning.compare",
+    "gendertune.base.config", "gendertune.base.console", "gendertune.base.errors", "gendertune.base.flags",
+    "gendertune.base.plots",
+    "gendertune.data_prep.celeba", "gendertune.data_prep.config", "gendertune.data_prep.dedupe",
+    "gendertune.data_prep.errors", "gendertune.data_prep.faces", "gendertune.data_prep.images",
+    "gendertune.data_prep.labels", "gendertune.data_prep.layout", "gendertune.data_prep.splits",
+    "gendertune.data_prep.synthetic",
+    "gendertune.models.registry", "gendertune.models.transforms", "gendertune.models.weights",
+    "gendertune.cluster.storage",
+    "gendertune.tuning.evaluate.calibration", "gendertune.tuning.evaluate.metrics",
+    "gendertune.tuning.evaluate.run_layout", "gendertune.tuning.evaluate.slices",
+    "gendertune.tuning.train.config", "gendertune.tuning.train.engine", "gendertune.tuning.train.pixels",
+    "gendertune.tuning.search.config",
+    "gendertune.tuning.compare.config", "gendertune.tuning.compare.ensemble", "gendertune.tuning.compare.leaderboard",
+    "gendertune.tuning.compare.report",
 }
 
 
+def _module_name(path: Path) -> str:
+    """The import name of a source file: its folder's package plus its path below the folder."""
+    folder, *rest = path.relative_to(ROOT).with_suffix("").parts
+    parts = [FOLDERS[folder], *rest]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _modules() -> dict[str, Path]:
-    found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
+    return {_module_name(path): path for folder in FOLDERS for path in sorted((ROOT / folder).rglob("*.py"))}
 
 
 MODULES = _modules()
@@ -60,9 +79,12 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+PREFIXES = {prefix: layer for layer, prefixes in enumerate(LAYERS) for prefix in prefixes}
+
+
 def _layer(module: str) -> int | None:
-    matches = [prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + ".")]
-    return LAYERS[max(matches, key=len)] if matches else None
+    matches = [prefix for prefix in PREFIXES if module == prefix or module.startswith(prefix + ".")]
+    return PREFIXES[max(matches, key=len)] if matches else None
 
 
 def test_every_module_has_a_layer_and_the_ray_free_list_is_real():
@@ -75,8 +97,8 @@ def test_imports_point_down(module):
     own = _layer(module)
     upward = [name for name in _imports(MODULES[module]) if (_layer(name) or 0) > own]
     assert not upward, f"{module} (layer {own}) imports {upward} from a layer above"
-    if module.startswith("data_prep"):
-        assert not [name for name in _imports(MODULES[module]) if name.startswith("tuning")], \
+    if module.startswith("gendertune.data_prep"):
+        assert not [name for name in _imports(MODULES[module]) if name.startswith("gendertune.tuning")], \
             f"{module}: prep comes before training and must not import it"
 
 
@@ -84,22 +106,22 @@ def test_imports_point_down(module):
 def test_pure_modules_import_no_ray(module):
     imports = _imports(MODULES[module])
     assert not [name for name in imports if name == "ray" or name.startswith("ray.")], module
-    project = {name for name in imports if name.split(".")[0] in PACKAGES and name in MODULES}
+    project = {name for name in imports if name in MODULES}
     assert project <= RAY_FREE, f"{module} imports {sorted(project - RAY_FREE)}, which may import Ray"
 
 
 def _modules_on_the_readme_map() -> set[str]:
-    """The modules the README's Layout map names: `pkg/mod.py`, or a bare `mod.py` after `pkg/`."""
+    """The modules the README's Layout map names: a folder (`tuning/train/`) followed by the bare
+    names of its files (`run.py`), or a file with its path (`gendertune/cli.py`)."""
     block = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("```")[1]
-    named, package = set(), None
-    for with_package, folder, bare in re.findall(r"\b(\w+/\w+)\.py|\b(\w+)/(?=\s)|\b(\w+)\.py", block):
-        if with_package:
-            package = with_package.split("/")[0]
-            named.add(with_package.replace("/", "."))
-        elif folder in PACKAGES:
-            package = folder
-        elif bare and package:
-            named.add(f"{package}.{bare}")
+    named, folder = set(), None
+    for path, new_folder in re.findall(r"(?<![\w/.])([\w/]+)\.py\b|(?<![\w/.])((?:\w+/)+)(?=\s)", block):
+        if new_folder:
+            folder = new_folder if new_folder.split("/")[0] in FOLDERS else folder
+            continue
+        full = path if "/" in path else f"{folder}{path}" if folder else None
+        if full and Path(full).name != "__init__":
+            named.add(_module_name(ROOT / f"{full}.py"))
     return named
 
 

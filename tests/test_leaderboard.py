@@ -1,5 +1,5 @@
 """The leaderboard's ranking: order, ranks, McNemar against the leader on the same images, and the
-ensemble row's place, on run folders the test writes (tuning.leaderboard)."""
+ensemble row's place, on run folders the test writes (gendertune.tuning.compare.leaderboard)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuning import leaderboard, run_layout
-from tuning.metrics import mcnemar_test
+from gendertune.tuning.compare import leaderboard
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.evaluate.metrics import mcnemar_test
 
 LABELS = np.array([0, 1] * 20)
 

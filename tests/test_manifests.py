@@ -301,7 +301,7 @@ def test_data_and_out_are_on_a_rwx_volume_in_every_pod():
 
 def test_entrypoint_parses_with_the_cli():
     from gendertune.cli import build_parser
-    from models.registry import list_models
+    from gendertune.models.registry import list_models
 
     args = build_parser().parse_args(entrypoint_argv()[1:])
     assert args.command == "compare"

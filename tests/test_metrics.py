@@ -1,4 +1,4 @@
-"""Tests for tuning.metrics (evaluation numbers, McNemar) and gendertune.plots (PNG figures)."""
+"""Tests for gendertune.tuning.evaluate.metrics (evaluation numbers, McNemar) and gendertune.base.plots (PNG figures)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from gendertune import plots
-from tuning.metrics import (
-    evaluate_predictions,
-    expected_calibration_error,
-    mcnemar_test,
-    most_confident_mistakes,
-    wilson_ci,
-)
+from gendertune.base import plots
+from gendertune.tuning.evaluate.metrics import evaluate_predictions, expected_calibration_error, mcnemar_test, most_confident_mistakes, wilson_ci
 
 
 def _calibrated(confidence: float, n: int, predict_male: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 
 from gendertune.cli import main
-from cluster.storage import OWNER_FILE, atomic_output_dir
-from data_prep import layout, pipeline
-from data_prep.config import PrepConfig
-from data_prep.errors import PrepInputError
-from data_prep.faces import TEMPLATE_NAME, AlignSettings, FaceFinder, face_chips
-from data_prep.images import load_photo
-from data_prep.labels import read_labels
+from gendertune.cluster.storage import OWNER_FILE, atomic_output_dir
+from gendertune.data_prep import layout, pipeline
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.errors import PrepInputError
+from gendertune.data_prep.faces import TEMPLATE_NAME, AlignSettings, FaceFinder, face_chips
+from gendertune.data_prep.images import load_photo
+from gendertune.data_prep.labels import read_labels
 
 SIZE = 32
 
@@ -146,7 +146,7 @@ def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
     final = tmp_path / "out"
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
-        "from cluster.storage import atomic_output_dir\n"
+        "from gendertune.cluster.storage import atomic_output_dir\n"
         "with atomic_output_dir(sys.argv[1], marker='manifest.json') as staging:\n"
         "    (staging / 'half.txt').write_text('half')\n"
         "    print('writing', flush=True)\n"

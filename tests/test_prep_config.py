@@ -1,4 +1,4 @@
-"""Tests for data_prep.config (PrepConfig): the prep stage config's validation and its precedence
+"""Tests for gendertune.data_prep.config (PrepConfig): the prep stage config's validation and its precedence
 (defaults < file < flags)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from data_prep.config import PrepConfig
-from gendertune.config import ConfigError
+from gendertune.data_prep.config import PrepConfig
+from gendertune.base.config import ConfigError
 
 
 def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):

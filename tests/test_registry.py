@@ -1,4 +1,4 @@
-"""Tests for models.registry: the model names and their specs, building each model and a
+"""Tests for gendertune.models.registry: the model names and their specs, building each model and a
 forward/backward pass at its smallest input size, and the name and image-size checks. CPU only."""
 
 from __future__ import annotations
@@ -8,15 +8,7 @@ import torch
 from torch import nn
 
 from conftest import MEAN, STD
-from models import (
-    build_model,
-    check_image_size,
-    classification_loss,
-    count_parameters,
-    get_spec,
-    list_models,
-    split_outputs,
-)
+from gendertune.models import build_model, check_image_size, classification_loss, count_parameters, get_spec, list_models, split_outputs
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")

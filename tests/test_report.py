@@ -1,4 +1,4 @@
-"""Tests for tuning.report: report.html for a hand-made comparison folder, parsed with the standard
+"""Tests for gendertune.tuning.compare.report: report.html for a hand-made comparison folder, parsed with the standard
 library and loaded in a real headless Chromium (Debian's chromium + chromium-driver, via Selenium).
 """
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from tuning.report import REPORT, write_report
+from gendertune.tuning.compare.report import REPORT, write_report
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 MODELS = ["resnet18", "googlenet", "ensemble", "vgg19"]

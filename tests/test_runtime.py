@@ -1,4 +1,4 @@
-"""The local Ray that every command starts (cluster.runtime): what it exposes to the network.
+"""The local Ray that every command starts (gendertune.cluster.runtime): what it exposes to the network.
 
 Listening sockets are read from /proc (Linux, like CI): each LISTEN socket's inode is matched to
 the process holding it, and only this test process and its descendants count (Ray's GCS, raylet,

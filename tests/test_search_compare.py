@@ -19,14 +19,18 @@ import pytest
 from ray.tune.search.optuna import OptunaSearch
 
 from gendertune.cli import main
-from gendertune.config import ConfigError
+from gendertune.base.config import ConfigError
 from conftest import prep_sample
-from tuning import leaderboard, run_layout, tracking
-from tuning.compare import run_compare
-from tuning.config import CompareConfig, SearchConfig, TrainConfig
-from tuning.search import run_search
-from tuning.search_space import base_point, param_space, trial_config
-from tuning.worker import TIMING_COLUMNS
+from gendertune.tuning.compare import leaderboard
+from gendertune.tuning.evaluate import run_layout
+from gendertune.cluster import tracking
+from gendertune.tuning.compare.run import run_compare
+from gendertune.tuning.compare.config import CompareConfig
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.search.run import run_search
+from gendertune.tuning.search.space import base_point, param_space, trial_config
+from gendertune.tuning.train.worker import TIMING_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +140,7 @@ def test_in_process_epoch_rows_carry_their_start_up_times_in_order(comparison):
 
 
 def test_a_search_tries_the_points_it_is_given_first_and_train_mode_rows_carry_start_up_times(prepared, tmp_path):
-    from data_prep.layout import open_prepared
+    from gendertune.data_prep.layout import open_prepared
 
     base = TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path / "unused"), "epochs": 1, "image_size": 40})
     own = base_point(dataclasses.replace(base, model="resnet18"), "resnet18")
@@ -287,9 +291,9 @@ def test_in_process_trial_restores_from_its_checkpoint_and_resets_for_a_new_tria
     """What Tune does with an InProcessTrial after a failure (restore) and between trials (reset)."""
     from ray import tune
 
-    from data_prep.layout import open_prepared
-    from tuning.data import training_datasets
-    from tuning.search import InProcessTrial
+    from gendertune.data_prep.layout import open_prepared
+    from gendertune.tuning.train.data import training_datasets
+    from gendertune.tuning.search.run import InProcessTrial
 
     data = open_prepared(prepared)
     base = TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path / "unused"), "epochs": 2,

@@ -1,4 +1,4 @@
-"""Tests for tuning.slices: slice reports against hand-computed values, small slices reported but
+"""Tests for gendertune.tuning.evaluate.slices: slice reports against hand-computed values, small slices reported but
 not ranked, numeric group columns as bands, and groups looked up by key."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tuning.metrics import wilson_ci
-from tuning.slices import slice_labels, slice_report, slices_of
+from gendertune.tuning.evaluate.metrics import wilson_ci
+from gendertune.tuning.evaluate.slices import slice_labels, slice_report, slices_of
 
 
 CLASSES = ("Female", "Male")

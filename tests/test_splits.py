@@ -1,4 +1,4 @@
-"""Tests for data_prep.splits: split properties (stratification, identity disjointness,
+"""Tests for gendertune.data_prep.splits: split properties (stratification, identity disjointness,
 determinism) and the official split's errors."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.errors import PrepInputError
-from data_prep.splits import assign_splits
+from gendertune.data_prep.errors import PrepInputError
+from gendertune.data_prep.splits import assign_splits
 
 
 def make_images(n_people=300, seed=1):

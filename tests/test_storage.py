@@ -1,4 +1,4 @@
-"""cluster.storage: one API for local folders and object-store URIs, tried on both (the object
+"""gendertune.cluster.storage: one API for local folders and object-store URIs, tried on both (the object
 store is a real S3 protocol: a local moto server); prep writes its shards to a URI, compare's Tune
 and Train state and its leaderboard go there, predict and `leaderboard` read from there, and the
 completion markers each stage names are only ever uploaded last."""
@@ -20,15 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster import storage
-from cluster.storage import OutputExistsError
+from gendertune.cluster import storage
+from gendertune.cluster.storage import OutputExistsError
 from gendertune.cli import main
-from gendertune.errors import MissingInputError
+from gendertune.base.errors import MissingInputError
 from conftest import prep_sample
-from data_prep.layout import MANIFEST, open_prepared
-from tuning import compare, leaderboard, run_layout
-from tuning.train import RunAlreadyComplete, run_training
-from tuning.config import TrainConfig
+from gendertune.data_prep.layout import MANIFEST, open_prepared
+from gendertune.tuning.compare import run as compare, leaderboard
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.train.run import RunAlreadyComplete, run_training
+from gendertune.tuning.train.config import TrainConfig
 
 
 def test_uri_detection_and_joining():
@@ -224,8 +225,9 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
     assert len(predictions) == 3 and predictions["prob_male"].between(0, 1).all() and predictions["error"].isna().all()
     # A resumed compare reuses the finished model from the bucket instead of searching again.
     caplog.set_level(logging.INFO, logger="tuning")
-    from tuning.compare import run_compare
-    from tuning.config import CompareConfig, SearchConfig
+    from gendertune.tuning.compare.run import run_compare
+    from gendertune.tuning.compare.config import CompareConfig
+    from gendertune.tuning.search.config import SearchConfig
 
     table = run_compare(CompareConfig.from_dict({"data": prep_uri, "out": out_uri, "models": ["resnet18"], "resume": True}),
                         SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),

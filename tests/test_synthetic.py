@@ -1,4 +1,4 @@
-"""Tests for data_prep.synthetic: CelebA file-format fidelity, identity and
+"""Tests for gendertune.data_prep.synthetic: CelebA file-format fidelity, identity and
 partition consistency, planted duplicates/corrupt files, determinism, and a
 cheap check that the Male signal is learnable but not trivial."""
 
@@ -17,7 +17,7 @@ from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data_prep.synthetic import SampleSummary, make_sample
+from gendertune.data_prep.synthetic import SampleSummary, make_sample
 
 # Spelled out independently of the module so a typo there cannot hide.
 CELEBA_ATTRIBUTES = (

@@ -1,4 +1,4 @@
-"""MLflow tracking (tuning.tracking) against a real sqlite store and a real Ray Tune run, read back
+"""MLflow tracking (gendertune.cluster.tracking) against a real sqlite store and a real Ray Tune run, read back
 with MLflow's own client, as `mlflow ui --backend-store-uri` would read it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from conftest import free_port
-from tuning import tracking
+from gendertune.cluster import tracking
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_model_result_is_one_run_with_flat_metrics_params_history_and_files(st
     }
     params = {"lr": 1e-3, "model": "resnet18", "weights": None, "eval_sets": ["utkface"], "data": "d" * 7000,
               "space": {"lr": ["loguniform", 1e-4, 1e-2]}, "odd:key?": 1, "odd_key_": 2}
-    # first_step_at, a wall-clock timestamp (tuning.worker's *_at columns), is no metric: not logged.
+    # first_step_at, a wall-clock timestamp (gendertune.tuning.train.worker's *_at columns), is no metric: not logged.
     history = pd.DataFrame({"epoch": [1, 2, 3], "val_acc": [0.5, 0.6, 0.7], "train_loss": [1.0, None, 0.5],
                             "node_id": ["a", "b", "c"], "first_step_at": [1.7e9, 1.7e9 + 5, 1.7e9 + 10]})
     run_id = tracking.log_model_result(

@@ -19,13 +19,13 @@ from PIL import Image
 
 from gendertune.cli import main
 from conftest import prep_sample
-from data_prep import layout
-from data_prep.errors import PrepInputError
-from tuning import predict as predict_module
-from tuning import run_layout
-from tuning.predict import ANNOTATION_COLOUR, predict
-from tuning.train import RunAlreadyComplete, RunFailed, run_training
-from tuning.config import TrainConfig
+from gendertune.data_prep import layout
+from gendertune.data_prep.errors import PrepInputError
+from gendertune.tuning.evaluate import predict as predict_module
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.evaluate.predict import ANNOTATION_COLOUR, predict
+from gendertune.tuning.train.run import RunAlreadyComplete, RunFailed, run_training
+from gendertune.tuning.train.config import TrainConfig
 
 EPOCHS = 4
 

@@ -1,4 +1,4 @@
-"""Tests for models.transforms: evaluation preprocessing (shape, normalisation, determinism), the
+"""Tests for gendertune.models.transforms: evaluation preprocessing (shape, normalisation, determinism), the
 seeded per-sample training augmentations and their argument checks, and the framing shift. CPU only."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import MEAN, STD
-from models import EvalPreprocess, FramingShift, TrainAugment
-from models.transforms import MAX_BORDER
+from gendertune.models import EvalPreprocess, FramingShift, TrainAugment
+from gendertune.models.transforms import MAX_BORDER
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")

@@ -1,4 +1,4 @@
-"""Tests for models.weights: offline weights loading (ImageNet, project and DDP state dicts, the
+"""Tests for gendertune.models.weights: offline weights loading (ImageNet, project and DDP state dicts, the
 torch hub cache), downloads with their hash checked, and the errors for bad weights files.
 
 CPU only, no network beyond 127.0.0.1: ImageNet-shaped weights are randomly initialised state
@@ -19,8 +19,8 @@ import torchvision
 from torchvision.models.vision_transformer import interpolate_embeddings
 
 from conftest import free_port
-from models import WeightsError, WeightsNotFoundError, build_model, get_spec, hub_weights_path
-from models.weights import WEIGHTS_MIRROR_ENV, download_weights, fetch_hub_weights, hub_weights_url
+from gendertune.models import WeightsError, WeightsNotFoundError, build_model, get_spec, hub_weights_path
+from gendertune.models.weights import WEIGHTS_MIRROR_ENV, download_weights, fetch_hub_weights, hub_weights_url
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")

@@ -1,1 +1,2 @@
-"""Training, evaluation, hyperparameter search and the model comparison leaderboard."""
+"""Training, evaluation, hyperparameter search and the model comparison, one sub-package per job,
+layered evaluate -> train -> search -> compare."""

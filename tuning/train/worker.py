@@ -3,7 +3,7 @@
 `epoch_results` is written once against a small `TrainSession` interface (rank, restore, data)
 and yields each epoch's metrics and checkpoint state. `run_epochs` reports them through the
 session: `train_worker` adapts that to Ray Train (a TorchTrainer worker: DDP, sharded data,
-rank 0 writes checkpoints). `tuning.search.InProcessTrial` steps the same generator inside a
+rank 0 writes checkpoints). `gendertune.tuning.search.run.InProcessTrial` steps the same generator inside a
 single-process Tune trial, which skips the worker-group start-up a TorchTrainer costs per trial
 (bench/README.md has the numbers). Both restore from the latest checkpoint after a failure, and both report once per epoch.
 """
@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from models.registry import build_model, get_spec
-from models.transforms import EvalPreprocess, TrainAugment
-from tuning.engine import build_optimizer, build_scheduler, evaluate, select_precision, train_one_epoch
-from tuning.config import TrainConfig
+from gendertune.models.registry import build_model, get_spec
+from gendertune.models.transforms import EvalPreprocess, TrainAugment
+from gendertune.tuning.train.engine import build_optimizer, build_scheduler, evaluate, select_precision, train_one_epoch
+from gendertune.tuning.train.config import TrainConfig
 
 CHECKPOINT_FILE = "state.pt"
 # What each epoch row says about time, besides its metrics: `*_at` columns are wall-clock Unix

@@ -1,11 +1,11 @@
 """Predict the label of every face in photos with a trained run, using exactly its preprocessing.
 
 A run trained on aligned faces (the default) detects every face in a photo and aligns each with
-the settings stored in its model.pt (data_prep.faces), the same function prep applied to its
+the settings stored in its model.pt (gendertune.data_prep.faces), the same function prep applied to its
 training and test images; a run trained on centre-square crops (`prep --align none`) gets the prep
-stage's own decode -> centre square -> resize (data_prep.images.decode_face). Then comes the
-model's resize and normalisation (models.transforms.EvalPreprocess), and the probability is
-calibrated with the temperature fitted on validation (tuning.calibration). (The original notebook's
+stage's own decode -> centre square -> resize (gendertune.data_prep.images.decode_face). Then comes the
+model's resize and normalisation (gendertune.models.transforms.EvalPreprocess), and the probability is
+calibrated with the temperature fitted on validation (gendertune.tuning.evaluate.calibration). (The original notebook's
 inference helper skipped normalisation and had no face detector.) A few files run in-process;
 many run as Ray Data batch inference on an actor pool, each actor loading the model and the face
 models once. An unreadable or missing image, or one with no face, gets an error row, not a crash.
@@ -22,16 +22,16 @@ import ray
 import torch
 from PIL import Image, ImageDraw
 
-from cluster import storage
-from gendertune.errors import MissingInputError, UserInputError
-from cluster.runtime import compute_parallelism, ensure_ray
-from cluster.shared_storage import require_shared
-from data_prep.faces import AlignSettings, FaceChip, FaceFinder, face_chips
-from data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box, decode_face, load_photo
-from models.registry import build_model, split_outputs
-from models.transforms import EvalPreprocess
-from tuning import run_layout
-from tuning.calibration import calibrated_probability
+from gendertune.cluster import storage
+from gendertune.base.errors import MissingInputError, UserInputError
+from gendertune.cluster.runtime import compute_parallelism, ensure_ray
+from gendertune.cluster.shared_storage import require_shared
+from gendertune.data_prep.faces import AlignSettings, FaceChip, FaceFinder, face_chips
+from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box, decode_face, load_photo
+from gendertune.models.registry import build_model, split_outputs
+from gendertune.models.transforms import EvalPreprocess
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.evaluate.calibration import calibrated_probability
 
 RAY_THRESHOLD = 256  # below this many files, starting an actor pool costs more than it saves
 NO_FACE = "no face found"
@@ -63,7 +63,7 @@ class RunModel:
         self.model.load_state_dict(saved["model"])
         self.model.eval().to(memory_format=torch.channels_last)
         self.preprocess = EvalPreprocess(image_size=int(saved["image_size"]), mean=tuple(saved["mean"]), std=tuple(saved["std"]))
-        # Fitted on validation after training (tuning.calibration); 1 = the network's own probabilities.
+        # Fitted on validation after training (gendertune.tuning.evaluate.calibration); 1 = the network's own probabilities.
         self.temperature = float(saved["temperature"])
 
     @property

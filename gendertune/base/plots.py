@@ -226,7 +226,7 @@ def plot_reliability(predictions: Mapping[str, pd.DataFrame], path: str | Path, 
 
 def plot_slice_accuracy(reports: Mapping[str, Mapping[str, Mapping]], path: str | Path, *, most: int = 14) -> Path:
     """Accuracy per slice per model with 95% CIs, a panel per evaluated set; `reports` is
-    {model: {set: slice report (tuning.slices)}}. Per set, the `most` ranked slices with the lowest
+    {model: {set: slice report (gendertune.tuning.evaluate.slices)}}. Per set, the `most` ranked slices with the lowest
     mean accuracy over models are shown: where the models fail is what the figure is for."""
     sets = list(dict.fromkeys(name for per_set in reports.values() for name in per_set))
     models = list(reports)

@@ -1,16 +1,15 @@
-"""The tuning stages' configs: TrainConfig (one training run), SearchConfig (one model's search) and
-CompareConfig (the comparison), each validated before Ray starts anything.
+"""TrainConfig: one training run's settings, validated before Ray starts anything.
 
-No Ray here, so the command line builds its flags from these without importing the stages."""
+No Ray here, so the command line builds its flags from it without importing the stages."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
 
-from gendertune.config import ConfigError, StageConfig, setting
-from models.registry import get_spec, list_models
-from models.transforms import TrainAugment
+from gendertune.base.config import ConfigError, StageConfig, setting
+from gendertune.models.registry import list_models
+from gendertune.models.transforms import TrainAugment
 
 AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop", "zoom", "translate",
                  "random_border")
@@ -49,7 +48,7 @@ class TrainConfig(StageConfig):
                                help="start from ImageNet weights: the torch hub cache, downloaded into it if missing")
     weights: str | None = setting(None, exclusive="weights",
                                   help="start from a state dict file (ImageNet or this project's)")
-    # Augmentation strengths (0 = off); see models.transforms.TrainAugment for their meaning. The
+    # Augmentation strengths (0 = off); see gendertune.models.transforms.TrainAugment for their meaning. The
     # command line sets them together with --augment (gendertune.cli).
     # Random resized crops are on by default: robustness to how a face is framed is a goal.
     hflip: float = setting(0.5, help="probability of a horizontal flip", flag=False)
@@ -71,7 +70,7 @@ class TrainConfig(StageConfig):
     # Each failure resumes from the latest checkpoint.
     max_failures: int = setting(1, help="worker failures to recover from")
     eval_batch_size: int = setting(256, help="batch size of evaluation", flag=False)
-    # NAME=DIR labelled folders scored after training, never during selection (tuning.eval_sets).
+    # NAME=DIR labelled folders scored after training, never during selection (gendertune.tuning.evaluate.eval_sets).
     eval_sets: tuple[str, ...] = setting(
         (), flag="--eval-set", repeat=True, metavar="NAME=DIR",
         help="after training, also score on this labelled folder (a CSV with an image column, the attribute, "
@@ -103,7 +102,7 @@ class TrainConfig(StageConfig):
             raise ConfigError(f"train.placement_strategy: PACK or SPREAD, got {self.placement_strategy!r}")
         if self.max_failures < 0:
             raise ConfigError("train.max_failures: must be >= 0")
-        try:  # the augmentation's own checks, so each range is stated once (models.transforms)
+        try:  # the augmentation's own checks, so each range is stated once (gendertune.models.transforms)
             TrainAugment(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **self.augment_strengths())
         except ValueError as err:
             raise ConfigError(f"train.{err}; see --augment in `gendertune train --help`") from None
@@ -114,55 +113,3 @@ class TrainConfig(StageConfig):
     def augment_strengths(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in AUGMENTATIONS}
 
-
-@dataclasses.dataclass
-class SearchConfig(StageConfig):
-    section = "search"
-
-    trials: int = setting(8, help="Optuna trials per model")
-    time_budget_s: float = setting(0.0, help="stop starting trials after this long, per model; 0 = no limit")
-    max_concurrent: int = setting(0, help="trials at once; 0 = as many as the CPUs allow: cores // CPUs per trial")
-    grace_period: int = setting(1, help="ASHA: epochs every trial gets before it can be stopped")
-    reduction_factor: int = setting(2, help="ASHA: keep 1/reduction_factor of the trials at each rung")
-    # The command line's --seed sets it and the runs' seed together (gendertune.cli).
-    seed: int = setting(0, help="the seed of the search's Optuna sampler")
-    trial_mode: Literal["auto", "train", "inprocess"] = setting(
-        "auto", help="train = each trial launches a TorchTrainer; inprocess = 1-worker trials run in the trial "
-        "process (no worker start-up); auto = inprocess for 1 worker")
-    space: dict = setting(default_factory=dict, help="overrides of tuning.search_space", flag=False)
-
-    def validate(self) -> None:
-        if self.trials < 1:
-            raise ConfigError("search.trials: must be >= 1")
-        if self.time_budget_s < 0 or self.max_concurrent < 0:
-            raise ConfigError("search.time_budget_s and search.max_concurrent must be >= 0")
-        if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ConfigError("search.grace_period must be >= 1 and search.reduction_factor >= 2")
-
-
-DEFAULT_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
-
-
-@dataclasses.dataclass
-class CompareConfig(StageConfig):
-    section = "compare"
-
-    data: str = setting("", help="a `gendertune prep` output folder")
-    out: str = setting("", help="comparison folder or object-store URI (s3://, gs://)")
-    models: tuple[str, ...] = setting(DEFAULT_MODELS, help="comma-separated models", names=list_models())
-    retrain: bool = setting(False, help="retrain the best configuration from scratch instead of keeping its checkpoint")
-    resume: bool = setting(False, help="continue an interrupted comparison in --out")
-    ensemble_k: int = setting(0, help="the ensemble row's members: the top K models; 0 = every model within the "
-                              "leader's 95% CI")
-
-    def validate(self) -> None:
-        if not self.data or not self.out:
-            raise ConfigError("compare: give --data PREP_OUT and --out DIR")
-        if not self.models:
-            raise ConfigError("compare.models: name at least one model")
-        for model in self.models:
-            get_spec(model)  # ValueError listing the known models
-        if len(set(self.models)) != len(self.models):
-            raise ConfigError(f"compare.models: {', '.join(self.models)} names a model twice")
-        if self.ensemble_k < 0 or self.ensemble_k == 1:
-            raise ConfigError(f"compare.ensemble_k: 0 (the models within the leader's CI) or at least 2, got {self.ensemble_k}")

@@ -1,6 +1,6 @@
 """Search one architecture's hyperparameters with Ray Tune + Optuna (TPE) and ASHA early stopping.
 
-Each trial is one training run of tuning.worker's epoch loop and reports val accuracy per epoch;
+Each trial is one training run of gendertune.tuning.train.worker's epoch loop and reports val accuracy per epoch;
 ASHA stops weak trials at its rungs; the test split is never read here. Two trial modes:
 - `train`: the trial launches a TorchTrainer (Ray 2.60's Tune-launches-Train pattern) and holds
   only a sliver of CPU itself, so trial drivers never starve their own workers on a small box;
@@ -34,20 +34,21 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from gendertune.config import ConfigError
-from gendertune.errors import StageFailed
-from cluster.storage import is_uri, join, resolve
-from cluster.runtime import compute_parallelism
-from data_prep.layout import PreparedData, open_prepared
-from models.registry import build_model, get_spec
-from models.transforms import EvalPreprocess
-from models.weights import fetch_hub_weights
-from tuning.data import training_datasets
-from tuning.engine import build_optimizer, select_precision, train_one_epoch
-from tuning.search_space import base_point, param_space, space_for, trial_config
-from tuning.train import build_trainer, loop_settings
-from tuning.config import SearchConfig, TrainConfig
-from tuning.worker import TIMING_COLUMNS, epoch_results, load_state_dir, save_state_dir, torch_batches
+from gendertune.base.config import ConfigError
+from gendertune.base.errors import StageFailed
+from gendertune.cluster.storage import is_uri, join, resolve
+from gendertune.cluster.runtime import compute_parallelism
+from gendertune.data_prep.layout import PreparedData, open_prepared
+from gendertune.models.registry import build_model, get_spec
+from gendertune.models.transforms import EvalPreprocess
+from gendertune.models.weights import fetch_hub_weights
+from gendertune.tuning.train.data import training_datasets
+from gendertune.tuning.train.engine import build_optimizer, select_precision, train_one_epoch
+from gendertune.tuning.search.space import base_point, param_space, space_for, trial_config
+from gendertune.tuning.train.run import build_trainer, loop_settings
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.worker import TIMING_COLUMNS, epoch_results, load_state_dir, save_state_dir, torch_batches
 
 METRIC = "val_acc"
 SEARCH_DIR = "search"
@@ -278,7 +279,7 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     URI) holds the Tune state; `callbacks` are more Tune callbacks (e.g. tracking's MLflow logger;
     a restored search keeps the ones it was started with); `points_to_evaluate` are the
     configurations the searcher tries first, in order (default: the base settings' own point,
-    tuning.search_space.base_point)."""
+    gendertune.tuning.search.space.base_point)."""
     base = dataclasses.replace(base, model=model)
     loop_settings(base, prepared)  # image size vs model, weights file: fail before any trial
     mode = resolve_mode(search, base)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cluster.storage import write_json_atomic, write_text_atomic
-from tuning import run_layout
-from tuning.metrics import evaluate_predictions
-from tuning.slices import slices_of
+from gendertune.cluster.storage import write_json_atomic, write_text_atomic
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.evaluate.metrics import evaluate_predictions
+from gendertune.tuning.evaluate.slices import slices_of
 
 FOLDER = "ensemble"
 

@@ -1,4 +1,4 @@
-"""The layout of a training run directory, shared by the writer (tuning.train) and readers
+"""The layout of a training run directory, shared by the writer (gendertune.tuning.train.run) and readers
 (predict, compare, leaderboard).
 
     RUN/
@@ -6,11 +6,11 @@
       model.pt               best-by-validation weights + what predict needs (model name, sizes,
                              mean/std, class names), loadable with torch.load(weights_only=True)
       history.csv            per epoch: train/val loss and accuracy, lr, img/s, start-up timestamps
-                             (tuning.worker.TIMING_COLUMNS)
+                             (gendertune.tuning.train.worker.TIMING_COLUMNS)
       metrics.json           held-out evaluation; written last, so it marks the run complete
       test_predictions.csv   image_id,label,margin,prob_uncalibrated,prob_positive (calibrated; paired
                              tests between models use it)
-      eval_<NAME>_predictions.csv  the same per image of an eval set (tuning.eval_sets), by path
+      eval_<NAME>_predictions.csv  the same per image of an eval set (gendertune.tuning.evaluate.eval_sets), by path
       mistakes_<split|NAME>.png    the most confident mistakes
       accuracy_per_epoch.png loss_per_epoch.png confusion_matrix.png
       train/                 Ray Train storage: a checkpoint per epoch (resume reads it)
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gendertune.errors import MissingInputError
+from gendertune.base.errors import MissingInputError
 
 CONFIG = "config.json"
 MODEL = "model.pt"

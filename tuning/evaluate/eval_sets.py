@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gendertune.config import ConfigError
-from cluster.storage import write_json_atomic, write_text_atomic
-from data_prep.labels import read_label_csv, read_slice_columns
-from tuning import run_layout
-from tuning.metrics import evaluate_predictions, most_confident_mistakes
-from gendertune.plots import plot_mistakes
-from tuning.predict import RunModel, predict
-from tuning.slices import slices_of
+from gendertune.base.config import ConfigError
+from gendertune.cluster.storage import write_json_atomic, write_text_atomic
+from gendertune.data_prep.labels import read_label_csv, read_slice_columns
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.evaluate.metrics import evaluate_predictions, most_confident_mistakes
+from gendertune.base.plots import plot_mistakes
+from gendertune.tuning.evaluate.predict import RunModel, predict
+from gendertune.tuning.evaluate.slices import slices_of
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")  # it becomes a column and a file name
 LABEL_FILE = "labels.csv"

@@ -2,11 +2,11 @@
 
     OUT/config.json              the resolved compare, search and train settings
     OUT/searches/<model>/        Ray Tune state (resume reads it)
-    OUT/models/<model>/          the best run in tuning.run_layout form (`gendertune predict` works on it),
-                                 scored on every --eval-set too (tuning.eval_sets)
-    OUT/ensemble/                the ensemble of the best models (tuning.ensemble)
-    OUT/leaderboard.{csv,json,md} and its figures (tuning.leaderboard), then report.html
-OUT may be an object-store URI (cluster.storage): Tune writes there itself, the rest is
+    OUT/models/<model>/          the best run in gendertune.tuning.evaluate.run_layout form (`gendertune predict` works on it),
+                                 scored on every --eval-set too (gendertune.tuning.evaluate.eval_sets)
+    OUT/ensemble/                the ensemble of the best models (gendertune.tuning.compare.ensemble)
+    OUT/leaderboard.{csv,json,md} and its figures (gendertune.tuning.compare.leaderboard), then report.html
+OUT may be an object-store URI (gendertune.cluster.storage): Tune writes there itself, the rest is
 uploaded when the comparison ends, each model's metrics.json after its other files, the leaderboard last.
 A model that fails becomes an error row; the others still finish. With resume, a model whose run
 folder is complete is not searched again, and an interrupted search continues where it stopped.
@@ -24,19 +24,22 @@ from pathlib import Path
 
 import pandas as pd
 
-from gendertune.config import ConfigError
-from cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
-from cluster.shared_storage import require_shared
-from cluster.storage import (OutputExistsError, OutputLocation, delete_tree, is_uri, join, list_files, output_location,
-                             write_text_atomic)
-from data_prep.layout import PreparedData, open_prepared, read_slices
-from models.registry import get_spec
-from models.weights import fetch_hub_weights
-from tuning import ensemble, leaderboard, report, run_layout, tracking
-from tuning.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
-from tuning.search import check_search, describe_params, run_search
-from tuning.config import CompareConfig, SearchConfig, TrainConfig
-from tuning.train import evaluate_held_out_and_write, train_into
+from gendertune.base.config import ConfigError
+from gendertune.cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
+from gendertune.cluster.shared_storage import require_shared
+from gendertune.cluster.storage import OutputExistsError, OutputLocation, delete_tree, is_uri, join, list_files, output_location, write_text_atomic
+from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
+from gendertune.models.registry import get_spec
+from gendertune.models.weights import fetch_hub_weights
+from gendertune.tuning.compare import ensemble, leaderboard, report
+from gendertune.tuning.evaluate import run_layout
+from gendertune.cluster import tracking
+from gendertune.tuning.evaluate.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
+from gendertune.tuning.search.run import check_search, describe_params, run_search
+from gendertune.tuning.compare.config import CompareConfig
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.run import evaluate_held_out_and_write, train_into
 
 logger = logging.getLogger(__name__)
 # The files that vouch for a finished part of OUT, uploaded to an object store after every other

@@ -1,6 +1,6 @@
 """Command-line flags generated from the stage configs' fields, so that each setting is declared once.
 
-A field declared with `gendertune.config.setting` (and not `flag=False`) becomes one option:
+A field declared with `gendertune.base.config.setting` (and not `flag=False`) becomes one option:
 --kebab-case of its name, dest = the field's name, parsed as its annotation says (int, float, str;
 a Literal's values as choices; tuples comma-separated; bool a switch), help = the field's help
 plus the dataclass default. Every option defaults to None, "not given", so that
@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Collection
 from typing import Any, Literal
 
-from gendertune.config import StageConfig
+from gendertune.base.config import StageConfig
 
 
 def flag_fields(config: type[StageConfig]) -> list[dataclasses.Field]:

@@ -16,13 +16,15 @@ import logging
 import time
 from pathlib import Path
 
-from data_prep import celeba, layout
-from data_prep.config import PrepConfig
-from data_prep.pipeline import run_prep
-from data_prep.synthetic import make_sample
-from tuning.compare import run_compare
-from tuning.config import CompareConfig, SearchConfig, TrainConfig
-from tuning.leaderboard import format_table
+from gendertune.data_prep import celeba, layout
+from gendertune.data_prep.config import PrepConfig
+from gendertune.data_prep.pipeline import run_prep
+from gendertune.data_prep.synthetic import make_sample
+from gendertune.tuning.compare.run import run_compare
+from gendertune.tuning.compare.config import CompareConfig
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.compare.leaderboard import format_table
 
 SAMPLE_IMAGES, SAMPLE_PEOPLE = 800, 400
 IMAGE_SIZE = 32

@@ -1,4 +1,4 @@
-"""Ray Datasets over a prep output: the train/val/test views a run needs, decoded (tuning.pixels).
+"""Ray Datasets over a prep output: the train/val/test views a run needs, decoded (gendertune.tuning.train.pixels).
 
 When the prep output has no val split, validation is carved from train — by person when the
 identity is known (so validation, like test, never shares people with training), else by image.
@@ -14,10 +14,10 @@ import pyarrow.dataset as pads
 import ray
 import ray.train
 
-from cluster import storage
-from gendertune.errors import UserInputError
-from data_prep.layout import PreparedData
-from tuning.pixels import decode_pixels
+from gendertune.cluster import storage
+from gendertune.base.errors import UserInputError
+from gendertune.data_prep.layout import PreparedData
+from gendertune.tuning.train.pixels import decode_pixels
 
 _KNUTH = 2654435761  # multiplicative hash constant: spreads consecutive ids over [0, 2^32)
 # Decoded train+val up to this size are computed once and kept in the object store: otherwise

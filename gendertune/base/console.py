@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-PACKAGES = ("gendertune", "tuning", "data_prep", "models", "cluster")
+PACKAGES = ("gendertune",)
 
 
 class StdoutLines(logging.StreamHandler):

@@ -12,8 +12,8 @@ from typing import Any
 
 from ray import tune
 
-from gendertune.config import ConfigError
-from tuning.config import AUGMENTATIONS, TrainConfig
+from gendertune.base.config import ConfigError
+from gendertune.tuning.train.config import AUGMENTATIONS, TrainConfig
 
 DEFAULT_SPACE: dict[str, Any] = {
     "lr": ["loguniform", 1e-4, 3e-3],

@@ -1,6 +1,6 @@
 """Ray-free training and evaluation steps: optimizer, schedule, precision, one epoch, evaluate.
 
-Ray Train's per-worker function (tuning.worker) and the benchmarks call exactly these, so the
+Ray Train's per-worker function (gendertune.tuning.train.worker) and the benchmarks call exactly these, so the
 numbers a benchmark reports are the numbers a real run gets.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gendertune.errors import UserInputError
-from models.registry import classification_loss, split_outputs
-from tuning.config import TrainConfig
+from gendertune.base.errors import UserInputError
+from gendertune.models.registry import classification_loss, split_outputs
+from gendertune.tuning.train.config import TrainConfig
 
 Batch = tuple[Tensor, Tensor]  # (uint8 N x H x W x 3 images, int labels)
 
@@ -192,7 +192,7 @@ def train_one_epoch(
 class EvalResult:
     stats: EpochStats  # seconds = wall time, data loading included
     prob_positive: Tensor  # P(label 1), e.g. P(Male)
-    margin: Tensor  # logit_1 - logit_0: what temperature scaling rescales (tuning.calibration)
+    margin: Tensor  # logit_1 - logit_0: what temperature scaling rescales (gendertune.tuning.evaluate.calibration)
     labels: Tensor
     model_seconds: float  # preprocessing + forward only: what "inference img/s" means
 

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import write_text_atomic
-from tuning import run_layout
-from tuning.leaderboard import read_leaderboard
+from gendertune.cluster.storage import write_text_atomic
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.compare.leaderboard import read_leaderboard
 
 REPORT = "report.html"
 SEARCH_SUMMARY = "search_summary.json"

@@ -1,6 +1,6 @@
 """Prep's Parquet `pixels` bytes as image arrays: plain numpy, no Ray.
 
-`tuning.data` maps it over its Ray Datasets; benchmarks (bench/gpu_check.py runs where Ray is not
+`gendertune.tuning.train.data` maps it over its Ray Datasets; benchmarks (bench/gpu_check.py runs where Ray is not
 installed) call it directly.
 """
 

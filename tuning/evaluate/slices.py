@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from tuning.metrics import wilson_ci
+from gendertune.tuning.evaluate.metrics import wilson_ci
 
 MIN_SLICE_IMAGES = 30
 # Numeric columns with more distinct values than this are binned; fewer are categories already.

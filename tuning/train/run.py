@@ -20,24 +20,25 @@ import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from gendertune.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
-from cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
-from cluster.shared_storage import require_shared
-from cluster.storage import OutputLocation, output_location, write_json_atomic, write_text_atomic
-from data_prep.layout import PreparedData, open_prepared, read_slices
-from models.registry import build_model, check_image_size, count_parameters, get_spec
-from models.transforms import EvalPreprocess
-from models.weights import fetch_hub_weights
-from tuning import run_layout, tracking
-from tuning.calibration import calibrated_probability, fit_temperature
-from tuning.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
-from tuning.engine import evaluate, select_precision
-from tuning.eval_sets import evaluate_run, load_eval_set
-from tuning.metrics import evaluate_predictions, most_confident_mistakes
-from gendertune.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
-from tuning.slices import slices_of
-from tuning.config import TrainConfig
-from tuning.worker import load_state_dir, train_worker
+from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
+from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
+from gendertune.cluster.shared_storage import require_shared
+from gendertune.cluster.storage import OutputLocation, output_location, write_json_atomic, write_text_atomic
+from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
+from gendertune.models.registry import build_model, check_image_size, count_parameters, get_spec
+from gendertune.models.transforms import EvalPreprocess
+from gendertune.models.weights import fetch_hub_weights
+from gendertune.tuning.evaluate import run_layout
+from gendertune.cluster import tracking
+from gendertune.tuning.evaluate.calibration import calibrated_probability, fit_temperature
+from gendertune.tuning.train.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
+from gendertune.tuning.train.engine import evaluate, select_precision
+from gendertune.tuning.evaluate.eval_sets import evaluate_run, load_eval_set
+from gendertune.tuning.evaluate.metrics import evaluate_predictions, most_confident_mistakes
+from gendertune.base.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
+from gendertune.tuning.evaluate.slices import slices_of
+from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.worker import load_state_dir, train_worker
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def write_run_outputs(
     out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, held_out: dict[str, dict],
     wall_seconds: float,
 ) -> dict:
-    """Everything a finished run holds (tuning.run_layout), metrics.json last. `held_out` is
+    """Everything a finished run holds (gendertune.tuning.evaluate.run_layout), metrics.json last. `held_out` is
     held_out_predictions' result: the temperature is fitted on "val", the report is on "test"
     (or on "val", with a warning, when the prep made no test split)."""
     spec = get_spec(config.model)
@@ -195,7 +196,7 @@ def write_run_outputs(
             "model": state["model"], "model_name": config.model, "image_size": state["image_size"],
             "prep_image_size": prepared.image_size, "mean": list(spec.mean), "std": list(spec.std),
             "class_names": prepared.class_names, "epoch": best["epoch"], "val_acc": best["val_acc"],
-            # How prep framed the faces (data_prep.faces.AlignSettings): predict reproduces it.
+            # How prep framed the faces (gendertune.data_prep.faces.AlignSettings): predict reproduces it.
             "alignment": prepared.alignment,
             "temperature": temperature,  # predict reports sigmoid(margin / temperature)
         },
@@ -236,7 +237,7 @@ def write_run_outputs(
         "inference_images_per_s": len(predictions) / max(scored["seconds"], 1e-9),
         "workers": config.workers,
         "gpu": config.gpu,
-        # Which precision --precision resolved to on the workers, and why (tuning.engine.select_precision).
+        # Which precision --precision resolved to on the workers, and why (gendertune.tuning.train.engine.select_precision).
         **{key: history[key].iloc[-1] for key in ("precision", "precision_reason") if key in history},
     }
     if split != "test":

@@ -34,8 +34,8 @@ from typing import Any
 
 import pandas as pd
 
-from gendertune.errors import UnreachableError, UserInputError
-from cluster.storage import is_uri
+from gendertune.base.errors import UnreachableError, UserInputError
+from gendertune.cluster.storage import is_uri
 
 AUTO_SETTINGS = frozenset({"auto", "default"})
 STORE_FILE = "mlflow.db"
@@ -49,7 +49,7 @@ MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE = 250, 6000, 8000
 PARAMS_PER_BATCH, METRICS_PER_BATCH = 100, 1000
 CONNECT_TIMEOUT_S = 10
 _INVALID_KEY_CHARS = re.compile(r"[^/\w.\- ]")
-# History columns named *_at are wall-clock timestamps (tuning.worker's TIMING_COLUMNS): they date
+# History columns named *_at are wall-clock timestamps (gendertune.tuning.train.worker's TIMING_COLUMNS): they date
 # an epoch, they measure nothing, so they are no metric to chart.
 TIMESTAMP_SUFFIX = "_at"
 # mlflow itself is imported inside the functions: a slow import, paid only with --mlflow.

@@ -6,7 +6,7 @@ rejected rather than ignored: a typo in a config file silently falling back to a
 classic way a tuning run ends up measuring something other than what its author meant.
 
 Fields are declared with `setting`, which keeps a setting's help next to its default; the command
-line's flags are generated from those fields (gendertune.flags), so each is written once.
+line's flags are generated from those fields (gendertune.base.flags), so each is written once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, Self
 
-from gendertune.errors import UserInputError
+from gendertune.base.errors import UserInputError
 
 
 # Every stage's section name; a config file section outside this list is a typo.

@@ -18,19 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cluster import storage
-from gendertune.errors import MissingInputError
-from cluster.storage import write_json_atomic, write_text_atomic
-from tuning import run_layout
-from tuning.metrics import mcnemar_test
-from gendertune.plots import (
-    plot_accuracy_vs_speed,
-    plot_accuracy_with_ci,
-    plot_confusion_matrices,
-    plot_histories,
-    plot_reliability,
-    plot_slice_accuracy,
-)
+from gendertune.cluster import storage
+from gendertune.base.errors import MissingInputError
+from gendertune.cluster.storage import write_json_atomic, write_text_atomic
+from gendertune.tuning.evaluate import run_layout
+from gendertune.tuning.evaluate.metrics import mcnemar_test
+from gendertune.base.plots import plot_accuracy_vs_speed, plot_accuracy_with_ci, plot_confusion_matrices, plot_histories, plot_reliability, plot_slice_accuracy
 
 CSV, JSON, MD = "leaderboard.csv", "leaderboard.json", "leaderboard.md"
 # Fixed columns; per-class columns (named after the prep's classes) and per-eval-set columns

@@ -1,0 +1,2 @@
+"""The comparison: search each model, evaluate, rank (`leaderboard`), the ensemble row, the report
+and the demo's fixed budget."""

@@ -1,0 +1,35 @@
+"""CompareConfig: the comparison's settings, validated before Ray starts anything (no Ray here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gendertune.base.config import ConfigError, StageConfig, setting
+from gendertune.models.registry import get_spec, list_models
+
+DEFAULT_MODELS = ("resnet50", "resnet18", "googlenet", "vgg19")
+
+
+@dataclasses.dataclass
+class CompareConfig(StageConfig):
+    section = "compare"
+
+    data: str = setting("", help="a `gendertune prep` output folder")
+    out: str = setting("", help="comparison folder or object-store URI (s3://, gs://)")
+    models: tuple[str, ...] = setting(DEFAULT_MODELS, help="comma-separated models", names=list_models())
+    retrain: bool = setting(False, help="retrain the best configuration from scratch instead of keeping its checkpoint")
+    resume: bool = setting(False, help="continue an interrupted comparison in --out")
+    ensemble_k: int = setting(0, help="the ensemble row's members: the top K models; 0 = every model within the "
+                              "leader's 95% CI")
+
+    def validate(self) -> None:
+        if not self.data or not self.out:
+            raise ConfigError("compare: give --data PREP_OUT and --out DIR")
+        if not self.models:
+            raise ConfigError("compare.models: name at least one model")
+        for model in self.models:
+            get_spec(model)  # ValueError listing the known models
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"compare.models: {', '.join(self.models)} names a model twice")
+        if self.ensemble_k < 0 or self.ensemble_k == 1:
+            raise ConfigError(f"compare.ensemble_k: 0 (the models within the leader's CI) or at least 2, got {self.ensemble_k}")
