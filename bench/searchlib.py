@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from gendertune.data_prep.synthetic import make_sample
 from gendertune.tuning.search.run import METRIC, run_search
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.train.config import TrainConfig
-from gendertune.tuning.search.space import param_space
+from gendertune.tuning.search.space import space_for, suggest
 from gendertune.tuning.train.worker import TIMING_COLUMNS
 
 from benchlib import machine_info, private_ray
@@ -81,8 +82,8 @@ class SearchRecorder(tune.Callback):
 def suggested_configs(model: str, n: int, seed: int) -> list[dict]:
     """The first `n` configurations an OptunaSearch(seed) proposes over the model's space, the
     configurations a real search starts with."""
-    searcher = OptunaSearch(seed=seed)
-    searcher.set_search_properties(METRIC, "max", param_space(model))
+    searcher = OptunaSearch(space=functools.partial(suggest, space=space_for(model)), metric=METRIC, mode="max",
+                            seed=seed)
     return [searcher.suggest(f"bench-{i}") for i in range(n)]
 
 

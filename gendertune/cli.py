@@ -350,8 +350,10 @@ COMMANDS = {
         _evaluate_flags, _run_evaluate),
     "compare": Command(
         "search each model with Ray Tune + Optuna and write the comparison leaderboard",
-        "For each model: search hyperparameters (Optuna TPE + ASHA) on the validation split, keep "
-        "(or --retrain) the best configuration, evaluate it once on the test split; then rank the models with "
+        "For each model: plan the budget (one full-length run of your configuration is reserved first), "
+        "screen cheaply (an lr range test, short low-resolution runs through Ray Tune + Optuna), replace your "
+        "configuration only when a challenger beats it by more than the validation noise, train the chosen one "
+        "at full length as `train` would, evaluate it once on the test split; then rank the models with "
         "confidence intervals and McNemar tests against the leader.",
         _compare_flags, _run_compare),
     "leaderboard": Command(
@@ -360,10 +362,10 @@ COMMANDS = {
         "--format html writes DIR/report.html, one self-contained page.",
         _leaderboard_flags, _run_leaderboard),
     "demo": Command(
-        "the whole pipeline on a generated sample: make-sample, prep, compare three of the original notebook's four "
-        "models (not VGG19: it does not learn in the demo's budget)",
+        "the whole pipeline on a generated sample: make-sample, prep, compare the original notebook's four models",
         "Generate a SYNTHETIC CelebA-layout sample (or use --data), prep it with an identity split, "
-        "compare resnet50, resnet18 and googlenet with a small, deterministic search budget, print the leaderboard. "
+        "compare resnet50, resnet18, googlenet and vgg19_bn with a small, deterministic search budget, print the "
+        "leaderboard. "
         "Re-running with the same --out resumes.",
         _demo_flags, _run_demo),
     "submit": Command(

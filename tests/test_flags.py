@@ -104,7 +104,13 @@ def test_the_config_file_only_settings_are_no_flags():
 
 
 def flag_names(*configs) -> set[str]:
-    return {flags.flag_name(field) for config in configs for field in flags.flag_fields(config)}
+    """Each flag field's option, and --no-X beside a switch that is on by default."""
+    names = set()
+    for config in configs:
+        for field in flags.flag_fields(config):
+            name = flags.flag_name(field)
+            names |= {name, "--no-" + name[2:]} if field.default is True else {name}
+    return names
 
 
 HELP = {"-h", "--help"}

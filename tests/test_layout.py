@@ -46,8 +46,9 @@ RAY_FREE = {
     "gendertune.tuning.evaluate.calibration", "gendertune.tuning.evaluate.metrics",
     "gendertune.tuning.evaluate.run_layout", "gendertune.tuning.evaluate.slices",
     "gendertune.tuning.train.config", "gendertune.tuning.train.engine", "gendertune.tuning.train.pixels",
-    "gendertune.tuning.search.config",
-    "gendertune.tuning.compare.config", "gendertune.tuning.compare.ensemble", "gendertune.tuning.compare.leaderboard",
+    "gendertune.tuning.search.config", "gendertune.tuning.search.figures", "gendertune.tuning.search.lr_range",
+    "gendertune.tuning.search.policy", "gendertune.tuning.search.space",
+    "gendertune.tuning.compare.config", "gendertune.tuning.compare.layout", "gendertune.tuning.compare.ensemble", "gendertune.tuning.compare.leaderboard",
     "gendertune.tuning.compare.report",
 }
 

@@ -41,7 +41,7 @@ def test_models_are_ranked_by_accuracy_with_mcnemar_against_the_leader(tmp_path)
         assert row["mcnemar_p_vs_leader"] == pytest.approx(expected["p_value"])
         assert (row["mcnemar_b"], row["mcnemar_c"]) == (expected["b"], expected["c"])
     assert np.isnan(table["mcnemar_p_vs_leader"].iloc[0])
-    assert table.columns[-3:].tolist() == leaderboard.LAST_COLUMNS
+    assert table.columns[-len(leaderboard.LAST_COLUMNS):].tolist() == leaderboard.LAST_COLUMNS
 
 
 def test_the_ensemble_row_follows_the_ranked_models_unranked_and_tested_against_the_leader(tmp_path):
@@ -56,4 +56,4 @@ def test_the_ensemble_row_follows_the_ranked_models_unranked_and_tested_against_
     # The models' own rows are as rank_rows left them.
     pd.testing.assert_frame_equal(table.drop(index=2).reset_index(drop=True)[ranked.columns], ranked,
                                   check_dtype=False)
-    assert table.columns[-3:].tolist() == leaderboard.LAST_COLUMNS
+    assert table.columns[-len(leaderboard.LAST_COLUMNS):].tolist() == leaderboard.LAST_COLUMNS

@@ -20,6 +20,7 @@ def test_registry_names_and_specs():
         "resnet18",
         "googlenet",
         "vgg19",
+        "vgg19_bn",
         "efficientnet_b0",
         "convnext_tiny",
         "vit_b_16",
@@ -27,6 +28,7 @@ def test_registry_names_and_specs():
     for name in list_models():
         spec = get_spec(name)
         assert spec.input_size == 224 and spec.mean == MEAN and spec.std == STD
+        assert bool(spec.note) == (name == "vgg19_bn")  # the leaderboard says why VGG19 is its BN variant
         assert spec.aux_loss_weight == (0.3 if name == "googlenet" else 0.0)
         assert spec.fixed_input_size == (name == "vit_b_16")
 
@@ -85,3 +87,11 @@ def test_image_size_checks():
 def test_count_parameters():
     model = nn.Linear(3, 2)
     assert count_parameters(model) == 8
+
+
+def test_resnets_start_with_each_residual_block_as_the_identity():
+    """zero_init_residual: every block's last BN scale is 0, so a deep ResNet trains from scratch."""
+    for name, last_bn in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        model = build_model(name, image_size=32)
+        blocks = [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
+        assert all(float(getattr(block, last_bn).weight.detach().abs().sum()) == 0 for block in blocks), name

@@ -90,14 +90,49 @@ def comparison(tmp_path) -> Path:
                                   "roc_auc": 0.88, "ece": 0.09, "per_class": per_class, "no_prediction": 7}},
         "slices": {"test": _slices(0.86), "utkface": _slices(0.71)},
     }))
-    (resnet / "search_summary.json").write_text(json.dumps(
-        {"trials_run": 8, "trials_pruned": 3, "best_params": "lr=0.001, batch_size=32, milestones=[3, 6]"}))
+    _search(resnet, out)
     (resnet / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr\n"
                                         + "".join(f"{e},0.5,0.8,0.4,0.9,0.001\n" for e in range(1, 7)))
     # The ensemble has a metrics.json without eval sets or slices; vgg19 has no folder at all.
     (out / "models" / "ensemble").mkdir(parents=True)
     (out / "models" / "ensemble" / "metrics.json").write_text(json.dumps({"accuracy": 0.91, "ece": 0.05}))
     return out
+
+
+def _search(folder: Path, out: Path) -> None:
+    """search.json as compare writes it, and the search's figures drawn from a real Optuna study."""
+    import optuna
+
+    from gendertune.tuning.compare import layout
+    from gendertune.tuning.search import figures
+
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.create_study(study_name="screening", storage=storage, direction="maximize")
+    trials = []
+    for i, (lr, accs) in enumerate([(1e-3, [0.7, 0.8, 0.85]), (3e-3, [0.72, 0.83, 0.88]), (1e-4, [0.6]),
+                                    (5e-4, [0.68, 0.79, 0.84]), (2e-3, [0.71, 0.81, 0.86])]):
+        trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                           "label_smoothing": optuna.distributions.FloatDistribution(0.0, 0.1)})
+        for epoch, acc in enumerate(accs, 1):
+            trial.report(acc, epoch)
+        pruned = len(accs) < 3
+        study.tell(trial, None if pruned else accs[-1],
+                   state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE)
+        trials.append({"trial_id": f"t{i}", "params": f"lr={lr:g}", "fidelity": "32 px x 3 epochs",
+                       "epochs_run": len(accs), "val_acc": accs[-1], "status": "pruned" if pruned else "completed"})
+    curve = {"lrs": [1e-6 * 1.2**i for i in range(60)], "losses": [0.7 - 0.004 * i for i in range(60)], "suggestion": 3e-4}
+    figures.plot_lr_curve(curve, folder / layout.LR_CURVE)
+    figures.plot_study(storage, folder, history=layout.SEARCH_HISTORY, intermediate=layout.SEARCH_INTERMEDIATE,
+                       importance=layout.SEARCH_IMPORTANCE)
+    (folder / layout.SEARCH_SUMMARY).write_text(json.dumps({
+        "plan": {"regime": "parity", "budget_s": 646, "note": "the budget holds one full run: an lr range test first, "
+                 "then one final run of 12 epochs", "planned_s": {"lr_test": 20, "screening": 80, "full_runs": 540}},
+        "actual_s": {"planning": 6, "lr_test": 22, "screening": 75, "full_runs": 551},
+        "kept": True, "verdict": "kept: at screening fidelity the best challenger (lr=0.003) scored +3.00 points on "
+        "validation vs a threshold of 5.10 (2 unpaired SE)", "gain": 0.03, "final_seconds": 551,
+        "best_params": "lr=0.001, batch_size=32, milestones=[3, 6]", "lr_curve": curve, "trials": trials,
+        "full_runs": [{"label": "incumbent", "params": "lr=0.001", "epochs": 12, "best_val_acc": 0.93, "seconds": 551}],
+    }))
 
 
 class _Page(html.parser.HTMLParser):
@@ -172,8 +207,9 @@ def test_report_is_self_contained_and_has_a_row_per_leaderboard_row(comparison):
     assert failed["class"] == "error" and failed["cells"] == ["–", "vgg19", "model", f"error: {ERROR}"]
     assert "<allocating" not in text  # escaped, not markup
 
-    # Three comparison figures and three of resnet18's; the corrupt accuracy_vs_speed.png is left out.
-    assert len(page.images) == 6
+    # Three comparison figures, three of resnet18's and its four search figures; the corrupt
+    # accuracy_vs_speed.png is left out.
+    assert len(page.images) == 10
     assert all(src.startswith("data:image/png;base64,") for src in page.images)
     assert all(url.startswith(("data:", "#")) for url in page.urls)
     assert "http://" not in text and "https://" not in text and page.scripts == 0
@@ -260,6 +296,12 @@ def test_report_renders_in_chromium(comparison, chromium, tmp_path):
     images = chromium.execute_script(
         "return Array.from(document.images, img => [img.alt, img.complete && img.naturalWidth > 0])")
     assert images and [alt for alt, loaded in images if not loaded] == []
+    # The Search section: the verdict, the trials, and the search's figures, each decoded.
+    search = chromium.execute_script(
+        "const s = document.querySelector('#search'); return s && [s.innerText, "
+        "Array.from(s.querySelectorAll('img'), img => img.naturalWidth > 0 ? img.alt : '')]")
+    assert search and "kept: at screening fidelity" in search[0] and "pruned" in search[0]
+    assert [alt.split(": ")[1].split(" ")[0] for alt in search[1]] == ["lr", "optimisation", "val", "parameter"]
     # data: URIs are not resource fetches; anything else the page loaded would be listed here.
     assert chromium.execute_script(
         "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'))") == []

@@ -1,4 +1,6 @@
-"""Ray Tune + Optuna search and the leaderboard, end to end with a tiny budget."""
+"""The search under its budget policy (Ray Tune + Optuna) and the leaderboard, end to end with a tiny budget.
+One module-scoped comparison; the search's own behaviour (keep the user's configuration, replace a
+planted bad one, resume) in its own small runs."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from ray.tune.search.optuna import OptunaSearch
 
 from gendertune.cli import main
 from gendertune.base.config import ConfigError
@@ -29,7 +30,7 @@ from gendertune.tuning.compare.config import CompareConfig
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.search.run import run_search
-from gendertune.tuning.search.space import base_point, param_space, trial_config
+from gendertune.tuning.search.space import space_for, trial_config, user_point
 from gendertune.tuning.train.worker import TIMING_COLUMNS
 
 
@@ -39,12 +40,6 @@ def prepared(ray_session, synthetic_sample, tmp_path_factory):
                        image_size=32, split="identity", ratios=[0.6, 0.2, 0.2])
 
 
-def suggestions(seed: int, n: int = 4) -> list[dict]:
-    searcher = OptunaSearch(seed=seed)
-    searcher.set_search_properties("val_acc", "max", param_space("resnet18"))
-    return [searcher.suggest(f"trial-{i}") for i in range(n)]
-
-
 def test_augment_strength_scales_the_users_own_augmentation():
     base = TrainConfig.from_dict({"data": "d", "out": "o", "hflip": 0.0, "rotation": 30.0, "color_jitter": 0.0,
                                   "random_erasing": 0.0, "random_resized_crop": 0.0, "zoom": 0.0, "translate": 0.0,
@@ -52,14 +47,10 @@ def test_augment_strength_scales_the_users_own_augmentation():
     half = trial_config(base, {"augment_strength": 0.5, "lr": 0.01})
     assert half.rotation == 15.0 and half.hflip == 0.0 and half.lr == 0.01  # none stays none
     assert trial_config(base, {"augment_strength": 0.5, "hflip": 0.3}).hflip == 0.3  # searched on its own
+    assert trial_config(dataclasses.replace(base, hflip=0.5), {"augment_strength": 0.5}).hflip == 0.5  # never scaled
     none = dataclasses.replace(base, rotation=0.0)
     assert all(v == 0 for v in trial_config(none, {"augment_strength": 1.0}).augment_strengths().values())
     assert trial_config(base, {}).rotation == 30.0  # no strength searched: the base as it is
-
-
-def test_same_seed_gives_the_same_optuna_suggestions():
-    assert suggestions(3) == suggestions(3)
-    assert suggestions(3) != suggestions(4)
 
 
 def compare_configs(prepared, out, **train):
@@ -67,8 +58,9 @@ def compare_configs(prepared, out, **train):
     return (
         CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18", "vit_b_16", "googlenet"],
                                  "ensemble_k": 2}),
-        # One trial at a time, so the second trial of each model can reuse the first one's actor.
-        SearchConfig.from_dict({"trials": 2, "max_concurrent": 1}),
+        # One trial at a time, so the second trial of each model can reuse the first one's actor;
+        # the screening decides (one full-length run per model) to keep the suite short.
+        SearchConfig.from_dict({"trials": 2, "max_concurrent": 1, "lr_test_steps": 20, "retrain_challenger": False}),
         TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 1, "image_size": 40, **train}),
     )
 
@@ -111,7 +103,7 @@ def test_the_search_tries_the_users_own_configuration(comparison, prepared):
     out, _ = comparison
     tried = [json.loads(path.read_text()) for path in (out / "searches" / "resnet18" / "search").glob("*/params.json")]
     base = compare_configs(prepared, out)[2]
-    own = base_point(dataclasses.replace(base, model="resnet18"), "resnet18")
+    own = user_point(base, space_for("resnet18"))
     assert own["lr"] == base.lr and own["augment_strength"] == 1.0
     assert own in [{key: trial[key] for key in own} for trial in tried]
 
@@ -143,11 +135,13 @@ def test_a_search_tries_the_points_it_is_given_first_and_train_mode_rows_carry_s
     from gendertune.data_prep.layout import open_prepared
 
     base = TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path / "unused"), "epochs": 1, "image_size": 40})
-    own = base_point(dataclasses.replace(base, model="resnet18"), "resnet18")
+    own = user_point(base, space_for("resnet18"))
     point = {**own, "lr": 2.5e-3, "batch_size": 16}
-    outcome = run_search("resnet18", base, SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
+    outcome = run_search("resnet18", base, SearchConfig.from_dict({"trials": 1, "trial_mode": "train", "lr_test_steps": 20}),
                          open_prepared(prepared), str(tmp_path / "search"), resume=False, points_to_evaluate=[point])
-    assert point != own and outcome.best_params == point
+    # The user's own configuration was not screened, so the given point is the one trained at full length.
+    assert point != own and outcome.best_params == point and not outcome.kept
+    assert outcome.best_config.lr == 2.5e-3 and outcome.best_config.batch_size == 16
     (row,) = _epoch_rows(tmp_path / "search" / "search")
     _assert_start_up_times_in_order(row)
 
@@ -160,7 +154,7 @@ def test_leaderboard_files_columns_and_ranks(comparison):
         assert (out / name).stat().st_size > 0, name
     written = leaderboard.read_leaderboard(out)
     columns = list(written.columns)
-    assert columns[:len(leaderboard.COLUMNS)] == leaderboard.COLUMNS and columns[-3:] == leaderboard.LAST_COLUMNS
+    assert columns[:len(leaderboard.COLUMNS)] == leaderboard.COLUMNS and columns[-len(leaderboard.LAST_COLUMNS):] == leaderboard.LAST_COLUMNS
     for column in ("recall_Female", "recall_Male", "acc_faces", "acc_faces_ci95_low", "acc_faces_ci95_high",
                    "mcnemar_p_vs_leader_faces", "worst_slice_faces", "class_recall_gap_faces"):
         assert column in columns, column
@@ -175,6 +169,7 @@ def test_leaderboard_files_columns_and_ranks(comparison):
     second = ok.iloc[1]
     assert 0 <= second["mcnemar_p_vs_leader"] <= 1 and second["mcnemar_b"] >= 0
     assert json.loads(ok.iloc[0]["best_params"])["lr"] > 0
+    assert set(ok["user_config"]) <= {"kept", "replaced"} and (ok["final_epochs"] == 1).all()
     assert len(json.loads((out / leaderboard.JSON).read_text())) == 4  # two models, the ensemble, the error row
 
 
@@ -261,16 +256,15 @@ def test_resume_scores_an_added_eval_set_without_searching_again(comparison, pre
 
 
 def test_a_budget_that_cannot_finish_one_epoch_is_refused_in_seconds(prepared, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="tuning")
+    caplog.set_level(logging.INFO, logger="gendertune")
     compare, search, base = compare_configs(prepared, tmp_path / "cmp")
     started = time.perf_counter()
     table = run_compare(dataclasses.replace(compare, models=("resnet18",)),
                         dataclasses.replace(search, time_budget_s=0.01), base)
     assert time.perf_counter() - started < 60
     lines = caplog.messages
-    assert any(line.startswith("[plan resnet18]") and "img/s per trial" in line for line in lines), lines
     row = table.iloc[0]
-    assert row["status"] == "error" and "one epoch takes ~" in row["error"] and "--time-budget-s 0.01" in row["error"]
+    assert row["status"] == "error" and "one epoch takes ~" in row["error"] and "budget of 0.01 s" in row["error"]
     assert not (tmp_path / "cmp" / "searches" / "resnet18" / "search").exists()  # no trial was started
 
 
@@ -333,7 +327,8 @@ def _trial_dirs(search_dir):
 def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, ray_session, tmp_path):
     out = tmp_path / "cmp"
     command = [sys.executable, "-m", "gendertune.cli", "compare", "--data", str(prepared), "--out", str(out),
-               "--models", "resnet18", "--trials", "2", "--max-concurrent", "1", "--epochs", "1"]
+               "--models", "resnet18", "--trials", "2", "--max-concurrent", "1", "--epochs", "1", "--lr-test-steps", "20",
+               "--no-retrain-challenger"]
     # Each run starts its own local Ray, as a user's command does: the tests' Ray listens on
     # loopback only, which Ray's client on Linux cannot attach to (it swaps 127.0.0.1 for the
     # public address), so another process cannot share it.
@@ -360,6 +355,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
     for name, results in first.items():
         assert after[name] == results, f"finished trial {name} was run again"
     assert leaderboard.read_leaderboard(out).iloc[0]["trials_run"] == 2
+    # The Optuna study came back with the search: both trials are in study.db, told once each.
+    import optuna
+
+    study = optuna.load_study(study_name="screening", storage=f"sqlite:///{out / 'searches' / 'resnet18' / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
 
 
 def _trial_results(search_dir) -> list[tuple]:
@@ -374,13 +374,13 @@ def _trial_results(search_dir) -> list[tuple]:
 
 
 def test_a_deterministic_compare_gives_the_same_leaderboard_twice(prepared, tmp_path):
-    """Same seed, same machine, --deterministic: the same trials, the same ASHA cuts, the same
-    weights, so the same leaderboard, down to each test prediction."""
+    """Same seed, same machine, --deterministic: the same lr curve, the same screening trials,
+    the same weights, so the same leaderboard, down to each test prediction."""
     def compare(out):
-        # A seed other than the default, and ASHA able to cut: 3 trials of 2 epochs.
+        # A seed other than the default: 3 screening trials of 2 epochs.
         return run_compare(
             CompareConfig.from_dict({"data": str(prepared), "out": str(out), "models": ["resnet18"]}),
-            SearchConfig.from_dict({"trials": 3, "seed": 5}),
+            SearchConfig.from_dict({"trials": 3, "seed": 5, "lr_test_steps": 20, "retrain_challenger": False}),
             TrainConfig.from_dict({"data": str(prepared), "out": str(out), "epochs": 2, "batch_size": 16,
                                    "seed": 5, "deterministic": True}))
 
@@ -399,3 +399,48 @@ def test_deterministic_refuses_trials_at_once(prepared, tmp_path):
                     SearchConfig.from_dict({"trials": 2, "max_concurrent": 2}),
                     TrainConfig.from_dict({"data": str(prepared), "out": str(tmp_path), "deterministic": True}))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_search_that_keeps_the_users_configuration_reproduces_train_exactly(prepared, tmp_path):
+    """--deterministic, and nothing screened beats the user's configuration (here: only it is
+    screened): the comparison's model is `train`'s model, prediction for prediction."""
+    from gendertune.tuning.train.run import run_training
+
+    settings = {"data": str(prepared), "model": "resnet18", "epochs": 2, "batch_size": 16, "image_size": 40,
+                "deterministic": True, "seed": 3}
+    run_training(TrainConfig.from_dict({**settings, "out": str(tmp_path / "train")}))
+    run_compare(CompareConfig.from_dict({"data": str(prepared), "out": str(tmp_path / "cmp"), "models": ["resnet18"]}),
+                SearchConfig.from_dict({"trials": 1, "lr_test_steps": 20}),
+                TrainConfig.from_dict({**settings, "out": str(tmp_path / "cmp")}))
+    run_dir = tmp_path / "cmp" / "models" / "resnet18"
+    summary = json.loads((run_dir / "search.json").read_text())
+    assert summary["kept"] and summary["final_epochs"] == 2 and len(summary["full_runs"]) == 1
+    assert summary["plan"]["regime"] == "trials" and summary["lr_curve"]["suggestion"] > 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "train" / run_layout.PREDICTIONS),
+                                  pd.read_csv(run_dir / run_layout.PREDICTIONS))
+    assert leaderboard.read_leaderboard(tmp_path / "cmp").iloc[0]["user_config"] == "kept"
+    for figure in ("search_lr_range.png", "search_history.png", "search_intermediate.png"):
+        assert (run_dir / figure).stat().st_size > 0, figure
+
+
+@pytest.fixture(scope="module")
+def prepared_large(ray_session, synthetic_sample_large, tmp_path_factory):
+    return prep_sample(synthetic_sample_large, tmp_path_factory.mktemp("search-prep-large") / "prep",
+                       image_size=32, split="identity", ratios=[0.6, 0.2, 0.2])
+
+
+def test_a_planted_bad_learning_rate_is_found_by_the_lr_test_and_replaced(prepared_large, tmp_path):
+    """The user's lr is 10,000x too small: the lr range test proposes a challenger, the screening
+    duel shows it past the noise, and the full-length run uses the challenger's lr. The user's own
+    value, far outside the space's range, was screened as given, not dropped."""
+    from gendertune.data_prep.layout import open_prepared
+
+    base = TrainConfig.from_dict({"data": str(prepared_large), "out": str(tmp_path / "unused"), "epochs": 3,
+                                  "batch_size": 16, "lr": 1e-7, "seed": 1})
+    outcome = run_search("resnet18", base, SearchConfig.from_dict({"trials": 2, "screen_epochs": 3, "lr_test_steps": 40,
+                                                                   "retrain_challenger": False}),
+                         open_prepared(prepared_large), str(tmp_path / "search"), resume=False)
+    assert len(outcome.trials) == 2 and sorted(outcome.trials["lr"])[0] == 1e-7
+    assert not outcome.kept and outcome.verdict.startswith("replaced"), outcome.verdict
+    assert outcome.best_config.lr == pytest.approx(outcome.lr_curve["suggestion"]) and outcome.best_config.lr > 1e-5
+    assert outcome.gain > 0 and outcome.best_config.epochs == 3

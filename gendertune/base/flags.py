@@ -65,7 +65,8 @@ def _help(field: dataclasses.Field) -> str:
     notes = []
     if names := field.metadata["names"]:
         notes.append("known: " + ", ".join(names))
-    # A switch's default is off, and an empty default (a path to give, an unset option) says nothing.
+    # A switch's default says itself (--x is off unless given; --x/--no-x shows both), and an empty
+    # default (a path to give, an unset option) says nothing.
     if field.default is not dataclasses.MISSING and not isinstance(field.default, bool) \
             and field.default not in (None, "", ()):
         notes.append(f"default {shown_default(field.default)}")
@@ -82,7 +83,8 @@ def _parsing(config: type[StageConfig], field: dataclasses.Field, hint: Any) -> 
     if field.metadata["repeat"]:
         return {**options, "action": "append"}
     if hint is bool:
-        return {**options, "action": "store_true"}
+        # A setting that is on by default needs a way to turn it off: --x / --no-x.
+        return {**options, "action": argparse.BooleanOptionalAction if field.default is True else "store_true"}
     if origin is Literal:
         values = typing.get_args(hint)
         return {**options, "choices": values, "type": type(values[0])}

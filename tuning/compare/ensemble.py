@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
+from gendertune.tuning.compare import layout
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.metrics import evaluate_predictions
 from gendertune.tuning.evaluate.slices import slices_of
 
-FOLDER = "ensemble"
+FOLDER = layout.ENSEMBLE
 
 
 def choose_members(ranked: pd.DataFrame, k: int) -> list[str]:

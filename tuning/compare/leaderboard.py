@@ -21,20 +21,23 @@ import pandas as pd
 from gendertune.cluster import storage
 from gendertune.base.errors import MissingInputError
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
+from gendertune.models.registry import get_spec
+from gendertune.tuning.compare import layout
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.metrics import mcnemar_test
 from gendertune.base.plots import plot_accuracy_vs_speed, plot_accuracy_with_ci, plot_confusion_matrices, plot_histories, plot_reliability, plot_slice_accuracy
 
-CSV, JSON, MD = "leaderboard.csv", "leaderboard.json", "leaderboard.md"
+from gendertune.tuning.compare.layout import CSV, JSON, MD  # noqa: F401  (re-exported: readers name them here)
 # Fixed columns; per-class columns (named after the prep's classes) and per-eval-set columns
 # (acc_<NAME>, ...) come after them, in the order the rows name them.
 COLUMNS = [
     "rank", "model", "kind", "status", "accuracy", "ci95_low", "ci95_high", "majority_rate", "macro_f1", "roc_auc",
     "ece", "ece_calibrated", "temperature", "worst_slice", "worst_slice_acc", "class_recall_gap",
     "params", "train_seconds", "search_seconds", "inference_images_per_s", "trials_run", "trials_pruned", "best_epoch",
-    "best_val_acc", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c", "test_images", "best_params",
+    "best_val_acc", "user_config", "val_gain_vs_user", "final_epochs", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c",
+    "test_images", "best_params",
 ]
-LAST_COLUMNS = ["members", "run_dir", "error"]
+LAST_COLUMNS = ["members", "note", "run_dir", "error"]
 
 
 def metric_columns(metrics: dict) -> dict:
@@ -67,16 +70,21 @@ def _slice_columns(report: dict | None, suffix: str) -> dict:
             f"class_recall_gap{suffix}": report["class_recall_gap"]}
 
 
-def model_row(model: str, metrics: dict, *, trials_run: int, trials_pruned: int, best_params: str, run_dir: str,
-              search_seconds: float = float("nan"), best_trial_seconds: float | None = None, retrained: bool = False) -> dict:
-    """`train_seconds` is the best configuration's own training time (its trial's, or the retrain's),
-    `search_seconds` the whole search's wall time (summaries written before they were kept: NaN)."""
+def model_row(model: str, metrics: dict, *, run_dir: str, search: dict) -> dict:
+    """A model's row from its metrics.json and its search.json: `train_seconds` is the chosen
+    configuration's full-length run, `search_seconds` the whole search; `user_config` says whether
+    the user's configuration was kept or replaced, and `val_gain_vs_user` by how many validation
+    points the chosen one beat it (NaN where no challenger was compared)."""
+    trials = search.get("trials") or []
     return {
         "model": model, "kind": "model", "status": "ok", **metric_columns(metrics),
-        "train_seconds": metrics["wall_seconds"] if retrained or best_trial_seconds is None else best_trial_seconds,
-        "search_seconds": search_seconds, "trials_run": trials_run, "trials_pruned": trials_pruned,
-        "best_epoch": metrics["best_epoch"], "best_val_acc": metrics["best_val_acc"], "best_params": best_params,
-        "run_dir": run_dir, "error": "",
+        "train_seconds": search.get("final_seconds", metrics["wall_seconds"]),
+        "search_seconds": sum((search.get("actual_s") or {}).values()) or float("nan"),
+        "trials_run": len(trials), "trials_pruned": sum(t.get("status") == "pruned" for t in trials),
+        "best_epoch": metrics["best_epoch"], "best_val_acc": metrics["best_val_acc"],
+        "user_config": "kept" if search.get("kept") else "replaced",
+        "val_gain_vs_user": search.get("gain", float("nan")), "final_epochs": search.get("final_epochs"),
+        "best_params": search.get("best_params", ""), "note": get_spec(model).note, "run_dir": run_dir, "error": "",
     }
 
 
@@ -197,17 +205,17 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
     if ok.empty:
         return
     records = ok.rename(columns={"ci95_low": "ci_lo", "ci95_high": "ci_hi", "inference_images_per_s": "images_per_s"}).to_dict("records")
-    plot_accuracy_with_ci(records, out / "accuracy_ci.png")
+    plot_accuracy_with_ci(records, out / layout.ACCURACY_CI)
     for name in eval_set_names(table):
         plot_accuracy_with_ci([{**r, "accuracy": r[f"acc_{name}"], "ci_lo": r[f"acc_{name}_ci95_low"],
                                 "ci_hi": r[f"acc_{name}_ci95_high"]} for r in records], out / f"eval_{name}_accuracy_ci.png",
                               xlabel=f"{name} accuracy (95% CI)")
-    plot_confusion_matrices(confusion, out / "confusion_matrices.png", class_names=class_names)
-    plot_histories(histories, out / "accuracy_per_epoch.png")
-    plot_accuracy_vs_speed(records, out / "accuracy_vs_speed.png")
+    plot_confusion_matrices(confusion, out / layout.CONFUSION_MATRICES, class_names=class_names)
+    plot_histories(histories, out / layout.HISTORIES)
+    plot_accuracy_vs_speed(records, out / layout.ACCURACY_VS_SPEED)
     if any(slices.values()):
-        plot_slice_accuracy(slices, out / "slice_accuracy.png")
-    plot_reliability(calibration, out / "reliability.png")
+        plot_slice_accuracy(slices, out / layout.SLICE_ACCURACY)
+    plot_reliability(calibration, out / layout.RELIABILITY)
 
 
 def read_leaderboard(out: str | Path) -> pd.DataFrame:

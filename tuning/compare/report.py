@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from gendertune.cluster.storage import write_text_atomic
+from gendertune.tuning.compare import layout
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.compare.leaderboard import read_leaderboard
 
-REPORT = "report.html"
-SEARCH_SUMMARY = "search_summary.json"
+REPORT = layout.REPORT
 TEST_SET = "test"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ROC_AUC = "ROC\u2011AUC"  # a non-breaking hyphen: a narrow header never splits it as "ROC-" / "AUC"
@@ -93,7 +93,7 @@ def write_report(out: str | Path) -> Path:
     table = read_leaderboard(out)
     rows = [{key: (None if _missing(value) else value) for key, value in record.items()}
             for record in table.to_dict("records")]
-    runs = [_Run.read(out / "models" / str(row["model"]), row) for row in rows]
+    runs = [_Run.read(layout.model_dir(out, str(row["model"])), row) for row in rows]
     eval_sets = _eval_sets(table.columns, runs)
     sections = [
         ("Leaderboard", "top", _leaderboard_section(out, list(table.columns), runs, eval_sets)),
@@ -101,6 +101,7 @@ def write_report(out: str | Path) -> Path:
         ("Per slice", "slices", _slices_section(out, runs)),
         ("Calibration", "calibration", _calibration_section(out, runs)),
         ("Most confident mistakes", "galleries", _galleries_section(runs, eval_sets)),
+        ("Search", "search", _search_section(runs)),
         ("Per model", "models", _models_section(runs)),
     ]
     present = [(title, anchor, body) for title, anchor, body in sections if body]
@@ -137,7 +138,7 @@ class _Run:
     @classmethod
     def read(cls, folder: Path, row: dict) -> _Run:
         return cls(str(row["model"]), row, folder, _read_json(folder / run_layout.METRICS),
-                   _read_json(folder / SEARCH_SUMMARY))
+                   _read_json(folder / layout.SEARCH_SUMMARY))
 
     def value(self, key: str) -> Any:
         """The leaderboard's column `key`, else metrics.json's (older leaderboards lack some)."""
@@ -245,10 +246,10 @@ def _leaderboard_section(out: Path, columns: list[str], runs: Sequence[_Run], ev
                      + _table([("model", False), *((name, True) for name in other)], extra_rows, drop_empty=True)
                      + "</details>")
     parts.append(_figures([
-        _figure(out / "accuracy_ci.png", "Test accuracy with 95% CI"),
-        _figure(out / "accuracy_vs_speed.png", "Accuracy against inference throughput"),
-        _figure(out / "confusion_matrices.png", "Confusion matrices on test (rows: true class)"),
-        _figure(out / "accuracy_per_epoch.png", "Validation accuracy per epoch"),
+        _figure(out / layout.ACCURACY_CI, "Test accuracy with 95% CI"),
+        _figure(out / layout.ACCURACY_VS_SPEED, "Accuracy against inference throughput"),
+        _figure(out / layout.CONFUSION_MATRICES, "Confusion matrices on test (rows: true class)"),
+        _figure(out / layout.HISTORIES, "Validation accuracy per epoch"),
     ]))
     return "".join(parts)
 
@@ -302,7 +303,7 @@ def _slices_section(out: Path, runs: Sequence[_Run]) -> str:
         for name, report in _mapping(run.metrics.get("slices")).items():
             if isinstance(report, dict) and report.get("slices"):
                 by_set.setdefault(str(name), []).append((run, report))
-    parts = [_figure(out / "slice_accuracy.png", "Accuracy per slice and model")]
+    parts = [_figure(out / layout.SLICE_ACCURACY, "Accuracy per slice and model")]
     if not by_set:
         return parts[0]
     for name in sorted(by_set, key=lambda n: n != TEST_SET):  # stable: test first, the rest as found
@@ -349,7 +350,7 @@ def _calibration_section(out: Path, runs: Sequence[_Run]) -> str:
                                     _decimal(run.value("ece_calibrated"))])
             for run in runs]
     rows = [row for row in rows if any(row[1][1:])]
-    figure = _figure(out / "reliability.png", "Reliability diagram on test, before and after temperature scaling")
+    figure = _figure(out / layout.RELIABILITY, "Reliability diagram on test, before and after temperature scaling")
     if not rows:
         return figure
     return (figure + _table(headers, rows, drop_empty=True)
@@ -402,6 +403,52 @@ def _models_section(runs: Sequence[_Run]) -> str:
         parts.append(f"<h3>{_esc(run.model)}</h3>" + (f"<p>{_esc(listing)}</p>" if listing else "")
                      + (f"<h4>Best hyperparameters</h4>{params}" if params else "")
                      + _figures(curves))
+    return "".join(parts)
+
+
+def _search_section(runs: Sequence[_Run]) -> str:
+    """Per model: the plan against what ran, the verdict on the user's configuration, every
+    screening trial and full-length run, and the search's figures (written by compare)."""
+    parts = []
+    for run in runs:
+        search = run.search
+        plan = _mapping(search.get("plan"))
+        if not plan:
+            continue
+        planned, actual = _mapping(plan.get("planned_s")), _mapping(search.get("actual_s"))
+        budget = _number(plan.get("budget_s"))
+        parts.append(f"<h3>{_esc(run.model)}</h3><p>{_esc(str(plan.get('note', '')))}"
+                     + (f" Budget {budget:,.0f} s." if budget else " No time budget.") + "</p>")
+        parts.append(f"<p><strong>{_esc(str(search.get('verdict', '')))}</strong></p>")
+        parts.append(_table([("part", False), ("planned s", True), ("ran s", True)],
+                            [({}, [name, _integer(planned.get(name)), _integer(actual.get(name))])
+                             for name in dict.fromkeys([*planned, *actual])]))
+        curve = _mapping(search.get("lr_curve"))
+        if curve.get("suggestion") is not None:
+            parts.append(f"<p>lr range test: suggested lr {float(curve['suggestion']):.3g} "
+                         f"({len(curve.get('lrs', []))} steps)</p>")
+        trials = search.get("trials") or []
+        if trials:
+            rows = [({}, [str(trial.get("trial_id", "")), str(trial.get("params", "")), str(trial.get("fidelity", "")),
+                          _integer(trial.get("epochs_run")), _decimal(trial.get("val_acc")), str(trial.get("status", ""))])
+                    for trial in trials]
+            parts.append("<h4>Screening trials</h4>" + _table(
+                [("trial", False), ("parameters", False), ("fidelity", False), ("epochs run", True),
+                 ("final val acc", True), ("status", False)], rows))
+        full = search.get("full_runs") or []
+        if full:
+            rows = [({}, [str(r.get("label", "")), str(r.get("params", "")), _integer(r.get("epochs")),
+                          _decimal(r.get("best_val_acc")), _integer(r.get("seconds"))]) for r in full]
+            parts.append("<h4>Full-length runs</h4>" + _table(
+                [("run", False), ("parameters", False), ("epochs", True), ("best val acc", True), ("seconds", True)],
+                rows))
+        parts.append(_figures([
+            _figure(run.folder / layout.LR_CURVE, f"{run.model}: lr range test"),
+            _figure(run.folder / layout.SEARCH_HISTORY, f"{run.model}: optimisation history (screening)"),
+            _figure(run.folder / layout.SEARCH_INTERMEDIATE, f"{run.model}: val accuracy per screening epoch; "
+                    "pruned trials end early"),
+            _figure(run.folder / layout.SEARCH_IMPORTANCE, f"{run.model}: parameter importances"),
+        ]))
     return "".join(parts)
 
 

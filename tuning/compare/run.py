@@ -1,15 +1,10 @@
-"""Compare architectures: search each, evaluate each best configuration once on test, rank them.
-
-    OUT/config.json              the resolved compare, search and train settings
-    OUT/searches/<model>/        Ray Tune state (resume reads it)
-    OUT/models/<model>/          the best run in gendertune.tuning.evaluate.run_layout form (`gendertune predict` works on it),
-                                 scored on every --eval-set too (gendertune.tuning.evaluate.eval_sets)
-    OUT/ensemble/                the ensemble of the best models (gendertune.tuning.compare.ensemble)
-    OUT/leaderboard.{csv,json,md} and its figures (gendertune.tuning.compare.leaderboard), then report.html
-OUT may be an object-store URI (gendertune.cluster.storage): Tune writes there itself, the rest is
-uploaded when the comparison ends, each model's metrics.json after its other files, the leaderboard last.
-A model that fails becomes an error row; the others still finish. With resume, a model whose run
-folder is complete is not searched again, and an interrupted search continues where it stopped.
+"""Compare architectures: search each under the budget policy, evaluate each chosen configuration
+once on test, rank them. The folder's layout is gendertune.tuning.compare.layout. OUT may be an
+object-store URI (gendertune.cluster.storage): Tune and Ray Train write there themselves, the rest
+is uploaded when the comparison ends, each model's metrics.json after its other files, the
+leaderboard last. A model that fails becomes an error row; the others still finish. With resume,
+a model whose run folder is complete is not searched again, and an interrupted search continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -31,15 +26,16 @@ from gendertune.cluster.storage import OutputExistsError, OutputLocation, delete
 from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
 from gendertune.models.registry import get_spec
 from gendertune.models.weights import fetch_hub_weights
-from gendertune.tuning.compare import ensemble, leaderboard, report
+from gendertune.tuning.compare import ensemble, layout, leaderboard, report
 from gendertune.tuning.evaluate import run_layout
 from gendertune.cluster import tracking
 from gendertune.tuning.evaluate.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
-from gendertune.tuning.search.run import check_search, describe_params, run_search
+from gendertune.tuning.search import figures
+from gendertune.tuning.search.run import STUDY_FILE, check_search, run_search
 from gendertune.tuning.compare.config import CompareConfig
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.train.config import TrainConfig
-from gendertune.tuning.train.run import evaluate_held_out_and_write, train_into
+from gendertune.tuning.train.run import evaluate_held_out_and_write
 
 logger = logging.getLogger(__name__)
 # The files that vouch for a finished part of OUT, uploaded to an object store after every other
@@ -70,27 +66,28 @@ def settings_changed(saved: dict, current: dict) -> list[str]:
 
 def compare_one(model: str, location: OutputLocation, compare: CompareConfig, search: SearchConfig, base: TrainConfig,
                 eval_sets: list[EvalSet], *, tracking_uri: str | None = None) -> dict:
-    """Search, then evaluate the winner once on test and on every eval set; returns its leaderboard
-    row (its run_dir is the local folder; compare_into swaps in the storage location before writing)."""
-    run_dir = location.local / "models" / model
+    """Search, then evaluate the chosen configuration once on test and on every eval set; returns its
+    leaderboard row (its run_dir is the local folder; compare_into swaps in the storage location before writing)."""
+    run_dir = layout.model_dir(location.local, model)
     if compare.resume and run_layout.is_complete(run_dir):
-        logger.info(f"[compare] {model}: already finished, reusing {location.storage_path('models', model)}")
+        logger.info(f"[compare] {model}: already finished, reusing {location.storage_path(layout.MODELS, model)}")
     else:
         search_and_evaluate(model, run_dir, location, compare, search, base, tracking_uri=tracking_uri)
-        drop_checkpoints(location.storage_path("searches", model))
+        drop_checkpoints(location.storage_path(layout.SEARCHES, model))
     for eval_set in missing_sets(run_dir, eval_sets):  # on resume, only sets added since
         scores = evaluate_run(run_dir, eval_set)
         logger.info(f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
                     f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})")
-    summary = json.loads((run_dir / "search_summary.json").read_text())
-    return leaderboard.model_row(model, run_layout.read_metrics(run_dir), run_dir=str(run_dir), **summary)
+    summary = json.loads((run_dir / layout.SEARCH_SUMMARY).read_text())
+    return leaderboard.model_row(model, run_layout.read_metrics(run_dir), run_dir=str(run_dir), search=summary)
 
 
 def drop_checkpoints(root: str) -> None:
-    """Delete the trials' checkpoints below a finished model's search (a folder or a URI). They
-    hold weights plus optimizer state (VGG19: 143 M parameters, three copies with AdamW) and only
-    a resume of that search could use them; the best one now lives in models/<model>/model.pt. Each trial's params,
-    results and progress stay, so the search can still be inspected."""
+    """Delete the trials' and full-length runs' checkpoints below a finished model's search (a
+    folder or a URI). They hold weights plus optimizer state (VGG19: 143 M parameters, three copies
+    with AdamW) and only a resume of that search could use them; the chosen one now lives in
+    models/<model>/model.pt. Each trial's params, results and progress stay, so the search can
+    still be inspected."""
     if is_uri(root):
         found = {"/".join(parts[:depth + 1]) for parts in (path.split("/") for path in list_files(root))
                  for depth, part in enumerate(parts[:-1]) if part.startswith("checkpoint_")}
@@ -106,24 +103,32 @@ def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, com
                         search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None) -> None:
     started = time.perf_counter()
     prepared = open_prepared(compare.data)
-    outcome = run_search(model, base, search, prepared, location.storage_path("searches", model),
-                         resume=compare.resume,
+    searches = location.storage_path(layout.SEARCHES, model)
+    outcome = run_search(model, base, search, prepared, searches, resume=compare.resume,
                          callbacks=tracking.tune_callbacks(tracking_uri, tracking.COMPARE_EXPERIMENT, tags={
                              "gendertune.model": model, "gendertune.out": location.storage}))
-    summary = {"trials_run": outcome.trials_run, "trials_pruned": outcome.trials_pruned,
-               "best_params": describe_params(outcome.best_params), "search_seconds": outcome.search_seconds,
-               "best_trial_seconds": outcome.best_trial_seconds, "retrained": compare.retrain}
-    logger.info(f"[compare] {model}: best val acc {outcome.best_metrics['val_acc']:.4f} with {summary['best_params']}")
-    config = dataclasses.replace(outcome.best_config, out=location.storage_path("models", model), data=prepared.root)
-    # The summary first: metrics.json, written last by either path, marks the model finished.
+    summary = outcome.summary()
+    logger.info(f"[compare] {model}: {'kept the user' if outcome.kept else 'replaced the user'}'s configuration; "
+                f"final run {outcome.best_config.epochs} epochs, best val acc {outcome.best_metrics['val_acc']:.4f} "
+                f"with {summary['best_params']}")
+    config = dataclasses.replace(outcome.best_config, out=location.storage_path(layout.MODELS, model), data=prepared.root)
+    # The summary and figures first: metrics.json, written last, marks the model finished.
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "search_summary.json", json.dumps(summary) + "\n")
-    if compare.retrain:
-        train_into(OutputLocation(local=run_dir, storage=config.out), config)
-    else:
-        write_text_atomic(run_dir / run_layout.CONFIG, config.to_json())
-        state = {**outcome.best_state, "history": outcome.history.to_dict("records")}
-        evaluate_held_out_and_write(run_dir, config, prepared, state, outcome.best_metrics, started=started)
+    write_text_atomic(run_dir / layout.SEARCH_SUMMARY, json.dumps(summary, default=str) + "\n")
+    write_search_figures(summary, searches, run_dir)
+    write_text_atomic(run_dir / run_layout.CONFIG, config.to_json())
+    evaluate_held_out_and_write(run_dir, config, prepared, outcome.best_state, outcome.best_metrics, started=started)
+
+
+def write_search_figures(summary: dict, searches: str, run_dir: Path) -> None:
+    """The lr curve and Optuna's plots of the screening study (kept beside the search when it
+    writes to a folder; an object-store search keeps its study in memory, so it has no plots)."""
+    if summary.get("lr_curve"):
+        figures.plot_lr_curve(summary["lr_curve"], run_dir / layout.LR_CURVE)
+    study = Path(searches) / STUDY_FILE
+    if not is_uri(searches) and study.is_file():
+        figures.plot_study(f"sqlite:///{study}", run_dir, history=layout.SEARCH_HISTORY,
+                           intermediate=layout.SEARCH_INTERMEDIATE, importance=layout.SEARCH_IMPORTANCE)
 
 
 def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig, *,
@@ -135,7 +140,7 @@ def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig,
     for model in compare.models:
         check_search(model, base, search)
     with output_location(compare.out, markers=COMPLETION_MARKERS,
-                         ray_dirs=frozenset({"searches", run_layout.RAY_RUN_NAME})) as location:
+                         ray_dirs=frozenset({layout.SEARCHES, run_layout.RAY_RUN_NAME})) as location:
         return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri)
 
 
@@ -145,8 +150,8 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
     if (out / leaderboard.CSV).exists() and not compare.resume:
         raise OutputExistsError(f"{location.storage} already holds a leaderboard; choose another --out or pass --resume")
     settings = _settings_json(compare, search, base)
-    if compare.resume and (out / "config.json").is_file():
-        changes = settings_changed(json.loads((out / "config.json").read_text()), json.loads(settings))
+    if compare.resume and (out / layout.CONFIG).is_file():
+        changes = settings_changed(json.loads((out / layout.CONFIG).read_text()), json.loads(settings))
         if changes:
             raise ConfigError(f"{location.storage} was started with other settings ({'; '.join(changes)}); resume it "
                               "with the same flags (only --eval-set and --ensemble-k may change), or choose another --out")
@@ -157,7 +162,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
             run_on_other_nodes(fetch_hub_weights, get_spec(model))
     require_shared(reads=[prepared.root], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", settings)
+    write_text_atomic(out / layout.CONFIG, settings)
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.COMPARE_EXPERIMENT)  # an unreachable server fails now
     rows = []
@@ -165,10 +170,10 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
         try:
             rows.append(compare_one(model, location, compare, search, base, eval_sets, tracking_uri=tracking_uri))
         except Exception as err:  # one model's failure (e.g. out of memory) must not sink the others
-            error_log = out / "models" / model / "error.log"
+            error_log = layout.model_dir(out, model) / layout.ERROR_LOG
             write_text_atomic(error_log, traceback.format_exc())
             logger.warning(f"[compare] {model} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                           f"(traceback in {location.storage_path('models', model, 'error.log')})")
+                           f"(traceback in {location.storage_path(layout.MODELS, model, layout.ERROR_LOG)})")
             rows.append(leaderboard.error_row(model, err))
     names = [s.name for s in eval_sets]
     ranked = leaderboard.rank_rows(rows, eval_sets=names)
@@ -179,7 +184,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
             out, ranked[ranked["model"].isin(members)], class_names=prepared.class_names, eval_sets=names,
             test_groups=read_slices(prepared),
             eval_groups={s.name: s.table[["path", *s.slice_columns]] for s in eval_sets if s.slice_columns})
-        table = leaderboard.add_ensemble(ranked, leaderboard.ensemble_row(scores, run_dir=str(out / ensemble.FOLDER)),
+        table = leaderboard.add_ensemble(ranked, leaderboard.ensemble_row(scores, run_dir=str(out / layout.ENSEMBLE)),
                                          eval_sets=names)
         logger.info(f"[compare] ensemble of {', '.join(members)}: test accuracy {scores['accuracy']:.4f}")
     histories, confusion, slices, calibration = {}, {}, {}, {}
@@ -191,7 +196,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
             confusion[row.model] = metrics["confusion_matrix"]
             calibration[row.model] = pd.read_csv(Path(row.run_dir) / run_layout.PREDICTIONS)
     # Readers open the runs where they are stored, not this process's working folder.
-    table["run_dir"] = [location.storage_path(*(["models", model] if kind == "model" else [ensemble.FOLDER]))
+    table["run_dir"] = [location.storage_path(*([layout.MODELS, model] if kind == "model" else [layout.ENSEMBLE]))
                         if status == "ok" else "" for model, kind, status in zip(table["model"], table["kind"], table["status"])]
     leaderboard.write_leaderboard(table, out, histories, confusion, slices, calibration, class_names=prepared.class_names)
     report.write_report(out)
@@ -208,9 +213,9 @@ def log_models(uri: str, out: Path, table: pd.DataFrame, storage: str) -> None:
         tags = {"gendertune.kind": row.kind, "gendertune.out": storage}
         if row.status != "ok":
             tracking.log_model_result(uri, tracking.COMPARE_EXPERIMENT, row.model, {}, {},
-                                      [out / "models" / row.model / "error.log"], tags=tags, status="FAILED")
+                                      [layout.model_dir(out, row.model) / layout.ERROR_LOG], tags=tags, status="FAILED")
             continue
-        run_dir = out / "models" / row.model if row.kind == "model" else out / ensemble.FOLDER
+        run_dir = layout.model_dir(out, row.model) if row.kind == "model" else out / layout.ENSEMBLE
         metrics = {**run_layout.read_metrics(run_dir), "rank": row.rank, "mcnemar_p_vs_leader": row.mcnemar_p_vs_leader}
         params = (json.loads((run_dir / run_layout.CONFIG).read_text())["train"] if row.kind == "model"
                   else {"members": row.members})

@@ -12,11 +12,24 @@ from gendertune.base.config import ConfigError, StageConfig, setting
 class SearchConfig(StageConfig):
     section = "search"
 
-    trials: int = setting(8, help="Optuna trials per model")
-    time_budget_s: float = setting(0.0, help="stop starting trials after this long, per model; 0 = no limit")
-    max_concurrent: int = setting(0, help="trials at once; 0 = as many as the CPUs allow: cores // CPUs per trial")
-    grace_period: int = setting(1, help="ASHA: epochs every trial gets before it can be stopped")
-    reduction_factor: int = setting(2, help="ASHA: keep 1/reduction_factor of the trials at each rung")
+    trials: int = setting(8, help="screening trials per model, the user's configuration included; with "
+                          "--time-budget-s, at most this many (the plan fits what the budget holds)")
+    time_budget_s: float = setting(
+        0.0, help="wall-clock seconds per model for screening and the full-length run(s), planned from measured "
+        "speed before anything trains: screening stops at its share, the final run is shortened to fit (its "
+        "schedule re-spanned) and never cut mid-schedule; 0 = no limit (--trials screening trials, then two "
+        "full runs)")
+    max_concurrent: int = setting(0, help="screening trials at once; 0 = one per GPU, or one per 4 CPU cores")
+    screen_epochs: int = setting(0, help="epochs of a screening run (at half the image side); 0 = max(2, epochs / 4)")
+    lr_test_steps: int = setting(100, help="steps of the learning-rate range test that starts the search")
+    retrain_challenger: bool = setting(
+        True, help="train the best screened challenger at full length too, when the budget holds two runs, and "
+        "choose between the two complete runs; off = decide at screening fidelity (one full run)")
+    scheduler: Literal["auto", "asha", "fifo"] = setting(
+        "auto", help="screening's scheduler: asha stops weak screening runs early; fifo lets each finish; "
+        "auto = asha from 6 screening trials")
+    grace_period: int = setting(1, help="ASHA: screening epochs every trial gets before it can be stopped")
+    reduction_factor: int = setting(3, help="ASHA: keep 1/reduction_factor of the trials at each rung")
     # The command line's --seed sets it and the runs' seed together (gendertune.cli).
     seed: int = setting(0, help="the seed of the search's Optuna sampler")
     trial_mode: Literal["auto", "train", "inprocess"] = setting(
@@ -27,8 +40,9 @@ class SearchConfig(StageConfig):
     def validate(self) -> None:
         if self.trials < 1:
             raise ConfigError("search.trials: must be >= 1")
-        if self.time_budget_s < 0 or self.max_concurrent < 0:
-            raise ConfigError("search.time_budget_s and search.max_concurrent must be >= 0")
+        if not self.time_budget_s >= 0 or self.time_budget_s == float("inf") or self.max_concurrent < 0:
+            raise ConfigError("search.time_budget_s must be finite and >= 0, search.max_concurrent >= 0")
+        if self.screen_epochs < 0 or self.lr_test_steps < 20:
+            raise ConfigError("search.screen_epochs must be >= 0 and search.lr_test_steps >= 20")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ConfigError("search.grace_period must be >= 1 and search.reduction_factor >= 2")
-

@@ -1,18 +1,25 @@
-"""Search one architecture's hyperparameters with Ray Tune + Optuna (TPE) and ASHA early stopping.
+"""One model's search under the budget policy (gendertune.tuning.search.policy), on Ray Tune + Optuna.
 
-Each trial is one training run of gendertune.tuning.train.worker's epoch loop and reports val accuracy per epoch;
-ASHA stops weak trials at its rungs; the test split is never read here. Two trial modes:
+In order: measure the costs and make the plan (printed, saved as plan.json); the lr range test
+(lr_range.py, one Ray task); screening: complete short runs at low fidelity (fewer pixels and
+epochs, each finishing its own schedule) of the user's configuration, the lr test's challenger and
+Optuna's suggestions, through Ray Tune (ASHA over the screening epochs when there are enough trials,
+pruned trials told to Optuna as PRUNED); then the full-length run(s) through `train`'s own code
+path (gendertune.tuning.train.run.fit_best), the best challenger replacing the user's configuration
+only past the validation noise. The test split is never read here. Two screening trial modes:
+- `inprocess`: a single-worker trial runs the epoch loop inside the trial actor, which Tune reuses
+  for the next trial (no worker-group start-up, no process start); `auto` picks it for 1 worker;
 - `train`: the trial launches a TorchTrainer (Ray 2.60's Tune-launches-Train pattern) and holds
-  only a sliver of CPU itself, so trial drivers never starve their own workers on a small box;
-- `inprocess`: a single-worker trial runs the same epoch loop inside the trial actor, which
-  saves the worker-group start-up per trial (bench/README.md), and Tune reuses that actor for the next
-  trial, which saves the process start and imports too. `auto` picks it for 1 worker.
-An interrupted search resumes from its Tune state (finished trials are not re-run).
+  only a sliver of CPU itself, so trial drivers never starve their own workers on a small box.
+An interrupted search resumes: the plan and the lr curve are read back, Tune restores the
+screening (finished trials are not re-run) and Ray Train resumes a full-length run from its checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import logging
 import math
@@ -22,33 +29,35 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pandas as pd
-import pyarrow.fs
 import ray
 import ray.data
-import ray.train
 import torch
-from torch import nn
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from torch import nn
 
 from gendertune.base.config import ConfigError
 from gendertune.base.errors import StageFailed
-from gendertune.cluster.storage import is_uri, join, resolve
 from gendertune.cluster.runtime import compute_parallelism
+from gendertune.cluster.storage import is_file, is_uri, join, read_text, write_bytes
 from gendertune.data_prep.layout import PreparedData, open_prepared
 from gendertune.models.registry import build_model, get_spec
-from gendertune.models.transforms import EvalPreprocess
+from gendertune.models.transforms import EvalPreprocess, TrainAugment
 from gendertune.models.weights import fetch_hub_weights
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.search.lr_range import lr_range_test
+from gendertune.tuning.search.policy import (LR_TOLERANCE, Costs, Plan, guard_paired, guard_unpaired, keep_lr,
+                                             plan_search, screen_image_size)
+from gendertune.tuning.search.space import centre_lr, describe, space_for, suggest, trial_config, user_point, widen
+from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.data import training_datasets
 from gendertune.tuning.train.engine import build_optimizer, select_precision, train_one_epoch
-from gendertune.tuning.search.space import base_point, param_space, space_for, trial_config
-from gendertune.tuning.train.run import build_trainer, loop_settings
-from gendertune.tuning.search.config import SearchConfig
-from gendertune.tuning.train.config import TrainConfig
-from gendertune.tuning.train.worker import TIMING_COLUMNS, epoch_results, load_state_dir, save_state_dir, torch_batches
+from gendertune.tuning.train.run import build_trainer, fit_best, loop_settings, val_correct
+from gendertune.tuning.train.worker import epoch_results, load_state_dir, save_state_dir, torch_batches
 
 METRIC = "val_acc"
 SEARCH_DIR = "search"
@@ -163,20 +172,6 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-@dataclasses.dataclass
-class SearchOutcome:
-    best_config: TrainConfig
-    best_params: dict
-    best_state: dict  # the best checkpoint of the best trial (weights + full history)
-    best_metrics: dict
-    history: pd.DataFrame  # every epoch the best trial reported
-    trials_run: int
-    trials_pruned: int
-    trials_failed: int
-    search_seconds: float  # this call's wall time (a resumed search: the part since the resume)
-    best_trial_seconds: float  # the best trial's own training time, as Tune counted it
-
-
 def _fit_noting_interrupts(tuner: tune.Tuner):
     """Run the search; also say whether Ctrl-C stopped it.
 
@@ -198,30 +193,11 @@ def _fit_noting_interrupts(tuner: tune.Tuner):
         signal.signal(signal.SIGINT, previous)
 
 
-def _best_state(result, storage: str) -> tuple[dict, dict]:
-    """The best-val_acc checkpoint of one trial, wherever its mode stored it (`storage` is the
-    search's storage path: a folder or a URI)."""
-    if result.best_checkpoints:  # in-process trials: Tune keeps the checkpoints
-        checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][METRIC])
-        with checkpoint.as_directory() as folder:
-            return load_state_dir(folder), metrics
-    # TorchTrainer trials: Train stored the checkpoints and reported their paths to Tune. Only the
-    # best two survive (CheckpointConfig), so pick the best row among those still on disk.
-    fs, _ = resolve(storage)
-    frame = result.metrics_dataframe
-    frame = frame[frame[CHECKPOINT_PATH_KEY].map(
-        lambda p: isinstance(p, str) and fs.get_file_info(p).type == pyarrow.fs.FileType.Directory)]
-    row = frame.loc[frame[METRIC].idxmax()]
-    with ray.train.Checkpoint(row[CHECKPOINT_PATH_KEY], filesystem=fs).as_directory() as folder:
-        return load_state_dir(folder), row.to_dict()
-
-
 def check_search(model: str, base: TrainConfig, search: SearchConfig) -> None:
     """What would otherwise fail only inside the trials, checked on the driver before Ray starts:
     the space's entries, its constants applied to the base settings, ImageNet weights on disk."""
-    space = space_for(model, search.space)
-    param_space(model, search.space)  # each entry is a valid domain
-    constants = {name: spec for name, spec in space.items() if not isinstance(spec, list)}
+    space = space_for(model, search.space)  # each entry a valid domain
+    constants = {name: spec for name, spec in space.items() if not isinstance(spec, list | dict)}
     try:
         trial_config(dataclasses.replace(base, model=model), constants)
     except ConfigError as err:
@@ -252,129 +228,397 @@ def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, 
     return train_one_epoch(batches=[batch] * steps, **step).images_per_s
 
 
-def plan_budget(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, *,
-                concurrent: int, threads: int) -> None:
-    """With --time-budget-s: measure a trial's speed, print what fits, and refuse a budget that
-    cannot finish one epoch (in seconds, instead of spending the whole budget to find out)."""
-    image_size = loop_settings(base, prepared)["image_size"]
-    task = ray.remote(measure_images_per_s).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
-    per_trial = ray.get(task.remote(base, image_size, threads=threads)) * base.workers
+# ---- the plan ----------------------------------------------------------------------------------------
+
+RUN_START_S = 25.0  # a Ray Train run's start-up and checkpointing on a small machine (ray-2.60 notes: 20-40 s)
+PLAN_FILE, LR_FILE, STUDY_FILE, OUTCOME_FILE = "plan.json", "lr_range.json", "study.db", "search.json"
+
+
+def measure_costs(base: TrainConfig, prepared: PreparedData, *, image_size: int, screen_size: int, threads: int,
+                  lr_test_steps: int) -> Costs:
+    """The plan's costs from timed steps at both fidelities, where and as a run would train."""
+    task = ray.remote(_measure_both).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
+    full, screen = ray.get(task.remote(base, image_size, screen_size, threads))
+    full, screen = full * base.workers, screen * base.workers
     counts = prepared.manifest["splits"]
     train = counts["train"]["count"] if "val" in counts else counts["train"]["count"] * (1 - base.val_fraction)
     val = counts["val"]["count"] if "val" in counts else counts["train"]["count"] * base.val_fraction
-    epoch_s = (train + val / 3) / per_trial  # a validation pass costs about a third of a training pass
-    epochs = int(search.time_budget_s // epoch_s) * concurrent
-    logger.info(f"[plan {model}] {per_trial:.1f} img/s per trial ({concurrent} at once): ~{epoch_s:.0f} s per epoch; "
-                f"--time-budget-s {search.time_budget_s:g} fits ~{epochs} epochs, ~{epochs / base.epochs:.1f} trials of {base.epochs}")
-    if epochs == 0:
-        raise StageFailed(f"{model}: one epoch takes ~{epoch_s:.0f} s here (measured {per_trial:.1f} img/s), more than "
-                          f"--time-budget-s {search.time_budget_s:g}; give it more time, or fewer images, a smaller "
-                          "--image-size or --batch-size, or fewer --max-concurrent trials")
+    held_out = val + counts.get("test", {}).get("count", 0)
+    # A validation (or test) pass costs about a third of a training pass over the same images.
+    return Costs(epoch_s=(train + val / 3) / full, screen_epoch_s=(train + val / 3) / screen,
+                 lr_test_s=lr_test_steps * base.batch_size / screen + 5.0,
+                 run_overhead_s=RUN_START_S + held_out / 3 / full)
+
+
+def _measure_both(base: TrainConfig, image_size: int, screen_size: int, threads: int) -> tuple[float, float]:
+    return (measure_images_per_s(base, image_size, threads=threads),
+            measure_images_per_s(base, screen_size, threads=threads))
+
+
+def screening_concurrency(search: SearchConfig, base: TrainConfig) -> int:
+    """Screening trials at once. GPU trials: one per GPU. CPU trials: one per 4 cores (small-batch
+    convolutions scale well to about 4 threads, and one trial with every thread returns its result
+    first, which the sampler can use), never more than the CPUs hold. Deterministic: one."""
+    if base.deterministic:
+        return 1
+    if search.max_concurrent:
+        return search.max_concurrent
+    if base.gpu:
+        return max(1, int(ray.cluster_resources().get("GPU", 1)) // base.workers)
+    return max(1, compute_parallelism() // max(4, math.ceil(base.cpus_per_worker * base.workers)))
+
+
+def make_plan(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData) -> Plan:
+    image_size = loop_settings(base, prepared)["image_size"]
+    spec = get_spec(model)
+    screen_size = screen_image_size(image_size, spec.min_input_size)
+    concurrent = screening_concurrency(search, base)
+    costs = measure_costs(base, prepared, image_size=image_size, screen_size=screen_size,
+                          threads=max(1, compute_parallelism() // base.workers), lr_test_steps=search.lr_test_steps)
+    try:
+        plan = plan_search(costs, epochs=base.epochs, budget_s=search.time_budget_s, trials=search.trials,
+                           screen_epochs=min(base.epochs, search.screen_epochs or max(2, base.epochs // 4)),
+                           image_size=image_size,
+                           screen_size=screen_size, concurrent=concurrent, retrain_challenger=search.retrain_challenger)
+    except ValueError as err:
+        raise StageFailed(f"{model}: {err}; give it more time, or fewer images, a smaller --image-size or "
+                          "--batch-size") from None
+    logger.info(f"[plan {model}] ~{costs.epoch_s:.0f} s per epoch at {image_size} px, ~{costs.screen_epoch_s:.0f} s at "
+                f"{screen_size} px; {plan.note} (~{plan.total_s:.0f} s planned)")
+    return plan
+
+
+# ---- Optuna, told the truth --------------------------------------------------------------------------
+
+
+class TruthfulOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial the scheduler stopped early is PRUNED, not COMPLETE
+    with its early score (Ray's own class reports every stopped trial as COMPLETE, so TPE would
+    model "good after one epoch" as "good"). Intermediate values still arrive per epoch."""
+
+    def __init__(self, *args, max_t: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_t = max_t
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_early = result and not error and result.get("training_iteration", self._max_t) < self._max_t
+        if stopped_early and trial_id not in self._completed_trials:
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
+def make_searcher(search: SearchConfig, space: dict, points: list[dict], *, n_trials: int, max_t: int,
+                  storage_dir: str | None) -> OptunaSearch:
+    """Optuna over the define-by-run `space`, the named points first. TPE set up for the trials
+    that will run: a third of them random start-up (at least 2), multivariate over the conditional
+    space, and constant liar so concurrent trials don't draw the same point. The study lives in
+    `storage_dir`/study.db (sqlite) when the search writes to a folder, so it can be read and resumed."""
+    sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(2, n_trials // 3), multivariate=True,
+                                         group=True, constant_liar=True)
+    storage = (optuna.storages.RDBStorage(f"sqlite:///{Path(storage_dir) / STUDY_FILE}") if storage_dir else None)
+    return TruthfulOptunaSearch(space=functools.partial(suggest, space=space), metric=METRIC, mode="max",
+                                sampler=sampler, points_to_evaluate=points, max_t=max_t, storage=storage,
+                                study_name="screening")
+
+
+def make_scheduler(search: SearchConfig, plan: Plan):
+    """ASHA over the screening epochs when there are enough trials for its cuts to mean anything
+    (`auto`: 6 or more); otherwise FIFO, i.e. every screening run completes its short schedule."""
+    use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and plan.screen_trials >= 6)
+    if not use_asha or plan.screen_epochs < 2:
+        return tune.schedulers.FIFOScheduler()
+    return ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=plan.screen_epochs,
+                         grace_period=min(search.grace_period, plan.screen_epochs - 1),
+                         reduction_factor=search.reduction_factor)
+
+
+# ---- the parts ---------------------------------------------------------------------------------------
+
+
+def lr_range_task(config: TrainConfig, data_root: str, *, image_size: int, steps: int, threads: int,
+                  datasets: dict) -> dict:
+    """Ray task body: the lr range test of `config`'s model and optimizer on training batches."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
+    spec = get_spec(config.model)
+    model = build_model(config.model, image_size=image_size).to(device=device, memory_format=torch.channels_last)
+    augment = TrainAugment(image_size=image_size, mean=spec.mean, std=spec.std, **config.augment_strengths())
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = itertools.islice(torch_batches(datasets["train"], batch_size=config.batch_size, shuffle_seed=config.seed),
+                               steps)
+    curve = lr_range_test(model, batches, optimizer=build_optimizer(model, config),
+                          augment=lambda images: augment(images, generator=generator),
+                          criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+                          aux_weight=spec.aux_loss_weight, device=device, steps=steps)
+    return curve.to_dict()
+
+
+def screen(model: str, screen_base: TrainConfig, search: SearchConfig, plan: Plan, prepared: PreparedData,
+           out_dir: str, *, space: dict, points: list[dict], resume: bool, callbacks: list | None,
+           datasets: dict, mode: str, budget_s: float) -> list:
+    """The screening trials: complete short runs at low fidelity, through Ray Tune. Returns Tune's results."""
+    threads = max(1, compute_parallelism() // plan.concurrent)
+    if mode == "inprocess":
+        trainable = tune.with_parameters(InProcessTrial, base=screen_base, data_root=prepared.root,
+                                         threads=threads, datasets=datasets)
+    else:
+        trainable = tune.with_parameters(run_trial, base=screen_base, data_root=prepared.root,
+                                         trials_dir=join(out_dir, "trials"), datasets=datasets)
+    cpus = screen_base.cpus_per_worker if mode == "inprocess" else 0.01
+    trainable = tune.with_resources(trainable, {"cpu": cpus, "gpu": (1 if screen_base.gpu else 0) if mode == "inprocess" else 0})
+    path = join(out_dir, SEARCH_DIR)
+    if resume and tune.Tuner.can_restore(path):
+        logger.info(f"[search {model}] resuming the screening in {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            # metric/mode go to the searcher and scheduler, not TuneConfig: there Tune ranks the
+            # trials itself on return and raises KeyError when an interrupted one has no metric yet.
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(search, space, points, n_trials=plan.screen_trials, max_t=plan.screen_epochs,
+                                         storage_dir=None if is_uri(out_dir) else out_dir),
+                scheduler=make_scheduler(search, plan),
+                num_samples=plan.screen_trials,
+                max_concurrent_trials=plan.concurrent,
+                time_budget_s=budget_s or None,
+                reuse_actors=mode == "inprocess",
+            ),
+            run_config=tune.RunConfig(
+                name=SEARCH_DIR, storage_path=out_dir,
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=1, **({"checkpoint_frequency": 1} if mode == "inprocess" else {})),
+                failure_config=tune.FailureConfig(max_failures=screen_base.max_failures),
+                callbacks=[TrialSummary(model, plan.screen_epochs), *(callbacks or [])],
+            ),
+        )
+    results, interrupted = _fit_noting_interrupts(tuner)
+    if interrupted:
+        # Tune returns normally after Ctrl-C, with unfinished trials: that is no result to rank.
+        raise SearchInterrupted(f"the {model} search was interrupted; run the same command with --resume to continue it")
+    return list(results)
+
+
+def trial_rows(results: list, plan: Plan) -> pd.DataFrame:
+    """One row per screening trial: its parameters, epochs run, final val accuracy and status."""
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        epochs = int(frame["epoch"].max()) if "epoch" in frame and len(frame) else 0
+        last = frame.sort_values("epoch").iloc[-1] if epochs else {}
+        status = ("failed" if result.error is not None else "completed" if epochs >= plan.screen_epochs
+                  else "pruned" if epochs else "not started")
+        rows.append({"trial_id": result.path.rstrip("/").rsplit("/", 1)[-1] if result.path else "",
+                     "params": describe(_searched(result.config)), **_searched(result.config),
+                     "fidelity": f"{plan.screen_image_size} px x {plan.screen_epochs} epochs",
+                     "epochs_run": epochs, "val_acc": float(last[METRIC]) if epochs else float("nan"),
+                     "val_loss": float(last["val_loss"]) if epochs else float("nan"), "status": status,
+                     "history": frame[[c for c in ("epoch", METRIC, "val_loss") if c in frame]].to_dict("records")})
+    return pd.DataFrame(rows)
+
+
+def _searched(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("__")}
+
+
+@dataclasses.dataclass
+class FullRun:
+    label: str  # "incumbent" or "challenger"
+    config: TrainConfig
+    params: dict
+    state: dict
+    best: dict
+    seconds: float
+
+
+def full_run(label: str, config: TrainConfig, params: dict, prepared: PreparedData, out_dir: str) -> FullRun:
+    """One full-length run through `train`'s own code path (Ray Train, all threads, best epoch by
+    validation), in OUT/searches/<model>/full/<label>; a resumed search finishes it from its checkpoint."""
+    started = time.perf_counter()
+    logger.info(f"[search {config.model}] full-length run of the {label} ({config.epochs} epochs): {describe(params)}")
+    state, best = fit_best(config, prepared, storage_path=join(out_dir, "full", label))
+    return FullRun(label, config, params, state, best, time.perf_counter() - started)
+
+
+# ---- the search --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SearchOutcome:
+    best_config: TrainConfig  # the configuration on the leaderboard, at full length
+    best_params: dict
+    best_state: dict  # its best-by-validation checkpoint (weights + full history)
+    best_metrics: dict
+    kept: bool  # the user's configuration was kept
+    verdict: str  # why it was kept or replaced
+    gain: float  # validation accuracy of the best challenger minus the user's, where compared (else NaN)
+    plan: Plan
+    actual_s: dict[str, float]  # what each part took
+    trials: pd.DataFrame  # trial_rows
+    lr_curve: dict | None  # the lr range test's curve and suggestion
+    full_runs: list[dict]  # label, params, epochs, best val acc, seconds of each full-length run
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return pd.DataFrame(self.best_state["history"])
+
+    def summary(self) -> dict:
+        """What search.json and the leaderboard carry (plain JSON)."""
+        chosen = next(run for run in self.full_runs if run["label"] == ("incumbent" if self.kept else "challenger"))
+        return {"plan": dataclasses.asdict(self.plan), "actual_s": self.actual_s, "kept": self.kept,
+                "verdict": self.verdict, "gain": self.gain, "final_seconds": chosen["seconds"],
+                "best_params": describe_params(self.best_params),
+                "final_epochs": self.best_config.epochs, "lr_curve": self.lr_curve, "full_runs": self.full_runs,
+                "trials": json.loads(self.trials.to_json(orient="records"))}
 
 
 def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,
-               *, resume: bool, callbacks: list | None = None,
-               points_to_evaluate: list[dict] | None = None) -> SearchOutcome:
-    """Search `model` and return its best configuration and checkpoint. `out_dir` (a folder or a
-    URI) holds the Tune state; `callbacks` are more Tune callbacks (e.g. tracking's MLflow logger;
-    a restored search keeps the ones it was started with); `points_to_evaluate` are the
-    configurations the searcher tries first, in order (default: the base settings' own point,
-    gendertune.tuning.search.space.base_point)."""
+               *, resume: bool, callbacks: list | None = None, points_to_evaluate: list[dict] | None = None
+               ) -> SearchOutcome:
+    """Search `model` under the budget policy (gendertune.tuning.search.policy) and return the
+    configuration to put on the leaderboard with its full-length run. `out_dir` (a folder or a URI)
+    holds the plan, the lr curve, the Tune state, the Optuna study and the full-length runs;
+    `callbacks` are more Tune callbacks (e.g. tracking's MLflow logger); `points_to_evaluate` are
+    the configurations screened first, in order (default: the user's, then the lr test's challenger)."""
+    started = time.perf_counter()
     base = dataclasses.replace(base, model=model)
     loop_settings(base, prepared)  # image size vs model, weights file: fail before any trial
     mode = resolve_mode(search, base)
     if not is_uri(out_dir):
         out_dir = str(Path(out_dir).absolute())
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    cpus_per_trial = base.cpus_per_worker if mode == "inprocess" else 0.01
-    # Deterministic: one trial at a time, or ASHA's cuts and Optuna's next suggestion would
-    # depend on which of the trials running together reported first.
-    concurrent = 1 if base.deterministic else (
-        search.max_concurrent or max(1, compute_parallelism() // math.ceil(base.cpus_per_worker * base.workers)))
-    threads = max(1, compute_parallelism() // concurrent)
-    if search.time_budget_s and not (resume and tune.Tuner.can_restore(join(out_dir, SEARCH_DIR))):
-        plan_budget(model, base, search, prepared, concurrent=concurrent, threads=threads)
-    # Built (and, when small, materialised) once for the whole search, not once per trial.
-    # val_fraction is not searched, so every trial trains and validates on the same rows.
-    # A Dataset executes with the DataContext it was created with, in whichever process reads it:
-    # switched off here, its progress bars stay off in the trials too (Tune's table is the display).
+    saved_plan = _read_json(out_dir, PLAN_FILE) if resume else None
+    plan = Plan(**saved_plan) if saved_plan else make_plan(model, base, search, prepared)
+    write_json(join(out_dir, PLAN_FILE), dataclasses.asdict(plan))
+    actual: dict[str, float] = {"planning": time.perf_counter() - started}
+    # Built (and, when small, materialised) once for the whole search. A Dataset executes with the
+    # DataContext it was created with: switched off here, its progress bars stay off in the trials too.
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = training_datasets(prepared, val_fraction=base.val_fraction)
-    if mode == "inprocess":
-        trainable = tune.with_parameters(InProcessTrial, base=base, data_root=prepared.root,
-                                         threads=threads, datasets=datasets)
+    space = space_for(model, search.space)
+    user = user_point(base, space)
+    points = [user]
+    lr_curve = None
+    if plan.lr_test:
+        lr_curve = _read_json(out_dir, LR_FILE) if resume else None
+        if lr_curve is None:
+            part = time.perf_counter()
+            task = ray.remote(lr_range_task).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
+            lr_curve = ray.get(task.remote(base, prepared.root, image_size=plan.screen_image_size,
+                                           steps=search.lr_test_steps, threads=compute_parallelism(), datasets=datasets))
+            write_json(join(out_dir, LR_FILE), lr_curve)
+            actual["lr_test"] = time.perf_counter() - part
+        suggestion = lr_curve["suggestion"]
+        space = centre_lr(space, base.optimizer, suggestion)
+        if keep_lr(base.lr, suggestion):
+            logger.info(f"[search {model}] lr range test: suggests {suggestion:.2g}; the user's lr {base.lr:g} is within "
+                        f"{LR_TOLERANCE:g}x of it: kept")
+        else:
+            logger.info(f"[search {model}] lr range test: suggests {suggestion:.2g}, the user's lr {base.lr:g} is not "
+                        f"within {LR_TOLERANCE:g}x of it: a challenger with lr {suggestion:.2g}")
+            points.append({**user, "lr": suggestion})
+    space = widen(space, user)
+    if points_to_evaluate is not None:
+        points = points_to_evaluate
+    screen_base = dataclasses.replace(base, image_size=plan.screen_image_size, epochs=plan.screen_epochs)
+    trials = pd.DataFrame()
+    challenger_params, verdict, gain = None, "kept: no screening, the budget holds the user's configuration alone", math.nan
+    # Screening runs when the plan has room for it, or, at about one run's budget, as a duel with
+    # the lr test's challenger only (its time is taken from the final run, at most MAX_FINAL_TRIM).
+    n_screen = plan.screen_trials or (2 if len(points) > 1 and plan.lr_test else 0)
+    if n_screen:
+        part = time.perf_counter()
+        # Screening's share, with slack for measurement error: the final run's time is protected by
+        # stopping screening, never by cutting that run short.
+        limit = (math.ceil(n_screen / plan.concurrent) * plan.screen_trial_s * 1.5 + 10) if plan.budget_s else 0
+        results = screen(model, screen_base, search, dataclasses.replace(plan, screen_trials=n_screen), prepared,
+                         out_dir, space=space, points=points, resume=resume, callbacks=callbacks, datasets=datasets,
+                         mode=mode, budget_s=limit)
+        actual["screening"] = time.perf_counter() - part
+        trials = trial_rows(results, plan)
+        challenger_params, verdict, gain = pick_challenger(trials, user, val_images=_val_images(prepared, base))
+    # The full-length runs: the user's configuration unless screening replaced it; in a budget of
+    # two runs, or without a budget, also the best challenger, and the paired guard picks.
+    part = time.perf_counter()
+    final_epochs = _final_epochs(plan, started, screened=bool(n_screen))
+    chosen_params = user
+    runs = []
+    two_runs = plan.full_runs == 2 and challenger_params is not None
+    if plan.full_runs == 1 and challenger_params is not None and verdict.startswith("replaced"):
+        chosen_params = challenger_params
+    runs.append(full_run("incumbent" if chosen_params is user else "challenger",
+                         trial_config(base, chosen_params, epochs=final_epochs), chosen_params, prepared, out_dir))
+    if two_runs:
+        runs.append(full_run("challenger", trial_config(base, challenger_params, epochs=final_epochs),
+                             challenger_params, prepared, out_dir))
+        incumbent, challenger = runs
+        check = guard_paired(val_correct(incumbent.state, incumbent.config, prepared),
+                             val_correct(challenger.state, challenger.config, prepared))
+        chosen, gain = (challenger if check.replace else incumbent), check.difference
+        verdict = ("replaced: the challenger's full-length run beat the user's by " if check.replace
+                   else "kept: the challenger's full-length run did not beat the user's by more than the noise: "
+                   ) + check.describe()
     else:
-        trainable = tune.with_parameters(run_trial, base=base, data_root=prepared.root,
-                                         trials_dir=join(out_dir, "trials"), datasets=datasets)
-    resources = {"cpu": cpus_per_trial, "gpu": (1 if base.gpu else 0) if mode == "inprocess" else 0}
-    trainable = tune.with_resources(trainable, resources)
-    path = join(out_dir, SEARCH_DIR)
-    if resume and tune.Tuner.can_restore(path):
-        logger.info(f"[search {model}] resuming the search in {path}")
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(model, search.space),
-            # metric/mode go to the searcher and scheduler, not TuneConfig: there Tune ranks the
-            # trials itself on return and raises KeyError when an interrupted one has no metric yet.
-            tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric=METRIC, mode="max", seed=search.seed,
-                                        points_to_evaluate=[base_point(base, model, search.space)]
-                                        if points_to_evaluate is None else points_to_evaluate),
-                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=base.epochs,
-                                        grace_period=min(search.grace_period, base.epochs),
-                                        reduction_factor=search.reduction_factor),
-                num_samples=search.trials,
-                max_concurrent_trials=concurrent,
-                time_budget_s=search.time_budget_s or None,
-                reuse_actors=mode == "inprocess",
-            ),
-            run_config=tune.RunConfig(
-                name=SEARCH_DIR, storage_path=out_dir,
-                # The best checkpoint is all compare needs; Ray keeps the latest too, for resume.
-                # Each one holds weights and optimizer state (VGG19: 143 M parameters, three copies with AdamW).
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order="max",
-                    # A class trainable checkpoints when Tune asks; a function trainable when it reports.
-                    **({"checkpoint_frequency": 1} if mode == "inprocess" else {}),
-                ),
-                failure_config=tune.FailureConfig(max_failures=base.max_failures),
-                callbacks=[TrialSummary(model, base.epochs), *(callbacks or [])],
-            ),
-        )
-    started = time.perf_counter()
-    results, interrupted = _fit_noting_interrupts(tuner)
-    search_seconds = time.perf_counter() - started
-    missing = search.trials - len(results) if not search.time_budget_s else 0
-    if interrupted or missing > 0:
-        # Tune returns normally after Ctrl-C, with unfinished trials: that is no result to rank.
-        raise SearchInterrupted(
-            f"the {model} search was interrupted before all {search.trials} trials finished; "
-            "run the same command with --resume to continue it"
-        )
-    # A trial cut off by time_budget_s before its first epoch ended has results without a metric.
-    finished = [r for r in results if r.error is None and r.metrics and METRIC in r.metrics_dataframe]
-    if not finished:
-        errors = "; ".join(str(r.error).splitlines()[0] for r in results if r.error)[:500]
-        if not errors and search.time_budget_s:
-            raise RuntimeError(f"no {model} trial finished an epoch within --time-budget-s {search.time_budget_s:g}; "
-                               "give it more time, or fewer images, a smaller --image-size or batch size")
-        raise RuntimeError(f"every {model} trial failed: {errors or 'no trial reported a metric'}")
-    best = max(finished, key=lambda r: r.metrics_dataframe[METRIC].max())
-    state, metrics = _best_state(best, out_dir)
-    params = {k: v for k, v in best.config.items()}
-    history = best.metrics_dataframe[[c for c in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_images_per_s", "attempt_start_epoch",
-                                                          "precision", "precision_reason", *TIMING_COLUMNS) if c in best.metrics_dataframe]]
+        chosen = runs[0]
+    actual["full_runs"] = time.perf_counter() - part
+    kept = chosen.params is user
+    logger.info(f"[search {model}] {verdict}")
     return SearchOutcome(
-        best_config=trial_config(base, params), best_params=params, best_state=state,
-        best_metrics={k: metrics[k] for k in ("epoch", "val_acc", "val_loss")},
-        history=history.drop_duplicates("epoch", keep="last").reset_index(drop=True),
-        trials_run=len(results),
-        trials_pruned=sum(1 for r in finished if r.metrics.get("training_iteration", 0) < base.epochs),
-        trials_failed=sum(1 for r in results if r.error is not None),
-        search_seconds=search_seconds, best_trial_seconds=float(best.metrics.get("time_total_s", float("nan"))),
+        best_config=chosen.config, best_params=chosen.params, best_state=chosen.state,
+        best_metrics={k: chosen.best[k] for k in ("epoch", "val_acc", "val_loss")}, kept=kept, verdict=verdict, gain=gain,
+        plan=plan, actual_s=actual, trials=trials, lr_curve=lr_curve,
+        full_runs=[{"label": r.label, "params": describe(r.params), "epochs": r.config.epochs,
+                    "best_val_acc": r.best["val_acc"], "seconds": r.seconds} for r in runs],
     )
+
+
+def pick_challenger(trials: pd.DataFrame, user: dict, *, val_images: int) -> tuple[dict | None, str, float]:
+    """The best completed screening run that is not the user's, and the unpaired guard's verdict
+    against the user's own screening run (both at the same low fidelity, ranked by their final,
+    annealed val accuracy, never by a mid-schedule maximum)."""
+    completed = trials[trials["status"] == "completed"] if len(trials) else trials
+    is_user = completed.apply(lambda row: all(row.get(k) == v for k, v in user.items()), axis=1) if len(completed) else []
+    incumbent, others = completed[is_user] if len(completed) else completed, completed[~is_user] if len(completed) else completed
+    if not len(others):
+        return None, "kept: no challenger completed its screening run", math.nan
+    best = others.loc[others["val_acc"].idxmax()]
+    # Plain Python values: numpy scalars would reach the checkpoints' history, which torch's safe
+    # loading (weights_only) refuses.
+    params = {k: best[k].item() if hasattr(best[k], "item") else best[k] for k in user if k in best}
+    if not len(incumbent):
+        return params, "replaced: the user's screening run did not complete (failed or diverged)", math.nan
+    check = guard_unpaired(float(incumbent["val_acc"].iloc[0]), float(best["val_acc"]), val_images)
+    word = "replaced" if check.replace else "kept"
+    return params, f"{word}: at screening fidelity the best challenger ({best['params']}) scored " + check.describe(), \
+        check.difference
+
+
+def _val_images(prepared: PreparedData, base: TrainConfig) -> int:
+    counts = prepared.manifest["splits"]
+    return int(counts["val"]["count"] if "val" in counts else counts["train"]["count"] * base.val_fraction)
+
+
+def _final_epochs(plan: Plan, started: float, *, screened: bool) -> int:
+    """The final run's length: what is left of the budget, up to the epochs asked for, and never
+    below what the plan reserved for it (less when a duel the plan did not count took its share).
+    Without a budget, the epochs asked for."""
+    if not plan.budget_s:
+        return plan.final_epochs
+    floor = plan.duel_final_epochs if screened and not plan.screen_trials else plan.final_epochs
+    per_epoch = plan.planned_s["full_runs"] / plan.full_runs / max(plan.final_epochs, 1)
+    left = plan.budget_s - (time.perf_counter() - started)
+    return max(floor, min(plan.epochs, int(left / plan.full_runs // per_epoch)))
+
+
+def _read_json(folder: str, name: str) -> dict | None:
+    return json.loads(read_text(join(folder, name))) if is_file(join(folder, name)) else None
+
+
+def write_json(location: str, payload: Any) -> None:
+    write_bytes(location, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def describe_params(params: dict) -> str:

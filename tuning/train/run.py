@@ -249,6 +249,33 @@ def write_run_outputs(
     return metrics
 
 
+def fit_best(config: TrainConfig, prepared: PreparedData, *, storage_path: str) -> tuple[dict, dict]:
+    """Train (or resume) one run with Ray Train in `storage_path`; its best-by-validation state,
+    with the whole history, and that epoch's metrics. `train` and the search's full-length runs both
+    train through this, so a search that keeps the user's configuration reproduces `train` exactly."""
+    trainer = build_trainer(config, prepared, storage_path=storage_path, name=run_layout.RAY_RUN_NAME)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise RunFailed(
+            f"training failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
+            f"the checkpoints are kept in {storage_path}: re-run the same command to resume from the latest one"
+        ) from err
+    checkpoint, best = best_checkpoint(result)
+    latest_state = load_checkpoint_state(result.checkpoint)
+    best_state = load_checkpoint_state(checkpoint)
+    best_state["history"] = latest_state["history"]
+    return best_state, best
+
+
+def val_correct(state: dict, config: TrainConfig, prepared: PreparedData) -> np.ndarray:
+    """Per validation image, whether `state` classifies it right (the search's paired guard), in
+    one Ray task placed like a training worker."""
+    task = ray.remote(evaluate_held_out).options(num_cpus=config.cpus_per_worker, num_gpus=1 if config.gpu else 0)
+    val = ray.get(task.remote(state, config, prepared.root, ["val"]))["val"]
+    return (np.asarray(val["prob_positive"]) >= 0.5) == np.asarray(val["label"], dtype=bool)
+
+
 def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dict:
     """Train (or resume) the run in config.out (a folder or a URI), evaluate it on the test split
     and on every eval set, and log it to MLflow when `tracking_uri` is given; returns metrics.json's content."""
@@ -290,18 +317,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, config.to_json())
-    trainer = build_trainer(config, prepared, storage_path=location.storage, name=run_layout.RAY_RUN_NAME)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        raise RunFailed(
-            f"training failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
-            f"the checkpoints are kept in {location.storage}: re-run the same command to resume from the latest one"
-        ) from err
-    checkpoint, best = best_checkpoint(result)
-    latest_state = load_checkpoint_state(result.checkpoint)
-    best_state = load_checkpoint_state(checkpoint)
-    best_state["history"] = latest_state["history"]
+    best_state, best = fit_best(config, prepared, storage_path=location.storage)
     split = "test" if "test" in prepared.splits else "val"
     logger.info(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
     metrics = evaluate_held_out_and_write(out, config, prepared, best_state, best, started=started)
