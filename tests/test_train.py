@@ -200,14 +200,15 @@ def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
     assert main(["predict", "--model", str(out := ddp_run[0]), *photos, photos[0], "--out", str(csv),
                  "--annotate", str(tmp_path / "boxed")]) == 0
     table = pd.read_csv(csv).fillna({"error": "", "label": ""})
-    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "detector_score", "label", "confidence",
-                                   "prob_male", "error"]
+    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "detector", "detector_score", "label",
+                                   "confidence", "prob_male", "error"]
     group_rows = table[table["image"] == photos[0]]  # given twice, predicted once
     assert group_rows["face"].tolist() == [0, 1] and (group_rows["error"] == "").all()
-    assert group_rows["w"].iloc[0] > group_rows["w"].iloc[1]
+    assert group_rows["w"].iloc[0] > group_rows["w"].iloc[1] and (group_rows["detector"] == "hog").all()
     # The model was trained with --no-face keep: a photo without a face falls back to its centre.
     noise = table[table["image"] == photos[1]]
     assert len(noise) == 1 and noise["error"].iloc[0] == "" and np.isnan(noise["detector_score"].iloc[0])
+    assert noise["detector"].iloc[0] == "none"
     assert table.loc[table["image"] == photos[2], "error"].iloc[0].startswith("unreadable file")
     boxed = np.asarray(Image.open(tmp_path / "boxed" / "group.jpg"))
     assert boxed.shape == (560, 1000, 3)

@@ -26,7 +26,7 @@ from gendertune.cluster import storage
 from gendertune.base.errors import MissingInputError, UserInputError
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.data_prep.faces import AlignSettings, FaceChip, FaceFinder, face_chips
+from gendertune.data_prep.faces import NO_DETECTION, AlignSettings, FaceChip, FaceFinder, face_chips
 from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box, decode_face, load_photo
 from gendertune.models.registry import build_model, split_outputs
 from gendertune.models.transforms import EvalPreprocess
@@ -58,7 +58,7 @@ class RunModel:
         self.class_names = list(saved["class_names"])
         self.prep_image_size = int(saved["prep_image_size"])
         self.align = AlignSettings.from_dict(saved["alignment"]) if saved["alignment"] else None
-        self.finder = FaceFinder(self.align.detector) if self.align else None
+        self.finder = FaceFinder(self.align.detector, self.align.landmarks) if self.align else None
         self.model = build_model(saved["model_name"], image_size=int(saved["image_size"]))
         self.model.load_state_dict(saved["model"])
         self.model.eval().to(memory_format=torch.channels_last)
@@ -104,9 +104,10 @@ class RunModel:
                 rows.append(_error_row(path, NO_FACE))
             for number, face in enumerate(found):
                 rows.append({"image": path, "face": number, **dict(zip("xywh", face.box)),
+                             "detector": face.face.detector if face.face else NO_DETECTION,
                              "detector_score": face.face.score if face.face else np.nan, "error": ""})
                 chips.append(face.chip)
-        table = pd.DataFrame(rows, columns=["image", "face", "x", "y", "w", "h", "detector_score", "error"])
+        table = pd.DataFrame(rows, columns=["image", "face", "x", "y", "w", "h", "detector", "detector_score", "error"])
         margins = np.full(len(table), np.nan)
         if chips:
             margins[(table["error"] == "").to_numpy()] = self.margins(np.stack(chips))
@@ -138,7 +139,7 @@ def square_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 def _error_row(path: str, error: str) -> dict:
     return {"image": path, "face": -1, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan,
-            "detector_score": np.nan, "error": error}
+            "detector": NO_DETECTION, "detector_score": np.nan, "error": error}
 
 
 def write_annotated(photo: Image.Image, faces: pd.DataFrame, out: str, *, class_names: list[str],
