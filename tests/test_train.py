@@ -73,7 +73,9 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
     # A worker is killed after epoch 2's checkpoint and max_failures=0 lets the whole run fail.
     # Running the same command again (same --out) must resume from the latest checkpoint, as after a
     # crash. (Recovery inside one run, max_failures >= 1, is tested by killing a node in test_cluster.)
-    config = train_config(prepared, out, max_failures=0, eval_sets=[f"faces={eval_set_folder}"])
+    # Flip test-time augmentation and the balanced threshold on, so that predict is checked against them too.
+    config = train_config(prepared, out, max_failures=0, eval_sets=[f"faces={eval_set_folder}"], tta="flip",
+                          threshold="balanced")
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_checkpoints, args=(out, 2, stop), daemon=True)
     killer.start()
@@ -172,6 +174,10 @@ def test_predict_matches_the_evaluation(ddp_run, prepared, synthetic_sample_larg
     predicted = predict(str(out), images, every_face=False)
     assert predicted["image"].tolist() == images
     assert np.allclose(predicted["prob_male"].to_numpy(), evaluated["prob_positive"].to_numpy(), atol=1e-5)
+    # Both flip-averaged, both deciding at the threshold chosen on validation.
+    saved, metrics = torch.load(out / run_layout.MODEL, weights_only=True), run_layout.read_metrics(out)
+    assert saved["tta"] == metrics["tta"] == "flip" and saved["threshold"] == metrics["threshold"]
+    assert ((predicted["label"] == "Male") == (evaluated["prob_positive"] >= metrics["threshold"])).all()
 
 
 def test_ray_data_batch_inference_gives_the_in_process_rows(ddp_run, synthetic_sample_large, monkeypatch):
