@@ -43,7 +43,7 @@ from gendertune.data_prep import celeba, layout
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.dedupe import find_duplicates
 from gendertune.data_prep.errors import PrepInputError
-from gendertune.data_prep.faces import AlignSettings, Face, FaceFinder, face_chips
+from gendertune.data_prep.faces import NO_DETECTION, AlignSettings, Face, FaceFinder, face_chips
 from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
 from gendertune.data_prep.labels import read_identity_file, read_labels, read_partition_file, read_slice_columns
 from gendertune.data_prep.splits import assign_splits
@@ -147,23 +147,23 @@ def hash_chunk(paths: Sequence[str]) -> tuple[list[str], list[str]]:
     return hashes, errors
 
 
-# faces.csv: one row per image that was decoded, in the order of TEMPLATE's landmarks.
-LANDMARK_COLUMNS = [f"{point}_{axis}" for point in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-                    for axis in ("x", "y")]
+# faces.csv: one row per image that was decoded; the five points in the order of the landmark
+# model's template (gendertune.data_prep.faces.LANDMARK_MODELS: which points depends on the model).
+LANDMARK_COLUMNS = [f"point{number}_{axis}" for number in range(1, 6) for axis in ("x", "y")]
 FACE_COLUMNS = ["image_id", "alignment", "faces_found", "detector", "detector_score", "x", "y", "w", "h",
                 *LANDMARK_COLUMNS]
 
 
 @functools.lru_cache(maxsize=2)
-def _face_finder(detector: str) -> FaceFinder:
+def _face_finder(detector: str, landmarks: str) -> FaceFinder:
     """One FaceFinder per worker process: Ray reuses workers between tasks, so the models load
     once per process, not once per task or image."""
-    return FaceFinder(detector)
+    return FaceFinder(detector, landmarks)
 
 
 def face_row(image_id: str, alignment: str, faces_found: int, face: Face | None) -> tuple:
     if face is None:
-        return (image_id, alignment, faces_found, "", np.nan, *[np.nan] * 4, *[np.nan] * len(LANDMARK_COLUMNS))
+        return (image_id, alignment, faces_found, NO_DETECTION, np.nan, *[np.nan] * 4, *[np.nan] * len(LANDMARK_COLUMNS))
     return (image_id, alignment, faces_found, face.detector, face.score, *face.box, *face.landmarks.ravel().tolist())
 
 
@@ -172,7 +172,7 @@ def decode_one(data: bytes, image_id: str, *, image_size: int, align: AlignSetti
     without alignment). Raises ImageRejected for data that is no usable image."""
     if align is None:
         return decode_face_bytes(data, image_size=image_size), None
-    chips, found = face_chips(load_photo(data), _face_finder(align.detector), align, every_face=False)
+    chips, found = face_chips(load_photo(data), _face_finder(align.detector, align.landmarks), align, every_face=False)
     if not chips:
         return None, face_row(image_id, "no_face_rejected", 0, None)
     return chips[0].chip.tobytes(), face_row(image_id, chips[0].path, found, chips[0].face)

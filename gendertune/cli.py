@@ -338,9 +338,9 @@ COMMANDS = {
     "predict": Command(
         "label every face in photos with a trained run",
         "Detect every face in each photo, align it as the model's training images were, and "
-        "print and write one row per face: box, detector score, label, confidence. Folders are searched "
-        "for images; many images run as Ray Data batch inference. Unreadable images, and photos with no "
-        "face, get an error row.",
+        "print and write one row per face: box, which detector pass found it and its score, label, "
+        "confidence. Folders are searched for images; many images run as Ray Data batch inference. "
+        "Unreadable images, and photos with no face, get an error row.",
         _predict_flags, _run_predict),
     "evaluate": Command(
         "score a trained run on labelled folders of photos (accuracy, slices, calibration)",

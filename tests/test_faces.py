@@ -1,21 +1,25 @@
 """Face detection and alignment (gendertune.data_prep.faces): the geometry as pure functions, then dlib's real
-detector and landmark model on a real face photo that scikit-image ships (NASA's astronaut
-portrait of Eileen Collins, public domain)."""
+detectors and landmark models on a real face photo that scikit-image ships (NASA's astronaut
+portrait of Eileen Collins, public domain), alone and composed into group photos; and the README's
+table of the model files' licences."""
 
 from __future__ import annotations
 
 import io
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from gendertune.data_prep.faces import FILL_RGB, AlignSettings, FaceFinder, apply_matrix, face_chips, similarity_matrix, template_points, warp_to_chip
+from gendertune.data_prep.faces import (FILL_RGB, LANDMARK_MODELS, MODEL_FILES, AlignSettings, FaceFinder, apply_matrix,
+                                        face_chips, similarity_matrix, template_points, warp_to_chip)
 from gendertune.data_prep.images import ImageRejected, load_photo
 
 SIZE = 96
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def settings(**overrides) -> AlignSettings:
@@ -84,13 +88,33 @@ def _centroids(chip: np.ndarray, near: np.ndarray) -> np.ndarray:
     return np.array(found)
 
 
+@pytest.mark.parametrize("landmarks", ["5", "68"])
 @pytest.mark.parametrize("angle, scale", [(0.0, 1.0), (17.0, 3.0), (-30.0, 0.6)])
-def test_landmarks_land_on_the_template_within_a_pixel(angle, scale):
-    target = template_points(SIZE, 1.0)
+def test_landmarks_land_on_the_template_within_a_pixel(angle, scale, landmarks):
+    target = template_points(SIZE, 1.0, landmarks)
     photo_points = apply_matrix(rotation_scale(angle, scale, (150.0, 90.0)), target)
     photo = _dots((700, 600), photo_points, radius=2.5 * scale)
     chip = warp_to_chip(photo, similarity_matrix(photo_points, target), image_size=SIZE)
     assert np.abs(_centroids(chip, target) - target).max() < 1.0
+
+
+@pytest.mark.parametrize("landmarks", ["5", "68"])
+def test_templates_are_mirror_symmetric(landmarks):
+    template = LANDMARK_MODELS[landmarks].template
+    mirrored = template * (-1, 1) + (1, 0)
+    pairs = {"5": [3, 2, 1, 0, 4], "68": [1, 0, 2, 4, 3]}[landmarks]  # each point's mirror image
+    assert np.abs(mirrored[pairs] - template).max() < 1e-9
+
+
+def test_five_point_template_frames_faces_as_the_68_point_one_did():
+    """The 5-point template was measured on the same CelebA images as the 68-point one: the middle
+    of each eye's two corners sits where the 68-point template has the eye centre, within half a
+    pixel of a 64 px chip, so CelebA aligns to nearly what it did; the nose base lies between the
+    nose tip and the mouth."""
+    five, old = template_points(64, 1.0, "5"), template_points(64, 1.0, "68")
+    eye_middles = np.stack([five[:2].mean(0), five[2:4].mean(0)])
+    assert np.abs(eye_middles - old[:2]).max() < 0.5
+    assert old[2, 1] < five[4, 1] < old[3, 1] and five[4, 0] == old[2, 0] == 32
 
 
 def test_out_of_photo_area_gets_the_fill_colour():
@@ -110,14 +134,71 @@ def test_model_files_are_found_without_importing_face_recognition_models(finder)
     assert "face_recognition_models" not in sys.modules
 
 
+def test_readme_states_the_licence_of_every_model_file_the_code_loads():
+    section = README.read_text().split("## Model files and licences", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    for name in MODEL_FILES:
+        (row,) = [line for line in rows if f"`{name}`" in line]
+        assert row.split("|")[3].strip(), f"{name}: no licence given"
+    (five,) = [line for line in rows if LANDMARK_MODELS["5"].file in line]
+    (sixty_eight,) = [line for line in rows if LANDMARK_MODELS["68"].file in line]
+    assert "default" in five and "commercial" in sixty_eight
+
+
 def test_detector_finds_the_astronaut_face(finder, astronaut):
     (face,) = finder.find(astronaut, max_side=1024, min_score=0.2)
     x, y, w, h = face.box
     # Her face spans about x 180-270, y 80-170 in the 512 x 512 portrait.
     assert 160 < x < 200 and 60 < y < 110 and 70 < w < 120 and 70 < h < 120
-    left_eye, right_eye, nose, mouth_left, mouth_right = face.landmarks
-    assert left_eye[0] < nose[0] < right_eye[0] and max(left_eye[1], right_eye[1]) < nose[1] < mouth_left[1]
-    assert mouth_left[0] < mouth_right[0] and face.score > 0
+    # dlib's 5 points, left to right in the image: outer and inner corner of each eye; then the nose base.
+    outer_left, inner_left, inner_right, outer_right, nose = face.landmarks
+    assert outer_left[0] < inner_left[0] < nose[0] < inner_right[0] < outer_right[0]
+    assert max(outer_left[1], outer_right[1]) + 15 < nose[1] < y + h and face.score > 0 and face.detector == "hog"
+    (face68,) = FaceFinder("hog", "68").find(astronaut, max_side=1024, min_score=0.2)
+    left_eye, right_eye, tip, mouth_left, mouth_right = face68.landmarks
+    assert left_eye[0] < tip[0] < right_eye[0] and max(left_eye[1], right_eye[1]) < tip[1] < mouth_left[1]
+    assert mouth_left[0] < mouth_right[0]
+
+
+def test_five_point_chip_of_a_real_face_matches_the_68_point_chip(astronaut):
+    """The same face aligned through the 5-point model and through the 68-point model: the 68-point
+    landmarks land within 1.5 px (of a 96 px chip) of where the 68-point chip puts them."""
+    five, sixty_eight = FaceFinder("hog", "5"), FaceFinder("hog", "68")
+    (face68,) = sixty_eight.find(astronaut, max_side=1024, min_score=0.2)
+    (face5,) = five.find(astronaut, max_side=1024, min_score=0.2)
+    old = similarity_matrix(face68.landmarks, template_points(SIZE, 1.0, "68"))
+    new = similarity_matrix(face5.landmarks, template_points(SIZE, 1.0, "5"))
+    moved = np.hypot(*(apply_matrix(new, face68.landmarks) - apply_matrix(old, face68.landmarks)).T)
+    assert moved.mean() < 1.5, moved
+    chip5 = face_chips(astronaut, five, settings(), every_face=False)[0][0].chip.astype(float)
+    chip68 = face_chips(astronaut, sixty_eight, settings(landmarks="68"), every_face=False)[0][0].chip
+    assert np.abs(chip5 - chip68).mean() < 12
+
+
+def _with_small_face(astronaut: Image.Image, *, large: bool) -> Image.Image:
+    """A group photo: the astronaut at a size HOG finds unaided (if `large`) and once more, shrunk
+    so that her face is about 50 px wide, below HOG's ~80 px window."""
+    photo = Image.new("RGB", (900, 520), (200, 200, 200))
+    if large:
+        photo.paste(astronaut, (380, 0))
+    photo.paste(astronaut.resize((270, 270)), (40, 220))
+    return photo
+
+
+def test_small_faces_are_found_by_the_upsampled_pass(astronaut):
+    plain, upsampling = FaceFinder("hog"), FaceFinder("hog+upsample")
+    alone = _with_small_face(astronaut, large=False)
+    assert plain.find(alone, max_side=1024, min_score=0.2) == []
+    (small,) = upsampling.find(alone, max_side=1024, min_score=0.2)
+    assert small.detector == "hog-upsampled" and 30 < small.box[2] < 80 and small.box[0] < 300
+    group = _with_small_face(astronaut, large=True)
+    # The largest face only (prep): HOG found one, so the upsampled pass does not run.
+    assert [f.detector for f in upsampling.find(group, max_side=1024, min_score=0.2)] == ["hog"]
+    # Every face (predict): the upsampled pass adds the small face, and finds the large one only once.
+    large, small = upsampling.find(group, max_side=1024, min_score=0.2, every_face=True)
+    assert (large.detector, small.detector) == ("hog", "hog-upsampled") and large.box[0] > 380 and small.box[0] < 300
+    chips, found = face_chips(group, upsampling, settings(detector="hog+upsample"), every_face=True)
+    assert found == 2 and [c.face.detector for c in chips] == ["hog", "hog-upsampled"]
 
 
 @pytest.mark.integration  # runs dlib's CNN detector for seconds
@@ -194,7 +275,12 @@ def test_load_photo_honours_exif_orientation_and_rejects_junk():
 
 def test_settings_from_another_template_are_refused():
     saved = settings().to_dict()
-    assert AlignSettings.from_dict(saved) == settings()
+    assert saved["template"] == LANDMARK_MODELS["5"].template_name and AlignSettings.from_dict(saved) == settings()
+    # Saved before the landmark model could be chosen: the 68-point template says which model it was.
+    before = {k: v for k, v in settings(landmarks="68").to_dict().items() if k != "landmarks"}
+    assert AlignSettings.from_dict(before) == settings(landmarks="68")
+    with pytest.raises(ValueError, match="cannot reproduce that alignment"):
+        AlignSettings.from_dict({**saved, "landmarks": "68"})  # the 5-point template with the 68-point model
     with pytest.raises(ValueError, match="cannot reproduce that alignment"):
         AlignSettings.from_dict({**saved, "template": "arcface-112"})
     older = {k: v for k, v in saved.items() if k != "min_score"}  # as saved before that setting existed

@@ -43,7 +43,7 @@ RAY_FREE = {
     "gendertune.data_prep.synthetic",
     "gendertune.models.registry", "gendertune.models.transforms", "gendertune.models.weights",
     "gendertune.cluster.storage",
-    "gendertune.tuning.evaluate.calibration", "gendertune.tuning.evaluate.metrics",
+    "gendertune.tuning.evaluate.calibration", "gendertune.tuning.evaluate.decision", "gendertune.tuning.evaluate.metrics",
     "gendertune.tuning.evaluate.run_layout", "gendertune.tuning.evaluate.slices",
     "gendertune.tuning.train.config", "gendertune.tuning.train.engine", "gendertune.tuning.train.pixels",
     "gendertune.tuning.search.config", "gendertune.tuning.search.figures", "gendertune.tuning.search.lr_range",

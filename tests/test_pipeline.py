@@ -21,7 +21,7 @@ from gendertune.cluster.storage import OWNER_FILE, atomic_output_dir
 from gendertune.data_prep import layout, pipeline
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.errors import PrepInputError
-from gendertune.data_prep.faces import TEMPLATE_NAME, AlignSettings, FaceFinder, face_chips
+from gendertune.data_prep.faces import DETECTION_PASSES, LANDMARK_MODELS, NO_DETECTION, AlignSettings, FaceFinder, face_chips
 from gendertune.data_prep.images import load_photo
 from gendertune.data_prep.labels import read_labels
 
@@ -195,10 +195,15 @@ def test_face_alignment_is_recorded_per_image(random_prep):
     assert manifest["faces_aligned"] == (faces["alignment"] == "aligned").sum() > manifest["kept"] / 2
     assert manifest["no_face"] == (faces["faces_found"] == 0).sum() == manifest["kept"] - manifest["faces_aligned"]
     assert manifest["several_faces"] == (faces["faces_found"] > 1).sum()
-    assert manifest["alignment"]["template"] == TEMPLATE_NAME and manifest["alignment"]["image_size"] == SIZE
+    alignment = manifest["alignment"]
+    assert alignment["template"] == LANDMARK_MODELS["5"].template_name and alignment["landmarks"] == "5"
+    assert alignment["image_size"] == SIZE and alignment["detector"] == "hog+upsample"
     aligned = faces[faces["alignment"] == "aligned"]
     assert aligned[pipeline.LANDMARK_COLUMNS].notna().all().all() and (aligned["w"] > 0).all()
-    assert aligned["left_eye_x"].lt(aligned["right_eye_x"]).all() and aligned["nose_y"].lt(aligned["mouth_left_y"]).all()
+    # dlib's 5 points, left to right: the eye corners, then the nose base below them.
+    xs = aligned[["point1_x", "point2_x", "point3_x", "point4_x"]].to_numpy()
+    assert (np.diff(xs, axis=1) > 0).all() and aligned["point5_y"].gt(aligned["point1_y"]).all()
+    assert set(aligned["detector"]) <= set(DETECTION_PASSES) and (faces.loc[faces["faces_found"] == 0, "detector"] == NO_DETECTION).all()
 
 
 def test_no_face_reject_and_align_none(ray_session, synthetic_sample, tmp_path, random_prep):
@@ -242,7 +247,7 @@ def test_real_photos_align_in_prep_exactly_as_face_chips_does(ray_session, synth
     assert manifest["several_faces"] >= 1
     shards = pd.concat([pq.read_table(out / split).to_pandas() for split in manifest["splits"]]).set_index("image_id")
     align = AlignSettings.from_dict(manifest["alignment"])
-    finder = FaceFinder(align.detector)
+    finder = FaceFinder(align.detector, align.landmarks)
     for name in photos:
         (chip,), _ = face_chips(load_photo((folder / name).read_bytes()), finder, align, every_face=False)
         assert shards.loc[name, "pixels"] == chip.chip.tobytes(), name

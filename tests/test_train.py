@@ -73,7 +73,9 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
     # A worker is killed after epoch 2's checkpoint and max_failures=0 lets the whole run fail.
     # Running the same command again (same --out) must resume from the latest checkpoint, as after a
     # crash. (Recovery inside one run, max_failures >= 1, is tested by killing a node in test_cluster.)
-    config = train_config(prepared, out, max_failures=0, eval_sets=[f"faces={eval_set_folder}"])
+    # Flip test-time augmentation and the balanced threshold on, so that predict is checked against them too.
+    config = train_config(prepared, out, max_failures=0, eval_sets=[f"faces={eval_set_folder}"], tta="flip",
+                          threshold="balanced")
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_checkpoints, args=(out, 2, stop), daemon=True)
     killer.start()
@@ -172,6 +174,10 @@ def test_predict_matches_the_evaluation(ddp_run, prepared, synthetic_sample_larg
     predicted = predict(str(out), images, every_face=False)
     assert predicted["image"].tolist() == images
     assert np.allclose(predicted["prob_male"].to_numpy(), evaluated["prob_positive"].to_numpy(), atol=1e-5)
+    # Both flip-averaged, both deciding at the threshold chosen on validation.
+    saved, metrics = torch.load(out / run_layout.MODEL, weights_only=True), run_layout.read_metrics(out)
+    assert saved["tta"] == metrics["tta"] == "flip" and saved["threshold"] == metrics["threshold"]
+    assert ((predicted["label"] == "Male") == (evaluated["prob_positive"] >= metrics["threshold"])).all()
 
 
 def test_ray_data_batch_inference_gives_the_in_process_rows(ddp_run, synthetic_sample_large, monkeypatch):
@@ -200,14 +206,15 @@ def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
     assert main(["predict", "--model", str(out := ddp_run[0]), *photos, photos[0], "--out", str(csv),
                  "--annotate", str(tmp_path / "boxed")]) == 0
     table = pd.read_csv(csv).fillna({"error": "", "label": ""})
-    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "detector_score", "label", "confidence",
-                                   "prob_male", "error"]
+    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "detector", "detector_score", "label",
+                                   "confidence", "prob_male", "error"]
     group_rows = table[table["image"] == photos[0]]  # given twice, predicted once
     assert group_rows["face"].tolist() == [0, 1] and (group_rows["error"] == "").all()
-    assert group_rows["w"].iloc[0] > group_rows["w"].iloc[1]
+    assert group_rows["w"].iloc[0] > group_rows["w"].iloc[1] and (group_rows["detector"] == "hog").all()
     # The model was trained with --no-face keep: a photo without a face falls back to its centre.
     noise = table[table["image"] == photos[1]]
     assert len(noise) == 1 and noise["error"].iloc[0] == "" and np.isnan(noise["detector_score"].iloc[0])
+    assert noise["detector"].iloc[0] == "none"
     assert table.loc[table["image"] == photos[2], "error"].iloc[0].startswith("unreadable file")
     boxed = np.asarray(Image.open(tmp_path / "boxed" / "group.jpg"))
     assert boxed.shape == (560, 1000, 3)

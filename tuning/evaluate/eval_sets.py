@@ -98,10 +98,11 @@ def evaluate_run(run_dir: str | Path, eval_set: EvalSet) -> dict:
     write_text_atomic(run_dir / run_layout.eval_predictions(eval_set.name), scored.to_csv(index=False))
     probs = scored["prob_positive"].to_numpy(dtype=np.float64)
     raw = np.where(np.isnan(probs), np.nan, 1 / (1 + np.exp(-scored["margin"].to_numpy(dtype=np.float64))))
-    metrics = evaluate_predictions(scored["label"], probs, class_names=tuple(run.class_names), prob_uncalibrated=raw)
-    slices = (slices_of(scored, eval_set.table[["path", *eval_set.slice_columns]], key="path", class_names=run.class_names)
-              if eval_set.slice_columns else None)
-    mistakes = most_confident_mistakes(scored)
+    metrics = evaluate_predictions(scored["label"], probs, class_names=tuple(run.class_names), prob_uncalibrated=raw,
+                                   threshold=run.threshold)
+    slices = (slices_of(scored, eval_set.table[["path", *eval_set.slice_columns]], key="path", class_names=run.class_names,
+                        threshold=run.threshold) if eval_set.slice_columns else None)
+    mistakes = most_confident_mistakes(scored, threshold=run.threshold)
     plot_mistakes(mistakes, [run.chips(Path(p).read_bytes(), every_face=False)[0].chip for p in mistakes["path"]],
                   run_dir / f"mistakes_{eval_set.name}.png", class_names=run.class_names,
                   title=f"most confident mistakes on {eval_set.name}")

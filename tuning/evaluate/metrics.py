@@ -106,6 +106,7 @@ def evaluate_predictions(
     *,
     class_names: Sequence[str] = ("Female", "Male"),
     prob_uncalibrated: Any = None,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
     """All test-set metrics for one classifier, as a JSON-serialisable dict.
 
@@ -114,7 +115,8 @@ def evaluate_predictions(
     temperature scaling, when given (else the two are the same). Calibration never moves a
     probability across 0.5, so every other metric is the same either way.
 
-    The predicted class is Male when prob_male >= 0.5. `majority_rate` (the accuracy of always
+    The predicted class is Male when prob_male >= `threshold` (0.5 unless one was chosen on
+    validation, gendertune.tuning.evaluate.decision). `majority_rate` (the accuracy of always
     guessing the most common true class) sits next to accuracy because CelebA is imbalanced
     (about 58% Female): 0.6 accuracy there is no better than guessing.
 
@@ -128,7 +130,7 @@ def evaluate_predictions(
     labels, probs = _validate_predictions(y_true, prob_male, allow_missing=True)
     known = ~np.isnan(probs)
     raw = probs if prob_uncalibrated is None else _validate_predictions(y_true, prob_uncalibrated, allow_missing=True)[1]
-    predicted = np.where(known, probs >= 0.5, -1).astype(np.int64)  # -1: neither class
+    predicted = np.where(known, probs >= threshold, -1).astype(np.int64)  # -1: neither class
     correct = predicted == labels
 
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -194,11 +196,11 @@ def mcnemar_test(correct_a: Any, correct_b: Any) -> dict[str, Any]:
     return {"b": b, "c": c, "statistic": statistic, "p_value": p_value, "method": "chi2_cc"}
 
 
-def most_confident_mistakes(predictions: pd.DataFrame, *, limit: int = 16) -> pd.DataFrame:
+def most_confident_mistakes(predictions: pd.DataFrame, *, limit: int = 16, threshold: float = 0.5) -> pd.DataFrame:
     """The wrong predictions (columns label, prob_positive) the model was surest of, surest first:
     what a person should look at to see how a model fails."""
     scored = predictions.dropna(subset=["prob_positive"])
-    predicted = (scored["prob_positive"] >= 0.5).astype(int)
+    predicted = (scored["prob_positive"] >= threshold).astype(int)
     wrong = scored[predicted != scored["label"]]
     confidence = np.maximum(wrong["prob_positive"], 1 - wrong["prob_positive"])
     return wrong.assign(confidence=confidence).sort_values("confidence", ascending=False, kind="stable").head(limit)

@@ -26,12 +26,13 @@ from gendertune.cluster import storage
 from gendertune.base.errors import MissingInputError, UserInputError
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.data_prep.faces import AlignSettings, FaceChip, FaceFinder, face_chips
+from gendertune.data_prep.faces import NO_DETECTION, AlignSettings, FaceChip, FaceFinder, face_chips
 from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box, decode_face, load_photo
 from gendertune.models.registry import build_model, split_outputs
 from gendertune.models.transforms import EvalPreprocess
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.calibration import calibrated_probability
+from gendertune.tuning.evaluate.decision import FIXED_THRESHOLD, with_tta
 
 RAY_THRESHOLD = 256  # below this many files, starting an actor pool costs more than it saves
 NO_FACE = "no face found"
@@ -58,10 +59,14 @@ class RunModel:
         self.class_names = list(saved["class_names"])
         self.prep_image_size = int(saved["prep_image_size"])
         self.align = AlignSettings.from_dict(saved["alignment"]) if saved["alignment"] else None
-        self.finder = FaceFinder(self.align.detector) if self.align else None
-        self.model = build_model(saved["model_name"], image_size=int(saved["image_size"]))
-        self.model.load_state_dict(saved["model"])
-        self.model.eval().to(memory_format=torch.channels_last)
+        self.finder = FaceFinder(self.align.detector, self.align.landmarks) if self.align else None
+        network = build_model(saved["model_name"], image_size=int(saved["image_size"]))
+        network.load_state_dict(saved["model"])
+        # Test-time augmentation and the decision threshold (gendertune.tuning.evaluate.decision):
+        # optional keys, absent from runs trained before they existed.
+        self.tta = saved.get("tta", "none")
+        self.threshold = float(saved.get("threshold", FIXED_THRESHOLD))
+        self.model = with_tta(network.eval().to(memory_format=torch.channels_last), self.tta)
         self.preprocess = EvalPreprocess(image_size=int(saved["image_size"]), mean=tuple(saved["mean"]), std=tuple(saved["std"]))
         # Fitted on validation after training (gendertune.tuning.evaluate.calibration); 1 = the network's own probabilities.
         self.temperature = float(saved["temperature"])
@@ -104,9 +109,10 @@ class RunModel:
                 rows.append(_error_row(path, NO_FACE))
             for number, face in enumerate(found):
                 rows.append({"image": path, "face": number, **dict(zip("xywh", face.box)),
+                             "detector": face.face.detector if face.face else NO_DETECTION,
                              "detector_score": face.face.score if face.face else np.nan, "error": ""})
                 chips.append(face.chip)
-        table = pd.DataFrame(rows, columns=["image", "face", "x", "y", "w", "h", "detector_score", "error"])
+        table = pd.DataFrame(rows, columns=["image", "face", "x", "y", "w", "h", "detector", "detector_score", "error"])
         margins = np.full(len(table), np.nan)
         if chips:
             margins[(table["error"] == "").to_numpy()] = self.margins(np.stack(chips))
@@ -118,12 +124,11 @@ class RunModel:
             rows_of_image = table[table["image"] == path]
             if out and rows_of_image["error"].isin(["", NO_FACE]).all():  # a readable photo
                 faces = rows_of_image[rows_of_image["error"] == ""]
-                write_annotated(load_photo(Path(path).read_bytes()), faces, out, class_names=self.class_names,
-                                prob_column=self.prob_column)
+                write_annotated(load_photo(Path(path).read_bytes()), faces, out)
         return table
 
     def labelled(self, table: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
-        positive = probs >= 0.5
+        positive = probs >= self.threshold
         labels = [("" if np.isnan(p) else self.class_names[int(pos)]) for p, pos in zip(probs, positive)]
         error = table.pop("error")
         return table.assign(label=labels, confidence=np.where(positive, probs, 1 - probs),
@@ -138,19 +143,17 @@ def square_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 def _error_row(path: str, error: str) -> dict:
     return {"image": path, "face": -1, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan,
-            "detector_score": np.nan, "error": error}
+            "detector": NO_DETECTION, "detector_score": np.nan, "error": error}
 
 
-def write_annotated(photo: Image.Image, faces: pd.DataFrame, out: str, *, class_names: list[str],
-                    prob_column: str) -> None:
-    """A copy of `photo` with every face boxed and labelled with its class and confidence."""
+def write_annotated(photo: Image.Image, faces: pd.DataFrame, out: str) -> None:
+    """A copy of `photo` with every face boxed and labelled with its predicted class and confidence."""
     canvas = photo.copy()
     draw = ImageDraw.Draw(canvas)
     line = max(2, round(max(photo.size) / 300))
     for face in faces.itertuples():
         draw.rectangle((face.x, face.y, face.x + face.w, face.y + face.h), outline=ANNOTATION_COLOUR, width=line)
-        p = getattr(face, prob_column)
-        text, size = f"{class_names[int(p >= 0.5)]} {max(p, 1 - p):.0%}", max(12, round(face.w / 5))
+        text, size = f"{face.label} {face.confidence:.0%}", max(12, round(face.w / 5))
         # Above the box on a dark band, so it stays readable on any photo and hides no face.
         _, _, right, bottom = draw.textbbox((0, 0), text, font_size=size)
         band = (face.x, max(0, face.y - bottom - 2 * line))  # ends a line above the box's outline

@@ -40,12 +40,13 @@ def slice_labels(values: pd.Series) -> pd.Series:
 
 
 def slice_report(labels: Sequence[int], prob_positive: Sequence[float], groups: pd.DataFrame, *,
-                 class_names: Sequence[str], min_images: int = MIN_SLICE_IMAGES) -> dict:
+                 class_names: Sequence[str], min_images: int = MIN_SLICE_IMAGES, threshold: float = 0.5) -> dict:
     """Per-slice metrics of one evaluated set; `groups` has one row per prediction, a column per
-    slice variable. NaN probabilities (no prediction) count as wrong, as in evaluate_predictions."""
+    slice variable. NaN probabilities (no prediction) count as wrong, as in evaluate_predictions;
+    class 1 is predicted where the probability reaches `threshold`."""
     truth = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(prob_positive, dtype=np.float64)
-    predicted = np.where(np.isnan(probs), -1, probs >= 0.5)
+    predicted = np.where(np.isnan(probs), -1, probs >= threshold)
     correct = predicted == truth
     recall = {name: _share(correct[truth == value]) for value, name in enumerate(class_names)}
     rows = []
@@ -80,11 +81,12 @@ def slice_report(labels: Sequence[int], prob_positive: Sequence[float], groups: 
     }
 
 
-def slices_of(scored: pd.DataFrame, groups: pd.DataFrame, *, key: str, class_names: Sequence[str]) -> dict:
+def slices_of(scored: pd.DataFrame, groups: pd.DataFrame, *, key: str, class_names: Sequence[str],
+              threshold: float = 0.5) -> dict:
     """slice_report of predictions (columns `key`, label, prob_positive) with their groups, a
     table of `key` and one column per slice variable, looked up by `key`."""
     looked_up = scored[[key]].merge(groups, on=key, how="left").drop(columns=key)
-    return slice_report(scored["label"], scored["prob_positive"], looked_up, class_names=class_names)
+    return slice_report(scored["label"], scored["prob_positive"], looked_up, class_names=class_names, threshold=threshold)
 
 
 def _share(hits: np.ndarray) -> float | None:

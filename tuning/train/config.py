@@ -10,6 +10,7 @@ from typing import Literal
 from gendertune.base.config import ConfigError, StageConfig, setting
 from gendertune.models.registry import list_models
 from gendertune.models.transforms import TrainAugment
+from gendertune.tuning.evaluate.decision import DecisionThreshold, TestTimeAugmentation
 
 AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop", "zoom", "translate",
                  "random_border")
@@ -70,6 +71,13 @@ class TrainConfig(StageConfig):
     # Each failure resumes from the latest checkpoint.
     max_failures: int = setting(1, help="worker failures to recover from")
     eval_batch_size: int = setting(256, help="batch size of evaluation", flag=False)
+    # Off until measured to help (gendertune.tuning.evaluate.decision); model.pt carries both to predict.
+    tta: TestTimeAugmentation = setting(
+        "none", help="test-time augmentation of held-out evaluation, eval sets and predict: "
+                     "flip = average each face with its mirror image (2x inference)")
+    threshold: DecisionThreshold = setting(
+        "fixed", help="decision threshold on P(class 1): fixed = 0.5; balanced = chosen on validation "
+                      "to maximise the mean of the two classes' recall")
     # NAME=DIR labelled folders scored after training, never during selection (gendertune.tuning.evaluate.eval_sets).
     eval_sets: tuple[str, ...] = setting(
         (), flag="--eval-set", repeat=True, metavar="NAME=DIR",

@@ -31,6 +31,7 @@ from gendertune.models.weights import fetch_hub_weights
 from gendertune.tuning.evaluate import run_layout
 from gendertune.cluster import tracking
 from gendertune.tuning.evaluate.calibration import calibrated_probability, fit_temperature
+from gendertune.tuning.evaluate.decision import fit_threshold, with_tta
 from gendertune.tuning.train.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
 from gendertune.tuning.train.engine import evaluate, select_precision
 from gendertune.tuning.evaluate.eval_sets import evaluate_run, load_eval_set
@@ -136,7 +137,7 @@ def evaluate_held_out(state: dict, config: TrainConfig, data_root: str, splits: 
     device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
     model = build_model(config.model, image_size=state["image_size"])
     model.load_state_dict(state["model"])
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model = with_tta(model.to(device=device, memory_format=torch.channels_last), config.tta)
     preprocess = EvalPreprocess(image_size=state["image_size"], mean=spec.mean, std=spec.std)
     results = {}
     for split in splits:
@@ -188,6 +189,8 @@ def write_run_outputs(
     spec = get_spec(config.model)
     split = "test" if "test" in held_out else "val"
     temperature = fit_temperature(np.asarray(held_out["val"]["label"]), np.asarray(held_out["val"]["margin"]))
+    threshold = fit_threshold(held_out["val"]["label"], calibrated_probability(held_out["val"]["margin"], temperature),
+                              config.threshold)
     history = pd.DataFrame(state["history"])
     write_text_atomic(out / run_layout.HISTORY, history.to_csv(index=False))
     torch.save(
@@ -199,6 +202,7 @@ def write_run_outputs(
             # How prep framed the faces (gendertune.data_prep.faces.AlignSettings): predict reproduces it.
             "alignment": prepared.alignment,
             "temperature": temperature,  # predict reports sigmoid(margin / temperature)
+            "tta": config.tta, "threshold": threshold,  # predict averages as evaluation did, decides at threshold
         },
         out / run_layout.MODEL,
     )
@@ -211,11 +215,12 @@ def write_run_outputs(
     write_text_atomic(out / run_layout.PREDICTIONS, predictions.to_csv(index=False))
     evaluation = evaluate_predictions(predictions["label"], predictions["prob_positive"],
                                       class_names=tuple(prepared.class_names),
-                                      prob_uncalibrated=predictions["prob_uncalibrated"])
+                                      prob_uncalibrated=predictions["prob_uncalibrated"], threshold=threshold)
     groups = read_slices(prepared)
     if groups is not None and split == "test":
-        evaluation["slices"] = {"test": slices_of(predictions, groups, key="image_id", class_names=prepared.class_names)}
-    mistakes = most_confident_mistakes(predictions)
+        evaluation["slices"] = {"test": slices_of(predictions, groups, key="image_id", class_names=prepared.class_names,
+                                                  threshold=threshold)}
+    mistakes = most_confident_mistakes(predictions, threshold=threshold)
     plot_mistakes(mistakes, read_split_images(prepared, split, mistakes["image_id"].tolist()), out / f"mistakes_{split}.png",
                   class_names=prepared.class_names, title=f"{config.model}: most confident mistakes on {split}")
     plot_accuracy_per_epoch(history, out / "accuracy_per_epoch.png")
@@ -234,6 +239,8 @@ def write_run_outputs(
         "wall_seconds": wall_seconds,
         "train_images_per_s": float(history["train_images_per_s"].mean()),
         "temperature": temperature,
+        "tta": config.tta,
+        "threshold": threshold,
         "inference_images_per_s": len(predictions) / max(scored["seconds"], 1e-9),
         "workers": config.workers,
         "gpu": config.gpu,
