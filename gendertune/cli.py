@@ -59,7 +59,7 @@ def _run_make_sample(args: argparse.Namespace) -> int:
 
 def _augment(text: str) -> dict[str, float]:
     """`none`, or comma-separated NAME=STRENGTH pairs, e.g. hflip=0.5,rotation=10."""
-    from gendertune.tuning.train.config import AUGMENTATIONS
+    from gendertune.models.transforms import AUGMENTATIONS
 
     if text.strip().lower() == "none":
         return dict.fromkeys(AUGMENTATIONS, 0.0)
@@ -79,10 +79,12 @@ def _augment(text: str) -> dict[str, float]:
 
 def _add_train_flags(parser: argparse.ArgumentParser, *, skip: Collection[str] = ()) -> None:
     """TrainConfig's flags, less `skip`, and --augment for its augmentation strengths: `train`'s and `compare`'s."""
+    from gendertune.models.transforms import AUGMENTATIONS
     from gendertune.tuning.train.config import TrainConfig
 
     flags.add_flags(parser, TrainConfig, skip=skip)
-    defaults = ",".join(f"{name}={flags.shown_default(value)}" for name, value in TrainConfig().augment_strengths().items())
+    declared = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    defaults = ",".join(f"{name}={flags.shown_default(declared[name])}" for name in AUGMENTATIONS)
     parser.add_argument("--augment", type=_augment,
                         help=f"augmentation strengths, 0 = off: 'none' or NAME=STRENGTH pairs (default {defaults}); "
                         "each is also a [train] setting")
@@ -120,8 +122,24 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DeprecatedRunAlias(argparse.Action):
+    """`--model RUN` of predict and evaluate, from before `--model` meant an architecture everywhere: still
+    accepted, with one line saying to use --run."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: --model is deprecated here (it names an architecture in train and compare); "
+              "use --run", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_run_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    run = parser.add_mutually_exclusive_group(required=True)
+    run.add_argument("--run", help=text)
+    run.add_argument("--model", dest="run", action=_DeprecatedRunAlias, help="deprecated: the same as --run")
+
+
 def _predict_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a finished `gendertune train` run folder (or its s3:// / gs:// URI)")
+    _add_run_flag(parser, "a finished `gendertune train` run folder (or its s3:// / gs:// URI)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders")
     parser.add_argument("--out", help="write the predictions to this CSV")
     parser.add_argument("--faces", choices=["all", "largest"], default="all",
@@ -133,7 +151,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     from gendertune.cluster.storage import write_text_atomic
     from gendertune.tuning.evaluate.predict import predict
 
-    table = predict(args.model, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
+    table = predict(args.run, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out:
         write_text_atomic(args.out, table.to_csv(index=False))
@@ -183,7 +201,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
     from gendertune.tuning.train.config import TrainConfig
 
-    parser.add_argument("--model", required=True, help="a finished run folder")
+    _add_run_flag(parser, "a finished run folder")
     flags.add_flags(parser, TrainConfig, only={"eval_sets"}, required={"eval_sets"})
     parser.add_argument("--attribute", default="Male", help="the label column in the sets' CSVs (default Male)")
 
@@ -192,10 +210,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from gendertune.tuning.evaluate import run_layout
     from gendertune.tuning.evaluate.eval_sets import evaluate_run, format_scores, load_eval_set
 
-    run_layout.read_metrics(args.model)  # a finished run, or a clear error
+    run_layout.read_metrics(args.run)  # a finished run, or a clear error
     eval_sets = [load_eval_set(spec, attribute=args.attribute) for spec in args.eval_sets]  # all checked first
     for eval_set in eval_sets:
-        print(format_scores(eval_set.name, evaluate_run(args.model, eval_set)))
+        print(format_scores(eval_set.name, evaluate_run(args.run, eval_set)))
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
 
+from gendertune.base.config import ConfigError
 from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
@@ -53,9 +54,12 @@ class RunFailed(StageFailed):
 
 def check_compatible(config: TrainConfig, prepared: PreparedData) -> int:
     """Validate model vs data before any Ray work; returns the training image size."""
-    get_spec(config.model)  # unknown model -> ValueError listing the known ones
     image_size = config.image_size or prepared.image_size
-    check_image_size(config.model, image_size)
+    try:  # the registry's plain ValueErrors (unknown model, a size it cannot run) are settings to change
+        get_spec(config.model)
+        check_image_size(config.model, image_size)
+    except ValueError as err:
+        raise ConfigError(f"train: {err}") from None
     if config.weights and not Path(config.weights).is_file():
         raise MissingInputError(f"--weights {config.weights} does not exist")
     if config.pretrained:
@@ -118,7 +122,7 @@ def build_trainer(
 def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict]:
     """Highest val_acc; ties go to the lower val_loss (then the earlier epoch)."""
     if not result.best_checkpoints:
-        raise RuntimeError(f"the run produced no checkpoint (error: {result.error})")
+        raise RunFailed(f"the run produced no checkpoint (error: {result.error})")
     return max(result.best_checkpoints, key=lambda pair: (pair[1]["val_acc"], -pair[1]["val_loss"], -pair[1]["epoch"]))
 
 
