@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 from gendertune.base import flags
 from gendertune.base.console import print_progress_to_stdout
 from gendertune.base.errors import GendertuneError, StageFailed
+from gendertune.cluster.environment import package_version
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -406,6 +407,7 @@ def build_parser(flags_for: Collection[str] = tuple(COMMANDS)) -> argparse.Argum
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
+    parser.add_argument("--version", action="version", version=f"gendertune {package_version('gendertune')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         subparser = sub.add_parser(name, help=command.help, description=command.description, usage=command.usage)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from gendertune.cluster import storage
 from gendertune.base.errors import MissingInputError
+from gendertune.cluster.environment import write_environment
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.metrics import mcnemar_test
@@ -191,6 +192,7 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
     """The leaderboard files, then its figures; `slices` is {model: {set: slice report}},
     `calibration` {model: its test predictions}."""
     write_text_atomic(out / CSV, table.to_csv(index=False))
+    write_environment(out)  # the comparison's provenance: what produced the numbers in its leaderboard
     write_json_atomic(out / JSON, json.loads(table.to_json(orient="records")))
     write_text_atomic(out / MD, to_markdown(table))
     ok = table[table["status"] == "ok"]

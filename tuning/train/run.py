@@ -22,6 +22,7 @@ from torch import nn
 
 from gendertune.base.config import ConfigError
 from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
+from gendertune.cluster.environment import write_environment
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
 from gendertune.cluster.storage import OutputLocation, output_location, write_json_atomic, write_text_atomic
@@ -294,6 +295,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, config.to_json())
+    write_environment(out)
     trainer = build_trainer(config, prepared, storage_path=location.storage, name=run_layout.RAY_RUN_NAME)
     try:
         result = trainer.fit()
