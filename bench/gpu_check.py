@@ -143,7 +143,7 @@ def data_path_rates(args: argparse.Namespace, device: torch.device, augment: Tra
         for _ in range(args.warmup):
             stage()
         rates[name] = statistics.median(
-            args.steps * n / timed(lambda: [stage() for _ in range(args.steps)], device) for _ in range(args.repeats)
+            args.steps * n / timed(lambda stage=stage: [stage() for _ in range(args.steps)], device) for _ in range(args.repeats)
         )
     return rates
 

@@ -149,9 +149,9 @@ def evaluate_held_out(state: dict, config: TrainConfig, data_root: str, splits: 
         dataset = test_dataset(prepared) if split == "test" else training_views(prepared, val_fraction=config.val_fraction)["val"]
         ids: list[str] = []
 
-        def batches():
-            for batch in dataset.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):
-                ids.extend(batch.get("image_id", [""] * len(batch["label"])))
+        def batches():  # consumed within this iteration, so the loop's variables are the current ones
+            for batch in dataset.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):  # noqa: B023
+                ids.extend(batch.get("image_id", [""] * len(batch["label"])))  # noqa: B023
                 yield torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy())
 
         # fp32, like `predict`: the reported numbers must not depend on a precision shortcut.
