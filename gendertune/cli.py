@@ -162,6 +162,21 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_flags(parser: argparse.ArgumentParser) -> None:
+    from gendertune.tuning.evaluate.export import FORMATS
+
+    parser.add_argument("run", metavar="RUN", help="a finished `gendertune train` run folder (or a compare model folder)")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True, help="the file's format")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from gendertune.tuning.evaluate.export import export_run
+
+    print(f"wrote {export_run(args.run, fmt=args.fmt, out=args.out)}")
+    return 0
+
+
 def _compare_flags(parser: argparse.ArgumentParser) -> None:
     from gendertune.tuning.compare.config import CompareConfig
     from gendertune.tuning.search.config import SearchConfig
@@ -367,6 +382,13 @@ COMMANDS = {
         "run's own face alignment and preprocessing; adds the results to the run's metrics.json and writes "
         "eval_<NAME>_predictions.csv and a gallery of its most confident mistakes.",
         _evaluate_flags, _run_evaluate),
+    "export": Command(
+        "write a trained run as one ONNX or TorchScript file (calibrated, preprocessing inside)",
+        "Export a finished run for use without gendertune, Ray or MLflow: the graph takes uint8 face chips "
+        "(N x S x S x 3 at the run's prep size) and returns calibrated probabilities (N x 2); the alignment, "
+        "sizes, mean/std, class names and temperature are in the file's metadata (ONNX metadata_props, "
+        "TorchScript extra file metadata.json). ONNX needs the export extra: pip install 'gendertune[export]'.",
+        _export_flags, _run_export),
     "compare": Command(
         "search each model with Ray Tune + Optuna and write the comparison leaderboard",
         "For each model: search hyperparameters (Optuna TPE + ASHA) on the validation split, keep "
