@@ -36,6 +36,10 @@ COLUMNS = [
     "best_val_acc", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c", "test_images", "best_params",
 ]
 LAST_COLUMNS = ["members", "run_dir", "error"]
+# The columns each eval set NAME adds ({} = NAME), besides recall_<Class>_NAME: metric_columns and
+# _test_against_leader write them, report.py lays out its per-set tables by them.
+EVAL_SET_COLUMNS = ("acc_{}", "acc_{}_ci95_low", "acc_{}_ci95_high", "macro_f1_{}", "ece_calibrated_{}",
+                    "worst_slice_{}", "worst_slice_acc_{}", "class_recall_gap_{}", "mcnemar_p_vs_leader_{}")
 
 
 def metric_columns(metrics: dict) -> dict:
