@@ -15,8 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gendertune.cluster.storage import write_json_atomic
-
 ENVIRONMENT = "environment.json"
 PACKAGES = ("gendertune", "torch", "torchvision", "ray", "optuna", "numpy", "pandas")
 SOURCE = Path(__file__).resolve().parents[1]  # the repository when installed editable or run from a checkout
@@ -86,4 +84,7 @@ def environment() -> dict:
 
 def write_environment(folder: str | Path) -> None:
     """Write environment.json into `folder` (a stage's local output folder, next to its config.json)."""
+    # Imported here: storage loads pyarrow (~0.4 s), which `gendertune --version` and `--help` need not.
+    from gendertune.cluster.storage import write_json_atomic
+
     write_json_atomic(Path(folder) / ENVIRONMENT, environment())

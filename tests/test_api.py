@@ -34,6 +34,15 @@ def test_import_gendertune_loads_no_torch_and_no_ray_until_used():
     assert printed.strip() == "[] ['torch']"  # a config's model names come from the registry; still no Ray
 
 
+def test_the_command_lines_help_and_version_load_no_torch_ray_or_pyarrow():
+    code = (
+        "import sys; from gendertune import cli; cli.build_parser(flags_for=[]).format_help(); "
+        "print(sorted({'torch', 'ray', 'pyarrow'} & set(sys.modules)))"
+    )
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == "[]"
+
+
 def test_every_public_name_resolves():
     for name in gendertune.__all__:
         assert getattr(gendertune, name).__name__ == name
