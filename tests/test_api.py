@@ -148,6 +148,16 @@ def test_a_run_predicts_from_paths_pil_images_and_arrays_alike(example):
     assert corrupt["error"].iloc[0] != "" and np.isnan(corrupt[column].iloc[0])
 
 
+def _assert_same_as_the_run(probabilities: np.ndarray, run, chips: np.ndarray) -> None:
+    """The exported probabilities are the run's, within 1e-4; and so are the margins behind them: a 1-epoch
+    run's fitted temperature can be large, squeezing every probability near 0.5, where 1e-4 alone would
+    let a different network pass."""
+    assert probabilities.shape == (len(chips), 2)
+    np.testing.assert_allclose(probabilities[:, 1], run.prob_positive(chips), atol=1e-4, rtol=0)
+    p = probabilities[:, 1].astype(np.float64)
+    np.testing.assert_allclose(run.temperature * np.log(p / (1 - p)), run.margins(chips), atol=1e-3, rtol=1e-3)
+
+
 def _chips(run, folder: Path, sample) -> np.ndarray:
     """Face chips of the sample's photos, made as predict makes them for this run."""
     paths = sorted(
@@ -167,9 +177,7 @@ def test_the_onnx_file_gives_the_runs_calibrated_probabilities_with_its_settings
     run = RunModel(folder / "runs/resnet18")
     chips = _chips(run, folder, sample)
     session = onnxruntime.InferenceSession(str(folder / "resnet18.onnx"))
-    probabilities = session.run(["probabilities"], {"faces": chips})[0]
-    assert probabilities.shape == (len(chips), 2)
-    np.testing.assert_allclose(probabilities[:, 1], run.prob_positive(chips), atol=1e-4, rtol=0)
+    _assert_same_as_the_run(session.run(["probabilities"], {"faces": chips})[0], run, chips)
     meta = {prop.key: prop.value for prop in onnx.load(str(folder / "resnet18.onnx")).metadata_props}
     assert float(meta["temperature"]) == run.temperature and json.loads(meta["class_names"]) == run.class_names
     assert json.loads(meta["alignment"]) == (run.align.to_dict() if run.align else None)
@@ -191,6 +199,6 @@ def test_the_torchscript_file_from_the_command_line_matches_too(example, tmp_pat
     module = torch.jit.load(str(out), _extra_files=extra)
     with torch.no_grad():
         probabilities = module(torch.from_numpy(chips)).numpy()
-    np.testing.assert_allclose(probabilities[:, 1], run.prob_positive(chips), atol=1e-4, rtol=0)
+    _assert_same_as_the_run(probabilities, run, chips)
     assert float(json.loads(extra[METADATA_FILE])["temperature"]) == run.temperature
     assert not list(tmp_path.glob(".*partial"))
