@@ -83,6 +83,20 @@ def test_the_augmentations_are_the_train_configs_settings():
     assert set(gendertune.TrainConfig(data="d", out="o").augment_strengths()) == set(AUGMENTATIONS)
 
 
+def test_a_stage_takes_a_config_object_with_settings_over_it_and_makes_paths_absolute(monkeypatch, tmp_path):
+    from gendertune import api
+
+    monkeypatch.chdir(tmp_path)
+    given = gendertune.TrainConfig(data="prep", out="s3://bucket/run", epochs=3, eval_sets=("faces=photos",))
+    config = api._config(gendertune.TrainConfig, given, {"epochs": 2}, source="test")
+    assert (config.epochs, config.lr) == (2, given.lr)
+    # Ray's workers need not share the notebook's current folder; an object-store URI stays as it is.
+    assert (config.data, config.out) == (str(tmp_path / "prep"), "s3://bucket/run")
+    assert config.eval_sets == (f"faces={tmp_path / 'photos'}",)
+    with pytest.raises(ConfigError, match="train.epochs"):
+        api._config(gendertune.TrainConfig, given, {"epochs": 0}, source="test")
+
+
 def test_compare_refuses_an_unknown_setting_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="unknown setting.s. epoch$"):
         gendertune.compare(data=str(tmp_path), out=str(tmp_path / "cmp"), epoch=1)
