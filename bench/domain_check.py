@@ -5,7 +5,7 @@
 Prints accuracy (95% CI), recall per class, and accuracy per value of each group column (numeric
 columns in age bands). An image whose prediction failed (no face found, unreadable) counts as
 wrong, so a detector that skips hard photos cannot look better for it. Used for the cross-domain
-check on ../shared/data/utkface-dev (see the README's Face alignment section).
+check on ../shared/data/utkface-dev (see docs/design.md's Face alignment section; the results are in docs/results.md).
 """
 
 from __future__ import annotations

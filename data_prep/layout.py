@@ -14,6 +14,8 @@
                         largest face's box (x, y, w, h) and five landmarks, in photo pixels
       manifest.json     counts (see `pipeline.build_manifest`), image_size, class names, splits
       config.json       the resolved PrepConfig
+      environment.json  what produced it: versions, git commit, CPU/GPU, Ray resources
+                        (gendertune.cluster.environment)
       class_distribution.png
 The directory appears atomically, so its existence means it is complete. OUT may also be an
 object-store URI (gendertune.cluster.storage); there manifest.json is the last object written.

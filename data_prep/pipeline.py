@@ -37,6 +37,7 @@ import ray
 from gendertune.cluster import storage
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray
 from gendertune.cluster.shared_storage import require_shared
+from gendertune.cluster.environment import write_environment
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.cluster.tasks import Progress, run_tasks
 from gendertune.data_prep import celeba, layout
@@ -457,6 +458,7 @@ def run_prep(config: PrepConfig) -> dict:
         if config.align == "faces":
             faces.to_csv(out / layout.FACES, index=False)
         write_text_atomic(out / layout.CONFIG, config.to_json())
+        write_environment(out)
         plot_class_distribution(
             {s: info["classes"] for s, info in manifest["splits"].items()},
             out / layout.CLASS_PLOT,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Sequence
 from gendertune.base import flags
 from gendertune.base.console import print_progress_to_stdout
 from gendertune.base.errors import GendertuneError, StageFailed
+from gendertune.cluster.environment import package_version
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -59,7 +60,7 @@ def _run_make_sample(args: argparse.Namespace) -> int:
 
 def _augment(text: str) -> dict[str, float]:
     """`none`, or comma-separated NAME=STRENGTH pairs, e.g. hflip=0.5,rotation=10."""
-    from gendertune.tuning.train.config import AUGMENTATIONS
+    from gendertune.models.transforms import AUGMENTATIONS
 
     if text.strip().lower() == "none":
         return dict.fromkeys(AUGMENTATIONS, 0.0)
@@ -79,10 +80,12 @@ def _augment(text: str) -> dict[str, float]:
 
 def _add_train_flags(parser: argparse.ArgumentParser, *, skip: Collection[str] = ()) -> None:
     """TrainConfig's flags, less `skip`, and --augment for its augmentation strengths: `train`'s and `compare`'s."""
+    from gendertune.models.transforms import AUGMENTATIONS
     from gendertune.tuning.train.config import TrainConfig
 
     flags.add_flags(parser, TrainConfig, skip=skip)
-    defaults = ",".join(f"{name}={flags.shown_default(value)}" for name, value in TrainConfig().augment_strengths().items())
+    declared = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    defaults = ",".join(f"{name}={flags.shown_default(declared[name])}" for name in AUGMENTATIONS)
     parser.add_argument("--augment", type=_augment,
                         help=f"augmentation strengths, 0 = off: 'none' or NAME=STRENGTH pairs (default {defaults}); "
                         "each is also a [train] setting")
@@ -120,8 +123,24 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DeprecatedRunAlias(argparse.Action):
+    """`--model RUN` of predict and evaluate, from before `--model` meant an architecture everywhere: still
+    accepted, with one line saying to use --run."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: --model is deprecated here (it names an architecture in train and compare); "
+              "use --run", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_run_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    run = parser.add_mutually_exclusive_group(required=True)
+    run.add_argument("--run", help=text)
+    run.add_argument("--model", dest="run", action=_DeprecatedRunAlias, help="deprecated: the same as --run")
+
+
 def _predict_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a finished `gendertune train` run folder (or its s3:// / gs:// URI)")
+    _add_run_flag(parser, "a finished `gendertune train` run folder (or its s3:// / gs:// URI)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders")
     parser.add_argument("--out", help="write the predictions to this CSV")
     parser.add_argument("--faces", choices=["all", "largest"], default="all",
@@ -133,13 +152,28 @@ def _run_predict(args: argparse.Namespace) -> int:
     from gendertune.cluster.storage import write_text_atomic
     from gendertune.tuning.evaluate.predict import predict
 
-    table = predict(args.model, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
+    table = predict(args.run, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out:
         write_text_atomic(args.out, table.to_csv(index=False))
     failed = table.loc[table["error"] != "", "image"].nunique()
     if failed:
         print(f"{failed} of {table['image'].nunique()} image(s) gave no prediction; see the error column", file=sys.stderr)
+    return 0
+
+
+def _export_flags(parser: argparse.ArgumentParser) -> None:
+    from gendertune.tuning.evaluate.export import FORMATS
+
+    parser.add_argument("run", metavar="RUN", help="a finished `gendertune train` run folder (or a compare model folder)")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True, help="the file's format")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from gendertune.tuning.evaluate.export import export_run
+
+    print(f"wrote {export_run(args.run, fmt=args.fmt, out=args.out)}")
     return 0
 
 
@@ -183,7 +217,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
     from gendertune.tuning.train.config import TrainConfig
 
-    parser.add_argument("--model", required=True, help="a finished run folder")
+    _add_run_flag(parser, "a finished run folder")
     flags.add_flags(parser, TrainConfig, only={"eval_sets"}, required={"eval_sets"})
     parser.add_argument("--attribute", default="Male", help="the label column in the sets' CSVs (default Male)")
 
@@ -192,10 +226,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from gendertune.tuning.evaluate import run_layout
     from gendertune.tuning.evaluate.eval_sets import evaluate_run, format_scores, load_eval_set
 
-    run_layout.read_metrics(args.model)  # a finished run, or a clear error
+    run_layout.read_metrics(args.run)  # a finished run, or a clear error
     eval_sets = [load_eval_set(spec, attribute=args.attribute) for spec in args.eval_sets]  # all checked first
     for eval_set in eval_sets:
-        print(format_scores(eval_set.name, evaluate_run(args.model, eval_set)))
+        print(format_scores(eval_set.name, evaluate_run(args.run, eval_set)))
     return 0
 
 
@@ -348,6 +382,13 @@ COMMANDS = {
         "run's own face alignment and preprocessing; adds the results to the run's metrics.json and writes "
         "eval_<NAME>_predictions.csv and a gallery of its most confident mistakes.",
         _evaluate_flags, _run_evaluate),
+    "export": Command(
+        "write a trained run as one ONNX or TorchScript file (calibrated, preprocessing inside)",
+        "Export a finished run for use without gendertune, Ray or MLflow: the graph takes uint8 face chips "
+        "(N x S x S x 3 at the run's prep size) and returns calibrated probabilities (N x 2); the alignment, "
+        "sizes, mean/std, class names and temperature are in the file's metadata (ONNX metadata_props, "
+        "TorchScript extra file metadata.json). ONNX needs the export extra: pip install 'gendertune[export]'.",
+        _export_flags, _run_export),
     "compare": Command(
         "search each model with Ray Tune + Optuna and write the comparison leaderboard",
         "For each model: plan the budget (one full-length run of your configuration is reserved first), "
@@ -390,6 +431,7 @@ def build_parser(flags_for: Collection[str] = tuple(COMMANDS)) -> argparse.Argum
         description="Prepare face images, fine-tune and tune classifiers for gender on Ray, and compare them.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
+    parser.add_argument("--version", action="version", version=f"gendertune {package_version('gendertune')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         subparser = sub.add_parser(name, help=command.help, description=command.description, usage=command.usage)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -286,6 +286,11 @@ class TrainAugment:
         chosen = uniform(0, 1) < self.random_border
         outside = ~(inside_rows[:, :, None] & inside_cols[:, None, :]) & chosen.view(n, 1, 1)
         return x.masked_fill(outside[:, None], 0.0)
+
+
+# The augmentations' names, each a strength field of TrainAugment: the training config's settings, the
+# command line's --augment and the search's space all take them from here.
+AUGMENTATIONS = tuple(field.name for field in fields(TrainAugment) if field.name not in ("image_size", "mean", "std"))
 
 
 def _hue_matrices(shift: Tensor) -> Tensor:

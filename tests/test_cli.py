@@ -107,8 +107,10 @@ CASES = {
     "compare: ensemble of one": ([*COMPARE, "--ensemble-k", "1"], "compare.ensemble_k"),
     "compare: bad search space": ([*COMPARE, "--config", "{root}/bad_domain.toml"], "search.space.lr"),
     "compare: bad search constant": ([*COMPARE, "--config", "{root}/bad_constant.toml"], "hflip is a probability"),
-    "predict: not a run": (["predict", "--model", "{root}/prep", "{root}/images"], "has no model.pt"),
-    "evaluate: not a run": (["evaluate", "--model", "{root}/prep", "--eval-set", "faces={root}/images"],
+    "train: image too small for the model": ([*TRAIN[:-1], "vgg19", "--image-size", "16"], "too small for vgg19"),
+    "make-sample: too few images": (["make-sample", "--n", "3", "--out", "{out}"], "n=3 is too small"),
+    "predict: not a run": (["predict", "--run", "{root}/prep", "{root}/images"], "has no model.pt"),
+    "evaluate: not a run": (["evaluate", "--run", "{root}/prep", "--eval-set", "faces={root}/images"],
                             "is not a finished training run"),
     "leaderboard: no comparison": (["leaderboard", "{root}/prep"], "has no leaderboard.csv"),
 }
@@ -139,3 +141,12 @@ def test_more_workers_than_the_cluster_holds_fails_in_seconds(inputs, ray_sessio
     error = capsys.readouterr().err.strip()
     assert f"{cpus} workers x 1 CPUs need {cpus} CPUs plus 1 for data loading; the cluster has {cpus}" in error, error
     assert time.perf_counter() - started < 10 and not out.exists()
+
+
+def test_predict_and_evaluate_take_run_and_model_is_a_deprecated_alias(inputs, capsys):
+    assert main(["predict", "--model", str(inputs / "prep"), str(inputs / "images")]) == 2
+    deprecation, error = capsys.readouterr().err.strip().splitlines()
+    assert "--model is deprecated here" in deprecation and "use --run" in deprecation
+    assert "has no model.pt" in error
+    with pytest.raises(SystemExit):  # one run, named once
+        main(["evaluate", "--run", "a", "--model", "b", "--eval-set", "x=y"])

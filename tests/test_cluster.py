@@ -203,8 +203,8 @@ def cluster_prep(cluster, synthetic_sample):
     runtime_env Ray clones that whole virtualenv (torch included: minutes here; one clone under
     heavy load came out without a package), which a test can't afford. The default runtime_env's
     content is checked above; the default path itself ran green here twice before that."""
-    out = gendertune.cluster.shared / "prep"
-    result = gendertune.cluster.gendertune("submit", "--address", gendertune.cluster.address, "--follow", "--no-install", "--job-id", "prep-job", "--",
+    out = cluster.shared / "prep"
+    result = cluster.gendertune("submit", "--address", cluster.address, "--follow", "--no-install", "--job-id", "prep-job", "--",
                                 "prep", "--data", str(synthetic_sample.path), "--out", str(out), "--image-size", "32",
                                 "--split", "identity", "--ratios", "0.6,0.2,0.2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -213,8 +213,8 @@ def cluster_prep(cluster, synthetic_sample):
 
 
 def test_submitted_compare_spreads_trials_over_both_nodes(cluster, cluster_prep):
-    out = gendertune.cluster.shared / "compare"
-    result = gendertune.cluster.gendertune("submit", "--address", gendertune.cluster.address, "--follow", "--no-install", "--job-id",
+    out = cluster.shared / "compare"
+    result = cluster.gendertune("submit", "--address", cluster.address, "--follow", "--no-install", "--job-id",
                                 "compare-job", "--", "compare", "--data", str(cluster_prep), "--models", "resnet18",
                                 "--trials", "2", "--epochs", "1", "--max-concurrent", "2", "--batch-size", "32", "--cpus-per-worker", "1.5",
                                 "--out", str(out))
@@ -229,10 +229,10 @@ def test_submitted_compare_spreads_trials_over_both_nodes(cluster, cluster_prep)
         trial_nodes |= {json.loads(line)["node_id"] for line in result_file.read_text().splitlines() if line.strip()}
     assert len(trial_nodes) == 2, f"trials ran on {len(trial_nodes)} node(s)"
 
-    assert "compare-job SUCCEEDED" in gendertune.cluster.job_status("compare-job")
-    logs = gendertune.cluster.gendertune("jobs", "logs", "compare-job", "--address", gendertune.cluster.address)
+    assert "compare-job SUCCEEDED" in cluster.job_status("compare-job")
+    logs = cluster.gendertune("jobs", "logs", "compare-job", "--address", cluster.address)
     assert "[search resnet18] trial" in logs.stdout and "resnet18" in logs.stdout
-    listing = gendertune.cluster.gendertune("jobs", "list", "--address", gendertune.cluster.address)
+    listing = cluster.gendertune("jobs", "list", "--address", cluster.address)
     assert "prep-job\tSUCCEEDED" in listing.stdout and "compare-job\tSUCCEEDED" in listing.stdout
 
 
@@ -253,9 +253,9 @@ print(ray.get_runtime_context().get_node_id())
 
 def test_a_per_node_task_runs_once_on_each_node_but_the_drivers(cluster):
     """How --pretrained fills each node's weights cache: the driver's node is filled by the driver."""
-    folder = gendertune.cluster.shared / "per-node"
+    folder = cluster.shared / "per-node"
     folder.mkdir()
-    driver = subprocess.run([sys.executable, "-c", RECORD_NODE, gendertune.cluster.gcs, str(folder)], env=gendertune.cluster.env,
+    driver = subprocess.run([sys.executable, "-c", RECORD_NODE, cluster.gcs, str(folder)], env=cluster.env,
                             capture_output=True, text=True, timeout=120)
     assert driver.returncode == 0, driver.stderr[-3000:]
     recorded = [p.name for p in folder.iterdir()]
@@ -263,21 +263,21 @@ def test_a_per_node_task_runs_once_on_each_node_but_the_drivers(cluster):
 
 
 def test_node_local_output_is_refused_before_any_work(cluster, cluster_prep):
-    out = gendertune.cluster.local_only / "run"
-    result = gendertune.cluster.gendertune("submit", "--address", gendertune.cluster.address, "--follow", "--no-install", "--",
+    out = cluster.local_only / "run"
+    result = cluster.gendertune("submit", "--address", cluster.address, "--follow", "--no-install", "--",
                                 "train", "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out))
     assert result.returncode == 1
     assert "FAILED" in result.stdout and "is local to this node" in result.stdout
-    assert not out.exists() and not list(gendertune.cluster.local_only.iterdir())
+    assert not out.exists() and not list(cluster.local_only.iterdir())
 
 
 def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluster_prep):
-    out = gendertune.cluster.shared / "run-kill"
+    out = cluster.shared / "run-kill"
     # SPREAD is a preference: while an earlier job still releases its CPUs, both workers could
     # land on the head and the node kill would hit no worker. Start from an idle cluster.
-    wait_for(lambda: gendertune.cluster.cpus_in_use() == 0, "the cluster's CPUs to be free", 120)
-    submitted = gendertune.cluster.gendertune(
-        "submit", "--address", gendertune.cluster.address, "--no-install", "--job-id", "kill-job", "--", "train",
+    wait_for(lambda: cluster.cpus_in_use() == 0, "the cluster's CPUs to be free", 120)
+    submitted = cluster.gendertune(
+        "submit", "--address", cluster.address, "--no-install", "--job-id", "kill-job", "--", "train",
         "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out), "--epochs", "3", "--batch-size", "16",
         "--workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD", "--max-failures", "2")
     assert submitted.returncode == 0, submitted.stderr
@@ -285,21 +285,21 @@ def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluste
     snapshot = out / run_layout.RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
     # Polled often, and 3 epochs: the kill must land while training still runs.
     wait_for(snapshot.exists, "the first registered checkpoint", 300, interval=0.1)
-    _kill_node(gendertune.cluster.nodes["node2"])
-    final = gendertune.cluster.wait_for_job("kill-job", timeout=600)
-    assert "kill-job SUCCEEDED" in final, gendertune.cluster.gendertune("jobs", "logs", "kill-job", "--address", gendertune.cluster.address).stdout[-3000:]
+    _kill_node(cluster.nodes["node2"])
+    final = cluster.wait_for_job("kill-job", timeout=600)
+    assert "kill-job SUCCEEDED" in final, cluster.gendertune("jobs", "logs", "kill-job", "--address", cluster.address).stdout[-3000:]
     history = pd.read_csv(out / run_layout.HISTORY)
     assert history["epoch"].tolist() == [1, 2, 3]
     # Epochs after the failure ran in an attempt that started from a checkpoint, not from epoch 0.
     assert history["attempt_start_epoch"].max() >= 1
-    assert gendertune.cluster.alive_nodes() == 1
+    assert cluster.alive_nodes() == 1
 
 
 def test_jobs_stop_stops_a_running_job(cluster, cluster_prep):
-    submitted = gendertune.cluster.gendertune("submit", "--address", gendertune.cluster.address, "--no-install", "--job-id", "long-job", "--",
+    submitted = cluster.gendertune("submit", "--address", cluster.address, "--no-install", "--job-id", "long-job", "--",
                                    "train", "--data", str(cluster_prep), "--model", "resnet18", "--epochs", "50",
-                                   "--out", str(gendertune.cluster.shared / "long-run"))
+                                   "--out", str(cluster.shared / "long-run"))
     assert submitted.returncode == 0 and "long-job" in submitted.stdout
-    wait_for(lambda: "RUNNING" in gendertune.cluster.job_status("long-job"), "the job to run", 120)
-    stopped = gendertune.cluster.gendertune("jobs", "stop", "long-job", "--address", gendertune.cluster.address)
+    wait_for(lambda: "RUNNING" in cluster.job_status("long-job"), "the job to run", 120)
+    stopped = cluster.gendertune("jobs", "stop", "long-job", "--address", cluster.address)
     assert stopped.returncode == 0 and "long-job STOPPED" in stopped.stdout

@@ -18,7 +18,8 @@ from gendertune.base import flags
 from gendertune.base.config import StageConfig, setting
 from gendertune.data_prep.config import PrepConfig
 from gendertune.models.registry import list_models
-from gendertune.tuning.train.config import AUGMENTATIONS, TrainConfig
+from gendertune.models.transforms import AUGMENTATIONS
+from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.compare.config import CompareConfig
 from gendertune.tuning.search.config import SearchConfig
 
@@ -139,7 +140,7 @@ def test_compare_seed_augment_and_the_weights_flags():
     args = parser.parse_args(["compare", "--data", "prep", "--out", "cmp", "--seed", "7", "--augment", "hflip=0.2",
                               "--eval-set", "a=x", "--eval-set", "b=y"])
     compare, search, base = cli._compare_configs(args)
-    assert (search.seed, base.seed, base.hflip, base.rotation) == (7, 7, 0.2, TrainConfig().rotation)
+    assert (search.seed, base.seed, base.hflip, base.rotation) == (7, 7, 0.2, TrainConfig(data="prep", out="run").rotation)
     assert (base.data, base.out, base.eval_sets) == ("prep", "cmp", ("a=x", "b=y"))
     with pytest.raises(SystemExit) as exited:
         parser.parse_args(["compare", "--pretrained", "--weights", "w.pt"])

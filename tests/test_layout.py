@@ -42,7 +42,7 @@ RAY_FREE = {
     "gendertune.data_prep.labels", "gendertune.data_prep.layout", "gendertune.data_prep.splits",
     "gendertune.data_prep.synthetic",
     "gendertune.models.registry", "gendertune.models.transforms", "gendertune.models.weights",
-    "gendertune.cluster.storage",
+    "gendertune.cluster.environment", "gendertune.cluster.storage",
     "gendertune.tuning.evaluate.calibration", "gendertune.tuning.evaluate.decision", "gendertune.tuning.evaluate.metrics",
     "gendertune.tuning.evaluate.run_layout", "gendertune.tuning.evaluate.slices",
     "gendertune.tuning.train.config", "gendertune.tuning.train.engine", "gendertune.tuning.train.pixels",

@@ -57,3 +57,29 @@ def test_the_ensemble_row_follows_the_ranked_models_unranked_and_tested_against_
     pd.testing.assert_frame_equal(table.drop(index=2).reset_index(drop=True)[ranked.columns], ranked,
                                   check_dtype=False)
     assert table.columns[-len(leaderboard.LAST_COLUMNS):].tolist() == leaderboard.LAST_COLUMNS
+
+
+def _eval_predictions(run: dict, wrong: int) -> None:
+    """The run's predictions on an eval set `faces`, by path, the first `wrong` wrong."""
+    probs = np.where(LABELS == 1, 0.8, 0.2)
+    probs[:wrong] = 1 - probs[:wrong]
+    pd.DataFrame({"path": [f"/faces/{i}.jpg" for i in range(LABELS.size)], "label": LABELS,
+                  "prob_positive": probs}).to_csv(f"{run['run_dir']}/{run_layout.eval_predictions('faces')}", index=False)
+
+
+def test_an_eval_sets_columns_are_the_declared_ones(tmp_path):
+    scores = {"accuracy": 0.9, "accuracy_ci95": [0.8, 0.95], "macro_f1": 0.9, "ece_calibrated": 0.02,
+              "per_class": {"Female": {"recall": 0.9}, "Male": {"recall": 0.9}}}
+    slices = {"worst_slice": "age=60+", "worst_slice_acc": 0.7, "class_recall_gap": 0.05}
+    metrics = {"accuracy": 0.9, "accuracy_ci95": [0.8, 0.95], "majority_rate": 0.5, "macro_f1": 0.9, "roc_auc": 0.95,
+               "ece": 0.03, "params": 10, "inference_images_per_s": 100.0, "n": 40,
+               "per_class": {"Female": {"precision": 0.9, "recall": 0.9, "f1": 0.9}}, "eval_sets": {"faces": scores},
+               "slices": {"faces": slices}}
+    written = {column for column in leaderboard.metric_columns(metrics) if "_faces" in column}
+    runs = [_run(tmp_path, "a", 2), _run(tmp_path, "b", 6)]
+    for run, wrong in zip(runs, (2, 6)):
+        _eval_predictions(run, wrong)
+    ranked = leaderboard.rank_rows(runs, eval_sets=["faces"])
+    written |= {column for column in ranked.columns if "_faces" in column}
+    declared = {template.format("faces") for template in leaderboard.EVAL_SET_COLUMNS}
+    assert written - {"recall_Female_faces", "recall_Male_faces"} == declared

@@ -273,7 +273,7 @@ def test_best_runs_work_with_predict_and_leaderboard_cli(comparison, synthetic_s
     run_dir = out / "models" / "resnet18"
     assert run_layout.read_metrics(run_dir)["evaluated_on"] == "test"
     image = synthetic_sample.path / "img_align_celeba" / "000001.jpg"
-    assert main(["predict", "--model", str(run_dir), str(image)]) == 0
+    assert main(["predict", "--run", str(run_dir), str(image)]) == 0
     assert "000001.jpg" in capsys.readouterr().out
     assert main(["leaderboard", str(out), "--format", "md"]) == 0
     printed = capsys.readouterr().out

@@ -220,7 +220,7 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
         run_training(config)
     images = sorted((synthetic_sample.path / "img_align_celeba").glob("*.jpg"))[:3]
     out_csv = tmp_path / "predictions.csv"
-    assert main(["predict", "--model", run_uri, *map(str, images), "--out", str(out_csv)]) == 0
+    assert main(["predict", "--run", run_uri, *map(str, images), "--out", str(out_csv)]) == 0
     predictions = pd.read_csv(out_csv)
     assert len(predictions) == 3 and predictions["prob_male"].between(0, 1).all() and predictions["error"].isna().all()
     # A resumed compare reuses the finished model from the bucket instead of searching again.

@@ -126,11 +126,11 @@ def test_run_is_scored_on_its_eval_set_and_evaluate_adds_another(ddp_run, eval_s
     assert scores["n"] == 60 and scores["no_prediction"] == 1 and 0 <= scores["accuracy"] <= 1
     assert {"macro_f1", "roc_auc", "ece", "ece_calibrated", "per_class", "accuracy_ci95"} <= set(scores)
     assert metrics["slices"]["faces"]["worst_slice"].split("=")[0] in {"age", "group"}
-    assert main(["evaluate", "--model", str(out), "--eval-set", f"again={eval_set_folder}"]) == 0
+    assert main(["evaluate", "--run", str(out), "--eval-set", f"again={eval_set_folder}"]) == 0
     printed = capsys.readouterr().out
     assert f"again: 60 images, accuracy {scores['accuracy']:.4f}" in printed and "worst slice" in printed
     assert set(run_layout.read_metrics(out)["eval_sets"]) == {"faces", "again"}
-    assert main(["evaluate", "--model", str(out), "--eval-set", f"bad={eval_set_folder / 'nowhere'}"]) == 2
+    assert main(["evaluate", "--run", str(out), "--eval-set", f"bad={eval_set_folder / 'nowhere'}"]) == 2
 
 
 def test_rerun_of_a_failed_run_resumes_from_the_latest_checkpoint(ddp_run):
@@ -203,7 +203,7 @@ def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(tmp_path / "noise.jpg")
     csv = tmp_path / "faces.csv"
     photos = [str(tmp_path / "group.jpg"), str(tmp_path / "noise.jpg"), str(tmp_path / "missing.jpg")]
-    assert main(["predict", "--model", str(out := ddp_run[0]), *photos, photos[0], "--out", str(csv),
+    assert main(["predict", "--run", str(out := ddp_run[0]), *photos, photos[0], "--out", str(csv),
                  "--annotate", str(tmp_path / "boxed")]) == 0
     table = pd.read_csv(csv).fillna({"error": "", "label": ""})
     assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "detector", "detector_score", "label",
@@ -236,7 +236,7 @@ def test_a_model_file_of_another_version_is_a_one_line_error(ddp_run, tmp_path, 
     saved = torch.load(ddp_run[0] / run_layout.MODEL, weights_only=True)
     del saved["temperature"], saved["format_version"]
     torch.save(saved, tmp_path / run_layout.MODEL)
-    assert main(["predict", "--model", str(tmp_path), str(tmp_path / "any.jpg")]) == 2
+    assert main(["predict", "--run", str(tmp_path), str(tmp_path / "any.jpg")]) == 2
     error = capsys.readouterr().err
     assert "another gendertune version (model format 1, this version reads 2; missing format_version, temperature)" in error
     assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
@@ -252,7 +252,7 @@ def test_predict_cli_many_images_via_ray_data_and_bad_files(ddp_run, synthetic_s
     out, _ = ddp_run
     folder = synthetic_sample_large.path / "img_align_celeba"
     csv = tmp_path / "preds.csv"
-    assert main(["predict", "--model", str(out), str(folder), "--out", str(csv)]) == 0
+    assert main(["predict", "--run", str(out), str(folder), "--out", str(csv)]) == 0
     table = pd.read_csv(csv, keep_default_na=False)
     assert table["image"].nunique() == synthetic_sample_large.n_images  # above the Ray Data threshold
     bad = table[table["error"] != ""]
@@ -271,7 +271,7 @@ def test_bad_inputs_fail_before_training(prepared, tmp_path, capsys):
     corrupt = tmp_path / "corrupt-run"
     corrupt.mkdir()
     (corrupt / run_layout.MODEL).write_bytes(b"not a checkpoint")
-    assert main(["predict", "--model", str(corrupt), str(tmp_path)]) == 2
+    assert main(["predict", "--run", str(corrupt), str(tmp_path)]) == 2
     assert "not a readable gendertune model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     assert json.loads(TrainConfig.from_dict({"data": "d", "out": "o"}).to_json())["train"]["model"] == "resnet50"

@@ -123,16 +123,26 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 @dataclasses.dataclass
 class StageConfig:
-    """Base for stage configs. Subclasses set `section` and override `validate`."""
+    """Base for stage configs. Subclasses set `section` and override `validate`, which runs whenever
+    one is constructed: directly, by `from_dict`/`resolve` (after merging file and flags), or by
+    `dataclasses.replace`."""
 
     section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        # A config built in Python (the API, a notebook) is checked like one read from a file: each value
+        # against its field's type (lists become tuples, "1e-3" a float), then the stage's own rules.
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            setattr(self, field.name, _coerce(f"{self.section}.{field.name}", value, hints[field.name]))
+        self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the field when a value is impossible."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Self:
-        hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
@@ -140,19 +150,16 @@ class StageConfig:
                 f"{source}: unknown {cls.section} setting(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(fields))}"
             )
-        kwargs = {k: _coerce(f"{cls.section}.{k}", v, hints[k]) for k, v in values.items()}
         missing = [
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in kwargs
+            if f.name not in values
             and f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
         ]
         if missing:
             raise ConfigError(f"{source}: {cls.section} needs {', '.join(missing)}")
-        config = cls(**kwargs)
-        config.validate()
-        return config
+        return cls(**values)  # __post_init__ coerces and validates
 
     @classmethod
     def resolve(cls, *, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Self:

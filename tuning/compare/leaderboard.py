@@ -20,6 +20,7 @@ import pandas as pd
 
 from gendertune.cluster import storage
 from gendertune.base.errors import MissingInputError
+from gendertune.cluster.environment import write_environment
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.models.registry import get_spec
 from gendertune.tuning.compare import layout
@@ -38,6 +39,10 @@ COLUMNS = [
     "test_images", "best_params",
 ]
 LAST_COLUMNS = ["members", "note", "run_dir", "error"]
+# The columns each eval set NAME adds ({} = NAME), besides recall_<Class>_NAME: metric_columns and
+# _test_against_leader write them, report.py lays out its per-set tables by them.
+EVAL_SET_COLUMNS = ("acc_{}", "acc_{}_ci95_low", "acc_{}_ci95_high", "macro_f1_{}", "ece_calibrated_{}",
+                    "worst_slice_{}", "worst_slice_acc_{}", "class_recall_gap_{}", "mcnemar_p_vs_leader_{}")
 
 
 def metric_columns(metrics: dict) -> dict:
@@ -199,6 +204,7 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
     """The leaderboard files, then its figures; `slices` is {model: {set: slice report}},
     `calibration` {model: its test predictions}."""
     write_text_atomic(out / CSV, table.to_csv(index=False))
+    write_environment(out)  # the comparison's provenance: what produced the numbers in its leaderboard
     write_json_atomic(out / JSON, json.loads(table.to_json(orient="records")))
     write_text_atomic(out / MD, to_markdown(table))
     ok = table[table["status"] == "ok"]

@@ -28,7 +28,7 @@ from typing import Any
 from gendertune.cluster.storage import write_text_atomic
 from gendertune.tuning.compare import layout
 from gendertune.tuning.evaluate import run_layout
-from gendertune.tuning.compare.leaderboard import read_leaderboard
+from gendertune.tuning.compare.leaderboard import EVAL_SET_COLUMNS, read_leaderboard
 
 REPORT = layout.REPORT
 TEST_SET = "test"
@@ -37,8 +37,7 @@ _ROC_AUC = "ROC\u2011AUC"  # a non-breaking hyphen: a narrow header never splits
 # An evaluation set NAME is found by its acc_NAME columns and owns _EVAL_SET_COLUMNS and
 # recall_<Class>_NAME too: the per-set tables show them, the "other columns" table does not.
 _EVAL_COLUMN = re.compile(r"^acc_(.+?)(?:_ci95_(?:low|high))?$")
-_EVAL_SET_COLUMNS = ("acc_{}", "acc_{}_ci95_low", "acc_{}_ci95_high", "macro_f1_{}", "ece_calibrated_{}",
-                     "worst_slice_{}", "worst_slice_acc_{}", "class_recall_gap_{}", "mcnemar_p_vs_leader_{}")
+_EVAL_SET_COLUMNS = EVAL_SET_COLUMNS  # declared where the leaderboard builds them
 # "lr=0.001, batch_size=32, milestones=[3, 6]": split only at a comma that starts the next key.
 _PARAM_SEPARATOR = re.compile(r",\s*(?=[A-Za-z_][\w.]*=)")
 # The columns a failed model's row keeps; its error message spans the rest.

@@ -60,7 +60,8 @@ class RunModel:
         self.prep_image_size = int(saved["prep_image_size"])
         self.align = AlignSettings.from_dict(saved["alignment"]) if saved["alignment"] else None
         self.finder = FaceFinder(self.align.detector, self.align.landmarks) if self.align else None
-        network = build_model(saved["model_name"], image_size=int(saved["image_size"]))
+        self.model_name = saved["model_name"]
+        network = build_model(self.model_name, image_size=int(saved["image_size"]))
         network.load_state_dict(saved["model"])
         # Test-time augmentation and the decision threshold (gendertune.tuning.evaluate.decision):
         # optional keys, absent from runs trained before they existed.
@@ -93,15 +94,17 @@ class RunModel:
             return [FaceChip(chip, None, "centre_crop", square_box(*Image.open(io.BytesIO(data)).size))]
         return face_chips(load_photo(data), self.finder, self.align, every_face=every_face)[0]
 
-    def predict_paths(self, paths: list[str], *, every_face: bool = True,
-                      annotate: list[str] | None = None, with_margin: bool = False) -> pd.DataFrame:
+    def predict_paths(self, paths: list[str], *, every_face: bool = True, annotate: list[str] | None = None,
+                      with_margin: bool = False, photos: list[bytes | None] | None = None) -> pd.DataFrame:
         """One row per face (one error row per image without any), in the order of `paths`;
         `annotate[i]`, when given and not empty, receives a copy of image i with its faces boxed;
-        `with_margin` adds the uncalibrated logit margin (evaluation reports ECE before calibration)."""
+        `with_margin` adds the uncalibrated logit margin (evaluation reports ECE before calibration);
+        `photos[i]`, when not None, is image i's encoded bytes, in memory (the Python API's): `paths[i]` only names it."""
         rows, chips = [], []
-        for path in paths:
+        for index, path in enumerate(paths):
             try:
-                found = self.chips(Path(path).read_bytes(), every_face=every_face)
+                photo = photos[index] if photos is not None else None
+                found = self.chips(Path(path).read_bytes() if photo is None else photo, every_face=every_face)
             except (OSError, ImageRejected) as err:
                 rows.append(_error_row(path, str(err) if isinstance(err, ImageRejected) else f"unreadable file: {err.strerror or err}"))
                 continue

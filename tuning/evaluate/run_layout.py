@@ -3,6 +3,8 @@
 
     RUN/
       config.json            resolved TrainConfig
+      environment.json       what produced it: versions, git commit, CPU/GPU, Ray resources
+                             (gendertune.cluster.environment)
       model.pt               best-by-validation weights + what predict needs (model name, sizes,
                              mean/std, class names), loadable with torch.load(weights_only=True)
       history.csv            per epoch: train/val loss and accuracy, lr, img/s, start-up timestamps

@@ -9,11 +9,8 @@ from typing import Literal
 
 from gendertune.base.config import ConfigError, StageConfig, setting
 from gendertune.models.registry import list_models
-from gendertune.models.transforms import TrainAugment
+from gendertune.models.transforms import AUGMENTATIONS, TrainAugment
 from gendertune.tuning.evaluate.decision import DecisionThreshold, TestTimeAugmentation
-
-AUGMENTATIONS = ("hflip", "rotation", "color_jitter", "random_erasing", "random_resized_crop", "zoom", "translate",
-                 "random_border")
 
 
 @dataclasses.dataclass
@@ -49,8 +46,8 @@ class TrainConfig(StageConfig):
                                help="start from ImageNet weights: the torch hub cache, downloaded into it if missing")
     weights: str | None = setting(None, exclusive="weights",
                                   help="start from a state dict file (ImageNet or this project's)")
-    # Augmentation strengths (0 = off); see gendertune.models.transforms.TrainAugment for their meaning. The
-    # command line sets them together with --augment (gendertune.cli).
+    # Augmentation strengths (0 = off), one per name in gendertune.models.transforms.AUGMENTATIONS (a test
+    # checks it); see TrainAugment for their meaning. The command line sets them together with --augment.
     # Random resized crops are on by default: robustness to how a face is framed is a goal.
     hflip: float = setting(0.5, help="probability of a horizontal flip", flag=False)
     rotation: float = setting(10.0, help="maximum rotation in degrees", flag=False)

@@ -20,7 +20,9 @@ import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
 
+from gendertune.base.config import ConfigError
 from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
+from gendertune.cluster.environment import write_environment
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
 from gendertune.cluster.storage import OutputLocation, output_location, write_json_atomic, write_text_atomic
@@ -54,9 +56,12 @@ class RunFailed(StageFailed):
 
 def check_compatible(config: TrainConfig, prepared: PreparedData) -> int:
     """Validate model vs data before any Ray work; returns the training image size."""
-    get_spec(config.model)  # unknown model -> ValueError listing the known ones
     image_size = config.image_size or prepared.image_size
-    check_image_size(config.model, image_size)
+    try:  # the registry's plain ValueErrors (unknown model, a size it cannot run) are settings to change
+        get_spec(config.model)
+        check_image_size(config.model, image_size)
+    except ValueError as err:
+        raise ConfigError(f"train: {err}") from None
     if config.weights and not Path(config.weights).is_file():
         raise MissingInputError(f"--weights {config.weights} does not exist")
     if config.pretrained:
@@ -119,7 +124,7 @@ def build_trainer(
 def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict]:
     """Highest val_acc; ties go to the lower val_loss (then the earlier epoch)."""
     if not result.best_checkpoints:
-        raise RuntimeError(f"the run produced no checkpoint (error: {result.error})")
+        raise RunFailed(f"the run produced no checkpoint (error: {result.error})")
     return max(result.best_checkpoints, key=lambda pair: (pair[1]["val_acc"], -pair[1]["val_loss"], -pair[1]["epoch"]))
 
 
@@ -145,9 +150,9 @@ def evaluate_held_out(state: dict, config: TrainConfig, data_root: str, splits: 
         dataset = test_dataset(prepared) if split == "test" else training_views(prepared, val_fraction=config.val_fraction)["val"]
         ids: list[str] = []
 
-        def batches():
-            for batch in dataset.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):
-                ids.extend(batch.get("image_id", [""] * len(batch["label"])))
+        def batches():  # consumed within this iteration, so the loop's variables are the current ones
+            for batch in dataset.iter_batches(batch_size=config.eval_batch_size, batch_format="numpy"):  # noqa: B023
+                ids.extend(batch.get("image_id", [""] * len(batch["label"])))  # noqa: B023
                 yield torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy())
 
         # fp32, like `predict`: the reported numbers must not depend on a precision shortcut.
@@ -324,6 +329,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(saved, config.to_json())
+    write_environment(out)
     best_state, best = fit_best(config, prepared, storage_path=location.storage)
     split = "test" if "test" in prepared.splits else "val"
     logger.info(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
