@@ -1,23 +1,27 @@
-"""Does a search beat the user's own configuration at the same wall-clock budget?
+"""Does a search pay? Each arm: one `train` of --model, timed end to end, then a `compare` of the same
+model with the same settings and `--time-budget-s` set from that time; both scored once on the same
+test split, with the difference and McNemar's p printed as RATIO lines.
 
-Baseline: one `train` of --model with every default (plus --epochs), timed end to end (training,
-held-out evaluation) as `gendertune.tuning.train.run.run_training` runs it. Then a `compare` of the same model with
-`--time-budget-s` set to that measured time: Optuna + ASHA, its first trial being that same default
-configuration (points_to_evaluate), the others what TPE suggests. Both are scored once on the same
-test split; the difference and its McNemar p-value are printed, and
+- A, defaults: the user's configuration is the default one; budget = the train's time.
+  Goal >= -0.5 points, and exactly 0.00 under --deterministic when the search kept the user's
+  configuration at full length (it then trains through `train`'s own code path).
+- B, a mis-set user configuration (--bad-lr, default 2e-5, which costs a default train >= 5 points):
+  train and compare both with that lr; budget = that train's time. Goal: the search ahead by >= 3
+  points with McNemar p < 0.05.
+- C, twice the budget: A's train (not run again), compare with 2x its time. Goal: the search ahead;
+  the difference is reported whatever it is.
 
-    RATIO search_minus_train_pt: (search test accuracy - train test accuracy) in points
+    RATIO search_minus_train_pt_<ARM>: (search test accuracy - train test accuracy) in points
 
-with the goal > 0 (the search ahead). Both run in one private Ray session, one after the other,
-so neither competes with the other for the cores.
-
-Data: --prep, else the shared CelebA sample (../shared/data/celeba-sample) prepped here at
+All runs share one private Ray session, one after the other, so none competes with another for the
+cores. Data: --prep, else the shared CelebA sample (../shared/data/celeba-sample) prepped here at
 --image-size with an identity split 0.8/0.1/0.1 (a few minutes, done once per scratch folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +29,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchlib import REPO, machine_info, private_ray, write_json
+from benchlib import REPO, machine_info, private_ray, str_list, write_json
 
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "celeba-sample"
+GOALS = {"A": "goal >= -0.5, exactly 0.00 when kept at full length under --deterministic",
+         "B": "goal >= +3.0 with McNemar p < 0.05", "C": "goal > 0"}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet18", help="registry model (default resnet18)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of the default train, and the search's cap (default 12)")
-    parser.add_argument("--trials", type=int, default=24, help="most trials the search may start within its budget (default 24)")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of every train and final run (default 12)")
+    parser.add_argument("--arms", type=str_list, default=["A", "B", "C"], help="which arms, comma-separated (default A,B,C)")
+    parser.add_argument("--bad-lr", type=float, default=2e-5, help="arm B's mis-set lr (default 2e-5)")
+    parser.add_argument("--trials", type=int, default=8, help="most screening trials per search (default 8)")
+    parser.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                        help="let kernels and trial order vary (default: --deterministic runs)")
     parser.add_argument("--prep", help="an existing prep output (default: prep the shared sample)")
     parser.add_argument("--image-size", type=int, default=64, help="prep size of the shared sample (default 64)")
-    parser.add_argument("--scratch", help="keep the prep and both runs here (default: a temporary folder)")
+    parser.add_argument("--scratch", help="keep the prep and the runs here (default: a temporary folder)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     return parser.parse_args()
 
@@ -61,47 +71,76 @@ def test_correct(run_dir: Path) -> np.ndarray:
     return ((predictions["prob_positive"] >= 0.5).astype(int) == predictions["label"]).to_numpy()
 
 
-def main() -> None:
-    args = parse_args()
-    from gendertune.tuning.compare.run import run_compare
-    from gendertune.tuning.compare.config import CompareConfig
-    from gendertune.tuning.search.config import SearchConfig
+def timed_train(prep: Path, out: Path, settings: dict) -> tuple[dict, float]:
     from gendertune.tuning.train.config import TrainConfig
-    from gendertune.tuning.evaluate.metrics import mcnemar_test
     from gendertune.tuning.train.run import run_training
 
-    report = {"benchmark": "search_vs_train", "machine": machine_info(), "model": args.model, "epochs": args.epochs}
+    started = time.perf_counter()
+    metrics = run_training(TrainConfig.from_dict({"data": str(prep), "out": str(out), **settings}))
+    return metrics, time.perf_counter() - started
+
+
+def timed_compare(prep: Path, out: Path, model: str, settings: dict, *, budget: float, trials: int) -> tuple[dict, float]:
+    from gendertune.tuning.compare.config import CompareConfig
+    from gendertune.tuning.compare.run import run_compare
+    from gendertune.tuning.search.config import SearchConfig
+    from gendertune.tuning.train.config import TrainConfig
+
+    started = time.perf_counter()
+    table = run_compare(CompareConfig.from_dict({"data": str(prep), "out": str(out), "models": [model]}),
+                        SearchConfig.from_dict({"trials": trials, "time_budget_s": budget}),
+                        TrainConfig.from_dict({"data": str(prep), "out": str(out), **settings}))
+    seconds = time.perf_counter() - started
+    row = table[table["kind"] == "model"].iloc[0]
+    if row["status"] != "ok":
+        raise SystemExit(f"the search failed: {row['error']}")
+    return row.to_dict(), seconds
+
+
+def main() -> None:
+    args = parse_args()
+    from gendertune.tuning.evaluate.metrics import mcnemar_test
+
+    report = {"benchmark": "search_vs_train", "machine": machine_info(), "model": args.model, "epochs": args.epochs,
+              "deterministic": args.deterministic, "arms": {}}
+    defaults = {"model": args.model, "epochs": args.epochs, "deterministic": args.deterministic}
+    lines = []
     with tempfile.TemporaryDirectory(prefix="gendertune-bench-svt-") as tmp:
         scratch = Path(args.scratch or tmp)
         scratch.mkdir(parents=True, exist_ok=True)
         with private_ray(Path(tmp)):
             prep = Path(args.prep) if args.prep else prep_shared(scratch, args.image_size)
             report["data"] = str(prep)
-            train_dir = scratch / "train"
-            started = time.perf_counter()
-            trained = run_training(TrainConfig.from_dict({"data": str(prep), "out": str(train_dir), "model": args.model,
-                                                          "epochs": args.epochs}))
-            budget = time.perf_counter() - started
-            print(f"train (defaults, {args.epochs} epochs): test {trained['accuracy']:.4f} in {budget:.0f} s", flush=True)
-            compare_dir = scratch / "compare"
-            started = time.perf_counter()
-            table = run_compare(
-                CompareConfig.from_dict({"data": str(prep), "out": str(compare_dir), "models": [args.model]}),
-                SearchConfig.from_dict({"trials": args.trials, "time_budget_s": budget}),
-                TrainConfig.from_dict({"data": str(prep), "out": str(compare_dir), "epochs": args.epochs}))
-            searched_s = time.perf_counter() - started
-        row = table[table["kind"] == "model"].iloc[0]
-        if row["status"] != "ok":
-            raise SystemExit(f"the search failed: {row['error']}")
-        p = mcnemar_test(test_correct(train_dir), test_correct(compare_dir / "models" / args.model))["p_value"]
-        difference = 100 * (row["accuracy"] - trained["accuracy"])
-        report.update(train_accuracy=trained["accuracy"], train_seconds=budget, search_accuracy=row["accuracy"],
-                      search_seconds=row["search_seconds"], compare_seconds=searched_s, trials_run=int(row["trials_run"]),
-                      trials_pruned=int(row["trials_pruned"]), mcnemar_p=p, difference_pt=difference)
-        write_json(args.json, report)
-    print(f"search (--time-budget-s {budget:.0f}): test {row['accuracy']:.4f}, {int(row['trials_run'])} trials "
-          f"({int(row['trials_pruned'])} pruned), search {row['search_seconds']:.0f} s, compare {searched_s:.0f} s in all")
-    print(f"RATIO search_minus_train_pt: {difference:+.2f} (goal > 0; McNemar p {p:.3f})")
+            trains = {}
+            for arm in args.arms:
+                settings = {**defaults, "lr": args.bad_lr} if arm == "B" else defaults
+                baseline = "B" if arm == "B" else "A"
+                if baseline not in trains:
+                    trains[baseline] = timed_train(prep, scratch / f"train-{baseline}", settings)
+                    metrics, seconds = trains[baseline]
+                    print(f"[{arm}] train ({json.dumps(settings)}): test {metrics['accuracy']:.4f} in {seconds:.0f} s",
+                          flush=True)
+                trained, seconds = trains[baseline]
+                budget = seconds * (2 if arm == "C" else 1)
+                row, compare_s = timed_compare(prep, scratch / f"compare-{arm}", args.model, settings, budget=budget,
+                                               trials=args.trials)
+                run_dir = scratch / f"compare-{arm}" / "models" / args.model
+                summary = json.loads((run_dir / "search.json").read_text())
+                p = mcnemar_test(test_correct(scratch / f"train-{baseline}"), test_correct(run_dir))["p_value"]
+                difference = 100 * (row["accuracy"] - trained["accuracy"])
+                report["arms"][arm] = {
+                    "budget_s": budget, "train_accuracy": trained["accuracy"], "search_accuracy": row["accuracy"],
+                    "difference_pt": difference, "mcnemar_p": p, "compare_seconds": compare_s,
+                    "regime": summary["plan"]["regime"], "kept": summary["kept"], "verdict": summary["verdict"],
+                    "final_epochs": summary["final_epochs"], "trials": len(summary["trials"]),
+                    "lr_suggestion": (summary.get("lr_curve") or {}).get("suggestion"), "actual_s": summary["actual_s"],
+                    "planned_s": summary["plan"]["planned_s"]}
+                print(f"[{arm}] compare (--time-budget-s {budget:.0f}): test {row['accuracy']:.4f} in {compare_s:.0f} s; "
+                      f"{summary['plan']['regime']}, {'kept' if summary['kept'] else 'replaced'}, final "
+                      f"{summary['final_epochs']} epochs; {summary['verdict']}", flush=True)
+                lines.append(f"RATIO search_minus_train_pt_{arm}: {difference:+.2f} (McNemar p {p:.3f}; {GOALS[arm]})")
+                write_json(args.json, report)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gendertune.tuning.search.policy import (MAX_DUEL_TRIM, MAX_FINAL_TRIM, Costs, guard_paired, guard_unpaired, keep_lr,
+from gendertune.tuning.search.policy import (COST_TOLERANCE, MAX_DUEL_TRIM, MAX_FINAL_TRIM, Costs, guard_paired, guard_unpaired, keep_lr,
                                              plan_search)
 
 # Costs like resnet18 at 64 px on 2 cores: ~50 s per epoch, a quarter of that at 32 px.
@@ -16,7 +16,7 @@ ONE_RUN = 12 * COSTS.epoch_s + COSTS.run_overhead_s  # 630 s
 
 
 def plan(budget_s: float, **kwargs):
-    settings = dict(epochs=12, budget_s=budget_s, trials=8, screen_epochs=3, image_size=64, screen_size=32)
+    settings = dict(epochs=12, budget_s=budget_s, trials=8, screen_epochs=3, screen_size=32)
     return plan_search(COSTS, **{**settings, **kwargs})
 
 
@@ -29,17 +29,23 @@ def test_a_budget_of_about_one_run_keeps_the_final_run_at_full_length(rho):
     assert math.ceil((1 - MAX_DUEL_TRIM) * 12) <= p.duel_final_epochs <= 12
 
 
-def test_a_budget_of_exactly_one_run_trims_the_final_run_by_at_most_a_tenth_for_the_lr_test():
+def test_a_budget_of_one_run_within_the_cost_tolerance_keeps_it_whole():
     p = plan(ONE_RUN)
+    assert p.regime == "parity" and p.lr_test and p.final_epochs == 12
+    assert p.total_s <= ONE_RUN * (1 + COST_TOLERANCE)
+
+
+def test_a_budget_just_short_of_one_run_trims_it_by_at_most_a_tenth_for_the_lr_test():
+    p = plan(0.85 * ONE_RUN)
     assert p.regime == "parity" and p.lr_test and math.ceil((1 - MAX_FINAL_TRIM) * 12) <= p.final_epochs < 12
-    assert p.total_s <= ONE_RUN + 1e-6
+    assert p.total_s <= 0.85 * ONE_RUN * (1 + COST_TOLERANCE)
     assert p.duel_final_epochs >= math.ceil((1 - MAX_DUEL_TRIM) * 12)
 
 
 def test_a_budget_below_one_run_shortens_the_users_run_and_screens_nothing():
     p = plan(0.6 * ONE_RUN)
     assert p.regime == "final-only" and not p.lr_test and p.screen_trials == 0
-    assert p.final_epochs == int((0.6 * ONE_RUN - COSTS.run_overhead_s) // COSTS.epoch_s) < 12
+    assert p.final_epochs == int((0.6 * ONE_RUN * (1 + COST_TOLERANCE) - COSTS.run_overhead_s) // COSTS.epoch_s) < 12
 
 
 def test_a_budget_that_cannot_hold_one_epoch_is_refused():

@@ -59,6 +59,7 @@ def comparison(tmp_path) -> Path:
          "precision_Male": 0.92, "recall_Male": 0.91, "f1_Male": 0.915, "params": 11_177_538,
          "train_seconds": 312.4, "inference_images_per_s": 2345.6, "trials_run": 8, "trials_pruned": 3,
          "best_epoch": 4, "best_val_acc": 0.931, "best_params": "lr=0.001, batch_size=32, milestones=[3, 6]",
+         "user_config": "kept", "val_gain_vs_user": 0.03,
          "run_dir": str(out / "models" / "resnet18"), "acc_utkface": 0.801, "acc_utkface_ci95_low": 0.77,
          "acc_utkface_ci95_high": 0.83, "worst_slice": "Young=no", "worst_slice_acc": 0.86, "class_recall_gap": 0.04},
         {**common, "rank": 2, "model": "googlenet", "kind": "model", "accuracy": 0.90, "ci95_low": 0.86,
@@ -202,6 +203,7 @@ def test_report_is_self_contained_and_has_a_row_per_leaderboard_row(comparison):
     assert "0.9240 (0.9000–0.9460)" in leader["cells"]
     assert "0.8010 (0.7700–0.8300)" in leader["cells"]  # the eval set's accuracy with its CI
     assert "0.0410 → 0.0120" in leader["cells"] and "11.2M" in leader["cells"] and "8 (3)" in leader["cells"]
+    assert "kept (+3.0 pt val)" in leader["cells"]
     assert second["cells"][:3] == ["2", "googlenet", "model"] and "0.2" in second["cells"]
     assert ensemble["cells"][:3] == ["ens.", "ensemble", "ensemble"] and "0.41" in ensemble["cells"]
     assert failed["class"] == "error" and failed["cells"] == ["–", "vgg19", "model", f"error: {ERROR}"]

@@ -2,7 +2,7 @@
 read, and every reader of a comparison finds by these names.
 
     OUT/config.json                  the resolved compare, search and train settings
-    OUT/searches/<model>/            one model's search: plan.json, lr_range.json, study.db (Optuna),
+    OUT/searches/<model>/            one model's search: plan.json, lr_range.json, final.json, study.db (Optuna),
                                      search/ (Ray Tune's state, which --resume reads), full/<label>/
                                      (the full-length runs' Ray Train checkpoints)
     OUT/models/<model>/              the chosen run in run_layout form (`gendertune predict --run` works on

@@ -209,8 +209,15 @@ def _leaderboard_columns(eval_sets: Sequence[str]) -> list[_Column]:
                 lambda r: _integer(r.get("inference_images_per_s"))),
         _Column("trials (pruned)", True, ("trials_run", "trials_pruned"),
                 lambda r: _trials(r.get("trials_run"), r.get("trials_pruned"))),
+        _Column("your configuration", False, ("user_config", "val_gain_vs_user"), _user_config),
         _Column("McNemar p vs #1", True, ("mcnemar_p_vs_leader",), p_value),
     ]
+
+
+def _user_config(row: dict) -> str:
+    """kept / replaced, with the validation difference the guard saw when a challenger was compared."""
+    verdict, gain = _text(row.get("user_config")), _number(row.get("val_gain_vs_user"))
+    return f"{verdict} ({gain * 100:+.1f} pt val)" if verdict and gain is not None else verdict
 
 
 def _leaderboard_section(out: Path, columns: list[str], runs: Sequence[_Run], eval_sets: Sequence[str]) -> str:
@@ -416,7 +423,7 @@ def _search_section(runs: Sequence[_Run]) -> str:
             continue
         planned, actual = _mapping(plan.get("planned_s")), _mapping(search.get("actual_s"))
         budget = _number(plan.get("budget_s"))
-        parts.append(f"<h3>{_esc(run.model)}</h3><p>{_esc(str(plan.get('note', '')))}"
+        parts.append(f"<h3>{_esc(run.model)}</h3><p>{_esc(str(plan.get('note', '')).capitalize())}."
                      + (f" Budget {budget:,.0f} s." if budget else " No time budget.") + "</p>")
         parts.append(f"<p><strong>{_esc(str(search.get('verdict', '')))}</strong></p>")
         parts.append(_table([("part", False), ("planned s", True), ("ran s", True)],

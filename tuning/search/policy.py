@@ -26,6 +26,10 @@ import numpy as np
 # is far from the test's suggestion.
 MAX_FINAL_TRIM = 0.10
 MAX_DUEL_TRIM = 0.25
+# The measured costs come from a few timed steps, which vary by about this much on a shared
+# machine: a final run that fits within it is not shortened (a result a little late beats a
+# schedule cut by a slow spell during the measurement).
+COST_TOLERANCE = 0.15
 # A challenger must beat the incumbent by this many standard errors of the difference (one-sided
 # p ~ 0.02 under no difference).
 GUARD_Z = 2.0
@@ -79,8 +83,8 @@ def full_run_s(costs: Costs, epochs: int) -> float:
     return epochs * costs.epoch_s + costs.run_overhead_s
 
 
-def plan_search(costs: Costs, *, epochs: int, budget_s: float, trials: int, screen_epochs: int, image_size: int,
-                screen_size: int, concurrent: int = 1, retrain_challenger: bool = True) -> Plan:
+def plan_search(costs: Costs, *, epochs: int, budget_s: float, trials: int, screen_epochs: int, screen_size: int,
+                concurrent: int = 1, retrain_challenger: bool = True) -> Plan:
     """The plan for one model. Without a budget, `trials` screening trials, then the incumbent and
     (with `retrain_challenger`) the best challenger at full length. With one, first the final run
     is reserved; see the module docstring. Raises ValueError when the budget cannot hold one epoch
@@ -113,10 +117,11 @@ def plan_search(costs: Costs, *, epochs: int, budget_s: float, trials: int, scre
     # About one run: the final run first. The lr range test may take up to MAX_FINAL_TRIM of its
     # epochs; a duel with the test's challenger (only when the user's lr is far off, so the trim
     # costs less than the lr would) up to MAX_DUEL_TRIM; further screening only from what is left over.
-    fit_epochs = int((budget_s - costs.run_overhead_s) // costs.epoch_s)
-    lr_epochs = min(epochs, int((budget_s - costs.run_overhead_s - costs.lr_test_s) // costs.epoch_s))
+    room = budget_s * (1 + COST_TOLERANCE)
+    fit_epochs = int((room - costs.run_overhead_s) // costs.epoch_s)
+    lr_epochs = min(epochs, int((room - costs.run_overhead_s - costs.lr_test_s) // costs.epoch_s))
     if lr_epochs >= math.ceil((1 - MAX_FINAL_TRIM) * epochs):
-        duel_epochs = min(lr_epochs, int((budget_s - costs.run_overhead_s - costs.lr_test_s - duel) // costs.epoch_s))
+        duel_epochs = min(lr_epochs, int((room - costs.run_overhead_s - costs.lr_test_s - duel) // costs.epoch_s))
         left = budget_s - full_run_s(costs, lr_epochs) - costs.lr_test_s
         n = min(trials, int(left // screen_trial_s) * concurrent)
         parts = {"lr_test": costs.lr_test_s, "screening": math.ceil(n / concurrent) * screen_trial_s if n >= 2 else 0.0,
@@ -125,8 +130,8 @@ def plan_search(costs: Costs, *, epochs: int, budget_s: float, trials: int, scre
         return Plan(regime="parity", budget_s=budget_s, final_epochs=lr_epochs, full_runs=1, lr_test=True,
                     screen_trials=n if n >= 2 else 0,
                     duel_final_epochs=max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs)) if duel_epochs >= 1 else 0,
-                    planned_s=parts, note=f"the budget holds one full run: an lr range test"
-                    + (f" and {n} short screening runs" if n >= 2 else "") + f" first, then one final run of "
+                    planned_s=parts, note="the budget holds one full run: an lr range test"
+                    + (f" and {n} short screening runs" if n >= 2 else "") + " first, then one final run of "
                     f"{lr_epochs} epochs{trimmed} (a duel with the lr test's challenger, if any, may shorten it to "
                     f"{max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs))})", **common)
     if fit_epochs < 1:

@@ -26,9 +26,11 @@ import math
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import ray
@@ -209,9 +211,11 @@ def check_search(model: str, base: TrainConfig, search: SearchConfig) -> None:
         fetch_hub_weights(get_spec(model))
 
 
-def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, steps: int = 3) -> float:
-    """Training throughput of `config`'s model, from `steps` timed steps on random images after one
-    warm-up step (Ray-free; run it where a trial would run, with the threads a trial gets)."""
+def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, steps: int = 6) -> float:
+    """Training throughput of `config`'s model: the median of `steps` timed single steps on random
+    images after two warm-up steps (Ray-free; run it where a trial would run, with the threads a
+    trial gets). The median of single steps, not one timed stretch: on a shared machine a stretch
+    takes whatever else ran during it, and one slow spell must not shorten the final run's plan."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
     spec = get_spec(config.model)
@@ -224,14 +228,14 @@ def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, 
             "augment": EvalPreprocess(image_size=image_size, mean=spec.mean, std=spec.std),
             "criterion": nn.CrossEntropyLoss(), "aux_weight": spec.aux_loss_weight,
             "precision": select_precision(config.precision, device), "scaler": None, "grad_clip": 0.0, "device": device}
-    train_one_epoch(batches=[batch], **step)  # warm-up: allocator, kernels, lazy init
-    return train_one_epoch(batches=[batch] * steps, **step).images_per_s
+    train_one_epoch(batches=[batch] * 2, **step)  # warm-up: allocator, kernels, lazy init
+    return float(np.median([train_one_epoch(batches=[batch], **step).images_per_s for _ in range(steps)]))
 
 
 # ---- the plan ----------------------------------------------------------------------------------------
 
 RUN_START_S = 25.0  # a Ray Train run's start-up and checkpointing on a small machine (ray-2.60 notes: 20-40 s)
-PLAN_FILE, LR_FILE, STUDY_FILE, OUTCOME_FILE = "plan.json", "lr_range.json", "study.db", "search.json"
+PLAN_FILE, LR_FILE, STUDY_FILE, FINAL_FILE = "plan.json", "lr_range.json", "study.db", "final.json"
 
 
 def measure_costs(base: TrainConfig, prepared: PreparedData, *, image_size: int, screen_size: int, threads: int,
@@ -275,16 +279,17 @@ def make_plan(model: str, base: TrainConfig, search: SearchConfig, prepared: Pre
     concurrent = screening_concurrency(search, base)
     costs = measure_costs(base, prepared, image_size=image_size, screen_size=screen_size,
                           threads=max(1, compute_parallelism() // base.workers), lr_test_steps=search.lr_test_steps)
+    logger.info(f"[plan {model}] measured ~{costs.epoch_s:.0f} s per epoch at {image_size} px, ~{costs.screen_epoch_s:.0f} s "
+                f"at {screen_size} px, ~{costs.run_overhead_s:.0f} s per run besides its epochs")
     try:
         plan = plan_search(costs, epochs=base.epochs, budget_s=search.time_budget_s, trials=search.trials,
                            screen_epochs=min(base.epochs, search.screen_epochs or max(2, base.epochs // 4)),
-                           image_size=image_size,
-                           screen_size=screen_size, concurrent=concurrent, retrain_challenger=search.retrain_challenger)
+                           screen_size=screen_size, concurrent=concurrent,
+                           retrain_challenger=search.retrain_challenger)
     except ValueError as err:
         raise StageFailed(f"{model}: {err}; give it more time, or fewer images, a smaller --image-size or "
                           "--batch-size") from None
-    logger.info(f"[plan {model}] ~{costs.epoch_s:.0f} s per epoch at {image_size} px, ~{costs.screen_epoch_s:.0f} s at "
-                f"{screen_size} px; {plan.note} (~{plan.total_s:.0f} s planned)")
+    logger.info(f"[plan {model}] {plan.note} (~{plan.total_s:.0f} s planned)")
     return plan
 
 
@@ -315,8 +320,10 @@ def make_searcher(search: SearchConfig, space: dict, points: list[dict], *, n_tr
     that will run: a third of them random start-up (at least 2), multivariate over the conditional
     space, and constant liar so concurrent trials don't draw the same point. The study lives in
     `storage_dir`/study.db (sqlite) when the search writes to a folder, so it can be read and resumed."""
-    sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(2, n_trials // 3), multivariate=True,
-                                         group=True, constant_liar=True)
+    with warnings.catch_warnings():  # `group` and `constant_liar` are "experimental" in Optuna, and long stable
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(2, n_trials // 3),
+                                             multivariate=True, group=True, constant_liar=True)
     storage = (optuna.storages.RDBStorage(f"sqlite:///{Path(storage_dir) / STUDY_FILE}") if storage_dir else None)
     return TruthfulOptunaSearch(space=functools.partial(suggest, space=space), metric=METRIC, mode="max",
                                 sampler=sampler, points_to_evaluate=points, max_t=max_t, storage=storage,
@@ -543,7 +550,10 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     # The full-length runs: the user's configuration unless screening replaced it; in a budget of
     # two runs, or without a budget, also the best challenger, and the paired guard picks.
     part = time.perf_counter()
-    final_epochs = _final_epochs(plan, started, screened=bool(n_screen))
+    # Decided once: a resumed search finishes the same full-length runs it started.
+    decided = _read_json(out_dir, FINAL_FILE) if resume else None
+    final_epochs = decided["epochs"] if decided else _final_epochs(plan, started, screened=bool(n_screen))
+    write_json(join(out_dir, FINAL_FILE), {"epochs": final_epochs})
     chosen_params = user
     runs = []
     two_runs = plan.full_runs == 2 and challenger_params is not None
