@@ -166,7 +166,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     sets = eval_set_names(table)
     header = ["rank", "model", "test accuracy (95% CI)", *[f"{name} accuracy (95% CI)" for name in sets], "macro F1",
               "ROC-AUC", "ECE → calibrated", "worst test slice", "class recall gap", "params", "inference img/s",
-              "trials (pruned)", "McNemar p vs #1"]
+              "trials (pruned)", "your configuration", "McNemar p vs #1"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, row in table.iterrows():
         if row["status"] != "ok":
@@ -180,17 +180,21 @@ def to_markdown(table: pd.DataFrame) -> str:
                          f", p {row[f'mcnemar_p_vs_leader_{n}']:.3g}") for n in sets]
         worst = "n/a" if pd.isna(row["worst_slice"]) else f"{row['worst_slice']} {row['worst_slice_acc']:.4f}"
         trials = "" if pd.isna(row["trials_run"]) else f"{int(row['trials_run'])} ({int(row['trials_pruned'])})"
+        user = "" if pd.isna(row.get("user_config")) else str(row["user_config"]) + (
+            "" if pd.isna(row.get("val_gain_vs_user")) else f" ({100 * row['val_gain_vs_user']:+.1f} pt val)")
         cells = [rank, name, f"{row['accuracy']:.4f} ({row['ci95_low']:.4f}–{row['ci95_high']:.4f})", *sets_cells,
                  f"{row['macro_f1']:.4f}", _fmt(row["roc_auc"]), f"{_fmt(row['ece'])} → {_fmt(row['ece_calibrated'])}",
                  worst, _fmt(row["class_recall_gap"]), f"{row['params'] / 1e6:.1f}M", f"{row['inference_images_per_s']:.0f}",
-                 trials, p_value]
+                 trials, user, p_value]
         lines.append("| " + " | ".join(cells) + " |")
     ok = table[table["status"] == "ok"]
     if len(ok):
         lines += ["", f"Test images: {int(ok.iloc[0]['test_images'])}; majority-class rate {ok.iloc[0]['majority_rate']:.4f}. "
                   "McNemar's test compares each model with the leader on the same images (test split, and each eval "
                   "set's own p after its accuracy); p ≥ 0.05 means the gap may well be chance. The class recall gap is "
-                  "the difference between the two classes' recall (equal opportunity)."]
+                  "the difference between the two classes' recall (equal opportunity). Your configuration: kept, or "
+                  "replaced by a challenger that beat it on validation by more than 2 standard errors (the points "
+                  "are the validation difference the search saw)."]
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +240,6 @@ def format_table(table: pd.DataFrame) -> str:
     columns = ["rank", "model", "kind", "status", "accuracy", "ci95_low", "ci95_high",
                *[f"acc_{name}" for name in eval_set_names(table)], "macro_f1", "roc_auc", "ece", "ece_calibrated",
                "worst_slice", "worst_slice_acc", "params", "inference_images_per_s", "trials_run", "trials_pruned",
-               "mcnemar_p_vs_leader", "error"]
+               "user_config", "val_gain_vs_user", "mcnemar_p_vs_leader", "error"]
     shown = table[columns].astype({"rank": "Int64", "params": "Int64", "trials_run": "Int64", "trials_pruned": "Int64"})
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")

@@ -430,9 +430,10 @@ def _search_section(runs: Sequence[_Run]) -> str:
                             [({}, [name, _integer(planned.get(name)), _integer(actual.get(name))])
                              for name in dict.fromkeys([*planned, *actual])]))
         curve = _mapping(search.get("lr_curve"))
-        if curve.get("suggestion") is not None:
-            parts.append(f"<p>lr range test: suggested lr {float(curve['suggestion']):.3g} "
-                         f"({len(curve.get('lrs', []))} steps)</p>")
+        if curve:
+            suggested = (f"suggested lr {float(curve['suggestion']):.3g}" if curve.get("suggestion") is not None
+                         else "no suggestion (the loss never fell by a tenth)")
+            parts.append(f"<p>lr range test: {suggested} ({len(curve.get('lrs', []))} steps)</p>")
         trials = search.get("trials") or []
         if trials:
             rows = [({}, [str(trial.get("trial_id", "")), str(trial.get("params", "")), str(trial.get("fidelity", "")),

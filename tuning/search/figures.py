@@ -20,9 +20,11 @@ MIN_TRIALS_FOR_IMPORTANCE = 4
 def plot_lr_curve(curve: dict, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(5, 3.2))
     axes.plot(curve["lrs"], curve["losses"])
-    axes.axvline(curve["suggestion"], color="tab:red", linestyle="--", label=f"suggested {curve['suggestion']:.2g}")
+    if curve["suggestion"] is not None:
+        axes.axvline(curve["suggestion"], color="tab:red", linestyle="--", label=f"suggested {curve['suggestion']:.2g}")
     axes.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="lr range test")
-    axes.legend()
+    if curve["suggestion"] is not None:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

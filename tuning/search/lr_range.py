@@ -22,24 +22,31 @@ from gendertune.tuning.train.engine import Batch
 DIVERGED = 4.0
 # The smoothing of the recorded loss (an exponential moving average, bias-corrected, as fastai does).
 BETA = 0.9
+# A curve whose smoothed loss never fell below this share of its start found no lr that learns
+# (too few steps, or too little data): it suggests nothing rather than noise.
+DESCENT = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
 class LrCurve:
     lrs: list[float]
     losses: list[float]  # smoothed
-    suggestion: float
+    suggestion: float | None  # None: the curve never showed the loss falling
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def suggest_lr(lrs: list[float], losses: list[float]) -> float:
+def suggest_lr(lrs: list[float], losses: list[float]) -> float | None:
     """A tenth of the lr at the smoothed loss's minimum (fastai's "minimum/10"): the largest lr
-    still well inside the region where the loss falls. Steps after divergence are not on the curve."""
+    still well inside the region where the loss falls. Steps after divergence are not on the curve.
+    None when the loss never fell by a tenth: the test saw no lr that learns."""
     if not lrs:
         raise ValueError("suggest_lr: an empty curve")
-    return float(lrs[int(np.argmin(losses))]) / 10
+    lowest = int(np.argmin(losses))
+    if losses[lowest] > DESCENT * losses[0]:
+        return None
+    return float(lrs[lowest]) / 10
 
 
 def lr_range_test(model: nn.Module, batches: Iterable[Batch], *, optimizer: torch.optim.Optimizer,

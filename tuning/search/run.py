@@ -519,14 +519,18 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
             write_json(join(out_dir, LR_FILE), lr_curve)
             actual["lr_test"] = time.perf_counter() - part
         suggestion = lr_curve["suggestion"]
-        space = centre_lr(space, base.optimizer, suggestion)
-        if keep_lr(base.lr, suggestion):
+        if suggestion is None:
+            logger.info(f"[search {model}] lr range test: the loss never fell by a tenth in {search.lr_test_steps} "
+                        f"steps, so it suggests nothing; the user's lr {base.lr:g} stands")
+        elif keep_lr(base.lr, suggestion):
             logger.info(f"[search {model}] lr range test: suggests {suggestion:.2g}; the user's lr {base.lr:g} is within "
                         f"{LR_TOLERANCE:g}x of it: kept")
         else:
             logger.info(f"[search {model}] lr range test: suggests {suggestion:.2g}, the user's lr {base.lr:g} is not "
                         f"within {LR_TOLERANCE:g}x of it: a challenger with lr {suggestion:.2g}")
             points.append({**user, "lr": suggestion})
+        if suggestion is not None:
+            space = centre_lr(space, base.optimizer, suggestion)
     space = widen(space, user)
     if points_to_evaluate is not None:
         points = points_to_evaluate
