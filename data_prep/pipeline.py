@@ -422,10 +422,11 @@ def run_prep(config: PrepConfig) -> dict:
         raise PrepInputError(f"--split official needs {celeba.PARTITION_FILE} in {config.data}")
     logger.info(f"{len(matched)} labelled images to process from {inputs.image_dir}")
 
-    ensure_ray()
-    require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
-    parallelism = compute_parallelism(config.parallelism)
-    with storage.fresh_output(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as location:
+    # The output first: an --out that exists, or that another run is writing, fails before Ray starts.
+    with storage.fresh_output(config.out, stage="prep", marker=layout.MANIFEST, overwrite=config.overwrite) as location:
+        ensure_ray()
+        require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
+        parallelism = compute_parallelism(config.parallelism)
         out = location.local
         readable, unreadable = hash_images(matched, parallelism=parallelism)
         require_some_kept(readable, len(matched), unreadable)

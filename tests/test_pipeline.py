@@ -147,7 +147,7 @@ def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
         "from gendertune.cluster.storage import atomic_output_dir\n"
-        "with atomic_output_dir(sys.argv[1], marker='manifest.json') as staging:\n"
+        "with atomic_output_dir(sys.argv[1], stage='prep', marker='manifest.json') as staging:\n"
         "    (staging / 'half.txt').write_text('half')\n"
         "    print('writing', flush=True)\n"
         "    time.sleep(120)\n"), str(final)], stdout=subprocess.PIPE, text=True)
@@ -159,7 +159,7 @@ def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
     other_host = tmp_path / ".out.partial-elsewhere"
     other_host.mkdir()
     (other_host / OWNER_FILE).write_text(f"another-host {os.getpid()}\n")
-    with atomic_output_dir(final, marker="manifest.json") as staging:
+    with atomic_output_dir(final, stage="prep", marker="manifest.json") as staging:
         (staging / "manifest.json").write_text("{}")
     assert not left[0].exists()  # its writer is dead: removed
     assert other_host.exists()  # written from another machine: not ours to judge

@@ -23,7 +23,7 @@ from torch import nn
 from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.cluster.storage import OutputLocation, output_location, write_json_atomic, write_text_atomic
+from gendertune.cluster.storage import OutputLocation, claim_folder, output_location, write_json_atomic, write_text_atomic
 from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
 from gendertune.models.registry import build_model, check_image_size, count_parameters, get_spec
 from gendertune.models.transforms import EvalPreprocess
@@ -256,7 +256,7 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dic
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in config.eval_sets]
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.TRAIN_EXPERIMENT)  # an unreachable server fails now
-    with output_location(config.out, markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
+    with output_location(config.out, stage="train", markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
         train_into(location, config)
         for eval_set in eval_sets:
             scores = evaluate_run(location.local, eval_set)
@@ -288,7 +288,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     if config.pretrained:  # the driver fetched them for its node in check_compatible
         run_on_other_nodes(fetch_hub_weights, get_spec(config.model))
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "train")
     write_text_atomic(saved, config.to_json())
     trainer = build_trainer(config, prepared, storage_path=location.storage, name=run_layout.RAY_RUN_NAME)
     try:
