@@ -130,13 +130,11 @@ def _predict_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from gendertune.cluster.storage import write_text_atomic
     from gendertune.tuning.evaluate.predict import predict
 
-    table = predict(args.model, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
+    table = predict(args.model, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate,
+                    csv_out=args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if args.out:
-        write_text_atomic(args.out, table.to_csv(index=False))
     failed = table.loc[table["error"] != "", "image"].nunique()
     if failed:
         print(f"{failed} of {table['image'].nunique()} image(s) gave no prediction; see the error column", file=sys.stderr)

@@ -4,7 +4,9 @@ inputs across the commands, each failing in seconds, before any work, leaving no
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import time
 
 import pandas as pd
@@ -67,7 +69,16 @@ def inputs(tmp_path_factory):
     }
     for name, text in configs.items():
         (root / name).write_text(text)
+    webapp = root / "webapp"  # a folder that happens to hold a manifest.json
+    (webapp / "assets").mkdir(parents=True)
+    for name in ("manifest.json", "index.html", "assets/app.js"):
+        (webapp / name).write_text(name)
     return root
+
+
+def tree_hashes(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
 
 
 TRAIN = ["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet18"]
@@ -108,6 +119,30 @@ CASES = {
     "compare: bad search space": ([*COMPARE, "--config", "{root}/bad_domain.toml"], "search.space.lr"),
     "compare: bad search constant": ([*COMPARE, "--config", "{root}/bad_constant.toml"], "hflip is a probability"),
     "predict: not a run": (["predict", "--model", "{root}/prep", "{root}/images"], "has no model.pt"),
+    # Data loss (issue 21): outputs that would replace the user's files.
+    "predict: --annotate into the photos' own folder": (["predict", "--model", "{root}/prep", "{root}/images",
+                                                         "--annotate", "{root}/images"], "--annotate would overwrite"),
+    "predict: --out is an input photo": (["predict", "--model", "{root}/prep", "{root}/images/0.jpg",
+                                          "--out", "{root}/images/0.jpg"], "is an image (or one of the inputs)"),
+    "predict: --out is a folder": (["predict", "--model", "{root}/prep", "{root}/images", "--out", "{root}/images"],
+                                   "is a folder; name the CSV file"),
+    "prep: --overwrite a folder that holds a manifest.json": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv", "--out", "{root}/webapp", "--overwrite"],
+        "not a finished gendertune prep output"),
+    "train: --out a folder of the user's files": (["train", "--data", "{root}/prep", "--out", "{root}/images"],
+                                                  "not a gendertune train output"),
+    "train: --out under a file": (["train", "--data", "{root}/prep", "--out", "{root}/labels.csv"], "is a file"),
+    "train: eval set named like a split": ([*TRAIN, "--eval-set", "test={root}/images"], "one of the run's own splits"),
+    "train: eval set named like a split, other case": ([*TRAIN, "--eval-set", "Val={root}/images"], "one of the run's own"),
+    # Broken runs (issue 21): settings that passed validation and failed, or trained NaN, later.
+    "train: NaN weight decay": ([*TRAIN, "--weight-decay", "nan"], "train.weight_decay: must be a finite number"),
+    "train: NaN warmup": ([*TRAIN, "--warmup-epochs", "nan"], "train.warmup_epochs: must be a finite number"),
+    "train: infinite grad clip": ([*TRAIN, "--grad-clip", "inf"], "train.grad_clip: must be a finite number"),
+    "train: NaN CPUs per worker": ([*TRAIN, "--cpus-per-worker", "nan"], "train.cpus_per_worker: must be a finite"),
+    "prep: negative seed": (["prep", "--data", "{root}/images", "--seed", "-1", "--out", "{out}"], "prep.seed: must be in"),
+    "prep: NaN face score": (["prep", "--data", "{root}/images", "--face-min-score", "nan", "--out", "{out}"],
+                             "prep.face_min_score: must be a finite number"),
+    "compare: NaN time budget": ([*COMPARE, "--time-budget-s", "nan"], "search.time_budget_s: must be a finite number"),
     "evaluate: not a run": (["evaluate", "--model", "{root}/prep", "--eval-set", "faces={root}/images"],
                             "is not a finished training run"),
     "leaderboard: no comparison": (["leaderboard", "{root}/prep"], "has no leaderboard.csv"),
@@ -120,6 +155,8 @@ def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_p
     monkeypatch.setenv(WEIGHTS_MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # offline, even where CI is not
     out = tmp_path / "out"
     args = [arg.format(root=inputs, out=out) for arg in template]
+    before = tree_hashes(inputs)
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     started = time.perf_counter()
     code = main(args)
     seconds = time.perf_counter() - started
@@ -129,6 +166,9 @@ def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_p
     assert expected in error, error
     assert seconds < 10, f"{case} took {seconds:.1f}s to fail"
     assert not out.exists() and not (inputs / "images" / "out").exists()
+    assert tree_hashes(inputs) == before, "the user's files changed"
+    # Checked before heavy work: run alone (pytest -m unit), no case may start Ray.
+    assert ray_was_up or not ("ray" in sys.modules and sys.modules["ray"].is_initialized()), f"{case} started Ray"
 
 
 def test_more_workers_than_the_cluster_holds_fails_in_seconds(inputs, ray_session, tmp_path, capsys):
