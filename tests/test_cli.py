@@ -69,6 +69,9 @@ def inputs(tmp_path_factory):
     }
     for name, text in configs.items():
         (root / name).write_text(text)
+    unfinished = root / "unfinished"  # a run killed after model.pt, before metrics.json
+    unfinished.mkdir()
+    (unfinished / "model.pt").write_bytes(b"half a model")
     webapp = root / "webapp"  # a folder that happens to hold a manifest.json
     (webapp / "assets").mkdir(parents=True)
     for name in ("manifest.json", "index.html", "assets/app.js"):
@@ -119,6 +122,8 @@ CASES = {
     "compare: bad search space": ([*COMPARE, "--config", "{root}/bad_domain.toml"], "search.space.lr"),
     "compare: bad search constant": ([*COMPARE, "--config", "{root}/bad_constant.toml"], "hflip is a probability"),
     "predict: not a run": (["predict", "--model", "{root}/prep", "{root}/images"], "has no model.pt"),
+    "predict: an unfinished run": (["predict", "--model", "{root}/unfinished", "{root}/images"],
+                                   "is not a finished training run (no metrics.json)"),
     # Data loss (issue 21): outputs that would replace the user's files.
     "predict: --annotate into the photos' own folder": (["predict", "--model", "{root}/prep", "{root}/images",
                                                          "--annotate", "{root}/images"], "--annotate would overwrite"),

@@ -268,3 +268,29 @@ def test_bad_inputs_fail_before_training(prepared, tmp_path, capsys):
     assert "not a readable gendertune model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     assert json.loads(TrainConfig.from_dict({"data": "d", "out": "o"}).to_json())["train"]["model"] == "resnet50"
+
+
+def test_a_run_whose_loss_turns_nan_stops_with_a_clear_error_and_predict_refuses_it(prepared, tmp_path, capsys):
+    import torchvision
+
+    weights = tmp_path / "nan.pt"
+    state = torchvision.models.resnet18(num_classes=2).state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")  # what a NaN weight decay left after one step
+    torch.save(state, weights)
+    out = tmp_path / "diverged"
+    code = main(["train", "--data", str(prepared), "--out", str(out), "--model", "resnet18", "--epochs", "1",
+                 "--batch-size", "16", "--max-failures", "0", "--weights", str(weights)])
+    error = capsys.readouterr().err
+    assert code == 1 and "training stopped: the training loss became nan" in error, error
+    assert not (out / run_layout.MODEL).exists() and not run_layout.is_complete(out)
+
+
+
+def test_a_face_scored_nan_gets_an_error_not_a_blank_label():
+    run = object.__new__(predict_module.RunModel)  # labelled() reads only the class names
+    run.class_names = ["Female", "Male"]
+    table = pd.DataFrame({"image": ["a.jpg", "b.jpg", "c.jpg"], "error": ["", "", predict_module.NO_FACE]})
+    rows = run.labelled(table, np.array([0.9, np.nan, np.nan]))
+    assert list(rows["label"]) == ["Male", "", ""]
+    assert list(rows["error"]) == ["", "the model gave no finite score", predict_module.NO_FACE]
+    assert ((rows["label"] != "") | (rows["error"] != "")).all()

@@ -47,6 +47,10 @@ class RunModel:
         path = storage.join(run_dir, run_layout.MODEL)  # a folder or an object-store URI
         if not storage.is_file(path):
             raise MissingInputError(f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder")
+        # metrics.json is written last: without it model.pt may be half-written, or a diverged run's.
+        if not storage.is_file(storage.join(run_dir, run_layout.METRICS)):
+            raise MissingInputError(f"{run_dir} is not a finished training run (no {run_layout.METRICS}); "
+                                    f"run or resume `gendertune train --out {run_dir}`")
         try:
             saved = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt files
@@ -128,6 +132,8 @@ class RunModel:
         positive = probs >= 0.5
         labels = [("" if np.isnan(p) else self.class_names[int(pos)]) for p, pos in zip(probs, positive)]
         error = table.pop("error")
+        # Every row has a label or says why not: a face the model scores NaN is an error, not a blank.
+        error = error.mask((error == "") & np.isnan(probs), "the model gave no finite score")
         return table.assign(label=labels, confidence=np.where(positive, probs, 1 - probs),
                             **{self.prob_column: probs}, error=error)
 

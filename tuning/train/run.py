@@ -32,7 +32,7 @@ from gendertune.tuning.evaluate import run_layout
 from gendertune.cluster import tracking
 from gendertune.tuning.evaluate.calibration import calibrated_probability, fit_temperature
 from gendertune.tuning.train.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
-from gendertune.tuning.train.engine import evaluate, select_precision
+from gendertune.tuning.train.engine import NonFiniteLoss, evaluate, select_precision
 from gendertune.tuning.evaluate.eval_sets import evaluate_run, load_eval_set
 from gendertune.tuning.evaluate.metrics import evaluate_predictions, most_confident_mistakes
 from gendertune.base.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
@@ -115,6 +115,17 @@ def build_trainer(
     )
 
 
+def non_finite_loss(err: ray.train.TrainingFailedError) -> NonFiniteLoss | None:
+    """The NonFiniteLoss a worker raised, if that is why the run failed: resuming would diverge
+    again, so the message must say what to change, not "re-run to resume"."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        while failure is not None:
+            if isinstance(failure, NonFiniteLoss):
+                return failure
+            failure = failure.__cause__
+    return None
+
+
 def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict]:
     """Highest val_acc; ties go to the lower val_loss (then the earlier epoch)."""
     if not result.best_checkpoints:
@@ -178,6 +189,13 @@ def evaluate_held_out_and_write(out: Path, config: TrainConfig, prepared: Prepar
     return write_run_outputs(out, config, prepared, state, best, held_out, time.perf_counter() - started)
 
 
+def save_atomic(payload: dict, path: Path) -> None:
+    """torch.save through a temporary sibling and a rename: a killed run never leaves half a model.pt."""
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+
+
 def write_run_outputs(
     out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, held_out: dict[str, dict],
     wall_seconds: float,
@@ -190,7 +208,7 @@ def write_run_outputs(
     temperature = fit_temperature(np.asarray(held_out["val"]["label"]), np.asarray(held_out["val"]["margin"]))
     history = pd.DataFrame(state["history"])
     write_text_atomic(out / run_layout.HISTORY, history.to_csv(index=False))
-    torch.save(
+    save_atomic(
         {
             "format_version": run_layout.MODEL_FORMAT_VERSION,
             "model": state["model"], "model_name": config.model, "image_size": state["image_size"],
@@ -294,6 +312,8 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
+        if (diverged := non_finite_loss(err)) is not None:
+            raise RunFailed(f"training stopped: {diverged}") from err
         raise RunFailed(
             f"training failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
             f"the checkpoints are kept in {location.storage}: re-run the same command to resume from the latest one"
