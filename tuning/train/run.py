@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
+from gendertune.cluster.ddp import torch_config
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
 from gendertune.cluster.storage import OutputLocation, claim_folder, output_location, write_json_atomic, write_text_atomic
@@ -99,6 +100,7 @@ def build_trainer(
         train_worker,
         train_loop_config={"train": config, **loop_settings(config, prepared), "run_started_at": run_started_at},
         scaling_config=scaling_config(config),
+        torch_config=torch_config(),  # a local run's DDP store on loopback only
         datasets=datasets or training_datasets(prepared, val_fraction=config.val_fraction),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=ordered_ingest()),
         run_config=ray.train.RunConfig(
