@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from collections.abc import Callable, Collection, Sequence
 
@@ -396,10 +397,30 @@ def build_parser(flags_for: Collection[str] = tuple(COMMANDS)) -> argparse.Argum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; `argv` None = this process's own command line, which ends with it."""
+    own_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     # The top level's options take no values, so the first other word is the subcommand.
     args = build_parser(flags_for=[arg for arg in argv if not arg.startswith("-")][:1]).parse_args(argv)
     print_progress_to_stdout()
+    try:
+        return _run(args)
+    finally:
+        if own_process:
+            _shut_down_ray()
+
+
+def _shut_down_ray() -> None:
+    """Ray's own atexit shutdown, done here with Ctrl-C ignored: an interrupt landing in it, after
+    the command's work was done (or it was already interrupted), crashed the process with Ray's
+    traceback or a segfault instead of the command's exit code."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ray.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     # The project's own errors are about input and settings: one line, unless --debug asks for more.
@@ -415,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gendertune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"gendertune {args.command}: interrupted. {err or 'Re-run the same command to resume.'}", file=sys.stderr)
+        # str(): a KeyboardInterrupt with no message is still a true object, so `err or ...` never chose the hint.
+        print(f"gendertune {args.command}: interrupted. {str(err) or 'Re-run the same command to resume.'}", file=sys.stderr)
         return 130
 
 

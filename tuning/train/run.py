@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,28 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+def fit_interruptibly(trainer: TorchTrainer):
+    """trainer.fit() in a helper thread. Called in the main thread, Ray Train installs its own
+    SIGINT handler, which swallows Ctrl-C (exit 1, no message); this way Ctrl-C reaches the
+    command line as KeyboardInterrupt (exit 130 and the resume hint), and the run's actors end
+    with the driver, its checkpoints kept."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the caller's thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a bounded wait, so a KeyboardInterrupt is delivered here at once
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def non_finite_loss(err: ray.train.TrainingFailedError) -> NonFiniteLoss | None:
@@ -312,7 +335,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     write_text_atomic(saved, config.to_json())
     trainer = build_trainer(config, prepared, storage_path=location.storage, name=run_layout.RAY_RUN_NAME)
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     except ray.train.TrainingFailedError as err:
         if (diverged := non_finite_loss(err)) is not None:
             raise RunFailed(f"training stopped: {diverged}") from err
