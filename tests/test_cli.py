@@ -84,6 +84,25 @@ def tree_hashes(root) -> dict[str, str]:
             if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def web_server():
+    """A plain HTTP server that is not Ray's dashboard (every path: 404)."""
+    import http.server
+    import threading
+
+    class NotRay(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):  # the error line under test is the only stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotRay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
 TRAIN = ["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet18"]
 COMPARE = ["compare", "--data", "{root}/prep", "--out", "{out}", "--models", "resnet18"]
 CASES = {
@@ -151,15 +170,21 @@ CASES = {
     "evaluate: not a run": (["evaluate", "--model", "{root}/prep", "--eval-set", "faces={root}/images"],
                             "is not a finished training run"),
     "leaderboard: no comparison": (["leaderboard", "{root}/prep"], "has no leaderboard.csv"),
+    # Cluster commands (issue 21): addresses that are not a Ray cluster.
+    "jobs: nothing listens at the address": (["jobs", "list", "--address", "http://127.0.0.1:{closed_port}"],
+                                             "no Ray cluster answers at"),
+    "jobs: a web server that is not Ray": (["jobs", "status", "x", "--address", "{web_server}"], "is not a Ray dashboard"),
+    "submit: nothing listens at the address": (["submit", "--address", "http://127.0.0.1:{closed_port}", "--", "leaderboard",
+                                                "x"], "no Ray cluster answers at"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys, monkeypatch):
+def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, web_server, tmp_path, capsys, monkeypatch):
     template, expected = CASES[case]
     monkeypatch.setenv(WEIGHTS_MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # offline, even where CI is not
     out = tmp_path / "out"
-    args = [arg.format(root=inputs, out=out) for arg in template]
+    args = [arg.format(root=inputs, out=out, closed_port=free_port(), web_server=web_server) for arg in template]
     before = tree_hashes(inputs)
     ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     started = time.perf_counter()
