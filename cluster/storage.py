@@ -200,8 +200,20 @@ def claim_folder(folder: Path, stage: str) -> None:
         write_text_atomic(folder / OUTPUT_MARKER, marker_text(stage))
 
 
+def require_writable(folder: Path) -> None:
+    """Refuse, before any work, a local output folder that could never be created or written:
+    its nearest existing ancestor must be a folder this process may write in."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputExistsError(f"{folder}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{folder}: {existing} is not writable (permissions, or a read-only file system); "
+                             "choose another --out")
+
+
 def require_ours(folder: Path, stage: str) -> None:
     """Refuse to write into an existing local folder that holds files but is not a `stage` output."""
+    require_writable(folder if folder.is_dir() else folder.parent)
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{folder} is a file, not a folder; choose another --out")
     if folder.is_dir() and any(folder.iterdir()) and output_stage(folder) != stage:
@@ -335,6 +347,7 @@ def atomic_output_dir(final: str | Path, *, stage: str, marker: str, overwrite: 
     cleanly; one writer at a time (exclusive). The staging folder holds the `stage`'s OUTPUT_MARKER
     from the start; `marker` is the file every complete output of this kind holds (check_replaceable)."""
     final = Path(final).absolute()
+    require_writable(final.parent)
     check_replaceable(final, stage=stage, marker=marker, overwrite=overwrite)
     with exclusive(final):
         check_replaceable(final, stage=stage, marker=marker, overwrite=overwrite)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from gendertune.base.errors import GendertuneError, UserInputError
 from gendertune.data_prep.celeba import ATTR_FILE, IDENTITY_FILE, IMAGE_DIR, PARTITION_FILE
 
 ATTRIBUTE_NAMES: tuple[str, ...] = (
@@ -167,6 +168,10 @@ class _Shot:
     quality: int
 
 
+class SampleExistsError(GendertuneError, FileExistsError):
+    """The sample's folder already holds files."""
+
+
 def make_sample(
     out_dir: str | Path,
     *,
@@ -189,7 +194,7 @@ def make_sample(
     _validate(n, seed, image_size, n_duplicates, n_corrupt, n_people)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"refusing to write into non-empty {out}")
+        raise SampleExistsError(f"refusing to write into {out}: it is not an empty folder; choose a new --out")
 
     layout = np.random.default_rng([seed, 0])
     # Slot 0 is never special, so every duplicate has a valid earlier original.
@@ -261,17 +266,17 @@ def make_sample(
 
 def _validate(n: int, seed: int, image_size: tuple[int, int], n_duplicates: int, n_corrupt: int, n_people: int) -> None:
     if seed < 0:
-        raise ValueError(f"seed must be >= 0 (numpy seed sequences reject negatives), got {seed}")
+        raise UserInputError(f"seed must be >= 0 (numpy seed sequences reject negatives), got {seed}")
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserInputError(f"n must be >= 1, got {n}")
     if n_duplicates < 0 or n_corrupt < 0:
-        raise ValueError("n_duplicates and n_corrupt must be >= 0")
+        raise UserInputError("n_duplicates and n_corrupt must be >= 0")
     if n_duplicates + n_corrupt > n - 1:
-        raise ValueError(f"need at least one clean image: n={n}, n_duplicates={n_duplicates}, n_corrupt={n_corrupt}")
+        raise UserInputError(f"need at least one clean image: n={n}, n_duplicates={n_duplicates}, n_corrupt={n_corrupt}")
     if not 1 <= n_people <= n - n_duplicates:
-        raise ValueError(f"people must be in [1, n - n_duplicates={n - n_duplicates}], got {n_people}")
+        raise UserInputError(f"people must be in [1, n - n_duplicates={n - n_duplicates}], got {n_people}")
     if len(image_size) != 2 or min(image_size) < 8:
-        raise ValueError(f"image_size must be (width, height) >= 8 px, got {image_size}")
+        raise UserInputError(f"image_size must be (width, height) >= 8 px, got {image_size}")
 
 
 def _name(slot: int) -> str:

@@ -410,6 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _shut_down_ray()
 
 
+def _one_line(err: Exception) -> str:
+    """The message on one line: a library's text quoted in it (a parser's, a server's) may span several."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def _shut_down_ray() -> None:
     """Ray's own atexit shutdown, done here with Ctrl-C ignored: an interrupt landing in it, after
     the command's work was done (or it was already interrupted), crashed the process with Ray's
@@ -428,12 +433,12 @@ def _run(args: argparse.Namespace) -> int:
     except StageFailed as err:
         if args.debug:
             raise
-        print(f"gendertune {args.command}: {err}", file=sys.stderr)
+        print(f"gendertune {args.command}: {_one_line(err)}", file=sys.stderr)
         return 1
     except GendertuneError as err:
         if args.debug:
             raise
-        print(f"gendertune {args.command}: error: {err}", file=sys.stderr)
+        print(f"gendertune {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         # str(): a KeyboardInterrupt with no message is still a true object, so `err or ...` never chose the hint.

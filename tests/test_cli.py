@@ -9,7 +9,11 @@ import json
 import sys
 import time
 
+import shutil
+
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -56,6 +60,31 @@ def inputs(tmp_path_factory):
     (prep / layout.MANIFEST).write_text(json.dumps({
         "format_version": layout.FORMAT_VERSION, "attribute": "Male", "class_names": ["Female", "Male"],
         "image_size": 32, "alignment": None, "splits": {"train": {"count": 2}, "test": {"count": 1}}}))
+    for split, rows in (("train", 2), ("test", 1)):  # real shards: open_prepared reads their footers
+        (prep / split).mkdir()
+        pq.write_table(pa.table({"image_id": [f"{i}.jpg" for i in range(rows)], "label": pa.array([1] * rows, pa.int8()),
+                                 "identity": [-1] * rows, "hash": ["0" * 64] * rows,
+                                 "pixels": [bytes(32 * 32 * 3)] * rows}), prep / split / "part-00000.parquet")
+    edited = root / "edited-prep"  # a manifest someone edited by hand
+    shutil.copytree(prep, edited)
+    (edited / layout.MANIFEST).write_text(json.dumps({"format_version": layout.FORMAT_VERSION, "image_size": 32}))
+    truncated = root / "truncated-prep"  # a shard cut short (a full disk, an interrupted copy)
+    shutil.copytree(prep, truncated)
+    shard = truncated / "train" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-20])
+    broken_run = root / "broken-run"  # an unfinished run of ours whose config.json was damaged
+    broken_run.mkdir()
+    (broken_run / ".gendertune-output").write_text(json.dumps({"gendertune_output": "train", "format": 1}))
+    (broken_run / "config.json").write_text('{"train": ')
+    comparison = root / "comparison"
+    comparison.mkdir()
+    (comparison / "leaderboard.csv").write_text('rank,model\n1,"resnet18\n')
+    (root / "header_only.csv").write_text("images,Male\n")
+    attributes = "3\n{names}\n0.jpg 1 1\n1.jpg -1 1{extra}\n2.jpg 1 -1\n"
+    (root / "attr_twice.txt").write_text(attributes.format(names="Male Male", extra=""))
+    (root / "attr_extra_field.txt").write_text(attributes.format(names="Male Smiling", extra=" 1"))
+    (root / "attr_latin1.txt").write_bytes(attributes.format(names="Male Souriant\xe9", extra="").encode("latin-1"))
+    (root / "latin1.toml").write_bytes("[prep]\n# r\xe9sum\xe9\nimage_size = 64\n".encode("latin-1"))
     old_prep = root / "old-prep"
     old_prep.mkdir()
     (old_prep / layout.MANIFEST).write_text(json.dumps({"format_version": 1}))
@@ -170,6 +199,31 @@ CASES = {
     "evaluate: not a run": (["evaluate", "--model", "{root}/prep", "--eval-set", "faces={root}/images"],
                             "is not a finished training run"),
     "leaderboard: no comparison": (["leaderboard", "{root}/prep"], "has no leaderboard.csv"),
+    # Input files (issue 21): each found before any image is hashed or Ray starts.
+    "prep: a label CSV with no rows": (["prep", "--data", "{root}/images", "--labels", "{root}/header_only.csv",
+                                        "--out", "{out}"], "a header and no rows"),
+    "prep: an attribute named twice": (["prep", "--data", "{root}/images", "--labels", "{root}/attr_twice.txt",
+                                        "--out", "{out}"], "names the attribute(s) Male more than once"),
+    "prep: an attribute row with an extra field": (["prep", "--data", "{root}/images", "--labels",
+                                                    "{root}/attr_extra_field.txt", "--out", "{out}"],
+                                                   "every row must be an image name and 2 values"),
+    "prep: a non-UTF-8 attribute file": (["prep", "--data", "{root}/images", "--labels", "{root}/attr_latin1.txt",
+                                          "--out", "{out}"], "not UTF-8 text"),
+    "config: not UTF-8": (["prep", "--config", "{root}/latin1.toml", "--data", "{root}/images", "--out", "{out}"],
+                          "is not UTF-8 text"),
+    "prep: --out under a file": (["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv",
+                                  "--out", "{root}/labels.csv/out"], "is a file, not a folder"),
+    "train: an edited manifest.json": (["train", "--data", "{root}/edited-prep", "--out", "{out}"],
+                                       "missing or malformed attribute, class_names, splits"),
+    "train: a truncated Parquet shard": (["train", "--data", "{root}/truncated-prep", "--out", "{out}"],
+                                         "is not a readable Parquet file"),
+    "train: --out holds a damaged config.json": (["train", "--data", "{root}/prep", "--out", "{root}/broken-run",
+                                                  "--model", "resnet18"], "config.json is not valid JSON"),
+    "make-sample: no images": (["make-sample", "--out", "{out}", "--n", "0"], "n must be >= 1"),
+    "make-sample: into a folder with files": (["make-sample", "--out", "{root}/images"], "not an empty folder"),
+    "leaderboard: a corrupt leaderboard.csv": (["leaderboard", "{root}/comparison"], "is not a readable CSV"),
+    "leaderboard: a corrupt leaderboard.csv, as html": (["leaderboard", "{root}/comparison", "--format", "html"],
+                                                        "is not a readable CSV"),
     # Cluster commands (issue 21): addresses that are not a Ray cluster.
     "jobs: nothing listens at the address": (["jobs", "list", "--address", "http://127.0.0.1:{closed_port}"],
                                              "no Ray cluster answers at"),

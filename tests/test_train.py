@@ -264,6 +264,7 @@ def test_bad_inputs_fail_before_training(prepared, tmp_path, capsys):
     corrupt = tmp_path / "corrupt-run"
     corrupt.mkdir()
     (corrupt / run_layout.MODEL).write_bytes(b"not a checkpoint")
+    (corrupt / run_layout.METRICS).write_text("{}")  # finished, as far as the marker says
     assert main(["predict", "--model", str(corrupt), str(tmp_path)]) == 2
     assert "not a readable gendertune model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from gendertune.cluster import storage
-from gendertune.base.errors import MissingInputError
+from gendertune.base.errors import MissingInputError, UserInputError
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.metrics import mcnemar_test
@@ -215,7 +215,15 @@ def read_leaderboard(out: str | Path) -> pd.DataFrame:
     path = storage.join(out, CSV)
     if not storage.is_file(path):
         raise MissingInputError(f"{out} has no {CSV}; run `gendertune compare --out {out}` first")
-    return pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False, na_values=[""])
+    try:
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{path} is not a readable CSV ({err}); re-run `gendertune compare --resume --out {out}`") from None
+    missing = [column for column in [*COLUMNS, *LAST_COLUMNS] if column not in table.columns]
+    if missing:
+        raise UserInputError(f"{path} is not a leaderboard `gendertune compare` wrote (no {', '.join(missing)}); "
+                             f"re-run `gendertune compare --resume --out {out}`")
+    return table
 
 
 def format_table(table: pd.DataFrame) -> str:

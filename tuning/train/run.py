@@ -314,6 +314,14 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dic
         return metrics
 
 
+def _read_saved_config(path: Path, run: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{run} holds an unfinished run whose {run_layout.CONFIG} is not valid JSON ({err}); "
+                             "choose another --out") from None
+
+
 def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     """run_training with the output already resolved: the driver's files go to location.local,
     Ray Train's checkpoints to location.storage (compare's retrain calls this for a model folder)."""
@@ -324,7 +332,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     if run_layout.is_complete(out):
         raise RunAlreadyComplete(f"{location.storage} already holds a finished run ({run_layout.METRICS}); choose another --out")
     saved = out / run_layout.CONFIG
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(config.to_json()):
+    if saved.is_file() and _read_saved_config(saved, location.storage) != json.loads(config.to_json()):
         raise UserInputError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
     ensure_ray()
     require_resources(workers=config.workers, cpus_per_worker=config.cpus_per_worker, gpus_per_worker=int(config.gpu))
