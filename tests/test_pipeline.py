@@ -260,3 +260,22 @@ def test_progress_counts_images_and_reports_the_end(caplog):
     every = pipeline.Progress("hash", [3, 2], every_s=0)
     every(0)
     assert caplog.messages[-1].startswith("hash: 3/5 images (60%)")
+
+
+def test_fifos_and_symlinks_out_of_the_data_folder_are_rejected_with_their_reason(synthetic_sample, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_sample.path / "img_align_celeba", data)
+    outside = tmp_path / "secret.jpg"
+    shutil.copy(next(data.glob("*.jpg")), outside)
+    os.mkfifo(data / "fifo.jpg")  # reading it would block forever
+    (data / "escape.jpg").symlink_to(outside)
+    labels = read_labels(synthetic_sample.path / "list_attr_celeba.txt", "Male")
+    extra = pd.DataFrame({"image_id": ["fifo.jpg", "escape.jpg"], "label": [1, 0]})
+    pd.concat([labels, extra]).rename(columns={"image_id": "image", "label": "Male"}).to_csv(data / "labels.csv", index=False)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "gendertune.cli", "prep", "--data", str(data), "--out", str(out),
+                             "--image-size", "32", "--align", "none"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reasons = pd.read_csv(out / layout.REJECTED).set_index("image_id")["reason"]
+    assert reasons["fifo.jpg"] == "not a regular file (a FIFO, device or socket)"
+    assert reasons["escape.jpg"] == "a symlink leading out of the data folder"
