@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gendertune.cli import main
-from gendertune.cluster.storage import OWNER_FILE, atomic_output_dir
+from gendertune.cluster.storage import OUTPUT_MARKER, OWNER_FILE, atomic_output_dir
 from gendertune.data_prep import layout, pipeline
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.errors import PrepInputError
@@ -163,7 +163,7 @@ def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
         (staging / "manifest.json").write_text("{}")
     assert not left[0].exists()  # its writer is dead: removed
     assert other_host.exists()  # written from another machine: not ours to judge
-    assert sorted(p.name for p in final.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in final.iterdir()) == [OUTPUT_MARKER, "manifest.json"]
 
 
 def test_bad_inputs_name_the_problem(synthetic_sample, tmp_path):

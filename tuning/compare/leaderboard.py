@@ -35,6 +35,9 @@ COLUMNS = [
     "best_val_acc", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c", "test_images", "best_params",
 ]
 LAST_COLUMNS = ["members", "run_dir", "error"]
+# What every leaderboard has had, old ones included (readers fill in the rest): a CSV without
+# them is not one.
+REQUIRED_COLUMNS = ["rank", "model", "status", "accuracy", "ci95_low", "ci95_high", "error"]
 
 
 def metric_columns(metrics: dict) -> dict:
@@ -219,7 +222,7 @@ def read_leaderboard(out: str | Path) -> pd.DataFrame:
         table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UserInputError(f"{path} is not a readable CSV ({err}); re-run `gendertune compare --resume --out {out}`") from None
-    missing = [column for column in [*COLUMNS, *LAST_COLUMNS] if column not in table.columns]
+    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
         raise UserInputError(f"{path} is not a leaderboard `gendertune compare` wrote (no {', '.join(missing)}); "
                              f"re-run `gendertune compare --resume --out {out}`")
