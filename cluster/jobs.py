@@ -14,16 +14,19 @@ address (an SSH or kubectl port-forward ends there) unless the user explicitly o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import logging
 import os
 import shlex
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gendertune.base.errors import MissingInputError, UserInputError
+from gendertune.base.errors import GendertuneError, MissingInputError, UnreachableError, UserInputError
 
 ADDRESS_ENV = "RAY_ADDRESS"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -100,20 +103,61 @@ def entrypoint_for(command: list[str]) -> str:
 
 
 def client(address: str):
+    """A Jobs API client that authenticates as Ray's own CLI does (`ray start`, `ray job`): with
+    RAY_AUTH_MODE unset, a token in RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token turns token auth on.
+    Any local run writes that file, and a later `ray start --head` then requires it."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    # Quietly: its "token authentication is enabled" warning is no news to the user of a cluster
+    # that requires one, and would precede every command's output or one-line error.
+    setup_logger = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+    level = setup_logger.level
+    setup_logger.setLevel(logging.ERROR)
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        setup_logger.setLevel(level)
+    with _one_line_errors(address):
+        return JobSubmissionClient(address)
+
+
+@contextlib.contextmanager
+def _one_line_errors(address: str, job_id: str | None = None) -> Iterator[None]:
+    """The Jobs API's failures as the project's one-line errors: nothing listening, not a Ray
+    dashboard, a token missing or refused, an unknown job."""
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except GendertuneError:  # already one line (an inner call's)
+        raise
+    except AuthenticationError as err:
+        raise UserInputError(
+            f"{address} requires Ray's token authentication and this token is missing or wrong ({str(err).splitlines()[0]}): "
+            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH; default ~/.ray/auth_token) to the cluster's token") from None
+    except requests.HTTPError as err:  # an HTTP server, but not Ray's dashboard
+        raise UnreachableError(f"{address} is not a Ray dashboard ({err}); check --address") from None
+    except (ConnectionError, requests.ConnectionError) as err:
+        raise UnreachableError(f"no Ray cluster answers at {address} ({err}); check --address and that the dashboard "
+                               "is reachable (port 8265, a port-forward)") from None
+    except RuntimeError as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if job_id is not None and "does not exist" in str(err):
+            raise UserInputError(f"no job {job_id} on {address}; `gendertune jobs list` shows them") from None
+        if "Jobs API is not supported" in str(err) or "Version check" in str(err):
+            raise UnreachableError(f"{address} is not a Ray dashboard ({text}); check --address") from None
+        raise
 
 
 def submit(command: list[str], *, address: str, install_dependencies: bool = True, job_id: str | None = None) -> str:
     """Submit `command` as a job; returns its id. The entrypoint takes no CPU: the work it
     starts (Ray Data, Train workers, Tune trials) requests its own resources."""
-    return client(address).submit_job(
-        entrypoint=entrypoint_for(command),
-        runtime_env=job_runtime_env(install_dependencies=install_dependencies),
-        entrypoint_num_cpus=0,
-        submission_id=job_id,
-    )
+    entrypoint, runtime_env = entrypoint_for(command), job_runtime_env(install_dependencies=install_dependencies)
+    with _one_line_errors(address):
+        return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env, entrypoint_num_cpus=0,
+                                          submission_id=job_id)
 
 
 def follow(address: str, job_id: str, *, out=sys.stdout) -> str:
@@ -125,7 +169,8 @@ def follow(address: str, job_id: str, *, out=sys.stdout) -> str:
             out.write(lines)
             out.flush()
 
-    asyncio.run(stream())
+    with _one_line_errors(address, job_id):
+        asyncio.run(stream())
     return wait(address, job_id, timeout_s=60)
 
 
@@ -134,28 +179,34 @@ def wait(address: str, job_id: str, *, timeout_s: float) -> str:
     jobs = client(address)
     deadline = time.monotonic() + timeout_s
     while True:
-        status = jobs.get_job_status(job_id)
+        with _one_line_errors(address, job_id):
+            status = jobs.get_job_status(job_id)
         if status.is_terminal() or time.monotonic() > deadline:
             return str(status.value)
         time.sleep(0.5)
 
 
 def status_line(address: str, job_id: str) -> str:
-    info = client(address).get_job_info(job_id)
+    with _one_line_errors(address, job_id):
+        info = client(address).get_job_info(job_id)
     message = f": {info.message}" if info.message else ""
     return f"{job_id} {info.status.value}{message}"
 
 
 def logs(address: str, job_id: str) -> str:
-    return client(address).get_job_logs(job_id)
+    with _one_line_errors(address, job_id):
+        return client(address).get_job_logs(job_id)
 
 
 def stop(address: str, job_id: str) -> str:
     """Ask the job to stop and wait for it to end; returns its final status."""
-    client(address).stop_job(job_id)
+    with _one_line_errors(address, job_id):
+        client(address).stop_job(job_id)
     return wait(address, job_id, timeout_s=60)
 
 
 def list_lines(address: str) -> list[str]:
-    rows = sorted(client(address).list_jobs(), key=lambda job: job.start_time or 0)
+    with _one_line_errors(address):
+        jobs = client(address).list_jobs()
+    rows = sorted(jobs, key=lambda job: job.start_time or 0)
     return [f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}" for job in rows]

@@ -104,3 +104,8 @@ def run_on_other_nodes(function: Callable[..., Any], *args: Any) -> None:
             if isinstance(err.cause, GendertuneError):
                 raise type(err.cause)(f"on node {node}: {err.cause}") from err.cause
             raise
+
+
+def is_local() -> bool:
+    """Whether this process's Ray is the loopback-only one ensure_ray starts."""
+    return ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")

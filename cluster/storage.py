@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -46,10 +47,18 @@ from gendertune.base.errors import GendertuneError, MissingInputError, UserInput
 OWNER_FILE = ".owner"
 IN_PROGRESS = ".gendertune-incomplete"
 FETCHED_SUFFIXES = (".json", ".csv")
+# "Is this folder ours?" is answered by this file, holding our JSON, never by a common file name
+# (a web app has a manifest.json too): replacing or resuming into a folder requires it.
+OUTPUT_MARKER = ".gendertune-output"
+OUTPUT_MARKER_FORMAT = 1
 
 
 class OutputExistsError(GendertuneError, FileExistsError):
     """The output path already holds a result and the user did not ask to replace it."""
+
+
+class OutputBusyError(UserInputError):
+    """Another gendertune run is writing the same output right now."""
 
 
 class StorageURIError(UserInputError):
@@ -167,6 +176,79 @@ def upload_tree(local: Path, location: str, *, markers: Collection[str]) -> None
             stream.write((local / relative).read_bytes())
 
 
+def marker_text(stage: str) -> str:
+    return json.dumps({"gendertune_output": stage, "format": OUTPUT_MARKER_FORMAT}) + "\n"
+
+
+def output_stage(folder: str | Path) -> str | None:
+    """The stage that wrote the local folder `folder` according to its OUTPUT_MARKER, or None when
+    it has no marker of ours (a folder of the user's own files)."""
+    try:
+        marker = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != OUTPUT_MARKER_FORMAT:
+        return None
+    stage = marker.get("gendertune_output")
+    return stage if isinstance(stage, str) else None
+
+
+def claim_folder(folder: Path, stage: str) -> None:
+    """Create the local output folder `folder` (if needed) and mark it as the `stage`'s output."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if output_stage(folder) != stage:
+        write_text_atomic(folder / OUTPUT_MARKER, marker_text(stage))
+
+
+def require_writable(folder: Path) -> None:
+    """Refuse, before any work, a local output folder that could never be created or written:
+    its nearest existing ancestor must be a folder this process may write in."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputExistsError(f"{folder}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{folder}: {existing} is not writable (permissions, or a read-only file system); "
+                             "choose another --out")
+
+
+def require_ours(folder: Path, stage: str) -> None:
+    """Refuse to write into an existing local folder that holds files but is not a `stage` output."""
+    require_writable(folder if folder.is_dir() else folder.parent)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder} is a file, not a folder; choose another --out")
+    if folder.is_dir() and any(folder.iterdir()) and output_stage(folder) != stage:
+        raise OutputExistsError(f"{folder} holds files and is not a gendertune {stage} output (no {OUTPUT_MARKER}); "
+                                "refusing to write into it — choose another --out")
+
+
+@contextlib.contextmanager
+def exclusive(final: Path) -> Iterator[None]:
+    """Refuse a second writer of the local output `final` while this block runs: an flock on the
+    sibling `.NAME.lock`, which the kernel releases when its holder dies, however it dies."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = final.parent / f".{final.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError(f"{final} is being written by another gendertune run (lock {path}); "
+                                  "wait for it to finish or choose another --out") from None
+        # The holder unlinks the file as it finishes; a lock on that unlinked file guards nothing.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputLocation:
     """Where a stage writes: `local` for its own files, `storage` for Ray Train/Tune and for what
@@ -180,13 +262,19 @@ class OutputLocation:
 
 
 @contextlib.contextmanager
-def output_location(out: str, *, markers: Collection[str], ray_dirs: Collection[str] = ()) -> Iterator[OutputLocation]:
+def output_location(out: str, *, stage: str, markers: Collection[str],
+                    ray_dirs: Collection[str] = ()) -> Iterator[OutputLocation]:
     """A folder the stage adds to (a resume finds what an earlier run wrote): a local folder as
-    is; a URI through a local working folder that is uploaded at the end, `markers` (the stage's
-    completion files) last. `ray_dirs` are the folders Ray writes to the URI itself, not fetched."""
+    is, if it is empty or the `stage`'s own (the stage marks it with claim_folder when it starts
+    writing), and only one run at a time; a URI through a local working folder that is uploaded at
+    the end, `markers` (the stage's completion files) last. `ray_dirs` are the folders Ray writes
+    to the URI itself, not fetched."""
     out = absolute(out)
     if not is_uri(out):
-        yield OutputLocation(local=Path(out), storage=out)
+        require_ours(Path(out), stage)
+        with exclusive(Path(out)):
+            require_ours(Path(out), stage)  # what it holds now that no one else writes it
+            yield OutputLocation(local=Path(out), storage=out)
         return
     workdir = Path(tempfile.mkdtemp(prefix="gendertune-out-"))
     try:
@@ -200,7 +288,7 @@ def output_location(out: str, *, markers: Collection[str], ray_dirs: Collection[
 
 
 @contextlib.contextmanager
-def fresh_output(out: str, *, marker: str, overwrite: bool = False) -> Iterator[OutputLocation]:
+def fresh_output(out: str, *, stage: str, marker: str, overwrite: bool = False) -> Iterator[OutputLocation]:
     """A new output that appears complete or not at all, `marker` being a file every complete
     output of this kind contains (see atomic_output_dir). A folder is atomic_output_dir's staging
     folder. An object store has no rename, so for a URI an in-progress object goes first, the
@@ -209,18 +297,19 @@ def fresh_output(out: str, *, marker: str, overwrite: bool = False) -> Iterator[
     a finished output (overwrite) deletes it first: there is no moment-of-swap on an object store."""
     out = absolute(out)
     if not is_uri(out):
-        with atomic_output_dir(out, marker=marker, overwrite=overwrite) as staging:
+        with atomic_output_dir(out, stage=stage, marker=marker, overwrite=overwrite) as staging:
             yield OutputLocation(local=staging, storage=str(staging))
         return
     existing = list_files(out)
     if existing:
         if marker in existing and not overwrite:
             raise OutputExistsError(f"{out} already holds a result; choose another --out or pass --overwrite to replace it")
-        if marker not in existing and IN_PROGRESS not in existing:
-            raise OutputExistsError(f"{out} holds other objects and is not a gendertune output (no {marker}); "
-                                    "refusing to replace it — choose another --out")
+        if OUTPUT_MARKER not in existing or _uri_stage(out) != stage:
+            raise OutputExistsError(f"{out} holds other objects and is not a gendertune {stage} output (no "
+                                    f"{OUTPUT_MARKER}); refusing to replace it — choose another --out")
         delete_tree(out)  # a finished output being replaced, or an interrupted run of ours
     write_bytes(join(out, IN_PROGRESS), b"")
+    write_bytes(join(out, OUTPUT_MARKER), marker_text(stage).encode())
     workdir = Path(tempfile.mkdtemp(prefix="gendertune-out-"))
     try:
         yield OutputLocation(local=workdir, storage=out)
@@ -231,31 +320,50 @@ def fresh_output(out: str, *, marker: str, overwrite: bool = False) -> Iterator[
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(final: str | Path, *, marker: str, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh staging directory that becomes the local folder `final` when the block exits cleanly.
+def _uri_stage(out: str) -> str | None:
+    try:
+        marker = json.loads(read_text(join(out, OUTPUT_MARKER)))
+    except (OSError, ValueError):
+        return None
+    return marker.get("gendertune_output") if isinstance(marker, dict) and marker.get("format") == OUTPUT_MARKER_FORMAT else None
 
-    `marker` is a file every complete output of this kind contains: `overwrite` replaces only a
-    directory holding it, so a mistyped --out can never delete a folder of the user's own data.
-    """
+
+def check_replaceable(final: Path, *, stage: str, marker: str, overwrite: bool) -> None:
+    """Raise unless the local folder `final` may become a new `stage` output: it does not exist,
+    or --overwrite was given and it is a finished output of that stage (its OUTPUT_MARKER and its
+    completion `marker`), so a mistyped --out can never delete a folder of the user's own data."""
+    if not final.exists():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{final} already exists; choose another --out or pass --overwrite to replace it")
+    if output_stage(final) != stage or not (final / marker).is_file():
+        raise OutputExistsError(f"{final} exists and is not a finished gendertune {stage} output (no {OUTPUT_MARKER}"
+                                f" or no {marker}); refusing to replace it — choose another --out")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | Path, *, stage: str, marker: str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh staging directory that becomes the local folder `final` when the block exits
+    cleanly; one writer at a time (exclusive). The staging folder holds the `stage`'s OUTPUT_MARKER
+    from the start; `marker` is the file every complete output of this kind holds (check_replaceable)."""
     final = Path(final).absolute()
-    if final.exists():
-        if not overwrite:
-            raise OutputExistsError(
-                f"{final} already exists; choose another --out or pass --overwrite to replace it"
-            )
-        if not (final / marker).is_file():
-            raise OutputExistsError(
-                f"{final} exists and is not a gendertune output (no {marker}); "
-                "refusing to replace it — choose another --out"
-            )
-    final.parent.mkdir(parents=True, exist_ok=True)
+    require_writable(final.parent)
+    check_replaceable(final, stage=stage, marker=marker, overwrite=overwrite)
+    with exclusive(final):
+        check_replaceable(final, stage=stage, marker=marker, overwrite=overwrite)
+        with _staged(final, stage) as staging:
+            yield staging
+
+
+@contextlib.contextmanager
+def _staged(final: Path, stage: str) -> Iterator[Path]:
     remove_abandoned_staging(final)
     staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     # Who is writing it: a run killed too hard to clean up (SIGKILL, a lost node) leaves the folder
     # behind, and the next run removes it once this process is gone.
     (staging / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    (staging / OUTPUT_MARKER).write_text(marker_text(stage))
     try:
         yield staging
     except BaseException:

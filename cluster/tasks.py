@@ -30,9 +30,20 @@ def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int,
         while running:
             _finish_one(running, results, on_done)
     finally:
-        for ref in running:  # only after an error: no task may keep writing into a removed folder
-            ray.cancel(ref)
+        _cancel_and_wait(list(running))  # only after an error (or Ctrl-C)
     return results
+
+
+def _cancel_and_wait(refs: list) -> None:
+    """Cancel the tasks still running and wait until each has ended: the caller removes the folder
+    they write into next, and a task still running would re-create it, with no owner to clean it."""
+    for ref in refs:
+        ray.cancel(ref)
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except Exception:  # cancelled, or failed on its own: either way it has stopped writing
+            pass
 
 
 def _finish_one(running: dict, results: list, on_done: Callable[[int], None] | None) -> None:

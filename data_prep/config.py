@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from gendertune.base.config import ConfigError, StageConfig, setting
+from gendertune.base.config import SEED_BOUNDS, ConfigError, StageConfig, setting
 from gendertune.data_prep.faces import AlignSettings, Detector, Landmarks
 
 
@@ -22,18 +22,19 @@ class PrepConfig(StageConfig):
     image_column: str | None = setting(None, help="CSV column with image names, CSV labels only; unset = auto-detected")
     split: Literal["random", "official", "identity"] = setting("random", help="split method")
     ratios: tuple[float, ...] = setting((0.8, 0.2), help="split ratios: 2 = train,test, 3 = train,val,test")
-    image_size: int = setting(128, help="square output side in px")
-    seed: int = setting(0, help="split seed")
+    image_size: int = setting(128, help="square output side in px", bounds="[16, 1024]")
+    seed: int = setting(0, help="split seed", bounds=SEED_BOUNDS)
     overwrite: bool = setting(False, help="replace an existing prep output")
     # Large enough to amortise Ray's per-task scheduling.
-    rows_per_task: int = setting(256, help="most images per Ray task", flag=False)
-    parallelism: int = setting(0, help="concurrent decode tasks; 0 = one per CPU Ray can see")
+    rows_per_task: int = setting(256, help="most images per Ray task", flag=False, bounds="[1, inf)")
+    parallelism: int = setting(0, help="concurrent decode tasks; 0 = one per CPU Ray can see", bounds="[0, inf)")
     # Face alignment (gendertune.data_prep.faces): detect, find landmarks, warp onto one template.
     align: Literal["faces", "none"] = setting(
         "faces", help="faces = detect each face and align it by its landmarks; none = centre square")
     no_face: Literal["keep", "reject"] = setting(
         "keep", help="an image with no face found: keep its centre square, or reject it")
-    face_zoom: float = setting(1.0, help="aligned framing: 1 = CelebA's (face, hair, chin), > 1 tighter, < 1 looser")
+    face_zoom: float = setting(1.0, help="aligned framing: 1 = CelebA's (face, hair, chin), > 1 tighter, < 1 looser",
+                              bounds="[0.5, 3]")
     # hog+upsample: on 300 images each of CelebA and UTKFace it found a third to a half of the faces
     # HOG missed for 1.15x HOG's time; the CNN finds the rest at 2-3x (README: Face alignment).
     detector: Detector = setting(
@@ -43,9 +44,10 @@ class PrepConfig(StageConfig):
     landmarks: Landmarks = setting(
         "5", help="landmark model: 5 = dlib's 5-point (eye corners, nose base; public domain), "
                   "68 = dlib's 68-point (iBUG 300-W: NOT for commercial use)")
-    detect_max_side: int = setting(1024, help="detect faces on photos downscaled to this side")
+    detect_max_side: int = setting(1024, help="detect faces on photos downscaled to this side",
+                                   bounds="[160, inf)")
     # Between the scores of HOG's false positives (clothing, texture) and of real faces (README: Face alignment).
-    face_min_score: float = setting(0.2, help="ignore HOG detections scoring below this")
+    face_min_score: float = setting(0.2, help="ignore HOG detections scoring below this", bounds="[0, inf)")
 
     def validate(self) -> None:
         if not self.data:
@@ -62,17 +64,6 @@ class PrepConfig(StageConfig):
                     f"prep.ratios: each ratio must be > 0 and they must sum to 1, got {list(self.ratios)} "
                     f"(sum {sum(self.ratios):g})"
                 )
-        if not 16 <= self.image_size <= 1024:
-            raise ConfigError(f"prep.image_size: must be between 16 and 1024 px, got {self.image_size}")
-        if self.rows_per_task < 1:
-            raise ConfigError("prep.rows_per_task: must be >= 1")
-        if self.parallelism < 0:
-            raise ConfigError("prep.parallelism: must be >= 0 (0 = automatic)")
-        if not 0.5 <= self.face_zoom <= 3.0:
-            raise ConfigError(f"prep.face_zoom: must be between 0.5 and 3, got {self.face_zoom}")
-        if self.detect_max_side < 160:
-            raise ConfigError(f"prep.detect_max_side: must be >= 160 px (HOG finds faces of 80 px and more), "
-                              f"got {self.detect_max_side}")
 
     def align_settings(self) -> AlignSettings | None:
         """The alignment every chip of this prep gets, or None for --align none."""

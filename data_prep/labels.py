@@ -61,12 +61,20 @@ def _to_binary(values: pd.Series, path: Path, attribute: str) -> pd.Series:
     return (numeric == 1).astype("int8")
 
 
+def _head(path: Path, lines: int) -> list[str]:
+    """A label file's first lines as UTF-8 text, a byte-order mark skipped (editors on Windows write one)."""
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            return [handle.readline() for _ in range(lines)]
+    except UnicodeDecodeError as err:
+        raise PrepInputError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
+
+
 def read_celeba_attributes(path: str | Path, attribute: str) -> pd.DataFrame:
     """Parse the official attribute file; return columns `image_id`, `label`."""
     path = Path(path)
-    with path.open() as handle:
-        count_line = handle.readline().strip()
-        names = handle.readline().split()
+    count_line, names_line = _head(path, 2)
+    count_line, names = count_line.strip(), names_line.split()
     if not count_line.isdigit() or not names:
         raise PrepInputError(
             f"{path}: not in CelebA list_attr format (line 1 must be the image count, "
@@ -76,11 +84,19 @@ def read_celeba_attributes(path: str | Path, attribute: str) -> pd.DataFrame:
         raise PrepInputError(
             f"{path}: no attribute {attribute!r}; available: {', '.join(names)}"
         )
-    # Rows have one more field than the header (the image id), and single or double spaces.
-    table = pd.read_csv(
-        path, sep=r"\s+", skiprows=2, header=None, names=["image_id", *names],
-        usecols=["image_id", attribute], dtype={"image_id": str}, engine="c",
-    )
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise PrepInputError(f"{path}: line 2 names the attribute(s) {', '.join(twice)} more than once")
+    # Rows have one more field than the header (the image id), and single or double spaces. Every
+    # row is checked here, not only the attribute's column: the other columns become slices later.
+    try:
+        table = pd.read_csv(path, sep=r"\s+", skiprows=2, header=None, names=["image_id", *names],
+                            dtype=str, engine="c", encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise PrepInputError(f"{path}: every row must be an image name and {len(names)} values ({err})") from None
+    short = table[names].isna().any(axis=1)
+    if short.any():
+        raise PrepInputError(f"{path}: row {int(short.to_numpy().argmax()) + 3} has fewer than {len(names)} values")
     if len(table) != int(count_line):
         raise PrepInputError(
             f"{path}: line 1 says {count_line} images but {len(table)} rows follow; "
@@ -94,9 +110,11 @@ def read_label_csv(path: str | Path, attribute: str, image_column: str | None = 
     """Parse a CSV of image names and one 0/1 or -1/1 attribute column."""
     path = Path(path)
     try:
-        table = pd.read_csv(path, dtype=str, skipinitialspace=True)
+        table = pd.read_csv(path, dtype=str, skipinitialspace=True, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise PrepInputError(f"{path}: not a readable CSV file ({err})") from err
+    if table.empty:
+        raise PrepInputError(f"{path}: a header and no rows; the file lists no images")
     columns = list(table.columns)
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMN_CANDIDATES if c in columns), None)
@@ -122,9 +140,7 @@ def read_labels(path: str | Path, attribute: str, image_column: str | None = Non
     path = Path(path)
     if not path.is_file():
         raise PrepInputError(f"label file {path} does not exist; pass --labels FILE")
-    with path.open(errors="replace") as handle:
-        first = handle.readline().strip()
-    if first.isdigit():
+    if _head(path, 1)[0].strip().isdigit():
         return read_celeba_attributes(path, attribute)
     return read_label_csv(path, attribute, image_column)
 
@@ -160,15 +176,13 @@ def read_slice_columns(path: str | Path, attribute: str, image_column: str | Non
     evaluated per (CelebA's other attributes as yes/no, a CSV's own columns such as age or race).
     Call after `read_labels` accepted the file."""
     path = Path(path)
-    with path.open(errors="replace") as handle:
-        first = handle.readline().strip()
-    if first.isdigit():
-        table = pd.read_csv(path, sep=r"\s+", skiprows=2, header=None, dtype=str, engine="c")
-        names = pd.read_csv(path, sep=r"\s+", skiprows=1, nrows=0).columns.tolist()
+    if _head(path, 1)[0].strip().isdigit():
+        table = pd.read_csv(path, sep=r"\s+", skiprows=2, header=None, dtype=str, engine="c", encoding="utf-8-sig")
+        names = pd.read_csv(path, sep=r"\s+", skiprows=1, nrows=0, encoding="utf-8-sig").columns.tolist()
         table.columns = ["image_id", *names]
         others = [n for n in names if n != attribute]
         return table[["image_id", *others]].replace({"1": "yes", "-1": "no"})
-    table = pd.read_csv(path, dtype=str, skipinitialspace=True)
+    table = pd.read_csv(path, dtype=str, skipinitialspace=True, encoding="utf-8-sig")
     image_column = image_column or next(c for c in IMAGE_COLUMN_CANDIDATES if c in table.columns)
     others = [c for c in table.columns if c not in (image_column, attribute)]
     return pd.DataFrame({"image_id": table[image_column].str.strip(), **{c: table[c].str.strip() for c in others}})

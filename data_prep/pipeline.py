@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,21 +128,41 @@ SHARD_SCHEMA = pa.schema([
 ])
 # A decode task holds its chunk's pixels until it writes them; this caps that at large image sizes.
 MAX_TASK_PIXEL_BYTES = 256 * 2**20
+# A photo larger than this is no face image (a 50-megapixel JPEG is ~25 MiB); reading it whole
+# into a task would only risk the worker's memory.
+MAX_IMAGE_BYTES = 64 * 2**20
 
 
 def read_error(err: OSError) -> str:
     return f"unreadable file: {err.strerror or err}"
 
 
-def hash_chunk(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+def refusal(path: str, image_dir: str) -> str:
+    """Why `path` must not be read at all ("" when it may): reading a FIFO blocks forever, a
+    device or a huge file has no image worth the memory, and a symlink out of the data folder is
+    the `../` escape the label files are checked for."""
+    info = os.stat(path)  # follows a symlink: what would be read
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a FIFO, device or socket)"
+    if info.st_size > MAX_IMAGE_BYTES:
+        return f"larger than {MAX_IMAGE_BYTES // 2**20} MiB ({info.st_size / 2**20:.0f} MiB)"
+    if os.path.islink(path) and not os.path.realpath(path).startswith(os.path.realpath(image_dir) + os.sep):
+        return "a symlink leading out of the data folder"
+    return ""
+
+
+def hash_chunk(paths: Sequence[str], image_dir: str) -> tuple[list[str], list[str]]:
     """Ray task body of pass 1: each file's SHA-256 and "", or "" and why it could not be read."""
     hashes, errors = [], []
     for path in paths:
         try:
-            data = Path(path).read_bytes()
+            refused = refusal(path, image_dir)
+            data = b"" if refused else Path(path).read_bytes()
         except OSError as err:
+            refused = read_error(err)
+        if refused:
             hashes.append("")
-            errors.append(read_error(err))
+            errors.append(refused)
             continue
         hashes.append(sha256_hex(data))
         errors.append("")
@@ -237,13 +258,13 @@ def chunk_bounds(n: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def hash_images(matched: pd.DataFrame, *, parallelism: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hash_images(matched: pd.DataFrame, image_dir: Path, *, parallelism: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pass 1: `matched` with a hash column for the readable files, and (image_id, reason) for the rest.
 
     Two chunks per core: hashing is cheap, so one task's start-up is worth a big chunk."""
     paths = matched["path"].tolist()
     bounds = chunk_bounds(len(paths), -(-len(paths) // (2 * parallelism)))
-    results = run_tasks(hash_chunk, [(paths[a:b],) for a, b in bounds], parallelism=parallelism,
+    results = run_tasks(hash_chunk, [(paths[a:b], str(image_dir)) for a, b in bounds], parallelism=parallelism,
                         on_done=Progress("hash", [b - a for a, b in bounds]))
     hashes = np.array([h for chunk_hashes, _ in results for h in chunk_hashes], dtype=object)
     errors = np.array([e for _, chunk_errors in results for e in chunk_errors], dtype=object)
@@ -423,12 +444,13 @@ def run_prep(config: PrepConfig) -> dict:
         raise PrepInputError(f"--split official needs {celeba.PARTITION_FILE} in {config.data}")
     logger.info(f"{len(matched)} labelled images to process from {inputs.image_dir}")
 
-    ensure_ray()
-    require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
-    parallelism = compute_parallelism(config.parallelism)
-    with storage.fresh_output(config.out, marker=layout.MANIFEST, overwrite=config.overwrite) as location:
+    # The output first: an --out that exists, or that another run is writing, fails before Ray starts.
+    with storage.fresh_output(config.out, stage="prep", marker=layout.MANIFEST, overwrite=config.overwrite) as location:
+        ensure_ray()
+        require_shared(reads=[str(inputs.image_dir)], writes=[config.out])
+        parallelism = compute_parallelism(config.parallelism)
         out = location.local
-        readable, unreadable = hash_images(matched, parallelism=parallelism)
+        readable, unreadable = hash_images(matched, inputs.image_dir, parallelism=parallelism)
         require_some_kept(readable, len(matched), unreadable)
         kept, duplicates = find_duplicates(readable)
         kept["split"] = assign_splits(

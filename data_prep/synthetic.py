@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from gendertune.base.errors import UserInputError
+from gendertune.base.errors import GendertuneError, UserInputError
 from gendertune.data_prep.celeba import ATTR_FILE, IDENTITY_FILE, IMAGE_DIR, PARTITION_FILE
 
 ATTRIBUTE_NAMES: tuple[str, ...] = (
@@ -168,6 +168,10 @@ class _Shot:
     quality: int
 
 
+class SampleExistsError(GendertuneError, FileExistsError):
+    """The sample's folder already holds files."""
+
+
 def make_sample(
     out_dir: str | Path,
     *,
@@ -190,7 +194,7 @@ def make_sample(
     _validate(n, seed, image_size, n_duplicates, n_corrupt, n_people)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"refusing to write into non-empty {out}")
+        raise SampleExistsError(f"refusing to write into {out}: it is not an empty folder; choose a new --out")
 
     layout = np.random.default_rng([seed, 0])
     # Slot 0 is never special, so every duplicate has a valid earlier original.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from collections.abc import Callable, Collection, Sequence
 
@@ -149,13 +150,11 @@ def _predict_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from gendertune.cluster.storage import write_text_atomic
     from gendertune.tuning.evaluate.predict import predict
 
-    table = predict(args.run, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate)
+    table = predict(args.run, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate,
+                    csv_out=args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if args.out:
-        write_text_atomic(args.out, table.to_csv(index=False))
     failed = table.loc[table["error"] != "", "image"].nunique()
     if failed:
         print(f"{failed} of {table['image'].nunique()} image(s) gave no prediction; see the error column", file=sys.stderr)
@@ -442,10 +441,35 @@ def build_parser(flags_for: Collection[str] = tuple(COMMANDS)) -> argparse.Argum
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; `argv` None = this process's own command line, which ends with it."""
+    own_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     # The top level's options take no values, so the first other word is the subcommand.
     args = build_parser(flags_for=[arg for arg in argv if not arg.startswith("-")][:1]).parse_args(argv)
     print_progress_to_stdout()
+    try:
+        return _run(args)
+    finally:
+        if own_process:
+            _shut_down_ray()
+
+
+def _one_line(err: Exception) -> str:
+    """The message on one line: a library's text quoted in it (a parser's, a server's) may span several."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _shut_down_ray() -> None:
+    """Ray's own atexit shutdown, done here with Ctrl-C ignored: an interrupt landing in it, after
+    the command's work was done (or it was already interrupted), crashed the process with Ray's
+    traceback or a segfault instead of the command's exit code."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ray.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     # The project's own errors are about input and settings: one line, unless --debug asks for more.
@@ -453,15 +477,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StageFailed as err:
         if args.debug:
             raise
-        print(f"gendertune {args.command}: {err}", file=sys.stderr)
+        print(f"gendertune {args.command}: {_one_line(err)}", file=sys.stderr)
         return 1
     except GendertuneError as err:
         if args.debug:
             raise
-        print(f"gendertune {args.command}: error: {err}", file=sys.stderr)
+        print(f"gendertune {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"gendertune {args.command}: interrupted. {err or 'Re-run the same command to resume.'}", file=sys.stderr)
+        # str(): a KeyboardInterrupt with no message is still a true object, so `err or ...` never chose the hint.
+        print(f"gendertune {args.command}: interrupted. {str(err) or 'Re-run the same command to resume.'}", file=sys.stderr)
         return 130
 
 

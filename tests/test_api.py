@@ -52,7 +52,7 @@ def test_every_public_name_resolves():
 
 
 def test_configs_validate_when_constructed():
-    with pytest.raises(ConfigError, match="train.epochs: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"train.epochs: must be in \[1, inf\), got -3"):
         gendertune.TrainConfig(data="prep", out="run", epochs=-3)
     with pytest.raises(ConfigError, match="train.lr: expected a number, got 'abc'"):
         gendertune.TrainConfig(data="prep", out="run", lr="abc")

@@ -4,10 +4,16 @@ inputs across the commands, each failing in seconds, before any work, leaving no
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import time
 
+import shutil
+
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -54,6 +60,31 @@ def inputs(tmp_path_factory):
     (prep / layout.MANIFEST).write_text(json.dumps({
         "format_version": layout.FORMAT_VERSION, "attribute": "Male", "class_names": ["Female", "Male"],
         "image_size": 32, "alignment": None, "splits": {"train": {"count": 2}, "test": {"count": 1}}}))
+    for split, rows in (("train", 2), ("test", 1)):  # real shards: open_prepared reads their footers
+        (prep / split).mkdir()
+        pq.write_table(pa.table({"image_id": [f"{i}.jpg" for i in range(rows)], "label": pa.array([1] * rows, pa.int8()),
+                                 "identity": [-1] * rows, "hash": ["0" * 64] * rows,
+                                 "pixels": [bytes(32 * 32 * 3)] * rows}), prep / split / "part-00000.parquet")
+    edited = root / "edited-prep"  # a manifest someone edited by hand
+    shutil.copytree(prep, edited)
+    (edited / layout.MANIFEST).write_text(json.dumps({"format_version": layout.FORMAT_VERSION, "image_size": 32}))
+    truncated = root / "truncated-prep"  # a shard cut short (a full disk, an interrupted copy)
+    shutil.copytree(prep, truncated)
+    shard = truncated / "train" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-20])
+    broken_run = root / "broken-run"  # an unfinished run of ours whose config.json was damaged
+    broken_run.mkdir()
+    (broken_run / ".gendertune-output").write_text(json.dumps({"gendertune_output": "train", "format": 1}))
+    (broken_run / "config.json").write_text('{"train": ')
+    comparison = root / "comparison"
+    comparison.mkdir()
+    (comparison / "leaderboard.csv").write_text('rank,model\n1,"resnet18\n')
+    (root / "header_only.csv").write_text("images,Male\n")
+    attributes = "3\n{names}\n0.jpg 1 1\n1.jpg -1 1{extra}\n2.jpg 1 -1\n"
+    (root / "attr_twice.txt").write_text(attributes.format(names="Male Male", extra=""))
+    (root / "attr_extra_field.txt").write_text(attributes.format(names="Male Smiling", extra=" 1"))
+    (root / "attr_latin1.txt").write_bytes(attributes.format(names="Male Souriant\xe9", extra="").encode("latin-1"))
+    (root / "latin1.toml").write_bytes("[prep]\n# r\xe9sum\xe9\nimage_size = 64\n".encode("latin-1"))
     old_prep = root / "old-prep"
     old_prep.mkdir()
     (old_prep / layout.MANIFEST).write_text(json.dumps({"format_version": 1}))
@@ -67,7 +98,38 @@ def inputs(tmp_path_factory):
     }
     for name, text in configs.items():
         (root / name).write_text(text)
+    unfinished = root / "unfinished"  # a run killed after model.pt, before metrics.json
+    unfinished.mkdir()
+    (unfinished / "model.pt").write_bytes(b"half a model")
+    webapp = root / "webapp"  # a folder that happens to hold a manifest.json
+    (webapp / "assets").mkdir(parents=True)
+    for name in ("manifest.json", "index.html", "assets/app.js"):
+        (webapp / name).write_text(name)
     return root
+
+
+def tree_hashes(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def web_server():
+    """A plain HTTP server that is not Ray's dashboard (every path: 404)."""
+    import http.server
+    import threading
+
+    class NotRay(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):  # the error line under test is the only stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotRay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
 
 
 TRAIN = ["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet18"]
@@ -110,18 +172,77 @@ CASES = {
     "train: image too small for the model": ([*TRAIN[:-1], "vgg19", "--image-size", "16"], "too small for vgg19"),
     "make-sample: too few images": (["make-sample", "--n", "3", "--out", "{out}"], "n=3 is too small"),
     "predict: not a run": (["predict", "--run", "{root}/prep", "{root}/images"], "has no model.pt"),
+    "predict: an unfinished run": (["predict", "--run", "{root}/unfinished", "{root}/images"],
+                                   "is not a finished training run (no metrics.json)"),
+    # Data loss (issue 21): outputs that would replace the user's files.
+    "predict: --annotate into the photos' own folder": (["predict", "--run", "{root}/prep", "{root}/images",
+                                                         "--annotate", "{root}/images"], "--annotate would overwrite"),
+    "predict: --out is an input photo": (["predict", "--run", "{root}/prep", "{root}/images/0.jpg",
+                                          "--out", "{root}/images/0.jpg"], "is an image (or one of the inputs)"),
+    "predict: --out is a folder": (["predict", "--run", "{root}/prep", "{root}/images", "--out", "{root}/images"],
+                                   "is a folder; name the CSV file"),
+    "prep: --overwrite a folder that holds a manifest.json": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv", "--out", "{root}/webapp", "--overwrite"],
+        "not a finished gendertune prep output"),
+    "train: --out a folder of the user's files": (["train", "--data", "{root}/prep", "--out", "{root}/images"],
+                                                  "not a gendertune train output"),
+    "train: --out under a file": (["train", "--data", "{root}/prep", "--out", "{root}/labels.csv"], "is a file"),
+    "train: eval set named like a split": ([*TRAIN, "--eval-set", "test={root}/images"], "one of the run's own splits"),
+    "train: eval set named like a split, other case": ([*TRAIN, "--eval-set", "Val={root}/images"], "one of the run's own"),
+    # Broken runs (issue 21): settings that passed validation and failed, or trained NaN, later.
+    "train: NaN weight decay": ([*TRAIN, "--weight-decay", "nan"], "train.weight_decay: must be a finite number"),
+    "train: NaN warmup": ([*TRAIN, "--warmup-epochs", "nan"], "train.warmup_epochs: must be a finite number"),
+    "train: infinite grad clip": ([*TRAIN, "--grad-clip", "inf"], "train.grad_clip: must be a finite number"),
+    "train: NaN CPUs per worker": ([*TRAIN, "--cpus-per-worker", "nan"], "train.cpus_per_worker: must be a finite"),
+    "prep: negative seed": (["prep", "--data", "{root}/images", "--seed", "-1", "--out", "{out}"], "prep.seed: must be in"),
+    "prep: NaN face score": (["prep", "--data", "{root}/images", "--face-min-score", "nan", "--out", "{out}"],
+                             "prep.face_min_score: must be a finite number"),
+    "compare: NaN time budget": ([*COMPARE, "--time-budget-s", "nan"], "search.time_budget_s: must be a finite number"),
     "evaluate: not a run": (["evaluate", "--run", "{root}/prep", "--eval-set", "faces={root}/images"],
                             "is not a finished training run"),
     "leaderboard: no comparison": (["leaderboard", "{root}/prep"], "has no leaderboard.csv"),
+    # Input files (issue 21): each found before any image is hashed or Ray starts.
+    "prep: a label CSV with no rows": (["prep", "--data", "{root}/images", "--labels", "{root}/header_only.csv",
+                                        "--out", "{out}"], "a header and no rows"),
+    "prep: an attribute named twice": (["prep", "--data", "{root}/images", "--labels", "{root}/attr_twice.txt",
+                                        "--out", "{out}"], "names the attribute(s) Male more than once"),
+    "prep: an attribute row with an extra field": (["prep", "--data", "{root}/images", "--labels",
+                                                    "{root}/attr_extra_field.txt", "--out", "{out}"],
+                                                   "every row must be an image name and 2 values"),
+    "prep: a non-UTF-8 attribute file": (["prep", "--data", "{root}/images", "--labels", "{root}/attr_latin1.txt",
+                                          "--out", "{out}"], "not UTF-8 text"),
+    "config: not UTF-8": (["prep", "--config", "{root}/latin1.toml", "--data", "{root}/images", "--out", "{out}"],
+                          "is not UTF-8 text"),
+    "prep: --out under a file": (["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv",
+                                  "--out", "{root}/labels.csv/out"], "is a file, not a folder"),
+    "train: an edited manifest.json": (["train", "--data", "{root}/edited-prep", "--out", "{out}"],
+                                       "missing or malformed attribute, class_names, splits"),
+    "train: a truncated Parquet shard": (["train", "--data", "{root}/truncated-prep", "--out", "{out}"],
+                                         "is not a readable Parquet file"),
+    "train: --out holds a damaged config.json": (["train", "--data", "{root}/prep", "--out", "{root}/broken-run",
+                                                  "--model", "resnet18"], "config.json is not valid JSON"),
+    "make-sample: no images": (["make-sample", "--out", "{out}", "--n", "0"], "n must be >= 1"),
+    "make-sample: into a folder with files": (["make-sample", "--out", "{root}/images"], "not an empty folder"),
+    "leaderboard: a corrupt leaderboard.csv": (["leaderboard", "{root}/comparison"], "is not a readable CSV"),
+    "leaderboard: a corrupt leaderboard.csv, as html": (["leaderboard", "{root}/comparison", "--format", "html"],
+                                                        "is not a readable CSV"),
+    # Cluster commands (issue 21): addresses that are not a Ray cluster.
+    "jobs: nothing listens at the address": (["jobs", "list", "--address", "http://127.0.0.1:{closed_port}"],
+                                             "no Ray cluster answers at"),
+    "jobs: a web server that is not Ray": (["jobs", "status", "x", "--address", "{web_server}"], "is not a Ray dashboard"),
+    "submit: nothing listens at the address": (["submit", "--address", "http://127.0.0.1:{closed_port}", "--", "leaderboard",
+                                                "x"], "no Ray cluster answers at"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_path, capsys, monkeypatch):
+def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, web_server, tmp_path, capsys, monkeypatch):
     template, expected = CASES[case]
     monkeypatch.setenv(WEIGHTS_MIRROR_ENV, f"http://127.0.0.1:{free_port()}")  # offline, even where CI is not
     out = tmp_path / "out"
-    args = [arg.format(root=inputs, out=out) for arg in template]
+    args = [arg.format(root=inputs, out=out, closed_port=free_port(), web_server=web_server) for arg in template]
+    before = tree_hashes(inputs)
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     started = time.perf_counter()
     code = main(args)
     seconds = time.perf_counter() - started
@@ -131,6 +252,9 @@ def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, tmp_p
     assert expected in error, error
     assert seconds < 10, f"{case} took {seconds:.1f}s to fail"
     assert not out.exists() and not (inputs / "images" / "out").exists()
+    assert tree_hashes(inputs) == before, "the user's files changed"
+    # Checked before heavy work: run alone (pytest -m unit), no case may start Ray.
+    assert ray_was_up or not ("ray" in sys.modules and sys.modules["ray"].is_initialized()), f"{case} started Ray"
 
 
 def test_more_workers_than_the_cluster_holds_fails_in_seconds(inputs, ray_session, tmp_path, capsys):

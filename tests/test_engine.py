@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from gendertune.tuning.train.engine import Precision, bf16_supported, cpu_flags, select_precision, train_one_epoch
+from gendertune.tuning.train.engine import (NonFiniteLoss, Precision, bf16_supported, cpu_flags, select_precision,
+                                           train_one_epoch)
 
 FP16 = Precision("fp16", torch.float16)
 
@@ -98,3 +99,20 @@ def test_precision_selection():
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         select_precision("fp16", cpu)
     assert FP16.needs_scaler and not select_precision("fp32", cpu).needs_scaler
+
+
+def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights():
+    torch.manual_seed(0)
+    model = _small_cnn()
+    with torch.no_grad():
+        model[-1].bias.fill_(float("nan"))  # as a NaN weight decay or an exploding lr leaves it
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(NonFiniteLoss, match="the training loss became nan at step 1"):
+        train_one_epoch(model, _separable_batches(2, seed=0), optimizer=optimizer, scheduler=scheduler,
+                        augment=_to_float, criterion=nn.CrossEntropyLoss(), aux_weight=0.0,
+                        precision=Precision("fp32", None), scaler=None, grad_clip=0.0,
+                        device=torch.device("cpu"))
+    assert all(torch.equal(value, before[name]) or name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+               for name, value in model.state_dict().items() if name != "7.bias")

@@ -95,3 +95,23 @@ def test_real_file_scale_parses_quickly(tmp_path):
     pd.DataFrame({"images": ids, "Male": [i % 2 for i in range(len(ids))]}).to_csv(path, index=False)
     labels = read_labels(path, "Male")
     assert len(labels) == 202_599 and labels["label"].sum() == 101_299
+
+
+def test_a_byte_order_mark_is_read_as_nothing(tmp_path):
+    from gendertune.data_prep.labels import read_labels
+
+    official = tmp_path / "list_attr_celeba.txt"
+    official.write_text("\ufeff2\nSmiling Male\n000001.jpg -1 1\n000002.jpg 1 -1\n", encoding="utf-8")
+    table = read_labels(official, "Male")
+    assert list(table["image_id"]) == ["000001.jpg", "000002.jpg"] and list(table["label"]) == [1, 0]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\ufeffimage,Male\na.jpg,1\n", encoding="utf-8")
+    assert list(read_labels(csv, "Male")["label"]) == [1]
+
+
+def test_a_bom_in_a_toml_config_is_read(tmp_path):
+    from gendertune.base.config import load_config_file
+
+    path = tmp_path / "gt.toml"
+    path.write_text("\ufeff[prep]\nimage_size = 64\n", encoding="utf-8")
+    assert load_config_file(path) == {"prep": {"image_size": 64}}

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from gendertune.cli import main
-from gendertune.cluster.storage import OWNER_FILE, atomic_output_dir
+from gendertune.cluster.storage import OUTPUT_MARKER, OWNER_FILE, atomic_output_dir
 from gendertune.data_prep import layout, pipeline
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.errors import PrepInputError
@@ -147,7 +147,7 @@ def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
         "from gendertune.cluster.storage import atomic_output_dir\n"
-        "with atomic_output_dir(sys.argv[1], marker='manifest.json') as staging:\n"
+        "with atomic_output_dir(sys.argv[1], stage='prep', marker='manifest.json') as staging:\n"
         "    (staging / 'half.txt').write_text('half')\n"
         "    print('writing', flush=True)\n"
         "    time.sleep(120)\n"), str(final)], stdout=subprocess.PIPE, text=True)
@@ -159,11 +159,11 @@ def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
     other_host = tmp_path / ".out.partial-elsewhere"
     other_host.mkdir()
     (other_host / OWNER_FILE).write_text(f"another-host {os.getpid()}\n")
-    with atomic_output_dir(final, marker="manifest.json") as staging:
+    with atomic_output_dir(final, stage="prep", marker="manifest.json") as staging:
         (staging / "manifest.json").write_text("{}")
     assert not left[0].exists()  # its writer is dead: removed
     assert other_host.exists()  # written from another machine: not ours to judge
-    assert sorted(p.name for p in final.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in final.iterdir()) == [OUTPUT_MARKER, "manifest.json"]
 
 
 def test_bad_inputs_name_the_problem(synthetic_sample, tmp_path):
@@ -265,3 +265,22 @@ def test_progress_counts_images_and_reports_the_end(caplog):
     every = pipeline.Progress("hash", [3, 2], every_s=0)
     every(0)
     assert caplog.messages[-1].startswith("hash: 3/5 images (60%)")
+
+
+def test_fifos_and_symlinks_out_of_the_data_folder_are_rejected_with_their_reason(synthetic_sample, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_sample.path / "img_align_celeba", data)
+    outside = tmp_path / "secret.jpg"
+    shutil.copy(next(data.glob("*.jpg")), outside)
+    os.mkfifo(data / "fifo.jpg")  # reading it would block forever
+    (data / "escape.jpg").symlink_to(outside)
+    labels = read_labels(synthetic_sample.path / "list_attr_celeba.txt", "Male")
+    extra = pd.DataFrame({"image_id": ["fifo.jpg", "escape.jpg"], "label": [1, 0]})
+    pd.concat([labels, extra]).rename(columns={"image_id": "image", "label": "Male"}).to_csv(data / "labels.csv", index=False)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "gendertune.cli", "prep", "--data", str(data), "--out", str(out),
+                             "--image-size", "32", "--align", "none"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reasons = pd.read_csv(out / layout.REJECTED).set_index("image_id")["reason"]
+    assert reasons["fifo.jpg"] == "not a regular file (a FIFO, device or socket)"
+    assert reasons["escape.jpg"] == "a symlink leading out of the data folder"

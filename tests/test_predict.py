@@ -33,6 +33,7 @@ def run_folder(folder, network, *, alignment: AlignSettings | None = None, **dec
                 "class_names": ["Female", "Male"], "alignment": alignment.to_dict() if alignment else None,
                 "temperature": 1.0, **decision},
                folder / run_layout.MODEL)
+    (folder / run_layout.METRICS).write_text("{}")  # finished, as far as predict's check goes
     return RunModel(folder)
 
 

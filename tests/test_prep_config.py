@@ -22,7 +22,7 @@ def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):
         PrepConfig.from_dict({"data": "d", "out": "o", "image_size": "big"})
     with pytest.raises(ConfigError, match="prep.split: 'kfold' is not one of"):
         PrepConfig.from_dict({"data": "d", "out": "o", "split": "kfold"})
-    with pytest.raises(ConfigError, match="between 16 and 1024"):
+    with pytest.raises(ConfigError, match=r"prep.image_size: must be in \[16, 1024\], got 8"):
         PrepConfig.from_dict({"data": "d", "out": "o", "image_size": 8})
 
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
+
+from conftest import prep_sample
+from gendertune.cli import main
 
 # Non-loopback listeners a local run may leave; 12 before it was bound to 127.0.0.1. A new one
 # (a Ray upgrade, an agent we start) must be looked at, not absorbed.
@@ -79,3 +84,41 @@ def test_a_local_run_listens_only_on_loopback(ray_session):
     exposed = [(pid, address) for pid, address in listeners if not ipaddress.ip_address(address).is_loopback]
     assert len(exposed) <= ALLOWED_NON_LOOPBACK, exposed
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+@pytest.fixture(scope="module")
+def small_prep(ray_session, synthetic_sample, tmp_path_factory):
+    return prep_sample(synthetic_sample, tmp_path_factory.mktemp("listeners") / "prep", image_size=32,
+                       split="identity", ratios=[0.6, 0.2, 0.2], align="none")
+
+
+RUNNING = {  # two DDP workers: the rank-0 worker opens torch's rendezvous store
+    "train": ["train", "--model", "resnet18", "--epochs", "1", "--workers", "2", "--batch-size", "16"],
+    "compare": ["compare", "--models", "resnet18", "--trials", "1", "--epochs", "1", "--workers", "2",
+                "--trial-mode", "train", "--batch-size", "16"],
+}
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads Linux's /proc")
+@pytest.mark.parametrize("command", RUNNING)
+def test_a_running_ddp_stage_listens_only_on_loopback(command, small_prep, tmp_path):
+    args = [*RUNNING[command], "--data", str(small_prep), "--out", str(tmp_path / "out")]
+    result = {}
+    stage = threading.Thread(target=lambda: result.setdefault("code", main(args)))
+    stage.start()
+    seen: set[tuple[int, str, bytes]] = set()  # (pid, address, the process's name while it ran)
+    while stage.is_alive():  # the store lives only while the workers do: sample throughout
+        seen.update((pid, address, _cmdline(pid).split(b"\0")[0]) for pid, address in _listeners_of(_descendants(os.getpid())))
+        time.sleep(0.2)
+    stage.join()
+    assert result["code"] == 0
+    assert any(b"RayTrainWorker" in name for _, _, name in seen), "no Train worker was seen listening"
+    exposed = [(pid, address, name) for pid, address, name in seen if not ipaddress.ip_address(address).is_loopback]
+    assert len(exposed) <= ALLOWED_NON_LOOPBACK, exposed
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

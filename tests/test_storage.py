@@ -138,26 +138,26 @@ def test_the_markers_the_stage_names_are_uploaded_last_inner_folders_first(s3_bu
     files = ["DONE.flag", "inner/DONE.flag", "inner/a.txt", "metrics.json", "z.txt"]
     uri = f"{s3_bucket}/unit/invented-markers"
     with uploads_to(uri) as uploads:
-        with storage.output_location(uri, markers={"DONE.flag"}) as location:
+        with storage.output_location(uri, stage="train", markers={"DONE.flag"}) as location:
             _write_files(location.local, files)
     assert uploads == ["inner/a.txt", "metrics.json", "z.txt", "inner/DONE.flag", "DONE.flag"]
     uri = f"{s3_bucket}/unit/invented-marker-fresh"
     with uploads_to(uri) as uploads:
-        with storage.fresh_output(uri, marker="READY") as location:
+        with storage.fresh_output(uri, stage="prep", marker="READY") as location:
             _write_files(location.local, ["READY", "data/part.bin", "notes.txt"])
-    assert uploads == [storage.IN_PROGRESS, "data/part.bin", "notes.txt", "READY"]
-    assert storage.list_files(uri) == ["READY", "data/part.bin", "notes.txt"]
+    assert uploads == [storage.IN_PROGRESS, storage.OUTPUT_MARKER, "data/part.bin", "notes.txt", "READY"]
+    assert storage.list_files(uri) == [storage.OUTPUT_MARKER, "READY", "data/part.bin", "notes.txt"]
 
 
 def test_output_location_uploads_what_a_failed_stage_wrote_but_no_marker(s3_bucket):
     uri = f"{s3_bucket}/unit/stopped-run"
     with pytest.raises(RuntimeError, match="stopped"):
-        with storage.output_location(uri, markers=[run_layout.METRICS]) as location:
+        with storage.output_location(uri, stage="train", markers=[run_layout.METRICS]) as location:
             (location.local / "config.json").write_text("{}")
             raise RuntimeError("stopped")
     assert storage.list_files(uri) == ["config.json"]
     # The next attempt starts from what is there (a resume compares configs with it).
-    with storage.output_location(uri, markers=[run_layout.METRICS]) as location:
+    with storage.output_location(uri, stage="train", markers=[run_layout.METRICS]) as location:
         assert (location.local / "config.json").read_text() == "{}"
         (location.local / "metrics.json").write_text("{}")
     assert storage.list_files(uri) == ["config.json", "metrics.json"]
@@ -166,7 +166,7 @@ def test_output_location_uploads_what_a_failed_stage_wrote_but_no_marker(s3_buck
 def test_prep_to_a_uri_is_never_complete_half_way_and_refuses_foreign_objects(s3_bucket, ray_session, synthetic_sample):
     uri = f"{s3_bucket}/unit/prep-interrupted"
     with pytest.raises(KeyboardInterrupt):
-        with storage.fresh_output(uri, marker=MANIFEST) as location:
+        with storage.fresh_output(uri, stage="prep", marker=MANIFEST) as location:
             storage.write_bytes(storage.join(location.storage, "train", "part-00000.parquet"), b"x")
             raise KeyboardInterrupt
     left = storage.list_files(uri)
@@ -179,7 +179,7 @@ def test_prep_to_a_uri_is_never_complete_half_way_and_refuses_foreign_objects(s3
     assert MANIFEST in files and storage.IN_PROGRESS not in files and "train/part-00000.parquet" in files
     foreign = f"{s3_bucket}/unit/someone-elses"
     storage.write_bytes(f"{foreign}/notes.txt", b"mine")
-    with pytest.raises(OutputExistsError, match="not a gendertune output"):
+    with pytest.raises(OutputExistsError, match="not a gendertune prep output"):
         prep_sample(synthetic_sample, foreign, image_size=32)
     assert storage.read_text(f"{foreign}/notes.txt") == "mine"
 
@@ -233,3 +233,81 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
                         SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
                         TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1, "batch_size": 32}))
     assert any("already finished" in line for line in caplog.messages) and table.loc[0, "status"] == "ok"
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_folder_with_our_marker_not_any_manifest_json(tmp_path):
+    web_app = tmp_path / "site"
+    (web_app / "assets").mkdir(parents=True)
+    for name in ("manifest.json", "index.html", "assets/app.js"):
+        (web_app / name).write_text(name)
+    before = _hashes(web_app)
+    with pytest.raises(OutputExistsError, match="not a finished gendertune prep output"):
+        with storage.atomic_output_dir(web_app, stage="prep", marker=MANIFEST, overwrite=True):
+            pass
+    assert _hashes(web_app) == before
+    # A marker of another stage, or one in another format, is not ours either.
+    (web_app / storage.OUTPUT_MARKER).write_text(json.dumps({"gendertune_output": "prep", "format": 99}))
+    with pytest.raises(OutputExistsError):
+        with storage.atomic_output_dir(web_app, stage="prep", marker=MANIFEST, overwrite=True):
+            pass
+    ours = tmp_path / "prep"
+    with storage.atomic_output_dir(ours, stage="prep", marker=MANIFEST) as staging:
+        (staging / MANIFEST).write_text("{}")
+    with storage.atomic_output_dir(ours, stage="prep", marker=MANIFEST, overwrite=True) as staging:
+        (staging / MANIFEST).write_text('{"second": 1}')
+    assert (ours / MANIFEST).read_text() == '{"second": 1}' and storage.output_stage(ours) == "prep"
+
+
+def test_a_resumable_output_refuses_a_folder_of_the_users_files(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"jpeg")
+    with pytest.raises(OutputExistsError, match="not a gendertune train output"):
+        with storage.output_location(str(photos), stage="train", markers=[run_layout.METRICS]):
+            pass
+    with pytest.raises(OutputExistsError, match="is a file"):
+        with storage.output_location(str(photos / "a.jpg"), stage="train", markers=[run_layout.METRICS]):
+            pass
+    assert _hashes(photos) == {"a.jpg": _hashes(photos)["a.jpg"]} and len(list(photos.iterdir())) == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with storage.output_location(str(empty), stage="train", markers=[run_layout.METRICS]) as location:
+        storage.claim_folder(location.local, "train")
+    with storage.output_location(str(empty), stage="train", markers=[run_layout.METRICS]):
+        pass  # our own folder: a resume
+    with pytest.raises(OutputExistsError, match="not a gendertune compare output"):
+        with storage.output_location(str(empty), stage="compare", markers=[run_layout.METRICS]):
+            pass
+
+
+def test_a_second_writer_is_refused_until_the_first_dies(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    final = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from gendertune.cluster.storage import atomic_output_dir\n"
+        "with atomic_output_dir(sys.argv[1], stage='prep', marker='manifest.json'):\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"), str(final)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "writing"
+        for enter in (lambda: storage.atomic_output_dir(final, stage="prep", marker=MANIFEST, overwrite=True),
+                      lambda: storage.output_location(str(final), stage="prep", markers=[MANIFEST])):
+            with pytest.raises(storage.OutputBusyError, match="being written by another gendertune run"):
+                with enter():
+                    pass
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the kernel drops its lock; no cleanup code runs
+        holder.wait(timeout=10)
+    with storage.atomic_output_dir(final, stage="prep", marker=MANIFEST) as staging:
+        (staging / MANIFEST).write_text("{}")
+    assert (final / MANIFEST).is_file() and not list(tmp_path.glob(".out.lock"))

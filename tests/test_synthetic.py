@@ -153,7 +153,7 @@ def test_image_size_is_honoured(tmp_path: Path) -> None:
 def test_refuses_non_empty_out_dir(tmp_path: Path) -> None:
     precious = tmp_path / "notes.txt"
     precious.write_text("user data")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="not an empty folder"):
         make_sample(tmp_path, n=10)
     assert precious.read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -7,12 +7,18 @@ classic way a tuning run ends up measuring something other than what its author 
 
 Fields are declared with `setting`, which keeps a setting's help next to its default; the command
 line's flags are generated from those fields (gendertune.base.flags), so each is written once.
+A numeric setting's range is declared there too, in interval notation (`bounds="(0, 10)"`,
+`"[1, inf)"`), and checked here for every stage, before the stage's own `validate`: every float
+(and every float in a tuple) must also be finite, so NaN and inf never reach a comparison that
+would let them through, or a config.json that JSON cannot hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -31,18 +37,51 @@ class ConfigError(UserInputError):
     """A config value is missing, unknown, of the wrong type, or impossible."""
 
 
+# "(0, 10)", "[1, inf)", "[-1, 1]": ( ) exclude their end, [ ] include it.
+_BOUNDS = re.compile(r"^([\[(])\s*(-?(?:inf|[0-9.e+-]+))\s*,\s*(-?(?:inf|[0-9.e+-]+))\s*([\])])$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """A numeric setting's allowed interval, written as in mathematics: `Bounds.parse("(0, 1]")`."""
+
+    text: str
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Bounds:
+        match = _BOUNDS.match(text.strip())
+        if not match:
+            raise ValueError(f"bounds {text!r}: write an interval such as '(0, 10)' or '[1, inf)'")
+        opening, low, high, closing = match.groups()
+        return cls(text, float(low), float(high), opening == "[", closing == "]")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+
+# numpy's and Optuna's seeds are unsigned 32-bit: a negative seed fails only when the stage uses it.
+SEED_BOUNDS = "[0, 4294967295]"
+
+
 def setting(default: Any = dataclasses.MISSING, *, help: str, flag: bool | str = True,
             names: Sequence[str] = (), exclusive: str = "", repeat: bool = False, metavar: str = "",
-            default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config field with its help text: `lr: float = setting(1e-3, help="peak learning rate")`.
+            bounds: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text: `lr: float = setting(1e-3, help="peak learning rate", bounds="(0, 10)")`.
 
     flag: True = also a command-line flag, --kebab-case of the field's name; a string = the flag's
     name; False = a config-file setting only. names: the values it accepts, listed in the help
     (validate checks them). exclusive: flags sharing this name cannot be given together. repeat: a
     tuple given by repeating the flag (NAME=DIR sets) rather than as comma-separated values.
+    bounds: the interval a number (or each number of a tuple) must lie in, checked before validate.
     """
     metadata = {"help": help, "flag": flag, "names": tuple(names), "exclusive": exclusive, "repeat": repeat,
-                "metavar": metavar}
+                "metavar": metavar, "bounds": Bounds.parse(bounds) if bounds else None}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -51,13 +90,14 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"config file {path}: use a .json or .toml file")
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text())
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            raise ConfigError(f"config file {path}: use a .json or .toml file")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is no part of the TOML
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err}); save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from err
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
@@ -136,10 +176,25 @@ class StageConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             setattr(self, field.name, _coerce(f"{self.section}.{field.name}", value, hints[field.name]))
+        self.check_numbers()
         self.validate()
 
     def validate(self) -> None:
-        """Raise ConfigError naming the field when a value is impossible."""
+        """Raise ConfigError naming the field when a value is impossible (beyond its declared bounds)."""
+
+    def check_numbers(self) -> None:
+        """Every float finite, every number inside its field's declared bounds."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            for number in numbers:
+                if isinstance(number, bool) or not isinstance(number, (int, float)):
+                    continue
+                if not math.isfinite(number):
+                    raise ConfigError(f"{self.section}.{field.name}: must be a finite number, got {number}")
+                bounds = field.metadata.get("bounds")
+                if bounds is not None and number not in bounds:
+                    raise ConfigError(f"{self.section}.{field.name}: must be in {bounds.text}, got {number}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Self:
@@ -175,4 +230,5 @@ class StageConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
-        return json.dumps({self.section: self.to_dict()}, indent=2, sort_keys=True) + "\n"
+        # allow_nan=False: a value check that let NaN through fails here, not in every later reader.
+        return json.dumps({self.section: self.to_dict()}, indent=2, sort_keys=True, allow_nan=False) + "\n"

@@ -20,7 +20,7 @@ class CompareConfig(StageConfig):
     models: tuple[str, ...] = setting(DEFAULT_MODELS, help="comma-separated models", names=list_models())
     resume: bool = setting(False, help="continue an interrupted comparison in --out")
     ensemble_k: int = setting(0, help="the ensemble row's members: the top K models; 0 = every model within the "
-                              "leader's 95% CI")
+                              "leader's 95% CI", bounds="[0, inf)")
 
     def validate(self) -> None:
         if not self.data or not self.out:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from gendertune.cluster import storage
-from gendertune.base.errors import MissingInputError
+from gendertune.base.errors import MissingInputError, UserInputError
 from gendertune.cluster.environment import write_environment
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.models.registry import get_spec
@@ -43,6 +43,9 @@ LAST_COLUMNS = ["members", "note", "run_dir", "error"]
 # _test_against_leader write them, report.py lays out its per-set tables by them.
 EVAL_SET_COLUMNS = ("acc_{}", "acc_{}_ci95_low", "acc_{}_ci95_high", "macro_f1_{}", "ece_calibrated_{}",
                     "worst_slice_{}", "worst_slice_acc_{}", "class_recall_gap_{}", "mcnemar_p_vs_leader_{}")
+# What every leaderboard has had, old ones included (readers fill in the rest): a CSV without
+# them is not one.
+REQUIRED_COLUMNS = ["rank", "model", "status", "accuracy", "ci95_low", "ci95_high", "error"]
 
 
 def metric_columns(metrics: dict) -> dict:
@@ -233,7 +236,15 @@ def read_leaderboard(out: str | Path) -> pd.DataFrame:
     path = storage.join(out, CSV)
     if not storage.is_file(path):
         raise MissingInputError(f"{out} has no {CSV}; run `gendertune compare --out {out}` first")
-    return pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False, na_values=[""])
+    try:
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{path} is not a readable CSV ({err}); re-run `gendertune compare --resume --out {out}`") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
+    if missing:
+        raise UserInputError(f"{path} is not a leaderboard `gendertune compare` wrote (no {', '.join(missing)}); "
+                             f"re-run `gendertune compare --resume --out {out}`")
+    return table
 
 
 def format_table(table: pd.DataFrame) -> str:

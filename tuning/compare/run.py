@@ -22,7 +22,7 @@ import pandas as pd
 from gendertune.base.config import ConfigError
 from gendertune.cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.cluster.storage import OutputExistsError, OutputLocation, delete_tree, is_uri, join, list_files, output_location, write_text_atomic
+from gendertune.cluster.storage import OutputExistsError, OutputLocation, claim_folder, delete_tree, is_uri, join, list_files, output_location, write_text_atomic
 from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
 from gendertune.models.registry import get_spec
 from gendertune.models.weights import fetch_hub_weights
@@ -139,7 +139,7 @@ def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig,
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in base.eval_sets]
     for model in compare.models:
         check_search(model, base, search)
-    with output_location(compare.out, markers=COMPLETION_MARKERS,
+    with output_location(compare.out, stage="compare", markers=COMPLETION_MARKERS,
                          ray_dirs=frozenset({layout.SEARCHES, run_layout.RAY_RUN_NAME})) as location:
         return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri)
 
@@ -161,7 +161,7 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
         for model in compare.models:
             run_on_other_nodes(fetch_hub_weights, get_spec(model))
     require_shared(reads=[prepared.root], writes=[location.storage])
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "compare")
     write_text_atomic(out / layout.CONFIG, settings)
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.COMPARE_EXPERIMENT)  # an unreachable server fails now

@@ -32,6 +32,9 @@ from gendertune.tuning.evaluate.predict import RunModel, predict
 from gendertune.tuning.evaluate.slices import slices_of
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")  # it becomes a column and a file name
+# The run's own splits name its files (mistakes_test.png) and metrics (slices.test): a set named
+# like one would replace them. Compared lower-case, as a case-insensitive filesystem would.
+RESERVED_NAMES = ("train", "val", "test")
 LABEL_FILE = "labels.csv"
 IMAGE_FOLDERS = ("", "images")
 
@@ -53,6 +56,9 @@ def parse_spec(text: str) -> tuple[str, str]:
     if not separator or not folder or not NAME_PATTERN.match(name):
         raise ConfigError(f"--eval-set {text!r}: expected NAME=DIR with NAME a letter then letters, digits or _ "
                           "(e.g. utkface=../data/utkface)")
+    if name.lower() in RESERVED_NAMES:
+        raise ConfigError(f"--eval-set {text!r}: {name} is the name of one of the run's own splits, whose results it "
+                          f"would overwrite; use another name (not {', '.join(RESERVED_NAMES)})")
     return name, folder
 
 

@@ -14,6 +14,7 @@ models once. An unreadable or missing image, or one with no face, gets an error 
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from gendertune.cluster import storage
+from gendertune.cluster.storage import OutputExistsError
 from gendertune.base.errors import MissingInputError, UserInputError
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray
 from gendertune.cluster.shared_storage import require_shared
@@ -46,6 +48,10 @@ class RunModel:
         path = storage.join(run_dir, run_layout.MODEL)  # a folder or an object-store URI
         if not storage.is_file(path):
             raise MissingInputError(f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder")
+        # metrics.json is written last: without it model.pt may be half-written, or a diverged run's.
+        if not storage.is_file(storage.join(run_dir, run_layout.METRICS)):
+            raise MissingInputError(f"{run_dir} is not a finished training run (no {run_layout.METRICS}); "
+                                    f"run or resume `gendertune train --out {run_dir}`")
         try:
             saved = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt files
@@ -134,6 +140,8 @@ class RunModel:
         positive = probs >= self.threshold
         labels = [("" if np.isnan(p) else self.class_names[int(pos)]) for p, pos in zip(probs, positive)]
         error = table.pop("error")
+        # Every row has a label or says why not: a face the model scores NaN is an error, not a blank.
+        error = error.mask((error == "") & np.isnan(probs), "the model gave no finite score")
         return table.assign(label=labels, confidence=np.where(positive, probs, 1 - probs),
                             **{self.prob_column: probs}, error=error)
 
@@ -207,14 +215,54 @@ def annotated_names(paths: list[str], folder: str) -> list[str]:
     return names
 
 
+def _writable_folder(path: Path, what: str) -> None:
+    """Raise unless `path`'s nearest existing ancestor is a folder this process may write in."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserInputError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{what} {path}: {existing} is not writable")
+
+
+def check_outputs(paths: list[str], annotate: list[str], csv_out: str | None) -> None:
+    """Refuse, before any work, outputs that would replace a file: an annotated copy never
+    overwrites anything (the input photo itself, when --annotate names the photos' folder), and
+    the CSV is never an input, an image or a folder."""
+    clash = next((name for name in annotate if Path(name).exists()), None)
+    if clash:
+        raise OutputExistsError(f"--annotate would overwrite {clash} (annotated copies keep the photos' names); "
+                                "choose an empty or new folder")
+    if annotate:
+        _writable_folder(Path(annotate[0]).parent, "--annotate")
+    if csv_out is None:
+        return
+    out = Path(csv_out).absolute()
+    if out.is_dir():
+        raise UserInputError(f"--out {csv_out} is a folder; name the CSV file to write, e.g. {out / 'predictions.csv'}")
+    if out.suffix.lower() in IMAGE_EXTENSIONS or any(out == Path(p).absolute() for p in paths):
+        raise OutputExistsError(f"--out {csv_out} is an image (or one of the inputs); name a .csv file to write")
+    _writable_folder(out.parent, "--out")
+
+
 def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face: bool = True,
-            annotate_dir: str | None = None, with_margin: bool = False) -> pd.DataFrame:
-    run = RunModel(run_dir)  # a bad run folder fails before anything else happens
+            annotate_dir: str | None = None, with_margin: bool = False, csv_out: str | None = None) -> pd.DataFrame:
+    """Predict every face in `inputs`; `csv_out` (checked first, like the annotation folder)
+    receives the table."""
     paths = expand_inputs(inputs)
-    annotate = None
+    annotate = annotated_names(paths, str(Path(annotate_dir).absolute())) if annotate_dir else None
+    check_outputs(paths, annotate or [], csv_out)
+    run = RunModel(run_dir)  # a bad run folder fails before any image is read
     if annotate_dir:
         Path(annotate_dir).mkdir(parents=True, exist_ok=True)
-        annotate = annotated_names(paths, str(Path(annotate_dir).absolute()))
+    table = _predict(run, run_dir, paths, batch_size=batch_size, every_face=every_face, annotate=annotate,
+                     with_margin=with_margin, annotate_dir=annotate_dir)
+    if csv_out:
+        storage.write_text_atomic(csv_out, table.to_csv(index=False))
+    return table
+
+
+def _predict(run: RunModel, run_dir: str, paths: list[str], *, batch_size: int, every_face: bool,
+             annotate: list[str] | None, with_margin: bool, annotate_dir: str | None) -> pd.DataFrame:
     if len(paths) < RAY_THRESHOLD:
         return pd.concat([run.predict_paths(paths[i : i + batch_size], every_face=every_face, with_margin=with_margin,
                                             annotate=annotate[i : i + batch_size] if annotate else None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from gendertune.base.config import ConfigError, StageConfig, setting
+from gendertune.base.config import SEED_BOUNDS, ConfigError, StageConfig, setting
 from gendertune.models.registry import list_models
 from gendertune.models.transforms import AUGMENTATIONS, TrainAugment
 from gendertune.tuning.evaluate.decision import DecisionThreshold, TestTimeAugmentation
@@ -20,21 +20,23 @@ class TrainConfig(StageConfig):
     data: str = setting("", help="a `gendertune prep` output folder")
     out: str = setting("", help="run folder or object-store URI (s3://, gs://); the same --out again resumes the run")
     model: str = setting("resnet50", help="architecture", names=list_models())
-    epochs: int = setting(5, help="epochs")
-    batch_size: int = setting(64, help="batch size per worker")  # per worker, as in torchvision's references
-    lr: float = setting(1e-3, help="peak learning rate")
+    epochs: int = setting(5, help="epochs", bounds="[1, inf)")
+    batch_size: int = setting(64, help="batch size per worker", bounds="[1, inf)")  # per worker, as in torchvision's references
+    lr: float = setting(1e-3, help="peak learning rate", bounds="(0, 10)")
     optimizer: Literal["adamw", "adam", "sgd"] = setting("adamw", help="optimizer; sgd = nesterov, with the momentum setting")
-    momentum: float = setting(0.9, help="sgd's momentum", flag=False)
-    weight_decay: float = setting(0.05, help="weight decay, not on biases and norms")
+    momentum: float = setting(0.9, help="sgd's momentum", flag=False, bounds="[0, 1)")
+    weight_decay: float = setting(0.05, help="weight decay, not on biases and norms", bounds="[0, inf)")
     schedule: Literal["cosine", "step", "constant"] = setting("cosine", help="lr schedule after warmup")
-    warmup_epochs: float = setting(0.5, help="linear warmup length in epochs")
-    step_epochs: int = setting(3, help="step schedule: multiply lr by step_gamma every step_epochs", flag=False)
-    step_gamma: float = setting(0.1, help="step schedule: the lr factor at each step", flag=False)
-    label_smoothing: float = setting(0.0, help="label smoothing")
-    grad_clip: float = setting(0.0, help="max global gradient norm; 0 = off")
-    image_size: int = setting(0, help="training image side in px; 0 = the prepared size")
-    workers: int = setting(1, help="Ray Train workers, DDP")
-    cpus_per_worker: float = setting(1.0, help="CPUs reserved per worker")
+    warmup_epochs: float = setting(0.5, help="linear warmup length in epochs", bounds="[0, inf)")
+    step_epochs: int = setting(3, help="step schedule: multiply lr by step_gamma every step_epochs", flag=False,
+                                 bounds="[1, inf)")
+    step_gamma: float = setting(0.1, help="step schedule: the lr factor at each step", flag=False,
+                                bounds="(0, 1]")
+    label_smoothing: float = setting(0.0, help="label smoothing", bounds="[0, 1)")
+    grad_clip: float = setting(0.0, help="max global gradient norm; 0 = off", bounds="[0, inf)")
+    image_size: int = setting(0, help="training image side in px; 0 = the prepared size", bounds="[0, inf)")
+    workers: int = setting(1, help="Ray Train workers, DDP", bounds="[1, inf)")
+    cpus_per_worker: float = setting(1.0, help="CPUs reserved per worker", bounds="(0, inf)")
     gpu: bool = setting(False, help="one GPU per worker (NCCL)")
     # PACK keeps a run's workers on few nodes (fast allreduce); SPREAD puts them on different
     # nodes, so losing one node costs one worker, not the whole group.
@@ -59,15 +61,16 @@ class TrainConfig(StageConfig):
     translate: float = setting(0.05, help="shift the face by up to this share of the side", flag=False)
     random_border: float = setting(0.3, help="probability of a random border, as tight crops have", flag=False)
     # Carved from train by identity when identities are known, so no person is on both sides.
-    val_fraction: float = setting(0.1, help="share of train carved out for validation when prep made no val split")
-    seed: int = setting(0, help="seed of the run; in compare, of the search too")
+    val_fraction: float = setting(0.1, help="share of train carved out for validation when prep made no val split",
+                                  bounds="(0, 0.5)")
+    seed: int = setting(0, help="seed of the run; in compare, of the search too", bounds=SEED_BOUNDS)
     # The same seed gives the same numbers on one machine: deterministic kernels, and a search
     # runs one trial at a time (ASHA and Optuna then see results in one order). Slower.
     deterministic: bool = setting(False, help="the same seed gives the same numbers on one machine: deterministic "
                                   "kernels, one search trial at a time (slower)")
     # Each failure resumes from the latest checkpoint.
-    max_failures: int = setting(1, help="worker failures to recover from")
-    eval_batch_size: int = setting(256, help="batch size of evaluation", flag=False)
+    max_failures: int = setting(1, help="worker failures to recover from", bounds="[0, inf)")
+    eval_batch_size: int = setting(256, help="batch size of evaluation", flag=False, bounds="[1, inf)")
     # Off until measured to help (gendertune.tuning.evaluate.decision); model.pt carries both to predict.
     tta: TestTimeAugmentation = setting(
         "none", help="test-time augmentation of held-out evaluation, eval sets and predict: "
@@ -86,27 +89,12 @@ class TrainConfig(StageConfig):
             raise ConfigError("train.data: give the prep output with --data DIR")
         if not self.out:
             raise ConfigError("train.out: give the run folder with --out DIR")
-        for name in ("epochs", "batch_size", "workers", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.lr < 10:
-            raise ConfigError(f"train.lr: must be in (0, 10), got {self.lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_epochs < 0:
-            raise ConfigError("train.weight_decay, grad_clip and warmup_epochs must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.val_fraction < 0.5:
-            raise ConfigError(f"train.val_fraction: must be in (0, 0.5), got {self.val_fraction}")
         if self.image_size and self.image_size < 16:
             raise ConfigError(f"train.image_size: must be >= 16 px (or 0 = prep size), got {self.image_size}")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError("train.cpus_per_worker: must be > 0")
         if self.pretrained and self.weights:
             raise ConfigError("train: give either --pretrained or --weights FILE, not both")
         if self.placement_strategy not in ("PACK", "SPREAD"):
             raise ConfigError(f"train.placement_strategy: PACK or SPREAD, got {self.placement_strategy!r}")
-        if self.max_failures < 0:
-            raise ConfigError("train.max_failures: must be >= 0")
         try:  # the augmentation's own checks, so each range is stated once (gendertune.models.transforms)
             TrainAugment(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **self.augment_strengths())
         except ValueError as err:

@@ -56,10 +56,12 @@ def _read_split(prepared: PreparedData, split: str, columns: list[str]) -> ray.d
 
 def ordered_ingest() -> ray.data.ExecutionOptions:
     """Ray Train's ingest options (taken from this process's DataContext) with the order kept,
-    for the streaming split that feeds its workers."""
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    for the streaming split that feeds its workers. Built here rather than by
+    DataConfig.default_ingest_options, which passes the deprecated exclude_resources and so
+    printed a RayDeprecationWarning on every run."""
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                                     verbose_progress=current.verbose_progress)
 
 
 def _read(prepared: PreparedData, split: str) -> ray.data.Dataset:

@@ -16,11 +16,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gendertune.base.errors import UserInputError
+from gendertune.base.errors import StageFailed, UserInputError
 from gendertune.models.registry import classification_loss, split_outputs
 from gendertune.tuning.train.config import TrainConfig
 
 Batch = tuple[Tensor, Tensor]  # (uint8 N x H x W x 3 images, int labels)
+
+
+class NonFiniteLoss(StageFailed):
+    """The training loss became NaN or infinite: every later step would only spread it into the
+    weights, and a run that finished would be a broken model reported as a result."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class EpochStats:
     loss_sum: float = 0.0
     correct: int = 0
     count: int = 0
+    steps: int = 0
     seconds: float = 0.0
     # Wall-clock (time.time(), comparable across processes on one machine) for a training pass:
     # when it began, and when its first batch's step was done; NaN before that or for evaluation.
@@ -164,6 +170,11 @@ def train_one_epoch(
         with precision.autocast(device):
             output = model(inputs)
             loss = classification_loss(output, targets, criterion, aux_weight)
+        value = float(loss.detach())  # waits for the device, as the stats line below did anyway
+        # GradScaler's fp16 steps skip a non-finite step and lower the scale: that is its job.
+        if scaler is None and not math.isfinite(value):
+            raise NonFiniteLoss(f"the training loss became {value} at step {stats.steps + 1} of the epoch: lower --lr, "
+                                "set --grad-clip, or check the starting weights; no model was written")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -179,7 +190,8 @@ def train_one_epoch(
             optimizer.step()
         scheduler.step()
         logits, _ = split_outputs(output)
-        stats.loss_sum += float(loss.detach()) * len(targets)
+        stats.loss_sum += value * len(targets)
+        stats.steps += 1
         stats.correct += int((logits.argmax(1) == targets).sum())
         stats.count += len(targets)
         if math.isnan(stats.first_step_at):  # float(loss) above waited for the device: the step has run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from torch import nn
 from gendertune.base.config import ConfigError
 from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
 from gendertune.cluster.environment import write_environment
+from gendertune.cluster.ddp import torch_config
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.cluster.storage import OutputLocation, output_location, write_json_atomic, write_text_atomic
+from gendertune.cluster.storage import OutputLocation, claim_folder, output_location, write_json_atomic, write_text_atomic
 from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
 from gendertune.models.registry import build_model, check_image_size, count_parameters, get_spec
 from gendertune.models.transforms import EvalPreprocess
@@ -35,7 +37,7 @@ from gendertune.cluster import tracking
 from gendertune.tuning.evaluate.calibration import calibrated_probability, fit_temperature
 from gendertune.tuning.evaluate.decision import fit_threshold, with_tta
 from gendertune.tuning.train.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
-from gendertune.tuning.train.engine import evaluate, select_precision
+from gendertune.tuning.train.engine import NonFiniteLoss, evaluate, select_precision
 from gendertune.tuning.evaluate.eval_sets import evaluate_run, load_eval_set
 from gendertune.tuning.evaluate.metrics import evaluate_predictions, most_confident_mistakes
 from gendertune.base.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
@@ -105,6 +107,7 @@ def build_trainer(
         train_worker,
         train_loop_config={"train": config, **loop_settings(config, prepared), "run_started_at": run_started_at},
         scaling_config=scaling_config(config),
+        torch_config=torch_config(),  # a local run's DDP store on loopback only
         datasets=datasets or training_datasets(prepared, val_fraction=config.val_fraction),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "val"], execution_options=ordered_ingest()),
         run_config=ray.train.RunConfig(
@@ -119,6 +122,39 @@ def build_trainer(
             callbacks=callbacks,
         ),
     )
+
+
+def fit_interruptibly(trainer: TorchTrainer):
+    """trainer.fit() in a helper thread. Called in the main thread, Ray Train installs its own
+    SIGINT handler, which swallows Ctrl-C (exit 1, no message); this way Ctrl-C reaches the
+    command line as KeyboardInterrupt (exit 130 and the resume hint), and the run's actors end
+    with the driver, its checkpoints kept."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the caller's thread below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a bounded wait, so a KeyboardInterrupt is delivered here at once
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def non_finite_loss(err: ray.train.TrainingFailedError) -> NonFiniteLoss | None:
+    """The NonFiniteLoss a worker raised, if that is why the run failed: resuming would diverge
+    again, so the message must say what to change, not "re-run to resume"."""
+    for failure in getattr(err, "worker_failures", {}).values():
+        while failure is not None:
+            if isinstance(failure, NonFiniteLoss):
+                return failure
+            failure = failure.__cause__
+    return None
 
 
 def best_checkpoint(result) -> tuple[ray.train.Checkpoint, dict]:
@@ -184,6 +220,13 @@ def evaluate_held_out_and_write(out: Path, config: TrainConfig, prepared: Prepar
     return write_run_outputs(out, config, prepared, state, best, held_out, time.perf_counter() - started)
 
 
+def save_atomic(payload: dict, path: Path) -> None:
+    """torch.save through a temporary sibling and a rename: a killed run never leaves half a model.pt."""
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+
+
 def write_run_outputs(
     out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, held_out: dict[str, dict],
     wall_seconds: float,
@@ -198,7 +241,7 @@ def write_run_outputs(
                               config.threshold)
     history = pd.DataFrame(state["history"])
     write_text_atomic(out / run_layout.HISTORY, history.to_csv(index=False))
-    torch.save(
+    save_atomic(
         {
             "format_version": run_layout.MODEL_FORMAT_VERSION,
             "model": state["model"], "model_name": config.model, "image_size": state["image_size"],
@@ -267,8 +310,10 @@ def fit_best(config: TrainConfig, prepared: PreparedData, *, storage_path: str) 
     train through this, so a search that keeps the user's configuration reproduces `train` exactly."""
     trainer = build_trainer(config, prepared, storage_path=storage_path, name=run_layout.RAY_RUN_NAME)
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     except ray.train.TrainingFailedError as err:
+        if (diverged := non_finite_loss(err)) is not None:
+            raise RunFailed(f"training stopped: {diverged}") from err
         raise RunFailed(
             f"training failed ({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
             f"the checkpoints are kept in {storage_path}: re-run the same command to resume from the latest one"
@@ -295,7 +340,7 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dic
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in config.eval_sets]
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.TRAIN_EXPERIMENT)  # an unreachable server fails now
-    with output_location(config.out, markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
+    with output_location(config.out, stage="train", markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
         train_into(location, config)
         for eval_set in eval_sets:
             scores = evaluate_run(location.local, eval_set)
@@ -310,6 +355,14 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dic
         return metrics
 
 
+def _read_saved_config(path: Path, run: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{run} holds an unfinished run whose {run_layout.CONFIG} is not valid JSON ({err}); "
+                             "choose another --out") from None
+
+
 def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     """run_training with the output already resolved: the driver's files go to location.local,
     Ray Train's checkpoints to location.storage (compare's retrain calls this for a model folder)."""
@@ -320,14 +373,14 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     if run_layout.is_complete(out):
         raise RunAlreadyComplete(f"{location.storage} already holds a finished run ({run_layout.METRICS}); choose another --out")
     saved = out / run_layout.CONFIG
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(config.to_json()):
+    if saved.is_file() and _read_saved_config(saved, location.storage) != json.loads(config.to_json()):
         raise UserInputError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
     ensure_ray()
     require_resources(workers=config.workers, cpus_per_worker=config.cpus_per_worker, gpus_per_worker=int(config.gpu))
     if config.pretrained:  # the driver fetched them for its node in check_compatible
         run_on_other_nodes(fetch_hub_weights, get_spec(config.model))
     require_shared(reads=[prepared.root, config.weights], writes=[location.storage])
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "train")
     write_text_atomic(saved, config.to_json())
     write_environment(out)
     best_state, best = fit_best(config, prepared, storage_path=location.storage)

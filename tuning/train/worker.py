@@ -243,8 +243,18 @@ class RayTrainSession:
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
 
+def quiet_report_lines() -> None:
+    """Ray Train logs every report ("Reporting training result N: TrainingReport(...)") at INFO on
+    a logger named after its module's *file*, which RunConfig's LoggingConfig (the "ray.train"
+    loggers) never reaches; the epoch lines already say what it would."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict) -> None:
     """TorchTrainer's per-worker function."""
+    quiet_report_lines()
     torch.set_num_threads(loop_config["threads_per_worker"])
     run_epochs(
         loop_config["train"], image_size=loop_config["image_size"],
