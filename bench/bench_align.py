@@ -24,14 +24,22 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from benchlib import REPO, format_table, machine_info, private_ray, ratio_line, write_json
 
 from gendertune.cluster.runtime import compute_parallelism
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.faces import AlignSettings
 from gendertune.data_prep.labels import read_labels
-from gendertune.data_prep.pipeline import SHARD_SCHEMA, decode_chunk, decode_images, decode_one, discover_inputs, list_images, match_labels, run_prep
-
-from benchlib import REPO, format_table, machine_info, private_ray, ratio_line, write_json
+from gendertune.data_prep.pipeline import (
+    SHARD_SCHEMA,
+    decode_chunk,
+    decode_images,
+    decode_one,
+    discover_inputs,
+    list_images,
+    match_labels,
+    run_prep,
+)
 
 GOAL = 1.7
 LABEL_FILE = "gender_classification.csv"
@@ -39,8 +47,11 @@ LABEL_FILE = "gender_classification.csv"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "celeba-sample"),
-                        help="CelebA-layout folder or images + CSV (default ../shared/data/celeba-sample)")
+    parser.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "celeba-sample"),
+        help="CelebA-layout folder or images + CSV (default ../shared/data/celeba-sample)",
+    )
     parser.add_argument("--labels", help="label file (default: the sample's gender_classification.csv if present)")
     parser.add_argument("--image-size", type=int, default=64, help="chip size (default 64)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N labelled images (0 = all)")
@@ -70,8 +81,10 @@ class AlignActor:
         self.image_size, self.align = image_size, AlignSettings.from_dict(align)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        pixels = [decode_one(Path(p).read_bytes(), i, image_size=self.image_size, align=self.align)[0]
-                  for i, p in zip(batch["image_id"], batch["path"])]
+        pixels = [
+            decode_one(Path(p).read_bytes(), i, image_size=self.image_size, align=self.align)[0]
+            for i, p in zip(batch["image_id"], batch["path"])
+        ]
         return pd.DataFrame({"image_id": batch["image_id"], "pixels": pixels})
 
 
@@ -79,8 +92,13 @@ def ray_data_pass(images: pd.DataFrame, out: Path, *, image_size: int, align: di
     import ray
 
     dataset = ray.data.from_pandas(images[["image_id", "path"]]).repartition(actors * 4)
-    dataset.map_batches(AlignActor, fn_constructor_args=(image_size, align), batch_format="pandas", batch_size=64,
-                        compute=ray.data.ActorPoolStrategy(size=actors)).write_parquet(str(out))
+    dataset.map_batches(
+        AlignActor,
+        fn_constructor_args=(image_size, align),
+        batch_format="pandas",
+        batch_size=64,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+    ).write_parquet(str(out))
 
 
 def timed(fn, *args, **kwargs) -> float:
@@ -105,33 +123,80 @@ def main() -> None:
         with private_ray(scratch) as ray_start_s:
             parallelism = compute_parallelism()
             # Warm-up: every worker process gets its models once, untimed (a real prep pays this once per worker).
-            decode_images(images.head(8 * parallelism), str(scratch / "warm"), image_size=args.image_size,
-                          rows_per_task=4, parallelism=parallelism, align=align)
-            one = timed(decode_chunk, chunk_rows(images), "part-00000.parquet", image_size=args.image_size,
-                        out=str(scratch / "one"), align=align.to_dict())
-            tasks = timed(decode_images, images, str(scratch / "tasks"), image_size=args.image_size, rows_per_task=256,
-                          parallelism=parallelism, align=align)
-            actors = timed(ray_data_pass, images, scratch / "data", image_size=args.image_size, align=align.to_dict(),
-                           actors=parallelism)
+            decode_images(
+                images.head(8 * parallelism),
+                str(scratch / "warm"),
+                image_size=args.image_size,
+                rows_per_task=4,
+                parallelism=parallelism,
+                align=align,
+            )
+            one = timed(
+                decode_chunk,
+                chunk_rows(images),
+                "part-00000.parquet",
+                image_size=args.image_size,
+                out=str(scratch / "one"),
+                align=align.to_dict(),
+            )
+            tasks = timed(
+                decode_images,
+                images,
+                str(scratch / "tasks"),
+                image_size=args.image_size,
+                rows_per_task=256,
+                parallelism=parallelism,
+                align=align,
+            )
+            actors = timed(
+                ray_data_pass,
+                images,
+                scratch / "data",
+                image_size=args.image_size,
+                align=align.to_dict(),
+                actors=parallelism,
+            )
             stage, stage_images = {}, 0
             for mode in ("faces", "none"):  # the whole --data folder: run_prep has no --limit
-                config = PrepConfig.from_dict({"data": args.data, "labels": label_path, "out": str(scratch / f"prep-{mode}"),
-                                               "image_size": args.image_size, "align": mode, "split": "random"})
+                config = PrepConfig.from_dict(
+                    {
+                        "data": args.data,
+                        "labels": label_path,
+                        "out": str(scratch / f"prep-{mode}"),
+                        "image_size": args.image_size,
+                        "align": mode,
+                        "split": "random",
+                    }
+                )
                 stage[mode], manifest = timed_result(run_prep, config)
                 stage_images = manifest["images_found"]
         n = len(images)
-        rows = [("one process", one, n / one, 1.0), ("Ray tasks (prep)", tasks, n / tasks, one / tasks),
-                ("Ray Data actor pool", actors, n / actors, one / actors),
-                ("prep --align faces", stage["faces"], stage_images / stage["faces"], float("nan")),
-                ("prep --align none", stage["none"], stage_images / stage["none"], float("nan"))]
-        print(f"{n} images from {args.data}, {args.image_size} px chips, {parallelism} parallel; "
-              f"Ray start-up {ray_start_s:.1f} s (not counted)")
+        rows = [
+            ("one process", one, n / one, 1.0),
+            ("Ray tasks (prep)", tasks, n / tasks, one / tasks),
+            ("Ray Data actor pool", actors, n / actors, one / actors),
+            ("prep --align faces", stage["faces"], stage_images / stage["faces"], float("nan")),
+            ("prep --align none", stage["none"], stage_images / stage["none"], float("nan")),
+        ]
+        print(
+            f"{n} images from {args.data}, {args.image_size} px chips, {parallelism} parallel; "
+            f"Ray start-up {ray_start_s:.1f} s (not counted)"
+        )
         print(format_table(["pass", "seconds", "img/s", "speed-up"], rows))
         print(f"prep --align faces / --align none wall time: {stage['faces'] / stage['none']:.2f}x")
         print(ratio_line("align one-process/ray-tasks", one / tasks, GOAL))
         print(f"(Ray Data actor pool: {one / actors:.2f}x)")
-        results.update({"one_process_s": one, "ray_tasks_s": tasks, "ray_data_s": actors, "prep_faces_s": stage["faces"],
-                        "prep_none_s": stage["none"], "ratio": one / tasks, "ratio_ray_data": one / actors})
+        results.update(
+            {
+                "one_process_s": one,
+                "ray_tasks_s": tasks,
+                "ray_data_s": actors,
+                "prep_faces_s": stage["faces"],
+                "prep_none_s": stage["none"],
+                "ratio": one / tasks,
+                "ratio_ray_data": one / actors,
+            }
+        )
         write_json(args.json, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -38,14 +38,13 @@ import statistics
 from types import SimpleNamespace
 
 import numpy as np
-
-from gendertune.cluster.runtime import compute_parallelism
-from gendertune.tuning.search.run import METRIC
-from gendertune.tuning.search.config import SearchConfig
-from gendertune.tuning.train.config import TrainConfig
-
 from benchlib import format_table, write_json
 from searchlib import Bench, add_data_args, bench_session, suggested_configs
+
+from gendertune.cluster.runtime import compute_parallelism
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.search.run import METRIC
+from gendertune.tuning.train.config import TrainConfig
 
 ASHA_GOAL = 0.35  # epochs with ASHA / epochs at the full budget
 TOLERANCE = 0.005  # "reaches the best accuracy": within 0.5 percentage points
@@ -57,10 +56,14 @@ def parse_args() -> argparse.Namespace:
     add_data_args(parser)
     parser.add_argument("--trials", type=int, default=8, help="configurations (default 8)")
     parser.add_argument("--epochs", type=int, default=5, help="full epoch budget per trial (default 5)")
-    parser.add_argument("--cross-check", action="store_true",
-                        help="also run the real ASHA search on the same configurations (about half the full run again)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: --sample-n 200 --trials 2 --epochs 2, no cross-check")
+    parser.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="also run the real ASHA search on the same configurations (about half the full run again)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: --sample-n 200 --trials 2 --epochs 2, no cross-check"
+    )
     args = parser.parse_args()
     if args.quick:
         args.sample_n, args.trials, args.epochs, args.cross_check = 200, 2, 2, False
@@ -69,8 +72,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def replay_asha(curves: list[list[float]], durations: list[list[float]], order: list[int], *, max_t: int,
-                grace: int, rf: int, concurrency: int, target: float) -> dict:
+def replay_asha(
+    curves: list[list[float]],
+    durations: list[list[float]],
+    order: list[int],
+    *,
+    max_t: int,
+    grace: int,
+    rf: int,
+    concurrency: int,
+    target: float,
+) -> dict:
     """Feed the recorded learning curves to Ray's ASHAScheduler as a search would, return what it spent.
 
     Trials start in `order` into `concurrency` slots; trial i's epoch e result arrives durations[i][e-1]
@@ -81,8 +93,14 @@ def replay_asha(curves: list[list[float]], durations: list[list[float]], order: 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.schedulers.trial_scheduler import TrialScheduler
 
-    scheduler = ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=max_t,
-                              grace_period=min(grace, max_t), reduction_factor=rf)
+    scheduler = ASHAScheduler(
+        metric=METRIC,
+        mode="max",
+        time_attr="training_iteration",
+        max_t=max_t,
+        grace_period=min(grace, max_t),
+        reduction_factor=rf,
+    )
     pending, heap, spent, counter, now = list(order), [], {}, 0, 0.0
     to_target = None  # epochs spent (all trials) when a result first reached `target`
 
@@ -108,9 +126,14 @@ def replay_asha(curves: list[list[float]], durations: list[list[float]], order: 
         else:
             heapq.heappush(heap, (now + durations[i][epoch], counter, i, epoch + 1))
             counter += 1
-    best = max(max(curves[i][:spent[i]]) for i in spent)
-    return {"epochs": sum(spent.values()), "per_trial": [spent[i] for i in range(len(curves))], "best": best,
-            "wall_s": now, "epochs_to_target": to_target}
+    best = max(max(curves[i][: spent[i]]) for i in spent)
+    return {
+        "epochs": sum(spent.values()),
+        "per_trial": [spent[i] for i in range(len(curves))],
+        "best": best,
+        "wall_s": now,
+        "epochs_to_target": to_target,
+    }
 
 
 def run_asha(bench: Bench) -> dict:
@@ -123,14 +146,20 @@ def run_asha(bench: Bench) -> dict:
     no_stop = SearchConfig.from_dict({"trials": args.trials, "grace_period": args.epochs, "seed": args.seed})
     trials = bench.search("full-budget", full_base, no_stop, points)
     if len(trials) != args.trials or any(len(t["results"]) != args.epochs for t in trials):
-        raise RuntimeError("the full-budget search did not run every trial to the full budget: "
-                           + ", ".join(f"{t['trial']} {len(t['results'])} epochs" for t in trials))
+        raise RuntimeError(
+            "the full-budget search did not run every trial to the full budget: "
+            + ", ".join(f"{t['trial']} {len(t['results'])} epochs" for t in trials)
+        )
     curves = [[r[METRIC] for r in t["results"]] for t in trials]
     durations = [np.diff([t["created"]] + [r["t"] for r in t["results"]]).tolist() for t in trials]
     best_full = max(max(c) for c in curves)
     epochs_full = args.trials * args.epochs
-    kw = {"max_t": args.epochs, "grace": defaults.grace_period, "rf": defaults.reduction_factor,
-          "target": best_full - TOLERANCE - 1e-9}
+    kw = {
+        "max_t": args.epochs,
+        "grace": defaults.grace_period,
+        "rf": defaults.reduction_factor,
+        "target": best_full - TOLERANCE - 1e-9,
+    }
     order = list(range(args.trials))
     replay = replay_asha(curves, durations, order, concurrency=concurrency, **kw)
     sequential = replay_asha(curves, durations, order, concurrency=1, **kw)
@@ -143,79 +172,151 @@ def run_asha(bench: Bench) -> dict:
     # The same curves under other reduction factors: what `--reduction-factor` would trade.
     by_rf = {}
     for rf in (2, 3, 4):
-        runs = [replay_asha(curves, durations, o, concurrency=concurrency, **{**kw, "rf": rf}) for o in [order, *orders]]
-        by_rf[rf] = {"ratio_search_order": runs[0]["epochs"] / epochs_full,
-                     "mean_ratio": statistics.fmean(r["epochs"] for r in runs[1:]) / epochs_full,
-                     "kept_best_share": sum(r["best"] >= kw["target"] for r in runs[1:]) / SHUFFLES}
+        runs = [
+            replay_asha(curves, durations, o, concurrency=concurrency, **{**kw, "rf": rf}) for o in [order, *orders]
+        ]
+        by_rf[rf] = {
+            "ratio_search_order": runs[0]["epochs"] / epochs_full,
+            "mean_ratio": statistics.fmean(r["epochs"] for r in runs[1:]) / epochs_full,
+            "kept_best_share": sum(r["best"] >= kw["target"] for r in runs[1:]) / SHUFFLES,
+        }
 
     def kept(r: dict) -> bool:
         return r["best"] >= best_full - TOLERANCE - 1e-9
 
     asha = bench.report["asha"] = {
-        "configs": points, "epochs": args.epochs, "grace_period": defaults.grace_period,
-        "reduction_factor": defaults.reduction_factor, "concurrency": concurrency, "curves": curves,
-        "epoch_seconds": durations, "epochs_full": epochs_full, "best_full": best_full,
-        "epochs_asha": replay["epochs"], "best_asha": replay["best"], "ratio": replay["epochs"] / epochs_full,
-        "wall_full_s": full_wall, "wall_asha_s": replay["wall_s"],
-        "kept_best": kept(replay), "per_trial_epochs": replay["per_trial"],
+        "configs": points,
+        "epochs": args.epochs,
+        "grace_period": defaults.grace_period,
+        "reduction_factor": defaults.reduction_factor,
+        "concurrency": concurrency,
+        "curves": curves,
+        "epoch_seconds": durations,
+        "epochs_full": epochs_full,
+        "best_full": best_full,
+        "epochs_asha": replay["epochs"],
+        "best_asha": replay["best"],
+        "ratio": replay["epochs"] / epochs_full,
+        "wall_full_s": full_wall,
+        "wall_asha_s": replay["wall_s"],
+        "kept_best": kept(replay),
+        "per_trial_epochs": replay["per_trial"],
         "sequential": {**sequential, "ratio": sequential["epochs"] / epochs_full, "kept_best": kept(sequential)},
-        "shuffled": {"orders": SHUFFLES, "mean_ratio": statistics.fmean(r["epochs"] for r in shuffled) / epochs_full,
-                     "min_ratio": min(r["epochs"] for r in shuffled) / epochs_full,
-                     "max_ratio": max(r["epochs"] for r in shuffled) / epochs_full,
-                     "kept_best_share": sum(kept(r) for r in shuffled) / SHUFFLES},
+        "shuffled": {
+            "orders": SHUFFLES,
+            "mean_ratio": statistics.fmean(r["epochs"] for r in shuffled) / epochs_full,
+            "min_ratio": min(r["epochs"] for r in shuffled) / epochs_full,
+            "max_ratio": max(r["epochs"] for r in shuffled) / epochs_full,
+            "kept_best_share": sum(kept(r) for r in shuffled) / SHUFFLES,
+        },
         # Epochs spent, all trials together, until some trial first reached best_full - 0.5 pt.
-        "epochs_to_target_asha": replay["epochs_to_target"], "epochs_to_target_full": full["epochs_to_target"],
+        "epochs_to_target_asha": replay["epochs_to_target"],
+        "epochs_to_target_full": full["epochs_to_target"],
         "by_reduction_factor": by_rf,
     }
     write_json(args.json, bench.report)
 
-    print(f"\nlearning curves (val_acc per epoch), full budget, and epochs the ASHA replay gives each "
-          f"(grace {defaults.grace_period}, rf {defaults.reduction_factor}, max_t {args.epochs}, "
-          f"{concurrency} at a time):")
+    print(
+        f"\nlearning curves (val_acc per epoch), full budget, and epochs the ASHA replay gives each "
+        f"(grace {defaults.grace_period}, rf {defaults.reduction_factor}, max_t {args.epochs}, "
+        f"{concurrency} at a time):"
+    )
     rows = []
     for i, (t, curve) in enumerate(zip(trials, curves)):
         c = t["config"]
-        rows.append((i, c.get("optimizer"), f"{c.get('lr', 0):.2e}", c.get("batch_size"),
-                     " ".join(f"{v:.3f}" for v in curve), replay["per_trial"][i], sequential["per_trial"][i]))
+        rows.append(
+            (
+                i,
+                c.get("optimizer"),
+                f"{c.get('lr', 0):.2e}",
+                c.get("batch_size"),
+                " ".join(f"{v:.3f}" for v in curve),
+                replay["per_trial"][i],
+                sequential["per_trial"][i],
+            )
+        )
     print(format_table(["config", "opt", "lr", "batch", "val_acc per epoch", "asha ep", "asha ep (1 at a time)"], rows))
 
     if args.cross_check:
-        real = bench.search("asha-real", full_base, SearchConfig.from_dict({"trials": args.trials, "seed": args.seed}),
-                            points)
+        real = bench.search(
+            "asha-real", full_base, SearchConfig.from_dict({"trials": args.trials, "seed": args.seed}), points
+        )
         spent = sum(len(t["results"]) for t in real)
         best_real = max(r[METRIC] for t in real for r in t["results"])
-        diff = max((abs(r[METRIC] - curves[t["index"]][r["training_iteration"] - 1]) for t in real if t["index"] is not None
-                    for r in t["results"]), default=float("nan"))
-        asha["real"] = {"epochs": spent, "ratio": spent / epochs_full, "best": best_real,
-                        "kept_best": best_real >= best_full - TOLERANCE - 1e-9,
-                        "per_trial_epochs": [len(t["results"]) for t in real], "max_val_acc_diff_vs_full": diff}
+        diff = max(
+            (
+                abs(r[METRIC] - curves[t["index"]][r["training_iteration"] - 1])
+                for t in real
+                if t["index"] is not None
+                for r in t["results"]
+            ),
+            default=float("nan"),
+        )
+        asha["real"] = {
+            "epochs": spent,
+            "ratio": spent / epochs_full,
+            "best": best_real,
+            "kept_best": best_real >= best_full - TOLERANCE - 1e-9,
+            "per_trial_epochs": [len(t["results"]) for t in real],
+            "max_val_acc_diff_vs_full": diff,
+        }
         write_json(args.json, bench.report)
 
     print()
-    table = [("full budget (replayed)", epochs_full, 1.0, best_full, True, full_wall, 1.0),
-             ("ASHA replay, search order", replay["epochs"], replay["epochs"] / epochs_full, replay["best"],
-              kept(replay), replay["wall_s"], replay["wall_s"] / full_wall),
-             ("ASHA replay, 1 at a time", sequential["epochs"], sequential["epochs"] / epochs_full, sequential["best"],
-              kept(sequential), "-", "-")]
+    table = [
+        ("full budget (replayed)", epochs_full, 1.0, best_full, True, full_wall, 1.0),
+        (
+            "ASHA replay, search order",
+            replay["epochs"],
+            replay["epochs"] / epochs_full,
+            replay["best"],
+            kept(replay),
+            replay["wall_s"],
+            replay["wall_s"] / full_wall,
+        ),
+        (
+            "ASHA replay, 1 at a time",
+            sequential["epochs"],
+            sequential["epochs"] / epochs_full,
+            sequential["best"],
+            kept(sequential),
+            "-",
+            "-",
+        ),
+    ]
     if "real" in asha:
         r = asha["real"]
         table.append(("real ASHA search", r["epochs"], r["ratio"], r["best"], r["kept_best"], "-", "-"))
     print(format_table(["run", "epochs", "/ full", "best val_acc", "within 0.5 pt", "wall s", "/ full"], table))
     print("(wall s: the replay's makespan from the full run's per-epoch times, first epoch incl. trial start-up)")
     s = asha["shuffled"]
-    print(f"epochs_full {epochs_full} ({args.trials} trials x {args.epochs}), best_full {best_full:.4f}; "
-          f"epochs_asha {replay['epochs']}, best_asha {replay['best']:.4f}")
-    print(f"over {SHUFFLES} shuffled trial orders: ratio mean {s['mean_ratio']:.2f} (range {s['min_ratio']:.2f}-"
-          f"{s['max_ratio']:.2f}), best kept within 0.5 pt in {s['kept_best_share']:.0%}")
-    print(f"epochs spent until a trial first reached best_full - 0.5 pt: ASHA {asha['epochs_to_target_asha']}, "
-          f"full budget {asha['epochs_to_target_full']} (of {epochs_full}; in search order, so this says more about "
-          "the order than about ASHA)")
-    print(format_table(["reduction factor", "epochs / full (search order)", "mean over shuffles", "best kept (shuffles)"],
-                       [(rf, f"{v['ratio_search_order']:.2f}", f"{v['mean_ratio']:.2f}", f"{v['kept_best_share']:.0%}")
-                        for rf, v in by_rf.items()]))
+    print(
+        f"epochs_full {epochs_full} ({args.trials} trials x {args.epochs}), best_full {best_full:.4f}; "
+        f"epochs_asha {replay['epochs']}, best_asha {replay['best']:.4f}"
+    )
+    print(
+        f"over {SHUFFLES} shuffled trial orders: ratio mean {s['mean_ratio']:.2f} (range {s['min_ratio']:.2f}-"
+        f"{s['max_ratio']:.2f}), best kept within 0.5 pt in {s['kept_best_share']:.0%}"
+    )
+    print(
+        f"epochs spent until a trial first reached best_full - 0.5 pt: ASHA {asha['epochs_to_target_asha']}, "
+        f"full budget {asha['epochs_to_target_full']} (of {epochs_full}; in search order, so this says more about "
+        "the order than about ASHA)"
+    )
+    print(
+        format_table(
+            ["reduction factor", "epochs / full (search order)", "mean over shuffles", "best kept (shuffles)"],
+            [
+                (rf, f"{v['ratio_search_order']:.2f}", f"{v['mean_ratio']:.2f}", f"{v['kept_best_share']:.0%}")
+                for rf, v in by_rf.items()
+            ],
+        )
+    )
     if "real" in asha:
-        print(f"real ASHA search: largest val_acc difference from the full run at a common epoch "
-              f"{asha['real']['max_val_acc_diff_vs_full']:.4f} (0 = the replayed curves are exactly what it saw)")
+        print(
+            f"real ASHA search: largest val_acc difference from the full run at a common epoch "
+            f"{asha['real']['max_val_acc_diff_vs_full']:.4f} (0 = the replayed curves are exactly what it saw)"
+        )
     return asha
 
 
@@ -223,8 +324,10 @@ def main() -> None:
     args = parse_args()
     with bench_session(args, "asha") as bench:
         asha = run_asha(bench)
-    print(f"\nRATIO asha_epochs: {asha['ratio']:.2f} (goal <= {ASHA_GOAL:g}; best_asha {asha['best_asha']:.4f} vs "
-          f"best_full {asha['best_full']:.4f}: {'within' if asha['kept_best'] else 'NOT within'} 0.5 pt)")
+    print(
+        f"\nRATIO asha_epochs: {asha['ratio']:.2f} (goal <= {ASHA_GOAL:g}; best_asha {asha['best_asha']:.4f} vs "
+        f"best_full {asha['best_full']:.4f}: {'within' if asha['kept_best'] else 'NOT within'} 0.5 pt)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,13 +29,20 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from benchlib import REPO, format_table, machine_info, ratio_line, write_json
 from PIL import Image
 
-from gendertune.data_prep.faces import (DETECTION_PASSES, LANDMARK_MODELS, NO_DETECTION, FaceFinder, apply_matrix,
-                                        model_file, similarity_matrix, template_points)
+from gendertune.data_prep.faces import (
+    DETECTION_PASSES,
+    LANDMARK_MODELS,
+    NO_DETECTION,
+    FaceFinder,
+    apply_matrix,
+    model_file,
+    similarity_matrix,
+    template_points,
+)
 from gendertune.data_prep.images import center_square_box
-
-from benchlib import REPO, format_table, machine_info, ratio_line, write_json
 
 CELEBA = "celeba-sample/img_align_celeba"
 UTKFACE = "utkface-dev/images"
@@ -48,8 +55,12 @@ MIRROR = {"5": [3, 2, 1, 0, 4], "68": [1, 0, 2, 4, 3]}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("section", choices=["template", "detect"])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",
-                        help="folder holding celeba-sample/ and utkface-dev/ (default ../shared/data)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=REPO.parent / "shared" / "data",
+        help="folder holding celeba-sample/ and utkface-dev/ (default ../shared/data)",
+    )
     parser.add_argument("--template-n", type=int, default=1500, help="images the template is measured on")
     parser.add_argument("--check-n", type=int, default=500, help="the next images, where the two paths are compared")
     parser.add_argument("--n", type=int, default=300, help="detect: images per set")
@@ -63,8 +74,10 @@ def landmark_points(detector, predictors: dict, pixels: np.ndarray) -> dict[str,
     if not boxes:
         return None
     box = max(boxes, key=lambda b: b.area())
-    return {name: LANDMARK_MODELS[name].points(np.array([(p.x, p.y) for p in predictor(pixels, box).parts()], float))
-            for name, predictor in predictors.items()}
+    return {
+        name: LANDMARK_MODELS[name].points(np.array([(p.x, p.y) for p in predictor(pixels, box).parts()], float))
+        for name, predictor in predictors.items()
+    }
 
 
 def symmetric(layout: np.ndarray, name: str) -> np.ndarray:
@@ -107,13 +120,31 @@ def template_section(args: argparse.Namespace) -> dict:
             distances = [np.hypot(*(m - reference).T).mean() for m in mapped]
             moved = [np.hypot(*(m - old).T).mean() for m, old in zip(mapped, in_68_chip)]
             errors[f"{name}@{size}"] = float(np.mean(distances))
-            rows.append((size, f"{name}-point", len(checked), np.mean(distances), np.percentile(distances, 95),
-                         np.mean(moved), np.percentile(moved, 95)))
+            rows.append(
+                (
+                    size,
+                    f"{name}-point",
+                    len(checked),
+                    np.mean(distances),
+                    np.percentile(distances, 95),
+                    np.mean(moved),
+                    np.percentile(moved, 95),
+                )
+            )
     print(format_table(["chip px", "path", "faces", "error px", "p95", "from 68-pt chip px", "p95"], rows))
     for size in (64, 128):
-        print(ratio_line(f"68-point / 5-point framing error at {size} px", errors[f"68@{size}"] / errors[f"5@{size}"], 0.5))
-    return {"templates": {k: v.tolist() for k, v in templates.items()}, "faces": len(unit["5"]),
-            "checked": len(checked), "errors_px": errors, "shipped_difference": shipped}
+        print(
+            ratio_line(
+                f"68-point / 5-point framing error at {size} px", errors[f"68@{size}"] / errors[f"5@{size}"], 0.5
+            )
+        )
+    return {
+        "templates": {k: v.tolist() for k, v in templates.items()},
+        "faces": len(unit["5"]),
+        "checked": len(checked),
+        "errors_px": errors,
+        "shipped_difference": shipped,
+    }
 
 
 def sample(folder: Path, n: int) -> list[Path]:
@@ -133,8 +164,10 @@ def detect_set(finder: FaceFinder, images: list[Image.Image], *, every_face: boo
 
 
 def detect_section(args: argparse.Namespace) -> dict:
-    sets = {name: [Image.open(p).convert("RGB") for p in sample(args.data / folder, args.n)]
-            for name, folder in (("celeba", CELEBA), ("utkface", UTKFACE))}
+    sets = {
+        name: [Image.open(p).convert("RGB") for p in sample(args.data / folder, args.n)]
+        for name, folder in (("celeba", CELEBA), ("utkface", UTKFACE))
+    }
     results, rows = {}, []
     settings = [(detector, False) for detector in DETECTORS] + [("hog+upsample", True)]
     for detector, every_face in settings:
@@ -143,9 +176,12 @@ def detect_section(args: argparse.Namespace) -> dict:
         for name, images in sets.items():
             paths, cpu_ms, wall_ms = detect_set(finder, images, every_face=every_face)
             results[f"{label}/{name}"] = {"cpu_ms_per_image": cpu_ms, "wall_ms_per_image": wall_ms, **paths}
-            rows.append((label, name, len(images), paths[NO_DETECTION], *(paths[p] for p in DETECTION_PASSES),
-                         cpu_ms, wall_ms))
-    print(format_table(["detector", "set", "images", "missed", *DETECTION_PASSES, "CPU ms/image", "wall ms/image"], rows))
+            rows.append(
+                (label, name, len(images), paths[NO_DETECTION], *(paths[p] for p in DETECTION_PASSES), cpu_ms, wall_ms)
+            )
+    print(
+        format_table(["detector", "set", "images", "missed", *DETECTION_PASSES, "CPU ms/image", "wall ms/image"], rows)
+    )
     for label in dict.fromkeys(key.split("/")[0] for key in results):
         for name in sets:
             ratio = results[f"hog/{name}"]["cpu_ms_per_image"] / results[f"{label}/{name}"]["cpu_ms_per_image"]

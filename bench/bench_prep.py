@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from benchlib import REPO, format_table, int_list, machine_info, private_ray, ratio_line, write_json
 from PIL import Image
 
 from gendertune.cluster.runtime import compute_parallelism
@@ -49,8 +50,6 @@ from gendertune.data_prep.labels import read_labels
 from gendertune.data_prep.pipeline import discover_inputs, list_images, match_labels, run_prep
 from gendertune.data_prep.synthetic import make_sample
 
-from benchlib import REPO, format_table, int_list, machine_info, private_ray, ratio_line, write_json
-
 GOAL = 1.7
 WARMUP_IMAGES = 50
 LABEL_FILE = "gender_classification.csv"
@@ -58,16 +57,24 @@ LABEL_FILE = "gender_classification.csv"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "celeba-sample"),
-                        help="CelebA-layout folder or images + CSV (default ../shared/data/celeba-sample); "
-                        "if missing, a synthetic sample is generated")
+    parser.add_argument(
+        "--data",
+        default=str(REPO.parent / "shared" / "data" / "celeba-sample"),
+        help="CelebA-layout folder or images + CSV (default ../shared/data/celeba-sample); "
+        "if missing, a synthetic sample is generated",
+    )
     parser.add_argument("--replicate", type=int, default=3, help="distinct copies of every image (default 3)")
-    parser.add_argument("--image-size", type=int_list, default=[128],
-                        help="target size(s), comma-separated, e.g. 64,128 (default 128)")
+    parser.add_argument(
+        "--image-size", type=int_list, default=[128], help="target size(s), comma-separated, e.g. 64,128 (default 128)"
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only the first N labelled images (0 = all)")
     parser.add_argument("--synthetic-n", type=int, default=2000, help="images in a generated sample (default 2000)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="baseline/ray pairs per size, alternating; the ratio is of the medians (default 3)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="baseline/ray pairs per size, alternating; the ratio is of the medians (default 3)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: --limit 200 --replicate 1 --repeat 1")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args()
@@ -129,8 +136,15 @@ def seed_loop(paths: list[Path], image_size: int) -> tuple[int, int]:
 
 def ray_prep(folder: Path, out: Path, image_size: int) -> dict:
     # The centre-square stage the baseline loop reproduces; bench_align.py measures face alignment.
-    config = PrepConfig.from_dict({"data": str(folder), "labels": str(folder / LABEL_FILE), "out": str(out),
-                                   "image_size": image_size, "align": "none"})
+    config = PrepConfig.from_dict(
+        {
+            "data": str(folder),
+            "labels": str(folder / LABEL_FILE),
+            "out": str(out),
+            "image_size": image_size,
+            "align": "none",
+        }
+    )
     return run_prep(config)
 
 
@@ -154,22 +168,31 @@ def measure_size(paths: list[Path], scratch: Path, size: int, *, repeat: int) ->
         ray_runs.append(ray_s)
     base_s, ray_s = statistics.median(base_runs), statistics.median(ray_runs)
     return {
-        "image_size": size, "baseline_s": base_s, "baseline_img_per_s": n / base_s,
-        "baseline_decoded": decoded, "baseline_failed": failed, "ray_s": ray_s, "ray_img_per_s": n / ray_s,
-        "ray_rejected": manifest["rejected"], "ray_duplicates_dropped": manifest["duplicates_dropped"],
-        "ratio": base_s / ray_s, "baseline_runs_s": base_runs, "ray_runs_s": ray_runs,
-        "pair_ratios": [b / r for b, r in zip(base_runs, ray_runs)], "ratio_of_fastest": min(base_runs) / min(ray_runs),
+        "image_size": size,
+        "baseline_s": base_s,
+        "baseline_img_per_s": n / base_s,
+        "baseline_decoded": decoded,
+        "baseline_failed": failed,
+        "ray_s": ray_s,
+        "ray_img_per_s": n / ray_s,
+        "ray_rejected": manifest["rejected"],
+        "ray_duplicates_dropped": manifest["duplicates_dropped"],
+        "ratio": base_s / ray_s,
+        "baseline_runs_s": base_runs,
+        "ray_runs_s": ray_runs,
+        "pair_ratios": [b / r for b, r in zip(base_runs, ray_runs)],
+        "ratio_of_fastest": min(base_runs) / min(ray_runs),
     }
 
 
 def main() -> None:
     args = parse_args()
-    report = {"benchmark": "prep", "goal": GOAL, "machine": machine_info(), "replicate": args.replicate,
-              "results": []}
+    report = {"benchmark": "prep", "goal": GOAL, "machine": machine_info(), "replicate": args.replicate, "results": []}
     with tempfile.TemporaryDirectory(prefix="gendertune-bench-prep-") as tmp:
         scratch = Path(tmp)
-        images, report["data"] = source_images(Path(args.data), limit=args.limit, synthetic_n=args.synthetic_n,
-                                               scratch=scratch)
+        images, report["data"] = source_images(
+            Path(args.data), limit=args.limit, synthetic_n=args.synthetic_n, scratch=scratch
+        )
         paths = replicate(images, args.replicate, scratch / "data")
         replicate(images.head(WARMUP_IMAGES), 1, scratch / "warmup")
         n = len(paths)
@@ -181,25 +204,36 @@ def main() -> None:
             report["ray_startup_s"] = startup
             _, report["warmup_s"] = timed(ray_prep, scratch / "warmup", scratch / "warmup-out", args.image_size[0])
             report["ray_decode_tasks"] = compute_parallelism()
-            print(f"Ray start-up (one-time, not in the ratio): {startup:.1f}s; "
-                  f"warm-up prep of {min(WARMUP_IMAGES, len(images))} images (untimed): {report['warmup_s']:.1f}s; "
-                  f"decode tasks at once: {report['ray_decode_tasks']}")
+            print(
+                f"Ray start-up (one-time, not in the ratio): {startup:.1f}s; "
+                f"warm-up prep of {min(WARMUP_IMAGES, len(images))} images (untimed): {report['warmup_s']:.1f}s; "
+                f"decode tasks at once: {report['ray_decode_tasks']}"
+            )
             for size in args.image_size:
                 report["results"].append(measure_size(paths, scratch, size, repeat=args.repeat))
                 write_json(args.json, report)
 
-    rows = [(r["image_size"], n, r["baseline_s"], r["baseline_img_per_s"], r["ray_s"], r["ray_img_per_s"],
-             r["ratio"]) for r in report["results"]]
+    rows = [
+        (r["image_size"], n, r["baseline_s"], r["baseline_img_per_s"], r["ray_s"], r["ray_img_per_s"], r["ratio"])
+        for r in report["results"]
+    ]
     print()
     print(format_table(["size px", "images", "baseline s", "baseline img/s", "ray s", "ray img/s", "ratio"], rows))
     print(f"(medians of {args.repeat} alternating runs each)")
     for r in report["results"]:
-        print(f"{r['image_size']} px runs: baseline " + ", ".join(f"{s:.2f}" for s in r["baseline_runs_s"])
-              + " s; ray " + ", ".join(f"{s:.2f}" for s in r["ray_runs_s"])
-              + " s; pair ratios " + ", ".join(f"{x:.2f}" for x in r["pair_ratios"])
-              + f"; fastest/fastest {r['ratio_of_fastest']:.2f}")
-        print(f"{r['image_size']} px: baseline failed to decode {r['baseline_failed']}, "
-              f"prep rejected {r['ray_rejected']} and dropped {r['ray_duplicates_dropped']} duplicates")
+        print(
+            f"{r['image_size']} px runs: baseline "
+            + ", ".join(f"{s:.2f}" for s in r["baseline_runs_s"])
+            + " s; ray "
+            + ", ".join(f"{s:.2f}" for s in r["ray_runs_s"])
+            + " s; pair ratios "
+            + ", ".join(f"{x:.2f}" for x in r["pair_ratios"])
+            + f"; fastest/fastest {r['ratio_of_fastest']:.2f}"
+        )
+        print(
+            f"{r['image_size']} px: baseline failed to decode {r['baseline_failed']}, "
+            f"prep rejected {r['ray_rejected']} and dropped {r['ray_duplicates_dropped']} duplicates"
+        )
     for r in report["results"]:
         print(ratio_line(f"prep_{r['image_size']}px", r["ratio"], GOAL))
 

@@ -32,20 +32,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from benchlib import format_table, machine_info, private_ray, ratio_line, str_list, write_json
 from torch import Tensor
 
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.layout import PreparedData, open_prepared
 from gendertune.data_prep.pipeline import run_prep
 from gendertune.data_prep.synthetic import make_sample
+from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.data import in_validation
 from gendertune.tuning.train.engine import select_precision
 from gendertune.tuning.train.pixels import decode_pixels
 from gendertune.tuning.train.run import build_trainer, load_checkpoint_state, loop_settings
-from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.worker import run_epochs
-
-from benchlib import format_table, machine_info, private_ray, ratio_line, str_list, write_json
 
 GOAL = 0.9
 
@@ -56,12 +55,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64, help="training image size (default 64)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per path, >= 2 (default 3)")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
-    parser.add_argument("--precision", type=str_list, default=["fp32", "bf16"],
-                        help="comma-separated precisions to compare (default fp32,bf16)")
+    parser.add_argument(
+        "--precision",
+        type=str_list,
+        default=["fp32", "bf16"],
+        help="comma-separated precisions to compare (default fp32,bf16)",
+    )
     parser.add_argument("--prep", help="an existing prep output to train on (default: prep a synthetic sample)")
     parser.add_argument("--sample-n", type=int, default=1500, help="images in the synthetic sample (default 1500)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: --sample-n 200 --image-size 32 --epochs 2 --batch-size 16 --precision fp32")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: --sample-n 200 --image-size 32 --epochs 2 --batch-size 16 --precision fp32",
+    )
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args()
     if args.quick:
@@ -104,7 +110,9 @@ def in_memory(prepared: PreparedData, split: str, *, val_fraction: float) -> tup
     """The rows that `gendertune.tuning.train.data.training_datasets` streams to the Ray path as `split` ("train" or
     "val"), read with pyarrow: prep's own split, else the carve from train that it makes."""
     has_val = "val" in prepared.splits
-    table = pq.read_table(prepared.split_dir(split if has_val else "train"), columns=["pixels", "label", "identity", "hash"])
+    table = pq.read_table(
+        prepared.split_dir(split if has_val else "train"), columns=["pixels", "label", "identity", "hash"]
+    )
     columns = {name: table.column(name).to_numpy() for name in table.column_names}
     if not has_val:
         keep = in_validation(columns["identity"], columns["hash"], val_fraction) == (split == "val")
@@ -126,28 +134,40 @@ def run_ray(config: TrainConfig, prepared: PreparedData, storage: Path) -> tuple
     return load_checkpoint_state(result.checkpoint)["history"], wall
 
 
-def run_plain(config: TrainConfig, prepared: PreparedData, splits: dict[str, tuple[Tensor, Tensor]]) -> tuple[list[dict], float]:
+def run_plain(
+    config: TrainConfig, prepared: PreparedData, splits: dict[str, tuple[Tensor, Tensor]]
+) -> tuple[list[dict], float]:
     settings = loop_settings(config, prepared)
     torch.set_num_threads(settings["threads_per_worker"])
     session = InMemorySession(splits)
     started = time.perf_counter()
-    run_epochs(config, image_size=settings["image_size"], steps_per_epoch=settings["steps_per_epoch"],
-               session=session)
+    run_epochs(config, image_size=settings["image_size"], steps_per_epoch=settings["steps_per_epoch"], session=session)
     return session.reports, time.perf_counter() - started
 
 
 def prep_sample(scratch: Path, n: int, image_size: int) -> Path:
     sample = make_sample(scratch / "sample", n=n, seed=0).path
     out = scratch / "prep"
-    run_prep(PrepConfig.from_dict({"data": str(sample), "out": str(out), "image_size": image_size,
-                                   "ratios": [0.8, 0.1, 0.1]}))
+    run_prep(
+        PrepConfig.from_dict(
+            {"data": str(sample), "out": str(out), "image_size": image_size, "ratios": [0.8, 0.1, 0.1]}
+        )
+    )
     return out
 
 
 def main() -> None:
     args = parse_args()
-    report = {"benchmark": "train", "goal": GOAL, "machine": machine_info(), "model": args.model,
-              "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs, "results": []}
+    report = {
+        "benchmark": "train",
+        "goal": GOAL,
+        "machine": machine_info(),
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "results": [],
+    }
     with tempfile.TemporaryDirectory(prefix="gendertune-bench-train-") as tmp:
         scratch = Path(tmp)
         with private_ray(scratch) as startup:
@@ -155,14 +175,23 @@ def main() -> None:
             prep_dir = Path(args.prep) if args.prep else prep_sample(scratch, args.sample_n, args.image_size)
             report["data"] = str(prep_dir) if args.prep else f"SYNTHETIC sample of {args.sample_n} images"
             prepared = open_prepared(prep_dir)
-            base = {"data": str(prep_dir), "out": str(scratch / "unused"), "model": args.model, "workers": 1,
-                    "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size}
+            base = {
+                "data": str(prep_dir),
+                "out": str(scratch / "unused"),
+                "model": args.model,
+                "workers": 1,
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "image_size": args.image_size,
+            }
             config = TrainConfig.from_dict(base)
             splits = {name: in_memory(prepared, name, val_fraction=config.val_fraction) for name in ("train", "val")}
             report["train_rows"] = len(splits["train"][1])
             report["torch_threads"] = loop_settings(config, prepared)["threads_per_worker"]
-            print(f"data: {report['data']}; {report['train_rows']} training rows; "
-                  f"torch threads per path: {report['torch_threads']}; Ray start-up {startup:.1f}s")
+            print(
+                f"data: {report['data']}; {report['train_rows']} training rows; "
+                f"torch threads per path: {report['torch_threads']}; Ray start-up {startup:.1f}s"
+            )
             for precision in args.precision:
                 try:
                     select_precision(precision, torch.device("cpu"))
@@ -173,26 +202,40 @@ def main() -> None:
                 ray_history, ray_wall = run_ray(config, prepared, scratch / "ray-train")
                 plain_history, plain_wall = run_plain(config, prepared, splits)
                 ray_rate, plain_rate = steady_rate(ray_history), steady_rate(plain_history)
-                report["results"].append({
-                    "precision": precision, "ray_img_per_s": ray_rate, "plain_img_per_s": plain_rate,
-                    "ratio": ray_rate / plain_rate, "ray_wall_s": ray_wall, "plain_wall_s": plain_wall,
-                    "ray_epochs_img_per_s": [row["train_images_per_s"] for row in ray_history],
-                    "plain_epochs_img_per_s": [row["train_images_per_s"] for row in plain_history],
-                })
+                report["results"].append(
+                    {
+                        "precision": precision,
+                        "ray_img_per_s": ray_rate,
+                        "plain_img_per_s": plain_rate,
+                        "ratio": ray_rate / plain_rate,
+                        "ray_wall_s": ray_wall,
+                        "plain_wall_s": plain_wall,
+                        "ray_epochs_img_per_s": [row["train_images_per_s"] for row in ray_history],
+                        "plain_epochs_img_per_s": [row["train_images_per_s"] for row in plain_history],
+                    }
+                )
                 write_json(args.json, report)
 
     results = {r["precision"]: r for r in report["results"]}
     print()
-    print(format_table(
-        ["precision", "ray img/s", "plain img/s", "ratio", "ray wall s", "plain wall s"],
-        [(p, r["ray_img_per_s"], r["plain_img_per_s"], r["ratio"], r["ray_wall_s"], r["plain_wall_s"])
-         for p, r in results.items()],
-    ))
-    print(f"({args.model}, {args.image_size} px, batch {args.batch_size}, img/s = mean of epochs 2-{args.epochs}; "
-          "wall = whole run incl. start-up, evaluation and checkpoints)")
+    print(
+        format_table(
+            ["precision", "ray img/s", "plain img/s", "ratio", "ray wall s", "plain wall s"],
+            [
+                (p, r["ray_img_per_s"], r["plain_img_per_s"], r["ratio"], r["ray_wall_s"], r["plain_wall_s"])
+                for p, r in results.items()
+            ],
+        )
+    )
+    print(
+        f"({args.model}, {args.image_size} px, batch {args.batch_size}, img/s = mean of epochs 2-{args.epochs}; "
+        "wall = whole run incl. start-up, evaluation and checkpoints)"
+    )
     if "fp32" in results and "bf16" in results:
-        report["bf16_speedup"] = {path: results["bf16"][f"{path}_img_per_s"] / results["fp32"][f"{path}_img_per_s"]
-                                  for path in ("ray", "plain")}
+        report["bf16_speedup"] = {
+            path: results["bf16"][f"{path}_img_per_s"] / results["fp32"][f"{path}_img_per_s"]
+            for path in ("ray", "plain")
+        }
         print("bf16/fp32 speedup: " + ", ".join(f"{path} {x:.2f}x" for path, x in report["bf16_speedup"].items()))
         write_json(args.json, report)
     for precision, r in results.items():

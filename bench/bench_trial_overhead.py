@@ -39,12 +39,12 @@ import argparse
 import math
 import statistics
 
-from gendertune.tuning.search.run import METRIC
-from gendertune.tuning.search.config import SearchConfig
-from gendertune.tuning.train.config import TrainConfig
-
 from benchlib import format_table, write_json
 from searchlib import Bench, add_data_args, bench_session, suggested_configs
+
+from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.search.run import METRIC
+from gendertune.tuning.train.config import TrainConfig
 
 OVERHEAD_GOAL_S = 5.0  # in-process trial, per the issue (a TorchTrainer trial measured ~22 s)
 MODES = ("train", "inprocess")
@@ -76,15 +76,24 @@ def overhead_rows(trials: list[dict]) -> list[dict]:
     rows, pids = [], set()
     for t in sorted(trials, key=lambda t: t["created"]):
         first = t["results"][0]
-        times = {"created": t["created"], **{key: first.get(key, math.nan) for key in
-                                             ("run_started_at", "loop_started_at", "epoch_started_at", "first_step_at")}}
+        times = {
+            "created": t["created"],
+            **{
+                key: first.get(key, math.nan)
+                for key in ("run_started_at", "loop_started_at", "epoch_started_at", "first_step_at")
+            },
+        }
         actor = t.get("actor_started", math.nan)
         split = t["created"] <= actor <= times["run_started_at"]  # else one part up to the trial's start
         times["actor_started"] = actor if split else times["run_started_at"]
         if math.isnan(times["first_step_at"]):
             raise RuntimeError(f"trial {t['trial']}: its epoch row has no first_step_at (no training batch?)")
-        row = {"trial": t["trial"], "config": t["index"], "batch_size": t["config"].get("batch_size"),
-               "reused_actor": first.get("pid") in pids}
+        row = {
+            "trial": t["trial"],
+            "config": t["index"],
+            "batch_size": t["config"].get("batch_size"),
+            "reused_actor": first.get("pid") in pids,
+        }
         pids.add(first.get("pid"))
         for column, _, start, end in SEGMENTS:
             row[column] = times[end] - times[start]
@@ -102,15 +111,24 @@ def run_overhead(bench: Bench) -> dict[str, float]:
     args, report = bench.args, bench.report
     points = suggested_configs(args.model, args.trials, args.seed)
     one_epoch = TrainConfig.from_dict({**bench.base.to_dict(), "epochs": 1})
-    bench.search("warmup", one_epoch, SearchConfig.from_dict({"trials": 1, "max_concurrent": 1, "trial_mode": "inprocess",
-                                                              "seed": args.seed}), points[:1])
+    bench.search(
+        "warmup",
+        one_epoch,
+        SearchConfig.from_dict({"trials": 1, "max_concurrent": 1, "trial_mode": "inprocess", "seed": args.seed}),
+        points[:1],
+    )
     means = {}
     for mode in MODES:
-        search = SearchConfig.from_dict({"trials": args.trials, "max_concurrent": 1, "trial_mode": mode, "seed": args.seed})
+        search = SearchConfig.from_dict(
+            {"trials": args.trials, "max_concurrent": 1, "trial_mode": mode, "seed": args.seed}
+        )
         rows = overhead_rows(bench.search(f"overhead-{mode}", one_epoch, search, points))
         means[mode] = statistics.fmean(r["overhead_s"] for r in rows)
         summary = report.setdefault("overhead", {})[mode] = {
-            "mean_s": means[mode], "median_s": statistics.median(r["overhead_s"] for r in rows), "trials": rows}
+            "mean_s": means[mode],
+            "median_s": statistics.median(r["overhead_s"] for r in rows),
+            "trials": rows,
+        }
         for reused in (False, True):
             subset = [r["overhead_s"] for r in rows if r["reused_actor"] == reused]
             if subset:
@@ -118,19 +136,38 @@ def run_overhead(bench: Bench) -> dict[str, float]:
         write_json(args.json, report)
 
     print("\nper-trial fixed overhead (trial created -> first training step done), 1 epoch, one trial at a time:")
-    table = [(mode, r["config"], "yes" if r["reused_actor"] else "no",
-              *("-" if math.isnan(r[column]) else r[column] for column, *_ in SEGMENTS), r["overhead_s"], r["epoch_s"])
-             for mode in MODES for r in report["overhead"][mode]["trials"]]
-    print(format_table(["mode", "config", "reused actor", *(header for _, header, *_ in SEGMENTS), "OVERHEAD s",
-                        "epoch s"], table))
-    print("(seconds, consecutive: trial created -> actor up -> trial's code starts -> epoch loop starts (TorchTrainer: "
-          "its controller and worker group) -> model built -> first step done; \"-\": no separate actor start "
-          "before the trial's code; epoch: first step -> first result at the driver, not overhead)")
+    table = [
+        (
+            mode,
+            r["config"],
+            "yes" if r["reused_actor"] else "no",
+            *("-" if math.isnan(r[column]) else r[column] for column, *_ in SEGMENTS),
+            r["overhead_s"],
+            r["epoch_s"],
+        )
+        for mode in MODES
+        for r in report["overhead"][mode]["trials"]
+    ]
+    print(
+        format_table(
+            ["mode", "config", "reused actor", *(header for _, header, *_ in SEGMENTS), "OVERHEAD s", "epoch s"], table
+        )
+    )
+    print(
+        "(seconds, consecutive: trial created -> actor up -> trial's code starts -> epoch loop starts (TorchTrainer: "
+        'its controller and worker group) -> model built -> first step done; "-": no separate actor start '
+        "before the trial's code; epoch: first step -> first result at the driver, not overhead)"
+    )
     for mode in MODES:
         o = report["overhead"][mode]
-        split = "".join(f", {label} {o[key]:.1f} s" for key, label in (("new_actor_mean_s", "new actor"),
-                                                                         ("reused_actor_mean_s", "reused actor")) if key in o)
-        print(f"{mode:>9}: mean {o['mean_s']:.1f} s, median {o['median_s']:.1f} s over {len(o['trials'])} trial(s){split}")
+        split = "".join(
+            f", {label} {o[key]:.1f} s"
+            for key, label in (("new_actor_mean_s", "new actor"), ("reused_actor_mean_s", "reused actor"))
+            if key in o
+        )
+        print(
+            f"{mode:>9}: mean {o['mean_s']:.1f} s, median {o['median_s']:.1f} s over {len(o['trials'])} trial(s){split}"
+        )
     return means
 
 
@@ -142,9 +179,11 @@ def main() -> None:
     ratio = means["train"] / means["inprocess"]
     report["overhead"]["ratio_train_over_inprocess"] = ratio
     write_json(args.json, report)
-    print(f"\nRATIO trial_overhead_train_over_inprocess: {ratio:.2f} (train {means['train']:.1f} s, "
-          f"inprocess {means['inprocess']:.1f} s; goal inprocess <= {OVERHEAD_GOAL_S:g} s: "
-          f"{'met' if means['inprocess'] <= OVERHEAD_GOAL_S else 'NOT met'})")
+    print(
+        f"\nRATIO trial_overhead_train_over_inprocess: {ratio:.2f} (train {means['train']:.1f} s, "
+        f"inprocess {means['inprocess']:.1f} s; goal inprocess <= {OVERHEAD_GOAL_S:g} s: "
+        f"{'met' if means['inprocess'] <= OVERHEAD_GOAL_S else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ def use_source_tree() -> None:
 
     try:
         import gendertune.tuning  # noqa: F401  (installed, editable or not)
+
         return
     except ImportError:
         pass
@@ -36,8 +37,9 @@ def use_source_tree() -> None:
     import gendertune
 
     for name, folder in SUBPACKAGES.items():
-        spec = importlib.util.spec_from_file_location(f"gendertune.{name}", REPO / folder / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / folder)])
+        spec = importlib.util.spec_from_file_location(
+            f"gendertune.{name}", REPO / folder / "__init__.py", submodule_search_locations=[str(REPO / folder)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
@@ -72,8 +74,12 @@ def ratio_line(name: str, value: float, goal: float) -> str:
 
 
 def machine_info() -> dict:
-    return {"host": platform.node(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-            "platform": platform.platform()}
+    return {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
 
 
 def write_json(path: str | None, payload: dict) -> None:

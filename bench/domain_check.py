@@ -28,10 +28,14 @@ def score(predictions: pd.DataFrame, labels: pd.DataFrame, *, attribute: str, gr
     correct = predicted == truth
     n, k = len(correct), int(correct.sum())
     half = 1.96 * np.sqrt(correct.mean() * (1 - correct.mean()) / n)
-    lines = [f"images {n}, accuracy {k / n:.4f} (95% CI {k / n - half:.4f}-{k / n + half:.4f}), "
-             f"majority rate {max(truth.mean(), 1 - truth.mean()):.4f}, no prediction {int((predicted < 0).sum())}"]
+    lines = [
+        f"images {n}, accuracy {k / n:.4f} (95% CI {k / n - half:.4f}-{k / n + half:.4f}), "
+        f"majority rate {max(truth.mean(), 1 - truth.mean()):.4f}, no prediction {int((predicted < 0).sum())}"
+    ]
     for value in (0, 1):
-        lines.append(f"  recall {attribute}={value}: {correct[truth == value].mean():.4f} (n={int((truth == value).sum())})")
+        lines.append(
+            f"  recall {attribute}={value}: {correct[truth == value].mean():.4f} (n={int((truth == value).sum())})"
+        )
     for column in groups:
         values = merged[column]
         if pd.api.types.is_numeric_dtype(values):
@@ -48,8 +52,12 @@ def main() -> None:
     parser.add_argument("--attribute", default="Male")
     parser.add_argument("--groups", default="race,age")
     args = parser.parse_args()
-    lines = score(pd.read_csv(args.predictions, keep_default_na=False, na_values=[""]), pd.read_csv(args.labels),
-                  attribute=args.attribute, groups=[g for g in args.groups.split(",") if g])
+    lines = score(
+        pd.read_csv(args.predictions, keep_default_na=False, na_values=[""]),
+        pd.read_csv(args.labels),
+        attribute=args.attribute,
+        groups=[g for g in args.groups.split(",") if g],
+    )
     print("\n".join(lines))
 
 

@@ -28,20 +28,18 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-
 from benchlib import format_table, machine_info, ratio_line, use_source_tree, write_json
+from torch import Tensor, nn
 
 use_source_tree()  # the project's packages, where it is not pip-installed (the GPU machine)
 from gendertune.models.registry import build_model, get_spec  # noqa: E402
 from gendertune.models.transforms import TrainAugment  # noqa: E402
+from gendertune.tuning.train.config import TrainConfig  # noqa: E402
 from gendertune.tuning.train.engine import build_optimizer, build_scheduler, select_precision, train_one_epoch  # noqa: E402
 from gendertune.tuning.train.pixels import decode_pixels  # noqa: E402
-from gendertune.tuning.train.config import TrainConfig  # noqa: E402
 
 GOAL = 3000.0
 
@@ -53,14 +51,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224, help="training image size (default 224)")
     parser.add_argument("--prep-size", type=int, default=0, help="prepared image size for (b) (default = --image-size)")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32", "auto"],
-                        help="autocast precision (default bf16; on a CPU without native bf16 use fp32)")
+    parser.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp16", "fp32", "auto"],
+        help="autocast precision (default bf16; on a CPU without native bf16 use fp32)",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per repeat (default 30)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: --image-size 64 --batch-size 8 --warmup 1 --steps 2 --repeats 1")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: --image-size 64 --batch-size 8 --warmup 1 --steps 2 --repeats 1",
+    )
     parser.add_argument("--json", help="also write the numbers to this JSON file (e.g. $OUT/gpu_check.json)")
     args = parser.parse_args()
     if args.quick:
@@ -88,8 +93,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def train_rates(model: nn.Module, args: argparse.Namespace, config: TrainConfig, device: torch.device,
-                augment: TrainAugment) -> tuple[list[float], float]:
+def train_rates(
+    model: nn.Module, args: argparse.Namespace, config: TrainConfig, device: torch.device, augment: TrainAugment
+) -> tuple[list[float], float]:
     """(img/s of each timed repeat, seconds of the warm-up) for one model."""
     spec = get_spec(config.model)
     precision = select_precision(config.precision, device)
@@ -98,14 +104,28 @@ def train_rates(model: nn.Module, args: argparse.Namespace, config: TrainConfig,
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     generator = torch.Generator().manual_seed(0)
     size, n = args.image_size, args.batch_size
-    batches = [(torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, device=device),
-                torch.randint(0, 2, (n,), device=device)) for _ in range(2)]
+    batches = [
+        (
+            torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, device=device),
+            torch.randint(0, 2, (n,), device=device),
+        )
+        for _ in range(2)
+    ]
 
     def epoch(steps: int) -> None:
-        train_one_epoch(model, (batches[i % 2] for i in range(steps)), optimizer=optimizer, scheduler=scheduler,
-                        augment=lambda images: augment(images, generator=generator),
-                        criterion=nn.CrossEntropyLoss(), aux_weight=spec.aux_loss_weight, precision=precision,
-                        scaler=scaler, grad_clip=config.grad_clip, device=device)
+        train_one_epoch(
+            model,
+            (batches[i % 2] for i in range(steps)),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            augment=lambda images: augment(images, generator=generator),
+            criterion=nn.CrossEntropyLoss(),
+            aux_weight=spec.aux_loss_weight,
+            precision=precision,
+            scaler=scaler,
+            grad_clip=config.grad_clip,
+            device=device,
+        )
 
     warmup_s = timed(lambda: epoch(args.warmup), device)
     return [args.steps * n / timed(lambda: epoch(args.steps), device) for _ in range(args.repeats)], warmup_s
@@ -143,13 +163,19 @@ def data_path_rates(args: argparse.Namespace, device: torch.device, augment: Tra
         for _ in range(args.warmup):
             stage()
         rates[name] = statistics.median(
-            args.steps * n / timed(lambda stage=stage: [stage() for _ in range(args.steps)], device) for _ in range(args.repeats)
+            args.steps * n / timed(lambda stage=stage: [stage() for _ in range(args.steps)], device)
+            for _ in range(args.repeats)
         )
     return rates
 
 
-def measure_train(wrap: Callable[[nn.Module], nn.Module], args: argparse.Namespace, config: TrainConfig,
-                  device: torch.device, augment: TrainAugment) -> dict:
+def measure_train(
+    wrap: Callable[[nn.Module], nn.Module],
+    args: argparse.Namespace,
+    config: TrainConfig,
+    device: torch.device,
+    augment: TrainAugment,
+) -> dict:
     model = build_model(args.model, image_size=args.image_size).to(device=device, memory_format=torch.channels_last)
     rates, warmup_s = train_rates(wrap(model), args, config, device, augment)
     return {"img_per_s": statistics.median(rates), "repeats": rates, "warmup_s": warmup_s}
@@ -163,25 +189,38 @@ def main() -> None:
     config = TrainConfig(data="-", out="-", model=args.model, batch_size=args.batch_size, precision=args.precision)
     spec = get_spec(args.model)
     augment = TrainAugment(image_size=args.image_size, mean=spec.mean, std=spec.std, **config.augment_strengths())
-    report = {"benchmark": "gpu_check", "goal_img_per_s": GOAL, "device": name, "torch": torch.__version__,
-              "machine": machine_info(), "settings": {k: v for k, v in vars(args).items() if k != "json"}}
-    print(f"device: {name}; torch {torch.__version__}; {args.model} {args.image_size} px, batch {args.batch_size}, "
-          f"{args.precision}, channels_last; {args.warmup} warm-up + {args.repeats} x {args.steps} timed steps")
+    report = {
+        "benchmark": "gpu_check",
+        "goal_img_per_s": GOAL,
+        "device": name,
+        "torch": torch.__version__,
+        "machine": machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+    print(
+        f"device: {name}; torch {torch.__version__}; {args.model} {args.image_size} px, batch {args.batch_size}, "
+        f"{args.precision}, channels_last; {args.warmup} warm-up + {args.repeats} x {args.steps} timed steps"
+    )
     rows = []
 
     def record_train(variant: str, result: dict) -> None:
         report[f"train_{variant}"] = result
         rows.append((name, f"(a) train {variant}", result["img_per_s"], f"warm-up {result['warmup_s']:.1f}s"))
-        print(f"[{name}] train {variant}: {result['img_per_s']:.1f} img/s "
-              f"(repeats {[round(r) for r in result['repeats']]}, warm-up {result['warmup_s']:.1f}s)", flush=True)
+        print(
+            f"[{name}] train {variant}: {result['img_per_s']:.1f} img/s "
+            f"(repeats {[round(r) for r in result['repeats']]}, warm-up {result['warmup_s']:.1f}s)",
+            flush=True,
+        )
         write_json(args.json, report)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     record_train("eager", measure_train(lambda model: model, args, config, device, augment))
     report["data_path_img_per_s"] = data_path_rates(args, device, augment)
-    rows += [(name, f"(b) {stage}", rate, f"prep {args.prep_size} px -> {args.image_size} px")
-             for stage, rate in report["data_path_img_per_s"].items()]
+    rows += [
+        (name, f"(b) {stage}", rate, f"prep {args.prep_size} px -> {args.image_size} px")
+        for stage, rate in report["data_path_img_per_s"].items()
+    ]
     write_json(args.json, report)
     # Last, so that a compile failure or a timeout cannot lose the numbers above.
     if args.compile:

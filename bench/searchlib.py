@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchlib import machine_info, private_ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -31,13 +32,11 @@ from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.layout import PreparedData, open_prepared
 from gendertune.data_prep.pipeline import run_prep
 from gendertune.data_prep.synthetic import make_sample
-from gendertune.tuning.search.run import METRIC, run_search
 from gendertune.tuning.search.config import SearchConfig
-from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.search.run import METRIC, run_search
 from gendertune.tuning.search.space import space_for, suggest
+from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.worker import TIMING_COLUMNS
-
-from benchlib import machine_info, private_ray
 
 # What a recorded result keeps of Tune's result dict (besides the driver's arrival time).
 RESULT_KEYS = ("training_iteration", METRIC, "train_images_per_s", "pid", *TIMING_COLUMNS)
@@ -49,8 +48,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prep", help="an existing prep output to train on (default: prep a synthetic sample)")
     parser.add_argument("--sample-n", type=int, default=1000, help="images in the synthetic sample (default 1000)")
     parser.add_argument("--image-size", type=int, default=32, help="prep size of the synthetic sample (default 32)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Tune's and Ray's own output (default: only the log's tail on a failure)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Tune's and Ray's own output (default: only the log's tail on a failure)",
+    )
     parser.add_argument("--json", help="also write the numbers to this JSON file")
 
 
@@ -82,8 +84,9 @@ class SearchRecorder(tune.Callback):
 def suggested_configs(model: str, n: int, seed: int) -> list[dict]:
     """The first `n` configurations an OptunaSearch(seed) proposes over the model's space, the
     configurations a real search starts with."""
-    searcher = OptunaSearch(space=functools.partial(suggest, space=space_for(model)), metric=METRIC, mode="max",
-                            seed=seed)
+    searcher = OptunaSearch(
+        space=functools.partial(suggest, space=space_for(model)), metric=METRIC, mode="max", seed=seed
+    )
     return [searcher.suggest(f"bench-{i}") for i in range(n)]
 
 
@@ -119,11 +122,22 @@ class Bench:
         `index` in `points`."""
         recorder = SearchRecorder()
         started = time.perf_counter()
-        print(f"\n== {name}: {search.trials} trial(s) x {base.epochs} epoch(s), trial_mode {search.trial_mode}, "
-              f"grace {search.grace_period}, max_concurrent {search.max_concurrent or 'auto'}", flush=True)
+        print(
+            f"\n== {name}: {search.trials} trial(s) x {base.epochs} epoch(s), trial_mode {search.trial_mode}, "
+            f"grace {search.grace_period}, max_concurrent {search.max_concurrent or 'auto'}",
+            flush=True,
+        )
         with quiet(self.scratch / f"{name}.log", self.args.verbose):
-            run_search(self.args.model, base, search, self.prepared, str(self.scratch / name), resume=False,
-                       callbacks=[recorder], points_to_evaluate=points)
+            run_search(
+                self.args.model,
+                base,
+                search,
+                self.prepared,
+                str(self.scratch / name),
+                resume=False,
+                callbacks=[recorder],
+                points_to_evaluate=points,
+            )
         print(f"== {name}: {time.perf_counter() - started:.0f}s", flush=True)
         finished = [t for t in recorder.trials.values() if t["results"]]
         for trial in finished:
@@ -136,8 +150,17 @@ class Bench:
 def prep_sample(scratch: Path, n: int, image_size: int) -> Path:
     sample = make_sample(scratch / "sample", n=n, seed=0).path
     out = scratch / "prep"
-    run_prep(PrepConfig.from_dict({"data": str(sample), "out": str(out), "image_size": image_size,
-                                   "split": "identity", "ratios": [0.8, 0.1, 0.1]}))
+    run_prep(
+        PrepConfig.from_dict(
+            {
+                "data": str(sample),
+                "out": str(out),
+                "image_size": image_size,
+                "split": "identity",
+                "ratios": [0.8, 0.1, 0.1],
+            }
+        )
+    )
     return out
 
 
@@ -152,12 +175,19 @@ def bench_session(args: argparse.Namespace, benchmark: str) -> Iterator[Bench]:
         with private_ray(scratch) as startup:
             prep_dir = Path(args.prep) if args.prep else prep_sample(scratch, args.sample_n, args.image_size)
             prepared = open_prepared(prep_dir)
-            report = {"benchmark": benchmark, "machine": machine_info(), "model": args.model, "seed": args.seed,
-                      "ray_startup_s": startup,
-                      "data": str(prep_dir) if args.prep else f"SYNTHETIC sample of {args.sample_n} images",
-                      "splits": {s: info["count"] for s, info in prepared.manifest["splits"].items()},
-                      "image_size": prepared.image_size}
+            report = {
+                "benchmark": benchmark,
+                "machine": machine_info(),
+                "model": args.model,
+                "seed": args.seed,
+                "ray_startup_s": startup,
+                "data": str(prep_dir) if args.prep else f"SYNTHETIC sample of {args.sample_n} images",
+                "splits": {s: info["count"] for s, info in prepared.manifest["splits"].items()},
+                "image_size": prepared.image_size,
+            }
             base = TrainConfig.from_dict({"data": str(prep_dir), "out": str(scratch / "unused"), "model": args.model})
-            print(f"data: {report['data']} at {prepared.image_size} px, splits {report['splits']}; "
-                  f"Ray start-up {startup:.1f}s; {compute_parallelism()} cores for training")
+            print(
+                f"data: {report['data']} at {prepared.image_size} px, splits {report['splits']}; "
+                f"Ray start-up {startup:.1f}s; {compute_parallelism()} cores for training"
+            )
             yield Bench(args, scratch, prepared, base, report)

@@ -17,7 +17,6 @@ from torch.distributed import TCPStore
 
 from gendertune.cluster.runtime import is_local
 
-
 # The rank-0 worker's loopback store; torch's multi-tenant TCPStore (what init_process_group
 # creates) reuses a live server on the same port in the same process instead of binding its own.
 _loopback_store: TCPStore | None = None
@@ -31,8 +30,9 @@ def _loopback_store_address() -> tuple[str, int]:
     listener.bind(("127.0.0.1", 0))
     listener.listen(socket.SOMAXCONN)
     port = listener.getsockname()[1]
-    _loopback_store = TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True,
-                               master_listen_fd=listener.detach(), wait_for_workers=False)
+    _loopback_store = TCPStore(
+        "127.0.0.1", port, is_master=True, multi_tenant=True, master_listen_fd=listener.detach(), wait_for_workers=False
+    )
     return "127.0.0.1", port
 
 

@@ -32,7 +32,16 @@ ADDRESS_ENV = "RAY_ADDRESS"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Never uploaded with the job: environments, VCS data, caches and local outputs (Ray also
 # honours the project's .gitignore).
-WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "demo-out", "*.parquet", "*.jpg"]
+WORKING_DIR_EXCLUDES = [
+    ".venv",
+    ".git",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    "demo-out",
+    "*.parquet",
+    "*.jpg",
+]
 
 
 class InsecureAddressError(UserInputError):
@@ -94,7 +103,9 @@ def job_runtime_env(*, install_dependencies: bool = True, project_root: Path = P
 def entrypoint_for(command: list[str]) -> str:
     """`python -m gendertune.cli ARGS`: the module form works whether or not the cluster installed us."""
     if not command:
-        raise UserInputError("nothing to submit: give a gendertune command after --, e.g. `submit -- compare --data ...`")
+        raise UserInputError(
+            "nothing to submit: give a gendertune command after --, e.g. `submit -- compare --data ...`"
+        )
     if command[0] == "gendertune":
         command = command[1:]
     if command and command[0] in ("submit", "jobs"):
@@ -136,12 +147,15 @@ def _one_line_errors(address: str, job_id: str | None = None) -> Iterator[None]:
     except AuthenticationError as err:
         raise UserInputError(
             f"{address} requires Ray's token authentication and this token is missing or wrong ({str(err).splitlines()[0]}): "
-            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH; default ~/.ray/auth_token) to the cluster's token") from None
+            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH; default ~/.ray/auth_token) to the cluster's token"
+        ) from None
     except requests.HTTPError as err:  # an HTTP server, but not Ray's dashboard
         raise UnreachableError(f"{address} is not a Ray dashboard ({err}); check --address") from None
     except (ConnectionError, requests.ConnectionError) as err:
-        raise UnreachableError(f"no Ray cluster answers at {address} ({err}); check --address and that the dashboard "
-                               "is reachable (port 8265, a port-forward)") from None
+        raise UnreachableError(
+            f"no Ray cluster answers at {address} ({err}); check --address and that the dashboard "
+            "is reachable (port 8265, a port-forward)"
+        ) from None
     except RuntimeError as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if job_id is not None and "does not exist" in str(err):
@@ -156,8 +170,9 @@ def submit(command: list[str], *, address: str, install_dependencies: bool = Tru
     starts (Ray Data, Train workers, Tune trials) requests its own resources."""
     entrypoint, runtime_env = entrypoint_for(command), job_runtime_env(install_dependencies=install_dependencies)
     with _one_line_errors(address):
-        return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env, entrypoint_num_cpus=0,
-                                          submission_id=job_id)
+        return client(address).submit_job(
+            entrypoint=entrypoint, runtime_env=runtime_env, entrypoint_num_cpus=0, submission_id=job_id
+        )
 
 
 def follow(address: str, job_id: str, *, out=sys.stdout) -> str:

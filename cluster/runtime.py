@@ -77,12 +77,16 @@ def require_resources(*, workers: int, cpus_per_worker: float, gpus_per_worker: 
     widest = max((n.get("CPU", 0) for n in nodes), default=0)
     problems = []
     if workers * cpus_per_worker > total_cpus - 1:
-        problems.append(f"{workers} workers x {cpus_per_worker:g} CPUs need {workers * cpus_per_worker:g} CPUs "
-                        f"plus 1 for data loading; the cluster has {total_cpus:g}")
+        problems.append(
+            f"{workers} workers x {cpus_per_worker:g} CPUs need {workers * cpus_per_worker:g} CPUs "
+            f"plus 1 for data loading; the cluster has {total_cpus:g}"
+        )
     if cpus_per_worker > widest:
         problems.append(f"--cpus-per-worker {cpus_per_worker:g} is more than any one node has ({widest:g})")
     if workers * gpus_per_worker > total_gpus:
-        problems.append(f"{workers} workers x {gpus_per_worker} GPU need {workers * gpus_per_worker}; the cluster has {total_gpus:g}")
+        problems.append(
+            f"{workers} workers x {gpus_per_worker} GPU need {workers * gpus_per_worker}; the cluster has {total_gpus:g}"
+        )
     if problems:
         raise UserInputError("; ".join(problems) + ": use fewer --workers or --cpus-per-worker, or a larger cluster")
 
@@ -95,8 +99,12 @@ def run_on_other_nodes(function: Callable[..., Any], *args: Any) -> None:
     here = ray.get_runtime_context().get_node_id()
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here]
     task = ray.remote(function)
-    pending = {task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args): node
-               for node in nodes}
+    pending = {
+        task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            *args
+        ): node
+        for node in nodes
+    }
     for ref, node in pending.items():
         try:
             ray.get(ref)

@@ -62,8 +62,12 @@ def _alive_nodes() -> list[str]:
 
 def _fingerprint_on_every_node(path: str, nodes: list[str]) -> dict[str, str]:
     probe = ray.remote(fingerprint)
-    refs = {node: probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(path)
-            for node in nodes}
+    refs = {
+        node: probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            path
+        )
+        for node in nodes
+    }
     return {node: ray.get(ref) for node, ref in refs.items()}
 
 

@@ -43,7 +43,6 @@ import pyarrow.fs as pafs
 
 from gendertune.base.errors import GendertuneError, MissingInputError, UserInputError
 
-
 OWNER_FILE = ".owner"
 IN_PROGRESS = ".gendertune-incomplete"
 FETCHED_SUFFIXES = (".json", ".csv")
@@ -137,7 +136,7 @@ def list_files(location: str | Path) -> list[str]:
     """Paths relative to `location` of every file below it ([] when there is nothing)."""
     fs, root = resolve(location)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return sorted(info.path[len(root):].lstrip("/") for info in infos if info.type == pafs.FileType.File)
+    return sorted(info.path[len(root) :].lstrip("/") for info in infos if info.type == pafs.FileType.File)
 
 
 def delete_tree(location: str | Path) -> None:
@@ -207,8 +206,9 @@ def require_writable(folder: Path) -> None:
     if not existing.is_dir():
         raise OutputExistsError(f"{folder}: {existing} is a file, not a folder; choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"{folder}: {existing} is not writable (permissions, or a read-only file system); "
-                             "choose another --out")
+        raise UserInputError(
+            f"{folder}: {existing} is not writable (permissions, or a read-only file system); choose another --out"
+        )
 
 
 def require_ours(folder: Path, stage: str) -> None:
@@ -217,8 +217,10 @@ def require_ours(folder: Path, stage: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise OutputExistsError(f"{folder} is a file, not a folder; choose another --out")
     if folder.is_dir() and any(folder.iterdir()) and output_stage(folder) != stage:
-        raise OutputExistsError(f"{folder} holds files and is not a gendertune {stage} output (no {OUTPUT_MARKER}); "
-                                "refusing to write into it — choose another --out")
+        raise OutputExistsError(
+            f"{folder} holds files and is not a gendertune {stage} output (no {OUTPUT_MARKER}); "
+            "refusing to write into it — choose another --out"
+        )
 
 
 @contextlib.contextmanager
@@ -233,8 +235,10 @@ def exclusive(final: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputBusyError(f"{final} is being written by another gendertune run (lock {path}); "
-                                  "wait for it to finish or choose another --out") from None
+            raise OutputBusyError(
+                f"{final} is being written by another gendertune run (lock {path}); "
+                "wait for it to finish or choose another --out"
+            ) from None
         # The holder unlinks the file as it finishes; a lock on that unlinked file guards nothing.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
@@ -262,8 +266,9 @@ class OutputLocation:
 
 
 @contextlib.contextmanager
-def output_location(out: str, *, stage: str, markers: Collection[str],
-                    ray_dirs: Collection[str] = ()) -> Iterator[OutputLocation]:
+def output_location(
+    out: str, *, stage: str, markers: Collection[str], ray_dirs: Collection[str] = ()
+) -> Iterator[OutputLocation]:
     """A folder the stage adds to (a resume finds what an earlier run wrote): a local folder as
     is, if it is empty or the `stage`'s own (the stage marks it with claim_folder when it starts
     writing), and only one run at a time; a URI through a local working folder that is uploaded at
@@ -303,10 +308,14 @@ def fresh_output(out: str, *, stage: str, marker: str, overwrite: bool = False) 
     existing = list_files(out)
     if existing:
         if marker in existing and not overwrite:
-            raise OutputExistsError(f"{out} already holds a result; choose another --out or pass --overwrite to replace it")
+            raise OutputExistsError(
+                f"{out} already holds a result; choose another --out or pass --overwrite to replace it"
+            )
         if OUTPUT_MARKER not in existing or _uri_stage(out) != stage:
-            raise OutputExistsError(f"{out} holds other objects and is not a gendertune {stage} output (no "
-                                    f"{OUTPUT_MARKER}); refusing to replace it — choose another --out")
+            raise OutputExistsError(
+                f"{out} holds other objects and is not a gendertune {stage} output (no "
+                f"{OUTPUT_MARKER}); refusing to replace it — choose another --out"
+            )
         delete_tree(out)  # a finished output being replaced, or an interrupted run of ours
     write_bytes(join(out, IN_PROGRESS), b"")
     write_bytes(join(out, OUTPUT_MARKER), marker_text(stage).encode())
@@ -325,7 +334,11 @@ def _uri_stage(out: str) -> str | None:
         marker = json.loads(read_text(join(out, OUTPUT_MARKER)))
     except (OSError, ValueError):
         return None
-    return marker.get("gendertune_output") if isinstance(marker, dict) and marker.get("format") == OUTPUT_MARKER_FORMAT else None
+    return (
+        marker.get("gendertune_output")
+        if isinstance(marker, dict) and marker.get("format") == OUTPUT_MARKER_FORMAT
+        else None
+    )
 
 
 def check_replaceable(final: Path, *, stage: str, marker: str, overwrite: bool) -> None:
@@ -337,8 +350,10 @@ def check_replaceable(final: Path, *, stage: str, marker: str, overwrite: bool) 
     if not overwrite:
         raise OutputExistsError(f"{final} already exists; choose another --out or pass --overwrite to replace it")
     if output_stage(final) != stage or not (final / marker).is_file():
-        raise OutputExistsError(f"{final} exists and is not a finished gendertune {stage} output (no {OUTPUT_MARKER}"
-                                f" or no {marker}); refusing to replace it — choose another --out")
+        raise OutputExistsError(
+            f"{final} exists and is not a finished gendertune {stage} output (no {OUTPUT_MARKER}"
+            f" or no {marker}); refusing to replace it — choose another --out"
+        )
 
 
 @contextlib.contextmanager

@@ -13,8 +13,9 @@ import ray
 logger = logging.getLogger(__name__)
 
 
-def run_tasks(fn: Callable, calls: Sequence[tuple], *, parallelism: int,
-              on_done: Callable[[int], None] | None = None, **shared) -> list:
+def run_tasks(
+    fn: Callable, calls: Sequence[tuple], *, parallelism: int, on_done: Callable[[int], None] | None = None, **shared
+) -> list:
     """`fn(*call, **shared)` for every call as Ray tasks, at most `parallelism` at a time; results
     in call order; `on_done(index)` after each call finishes. The bound matters: a local Ray
     declares more CPUs than the machine has cores (gendertune.cluster.runtime), and more decoders than cores
@@ -69,4 +70,6 @@ class Progress:
         if now - self.printed >= self.every_s or self.done == self.total:
             self.printed = now
             rate = self.done / max(now - self.started, 1e-9)
-            logger.info(f"{self.label}: {self.done}/{self.total} images ({self.done / self.total:.0%}), {rate:.0f} img/s")
+            logger.info(
+                f"{self.label}: {self.done}/{self.total} images ({self.done / self.total:.0%}), {rate:.0f} img/s"
+            )

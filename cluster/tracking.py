@@ -135,8 +135,14 @@ def tune_callbacks(uri: str | None, experiment: str, *, tags: Mapping[str, Any] 
 
     ensure_experiment(uri, experiment)  # ours, so its artifacts go beside the store
     # save_artifact=False: True uploads each trial's whole folder, checkpoints (GBs) included.
-    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, save_artifact=False,
-                                 tags=_tags({KIND_TAG: "trial", **(tags or {})}))]
+    return [
+        MLflowLoggerCallback(
+            tracking_uri=uri,
+            experiment_name=experiment,
+            save_artifact=False,
+            tags=_tags({KIND_TAG: "trial", **(tags or {})}),
+        )
+    ]
 
 
 def log_model_result(
@@ -169,8 +175,9 @@ def log_model_result(
     if missing:  # before the run exists, so a typo leaves no half-logged run behind
         raise FileNotFoundError(f"no such artifact(s) to log: {', '.join(missing)}")
     client = MlflowClient(tracking_uri=uri)
-    run_id = client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
-                               tags=_tags({KIND_TAG: "model", **(tags or {})})).info.run_id
+    run_id = client.create_run(
+        ensure_experiment(uri, experiment), run_name=run_name, tags=_tags({KIND_TAG: "model", **(tags or {})})
+    ).info.run_id
     try:
         now = int(time.time() * 1000)
         # Keyed by the cleaned name: two names that clean to one would fail the whole batch.
@@ -183,9 +190,9 @@ def log_model_result(
         metric_list = [Metric(k, v, now, 0) for k, v in final.items()]
         metric_list += [Metric(k, v, now, step) for k, v, step in points]
         for start in range(0, len(param_list), PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=param_list[start:start + PARAMS_PER_BATCH])
+            client.log_batch(run_id, params=param_list[start : start + PARAMS_PER_BATCH])
         for start in range(0, len(metric_list), METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=metric_list[start:start + METRICS_PER_BATCH])
+            client.log_batch(run_id, metrics=metric_list[start : start + METRICS_PER_BATCH])
         for path in artifacts:
             if path.is_dir():
                 client.log_artifacts(run_id, str(path), artifact_path=path.name)
@@ -204,7 +211,7 @@ def _key(name: str) -> str:
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return text if len(text) <= MAX_PARAM_VALUE else text[:MAX_PARAM_VALUE - 3] + "..."
+    return text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
 
 
 def _tags(tags: Mapping[str, Any]) -> dict[str, str]:
@@ -245,8 +252,11 @@ def _is_number(value: Any) -> bool:
 def _history_points(history: pd.DataFrame) -> Iterator[tuple[str, float, int]]:
     for row in history.to_dict("records"):
         epoch = int(row.pop("epoch"))
-        yield from ((column, float(value), epoch) for column, value in row.items()
-                    if _is_number(value) and not str(column).endswith(TIMESTAMP_SUFFIX))
+        yield from (
+            (column, float(value), epoch)
+            for column, value in row.items()
+            if _is_number(value) and not str(column).endswith(TIMESTAMP_SUFFIX)
+        )
 
 
 def run_artifacts(run_dir: Path) -> list[Path]:

@@ -30,22 +30,28 @@ class PrepConfig(StageConfig):
     parallelism: int = setting(0, help="concurrent decode tasks; 0 = one per CPU Ray can see", bounds="[0, inf)")
     # Face alignment (gendertune.data_prep.faces): detect, find landmarks, warp onto one template.
     align: Literal["faces", "none"] = setting(
-        "faces", help="faces = detect each face and align it by its landmarks; none = centre square")
+        "faces", help="faces = detect each face and align it by its landmarks; none = centre square"
+    )
     no_face: Literal["keep", "reject"] = setting(
-        "keep", help="an image with no face found: keep its centre square, or reject it")
-    face_zoom: float = setting(1.0, help="aligned framing: 1 = CelebA's (face, hair, chin), > 1 tighter, < 1 looser",
-                              bounds="[0.5, 3]")
+        "keep", help="an image with no face found: keep its centre square, or reject it"
+    )
+    face_zoom: float = setting(
+        1.0, help="aligned framing: 1 = CelebA's (face, hair, chin), > 1 tighter, < 1 looser", bounds="[0.5, 3]"
+    )
     # hog+upsample: on 300 images each of CelebA and UTKFace it found a third to a half of the faces
     # HOG missed for 1.15x HOG's time; the CNN finds the rest at 2-3x (README: Face alignment).
     detector: Detector = setting(
-        "hog+upsample", help="face detector: hog; +upsample = HOG on the photo upsampled once (faces of 40-80 px) where "
-                    "HOG finds nothing; +cnn = dlib's CNN where the HOG passes find nothing, slower")
+        "hog+upsample",
+        help="face detector: hog; +upsample = HOG on the photo upsampled once (faces of 40-80 px) where "
+        "HOG finds nothing; +cnn = dlib's CNN where the HOG passes find nothing, slower",
+    )
     # 68 = dlib's 68-point model: its training data (iBUG 300-W) excludes commercial use (README: Model files and licences).
     landmarks: Landmarks = setting(
-        "5", help="landmark model: 5 = dlib's 5-point (eye corners, nose base; public domain), "
-                  "68 = dlib's 68-point (iBUG 300-W: NOT for commercial use)")
-    detect_max_side: int = setting(1024, help="detect faces on photos downscaled to this side",
-                                   bounds="[160, inf)")
+        "5",
+        help="landmark model: 5 = dlib's 5-point (eye corners, nose base; public domain), "
+        "68 = dlib's 68-point (iBUG 300-W: NOT for commercial use)",
+    )
+    detect_max_side: int = setting(1024, help="detect faces on photos downscaled to this side", bounds="[160, inf)")
     # Between the scores of HOG's false positives (clothing, texture) and of real faces (README: Face alignment).
     face_min_score: float = setting(0.2, help="ignore HOG detections scoring below this", bounds="[0, inf)")
 
@@ -69,6 +75,12 @@ class PrepConfig(StageConfig):
         """The alignment every chip of this prep gets, or None for --align none."""
         if self.align == "none":
             return None
-        return AlignSettings(image_size=self.image_size, zoom=self.face_zoom, detector=self.detector,
-                             no_face=self.no_face, detect_max_side=self.detect_max_side,
-                             min_score=self.face_min_score, landmarks=self.landmarks)
+        return AlignSettings(
+            image_size=self.image_size,
+            zoom=self.face_zoom,
+            detector=self.detector,
+            no_face=self.no_face,
+            detect_max_side=self.detect_max_side,
+            min_score=self.face_min_score,
+            landmarks=self.landmarks,
+        )

@@ -71,14 +71,18 @@ class LandmarkModel:
 LANDMARK_MODELS: dict[str, LandmarkModel] = {
     # Outer and inner corner of the left eye (as seen), inner and outer of the right, the nose base.
     "5": LandmarkModel(
-        file="shape_predictor_5_face_landmarks.dat", template_name="celeba-mean-dlib5-v1",
+        file="shape_predictor_5_face_landmarks.dat",
+        template_name="celeba-mean-dlib5-v1",
         template=np.array([(0.3493, 0.5224), (0.4365, 0.5288), (0.5635, 0.5288), (0.6507, 0.5224), (0.5000, 0.6925)]),
-        indices=((2,), (3,), (1,), (0,), (4,))),
+        indices=((2,), (3,), (1,), (0,), (4,)),
+    ),
     # Left and right eye centre, nose tip, left and right mouth corner.
     "68": LandmarkModel(
-        file="shape_predictor_68_face_landmarks.dat", template_name="celeba-mean-5pt-v1",
+        file="shape_predictor_68_face_landmarks.dat",
+        template_name="celeba-mean-5pt-v1",
         template=np.array([(0.3926, 0.5209), (0.6074, 0.5209), (0.5000, 0.6453), (0.4022, 0.7462), (0.5978, 0.7462)]),
-        indices=(tuple(range(36, 42)), tuple(range(42, 48)), (30,), (48,), (54,))),
+        indices=(tuple(range(36, 42)), tuple(range(42, 48)), (30,), (48,), (54,)),
+    ),
 }
 # Every model file the code can load (README: Model files and licences lists each one's licence).
 MODEL_FILES = (*(model.file for model in LANDMARK_MODELS.values()), CNN_DETECTOR_MODEL)
@@ -113,10 +117,16 @@ class AlignSettings:
             values = {**values, "landmarks": "68"}  # saved before the 5-point model became the default
         expected = {f.name for f in dataclasses.fields(cls)} | {"template"}
         known = values.get("landmarks") in LANDMARK_MODELS
-        if set(values) != expected or not known or values["template"] != LANDMARK_MODELS[values["landmarks"]].template_name:
+        if (
+            set(values) != expected
+            or not known
+            or values["template"] != LANDMARK_MODELS[values["landmarks"]].template_name
+        ):
             differences = sorted(expected ^ set(values)) or ["template"]
-            raise UserInputError(f"face alignment settings {values} differ from this version's ({', '.join(differences)}): "
-                             "this version cannot reproduce that alignment; re-run prep and training")
+            raise UserInputError(
+                f"face alignment settings {values} differ from this version's ({', '.join(differences)}): "
+                "this version cannot reproduce that alignment; re-run prep and training"
+            )
         fields = {k: v for k, v in values.items() if k != "template"}
         return cls(**{**fields, "fill": tuple(values["fill"])})
 
@@ -170,8 +180,9 @@ def invert_matrix(matrix: np.ndarray) -> np.ndarray:
     return np.hstack([linear, (-linear @ matrix[:, 2])[:, None]])
 
 
-def warp_to_chip(image: Image.Image, matrix: np.ndarray, *, image_size: int,
-                 fill: tuple[int, int, int] = FILL_RGB) -> np.ndarray:
+def warp_to_chip(
+    image: Image.Image, matrix: np.ndarray, *, image_size: int, fill: tuple[int, int, int] = FILL_RGB
+) -> np.ndarray:
     """The `image_size`^2 chip that `matrix` (photo -> chip coordinates) maps the RGB `image` onto.
 
     Only the photo region the chip covers is touched; where the chip shrinks the photo by 2x or
@@ -191,8 +202,13 @@ def warp_to_chip(image: Image.Image, matrix: np.ndarray, *, image_size: int,
     if factor >= 2:
         region = region.reduce(factor)
         to_region = to_region / factor
-    chip = region.transform((image_size, image_size), Image.AFFINE, data=tuple(to_region.ravel()),
-                            resample=Image.BILINEAR, fillcolor=tuple(fill))
+    chip = region.transform(
+        (image_size, image_size),
+        Image.AFFINE,
+        data=tuple(to_region.ravel()),
+        resample=Image.BILINEAR,
+        fillcolor=tuple(fill),
+    )
     return np.asarray(chip, dtype=np.uint8)
 
 
@@ -216,8 +232,10 @@ def model_file(name: str) -> Path:
     __init__ imports pkg_resources, which current setuptools no longer ships."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("face alignment needs the face_recognition_models package: "
-                                  "pip install face_recognition_models (or prep with --align none)")
+        raise ModuleNotFoundError(
+            "face alignment needs the face_recognition_models package: "
+            "pip install face_recognition_models (or prep with --align none)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     if not path.is_file():
         raise MissingInputError(f"{path} is missing: reinstall face_recognition_models")
@@ -252,8 +270,11 @@ class FaceFinder:
         found = [(box, float(score), "hog") for box, score in zip(*self._hog.run(pixels, 0, min_score)[:2])]
         if self._upsample and (every_face or not found):
             boxes, scores, _ = self._hog.run(pixels, 1, min_score)
-            found += [(box, float(score), "hog-upsampled") for box, score in zip(boxes, scores)
-                      if not any(overlaps(_xywh(box), _xywh(seen)) for seen, _, _ in found)]
+            found += [
+                (box, float(score), "hog-upsampled")
+                for box, score in zip(boxes, scores)
+                if not any(overlaps(_xywh(box), _xywh(seen)) for seen, _, _ in found)
+            ]
         if not found and self._cnn is not None:
             found = [(hit.rect, float(hit.confidence), "cnn") for hit in self._cnn(pixels, 0)]
         return found
@@ -261,8 +282,11 @@ class FaceFinder:
     def find(self, image: Image.Image, *, max_side: int, min_score: float, every_face: bool = False) -> list[Face]:
         """The faces in the RGB `image` (HOG detections scoring under `min_score` ignored), largest first."""
         scale = min(1.0, max_side / max(image.size))
-        small = image if scale == 1.0 else image.resize(
-            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+        small = (
+            image
+            if scale == 1.0
+            else image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+        )
         pixels = np.asarray(small)
         # Scale by the exact per-axis ratio the resize used, so landmarks land on the full photo.
         ratio = np.array([image.width / small.width, image.height / small.height])
@@ -270,8 +294,14 @@ class FaceFinder:
         for box, score, detector in self.detect(pixels, min_score=min_score, every_face=every_face):
             parts = np.array([(p.x, p.y) for p in self._landmarks(pixels, box).parts()], float)
             x, y, w, h = _xywh(box)
-            faces.append(Face(box=(x * ratio[0], y * ratio[1], w * ratio[0], h * ratio[1]),
-                              landmarks=self._model.points(parts) * ratio, score=score, detector=detector))
+            faces.append(
+                Face(
+                    box=(x * ratio[0], y * ratio[1], w * ratio[0], h * ratio[1]),
+                    landmarks=self._model.points(parts) * ratio,
+                    score=score,
+                    detector=detector,
+                )
+            )
         return sorted(faces, key=lambda f: -f.area)
 
 
@@ -279,8 +309,9 @@ def _xywh(rectangle) -> tuple[float, float, float, float]:
     return float(rectangle.left()), float(rectangle.top()), float(rectangle.width()), float(rectangle.height())
 
 
-def face_chips(image: Image.Image, finder: FaceFinder, settings: AlignSettings, *,
-               every_face: bool) -> tuple[list[FaceChip], int]:
+def face_chips(
+    image: Image.Image, finder: FaceFinder, settings: AlignSettings, *, every_face: bool
+) -> tuple[list[FaceChip], int]:
     """The chip of the largest face (or of every face), largest first, and how many faces were
     found. No face: the centre square under the `keep` policy, no chip under `reject`."""
     faces = finder.find(image, max_side=settings.detect_max_side, min_score=settings.min_score, every_face=every_face)
@@ -288,7 +319,13 @@ def face_chips(image: Image.Image, finder: FaceFinder, settings: AlignSettings, 
         if settings.no_face == "reject":
             return [], 0
         matrix, box = centre_square_framing(image.size, settings)
-        return [FaceChip(warp_to_chip(image, matrix, image_size=settings.image_size, fill=settings.fill), None,
-                         "centre_crop", box)], 0
+        return [
+            FaceChip(
+                warp_to_chip(image, matrix, image_size=settings.image_size, fill=settings.fill),
+                None,
+                "centre_crop",
+                box,
+            )
+        ], 0
     chosen = faces if every_face else faces[:1]
     return [FaceChip(align_face(image, face, settings), face, "aligned", face.box) for face in chosen], len(faces)

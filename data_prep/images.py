@@ -135,19 +135,29 @@ def _scaled_jpeg_face(data: bytes, image_size: int) -> Image.Image | None:
     try:
         height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
         _check_size(width, height)
-        if (colourspace not in SCALABLE_JPEG_COLOURSPACES or min(width, height) <= image_size
-                or width * height > 2 * Image.MAX_IMAGE_PIXELS):  # PIL rejects decompression bombs
+        if (
+            colourspace not in SCALABLE_JPEG_COLOURSPACES
+            or min(width, height) <= image_size
+            or width * height > 2 * Image.MAX_IMAGE_PIXELS
+        ):  # PIL rejects decompression bombs
             return None
         # strict: a truncated or corrupt stream raises instead of coming back grey-filled.
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=image_size, min_width=image_size,
-                                        strict=True)
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_height=image_size, min_width=image_size, strict=True
+        )
     except ValueError:
         return None  # PIL decodes it after all, or rejects it with its own words
     # TurboJPEG sizes an M/8 decode as ceil(side * M / 8); the crop box needs M itself, not the
     # rounded size ratio, or the face shifts by up to half a pixel.
     scaled_height, scaled_width = pixels.shape[:2]
-    eighths = next((m for m in range(1, 9) if math.ceil(width * m / 8) == scaled_width
-                    and math.ceil(height * m / 8) == scaled_height), None)
+    eighths = next(
+        (
+            m
+            for m in range(1, 9)
+            if math.ceil(width * m / 8) == scaled_width and math.ceil(height * m / 8) == scaled_height
+        ),
+        None,
+    )
     if eighths is None:
         return None
     box = tuple(edge * eighths / 8 for edge in center_square_box(width, height))

@@ -55,9 +55,7 @@ def _to_binary(values: pd.Series, path: Path, attribute: str) -> pd.Series:
         )
     has_zero, has_minus = (numeric == 0).any(), (numeric == -1).any()
     if has_zero and has_minus:
-        raise PrepInputError(
-            f"{path}: column {attribute!r} mixes 0 and -1; use either 0/1 or -1/1 encoding"
-        )
+        raise PrepInputError(f"{path}: column {attribute!r} mixes 0 and -1; use either 0/1 or -1/1 encoding")
     return (numeric == 1).astype("int8")
 
 
@@ -77,21 +75,26 @@ def read_celeba_attributes(path: str | Path, attribute: str) -> pd.DataFrame:
     count_line, names = count_line.strip(), names_line.split()
     if not count_line.isdigit() or not names:
         raise PrepInputError(
-            f"{path}: not in CelebA list_attr format (line 1 must be the image count, "
-            "line 2 the attribute names)"
+            f"{path}: not in CelebA list_attr format (line 1 must be the image count, line 2 the attribute names)"
         )
     if attribute not in names:
-        raise PrepInputError(
-            f"{path}: no attribute {attribute!r}; available: {', '.join(names)}"
-        )
+        raise PrepInputError(f"{path}: no attribute {attribute!r}; available: {', '.join(names)}")
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise PrepInputError(f"{path}: line 2 names the attribute(s) {', '.join(twice)} more than once")
     # Rows have one more field than the header (the image id), and single or double spaces. Every
     # row is checked here, not only the attribute's column: the other columns become slices later.
     try:
-        table = pd.read_csv(path, sep=r"\s+", skiprows=2, header=None, names=["image_id", *names],
-                            dtype=str, engine="c", encoding="utf-8-sig")
+        table = pd.read_csv(
+            path,
+            sep=r"\s+",
+            skiprows=2,
+            header=None,
+            names=["image_id", *names],
+            dtype=str,
+            engine="c",
+            encoding="utf-8-sig",
+        )
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise PrepInputError(f"{path}: every row must be an image name and {len(names)} values ({err})") from None
     short = table[names].isna().any(axis=1)
@@ -99,8 +102,7 @@ def read_celeba_attributes(path: str | Path, attribute: str) -> pd.DataFrame:
         raise PrepInputError(f"{path}: row {int(short.to_numpy().argmax()) + 3} has fewer than {len(names)} values")
     if len(table) != int(count_line):
         raise PrepInputError(
-            f"{path}: line 1 says {count_line} images but {len(table)} rows follow; "
-            "the file is truncated or malformed"
+            f"{path}: line 1 says {count_line} images but {len(table)} rows follow; the file is truncated or malformed"
         )
     _check_image_ids(table["image_id"], path)
     return pd.DataFrame({"image_id": table["image_id"], "label": _to_binary(table[attribute], path, attribute)})
@@ -127,8 +129,7 @@ def read_label_csv(path: str | Path, attribute: str, image_column: str | None = 
         raise PrepInputError(f"{path}: no column {image_column!r}; columns are {', '.join(columns)}")
     if attribute not in columns:
         raise PrepInputError(
-            f"{path}: no attribute column {attribute!r}; columns are {', '.join(columns)}; "
-            "pass --attribute"
+            f"{path}: no attribute column {attribute!r}; columns are {', '.join(columns)}; pass --attribute"
         )
     ids = table[image_column].str.strip()
     _check_image_ids(ids, path)

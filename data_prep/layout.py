@@ -47,8 +47,13 @@ FORMAT_VERSION = 3  # 2: face alignment (manifest.alignment, faces.csv); 3: slic
 PARQUET_COLUMNS = ("image_id", "label", "identity", "hash", "pixels")
 SPLITS = ("train", "val", "test")
 # What readers take from manifest.json, and its type (alignment: a dict, or None for centre crops).
-MANIFEST_FIELDS = {"attribute": str, "class_names": list, "image_size": int, "alignment": (dict, type(None)),
-                   "splits": dict}
+MANIFEST_FIELDS = {
+    "attribute": str,
+    "class_names": list,
+    "image_size": int,
+    "alignment": (dict, type(None)),
+    "splits": dict,
+}
 
 
 @dataclass(frozen=True)
@@ -111,13 +116,21 @@ def _check_manifest(manifest: dict, path: str) -> None:
     if not problems and (len(names) != 2 or not all(isinstance(n, str) for n in names)):
         problems.append("class_names")
     splits = manifest.get("splits") if "splits" not in problems else {}
-    bad_splits = [s for s, info in splits.items() if s not in SPLITS or not isinstance(info, dict)
-                  or not isinstance(info.get("count"), int) or isinstance(info.get("count"), bool)]
+    bad_splits = [
+        s
+        for s, info in splits.items()
+        if s not in SPLITS
+        or not isinstance(info, dict)
+        or not isinstance(info.get("count"), int)
+        or isinstance(info.get("count"), bool)
+    ]
     if not problems and ("train" not in splits or bad_splits):
         problems.append("splits")
     if problems:
-        raise PrepInputError(f"{path}: missing or malformed {', '.join(problems)}; this is not the manifest "
-                             "`gendertune prep` wrote: re-run it")
+        raise PrepInputError(
+            f"{path}: missing or malformed {', '.join(problems)}; this is not the manifest "
+            "`gendertune prep` wrote: re-run it"
+        )
 
 
 def _check_shards(prepared: PreparedData) -> None:
@@ -132,16 +145,24 @@ def _check_shards(prepared: PreparedData) -> None:
                 with fs.open_input_file(f"{folder}/{name}") as handle:
                     rows += pq.read_metadata(handle).num_rows
             except (pa.ArrowException, OSError) as err:
-                raise PrepInputError(f"{prepared.split_dir(split)}/{name} is not a readable Parquet file ({err}); "
-                                     "the prep output is damaged: re-run `gendertune prep --overwrite`") from None
+                raise PrepInputError(
+                    f"{prepared.split_dir(split)}/{name} is not a readable Parquet file ({err}); "
+                    "the prep output is damaged: re-run `gendertune prep --overwrite`"
+                ) from None
         if rows != info["count"]:
-            raise PrepInputError(f"{prepared.split_dir(split)}: {rows} rows in {len(shards)} shard(s), but "
-                                 f"{MANIFEST} says {info['count']}; the prep output is damaged: re-run `gendertune prep "
-                                 "--overwrite`")
+            raise PrepInputError(
+                f"{prepared.split_dir(split)}: {rows} rows in {len(shards)} shard(s), but "
+                f"{MANIFEST} says {info['count']}; the prep output is damaged: re-run `gendertune prep "
+                "--overwrite`"
+            )
 
 
 def read_slices(prepared: PreparedData) -> pd.DataFrame | None:
     """slices.csv (image_id + group columns, as strings), or None when the labels had no other columns."""
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(prepared.root, SLICES))),
-                        dtype=str, keep_default_na=False, na_values=[""])
+    table = pd.read_csv(
+        io.BytesIO(storage.read_bytes(storage.join(prepared.root, SLICES))),
+        dtype=str,
+        keep_default_na=False,
+        na_values=[""],
+    )
     return table if len(table.columns) > 1 else None

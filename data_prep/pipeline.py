@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +33,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
+from gendertune.base.plots import plot_class_distribution
 from gendertune.cluster import storage
+from gendertune.cluster.environment import write_environment
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.cluster.environment import write_environment
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.cluster.tasks import Progress, run_tasks
 from gendertune.data_prep import celeba, layout
@@ -49,7 +49,6 @@ from gendertune.data_prep.faces import NO_DETECTION, AlignSettings, Face, FaceFi
 from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
 from gendertune.data_prep.labels import read_identity_file, read_labels, read_partition_file, read_slice_columns
 from gendertune.data_prep.splits import assign_splits
-from gendertune.base.plots import plot_class_distribution
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +74,7 @@ def discover_inputs(config: PrepConfig) -> PrepInputs:
     else:
         csvs = sorted(data.glob("*.csv"))
         if len(csvs) != 1:
-            raise PrepInputError(
-                f"{data}: no {celeba.ATTR_FILE} and {len(csvs)} CSV files; pass --labels FILE"
-            )
+            raise PrepInputError(f"{data}: no {celeba.ATTR_FILE} and {len(csvs)} CSV files; pass --labels FILE")
         label_path = csvs[0]
     out = Path(config.out).absolute()
     if not storage.is_uri(config.out) and (out == image_dir.absolute() or image_dir.absolute() in out.parents):
@@ -122,10 +119,15 @@ def match_labels(found: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.DataFram
 
 
 # layout.PARQUET_COLUMNS with their types (the strings as Ray Data wrote them before); pixels last.
-SHARD_SCHEMA = pa.schema([
-    ("image_id", pa.large_string()), ("label", pa.int8()), ("identity", pa.int64()),
-    ("hash", pa.large_string()), ("pixels", pa.binary()),
-])
+SHARD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.large_string()),
+        ("label", pa.int8()),
+        ("identity", pa.int64()),
+        ("hash", pa.large_string()),
+        ("pixels", pa.binary()),
+    ]
+)
 # A decode task holds its chunk's pixels until it writes them; this caps that at large image sizes.
 MAX_TASK_PIXEL_BYTES = 256 * 2**20
 # A photo larger than this is no face image (a 50-megapixel JPEG is ~25 MiB); reading it whole
@@ -172,8 +174,18 @@ def hash_chunk(paths: Sequence[str], image_dir: str) -> tuple[list[str], list[st
 # faces.csv: one row per image that was decoded; the five points in the order of the landmark
 # model's template (gendertune.data_prep.faces.LANDMARK_MODELS: which points depends on the model).
 LANDMARK_COLUMNS = [f"point{number}_{axis}" for number in range(1, 6) for axis in ("x", "y")]
-FACE_COLUMNS = ["image_id", "alignment", "faces_found", "detector", "detector_score", "x", "y", "w", "h",
-                *LANDMARK_COLUMNS]
+FACE_COLUMNS = [
+    "image_id",
+    "alignment",
+    "faces_found",
+    "detector",
+    "detector_score",
+    "x",
+    "y",
+    "w",
+    "h",
+    *LANDMARK_COLUMNS,
+]
 
 
 @functools.lru_cache(maxsize=2)
@@ -185,11 +197,21 @@ def _face_finder(detector: str, landmarks: str) -> FaceFinder:
 
 def face_row(image_id: str, alignment: str, faces_found: int, face: Face | None) -> tuple:
     if face is None:
-        return (image_id, alignment, faces_found, NO_DETECTION, np.nan, *[np.nan] * 4, *[np.nan] * len(LANDMARK_COLUMNS))
+        return (
+            image_id,
+            alignment,
+            faces_found,
+            NO_DETECTION,
+            np.nan,
+            *[np.nan] * 4,
+            *[np.nan] * len(LANDMARK_COLUMNS),
+        )
     return (image_id, alignment, faces_found, face.detector, face.score, *face.box, *face.landmarks.ravel().tolist())
 
 
-def decode_one(data: bytes, image_id: str, *, image_size: int, align: AlignSettings | None) -> tuple[bytes | None, tuple | None]:
+def decode_one(
+    data: bytes, image_id: str, *, image_size: int, align: AlignSettings | None
+) -> tuple[bytes | None, tuple | None]:
     """One image's chip bytes (None: rejected for having no face) and its faces.csv row (None
     without alignment). Raises ImageRejected for data that is no usable image."""
     if align is None:
@@ -200,8 +222,9 @@ def decode_one(data: bytes, image_id: str, *, image_size: int, align: AlignSetti
     return chips[0].chip.tobytes(), face_row(image_id, chips[0].path, found, chips[0].face)
 
 
-def decode_chunk(rows: dict[str, list], shard: str, *, image_size: int, out: str,
-                 align: dict | None = None) -> tuple[list[tuple[str, str]], list[tuple]]:
+def decode_chunk(
+    rows: dict[str, list], shard: str, *, image_size: int, out: str, align: dict | None = None
+) -> tuple[list[tuple[str, str]], list[tuple]]:
     """Ray task body of pass 2: decode (and align) the chunk's images and write them into
     out/<split>/`shard`.
 
@@ -264,8 +287,12 @@ def hash_images(matched: pd.DataFrame, image_dir: Path, *, parallelism: int) -> 
     Two chunks per core: hashing is cheap, so one task's start-up is worth a big chunk."""
     paths = matched["path"].tolist()
     bounds = chunk_bounds(len(paths), -(-len(paths) // (2 * parallelism)))
-    results = run_tasks(hash_chunk, [(paths[a:b], str(image_dir)) for a, b in bounds], parallelism=parallelism,
-                        on_done=Progress("hash", [b - a for a, b in bounds]))
+    results = run_tasks(
+        hash_chunk,
+        [(paths[a:b], str(image_dir)) for a, b in bounds],
+        parallelism=parallelism,
+        on_done=Progress("hash", [b - a for a, b in bounds]),
+    )
     hashes = np.array([h for chunk_hashes, _ in results for h in chunk_hashes], dtype=object)
     errors = np.array([e for _, chunk_errors in results for e in chunk_errors], dtype=object)
     ok = errors == ""
@@ -273,22 +300,30 @@ def hash_images(matched: pd.DataFrame, image_dir: Path, *, parallelism: int) -> 
     return matched[ok].assign(hash=hashes[ok]), unreadable
 
 
-def decode_images(kept: pd.DataFrame, out: str, *, image_size: int, rows_per_task: int, parallelism: int,
-                  align: AlignSettings | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def decode_images(
+    kept: pd.DataFrame, out: str, *, image_size: int, rows_per_task: int, parallelism: int, align: AlignSettings | None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Pass 2: write every decodable kept image into its split's shards; returns (image_id, reason)
     of the rest and the faces.csv table (empty without alignment).
 
     At most `rows_per_task` images (and MAX_TASK_PIXEL_BYTES of pixels) per task, but at least two
     tasks per core, so a core that finishes early can take over work from a slower one."""
-    rows = max(1, min(rows_per_task, MAX_TASK_PIXEL_BYTES // (3 * image_size**2),
-                      -(-len(kept) // (2 * parallelism))))
+    rows = max(1, min(rows_per_task, MAX_TASK_PIXEL_BYTES // (3 * image_size**2), -(-len(kept) // (2 * parallelism))))
     columns = [*SHARD_SCHEMA.names[:-1], "path", "split"]
     bounds = chunk_bounds(len(kept), rows)
-    calls = [({name: kept[name].iloc[a:b].tolist() for name in columns}, f"part-{number:05d}.parquet")
-             for number, (a, b) in enumerate(bounds)]
-    results = run_tasks(decode_chunk, calls, parallelism=parallelism, image_size=image_size, out=str(out),
-                        align=align.to_dict() if align else None,
-                        on_done=Progress("decode+align" if align else "decode", [b - a for a, b in bounds]))
+    calls = [
+        ({name: kept[name].iloc[a:b].tolist() for name in columns}, f"part-{number:05d}.parquet")
+        for number, (a, b) in enumerate(bounds)
+    ]
+    results = run_tasks(
+        decode_chunk,
+        calls,
+        parallelism=parallelism,
+        image_size=image_size,
+        out=str(out),
+        align=align.to_dict() if align else None,
+        on_done=Progress("decode+align" if align else "decode", [b - a for a, b in bounds]),
+    )
     failed = pd.DataFrame([row for chunk, _ in results for row in chunk], columns=["image_id", "reason"])
     faces = pd.DataFrame([row for _, chunk in results for row in chunk], columns=FACE_COLUMNS)
     return failed, faces.sort_values("image_id", ignore_index=True)
@@ -305,10 +340,12 @@ def settle_failures(
     """
     reason_of = dict(zip(failed["image_id"], failed["reason"]))
     of_failed = duplicates["kept_id"].isin(reason_of)
-    copies = pd.DataFrame({
-        "image_id": duplicates.loc[of_failed, "dropped_id"].to_numpy(),
-        "reason": duplicates.loc[of_failed, "kept_id"].map(reason_of).to_numpy(),
-    })
+    copies = pd.DataFrame(
+        {
+            "image_id": duplicates.loc[of_failed, "dropped_id"].to_numpy(),
+            "reason": duplicates.loc[of_failed, "kept_id"].map(reason_of).to_numpy(),
+        }
+    )
     return (
         kept[~kept["image_id"].isin(reason_of)].reset_index(drop=True),
         duplicates[~of_failed].reset_index(drop=True),
@@ -352,8 +389,11 @@ def build_manifest(
         "attribute": config.attribute,
         "class_names": class_names,
         "image_size": config.image_size,
-        "crop": ("faces aligned by 5 landmarks onto a template (gendertune.data_prep.faces)" if config.align == "faces"
-                 else "centre square of the shorter side, then bilinear resize"),
+        "crop": (
+            "faces aligned by 5 landmarks onto a template (gendertune.data_prep.faces)"
+            if config.align == "faces"
+            else "centre square of the shorter side, then bilinear resize"
+        ),
         "alignment": align.to_dict() if (align := config.align_settings()) else None,
         "split_method": config.split,
         "ratios": list(config.ratios) if config.split != "official" else None,
@@ -387,12 +427,12 @@ def format_summary(manifest: dict, seconds: float) -> str:
         f"kept {manifest['kept']} ({manifest['image_size']} px, {manifest['split_method']} split)",
     ]
     if manifest["alignment"]:
-        lines.append(f"faces aligned {manifest['faces_aligned']}, no face found {manifest['no_face']} "
-                     f"({manifest['alignment']['no_face']}), several faces {manifest['several_faces']} (largest kept)")
-    for split, info in manifest["splits"].items():
-        classes = ", ".join(
-            f"{name} {n} ({n / max(info['count'], 1):.1%})" for name, n in info["classes"].items()
+        lines.append(
+            f"faces aligned {manifest['faces_aligned']}, no face found {manifest['no_face']} "
+            f"({manifest['alignment']['no_face']}), several faces {manifest['several_faces']} (largest kept)"
         )
+    for split, info in manifest["splits"].items():
+        classes = ", ".join(f"{name} {n} ({n / max(info['count'], 1):.1%})" for name, n in info["classes"].items())
         lines.append(f"  {split:<5} {info['count']:>7}  {classes}")
     if manifest["identities_in_several_splits"]:
         lines.append(
@@ -407,9 +447,7 @@ def _load_tables(config: PrepConfig, inputs: PrepInputs) -> tuple[pd.DataFrame, 
     labels = read_labels(inputs.label_path, config.attribute, config.image_column)
     found = list_images(inputs.image_dir)
     if found.empty:
-        raise PrepInputError(
-            f"{inputs.image_dir}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found"
-        )
+        raise PrepInputError(f"{inputs.image_dir}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
     matched, counts = match_labels(found, labels)
     if matched.empty:
         raise PrepInputError(
@@ -422,16 +460,16 @@ def _load_tables(config: PrepConfig, inputs: PrepInputs) -> tuple[pd.DataFrame, 
             f"--split identity needs {celeba.IDENTITY_FILE} ('image_id person_id' lines) in {config.data}"
         )
     identity = read_identity_file(inputs.identity_path) if inputs.identity_path else None
-    matched["identity"] = (
-        matched["image_id"].map(identity).fillna(-1).astype("int64") if identity is not None else -1
-    )
+    matched["identity"] = matched["image_id"].map(identity).fillna(-1).astype("int64") if identity is not None else -1
     if config.split == "identity" and (matched["identity"] < 0).any():
         missing = matched.loc[matched["identity"] < 0, "image_id"]
         raise PrepInputError(
             f"{inputs.identity_path}: {len(missing)} labelled image(s) have no identity (e.g. {missing.iloc[0]})"
         )
     # Only the official split reads the partition file (200k lines of driver time otherwise).
-    partition = read_partition_file(inputs.partition_path) if inputs.partition_path and config.split == "official" else None
+    partition = (
+        read_partition_file(inputs.partition_path) if inputs.partition_path and config.split == "official" else None
+    )
     return matched, counts, partition
 
 
@@ -454,12 +492,21 @@ def run_prep(config: PrepConfig) -> dict:
         require_some_kept(readable, len(matched), unreadable)
         kept, duplicates = find_duplicates(readable)
         kept["split"] = assign_splits(
-            kept, method=config.split, ratios=config.ratios, seed=config.seed,
-            partition=partition, partition_path=str(inputs.partition_path),
+            kept,
+            method=config.split,
+            ratios=config.ratios,
+            seed=config.seed,
+            partition=partition,
+            partition_path=str(inputs.partition_path),
         ).to_numpy()
-        failed, faces = decode_images(kept, location.storage, image_size=config.image_size,
-                                      rows_per_task=config.rows_per_task, parallelism=parallelism,
-                                      align=config.align_settings())
+        failed, faces = decode_images(
+            kept,
+            location.storage,
+            image_size=config.image_size,
+            rows_per_task=config.rows_per_task,
+            parallelism=parallelism,
+            align=config.align_settings(),
+        )
         kept, duplicates, failed = settle_failures(kept, duplicates, failed)
         rejected = pd.concat([unreadable, failed]).merge(matched[["image_id", "path"]], on="image_id")
         rejected = rejected[["image_id", "path", "reason"]].sort_values("image_id", ignore_index=True)

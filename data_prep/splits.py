@@ -74,9 +74,7 @@ def identity_split(images: pd.DataFrame, ratios: tuple[float, ...], seed: int) -
         )
     names = split_names(len(ratios))
     ratios_arr = np.asarray(ratios)
-    per_person = (
-        images.groupby("identity")["label"].agg(["size", "sum"]).rename(columns={"sum": "male"}).sort_index()
-    )
+    per_person = images.groupby("identity")["label"].agg(["size", "sum"]).rename(columns={"sum": "male"}).sort_index()
     per_person["female"] = per_person["size"] - per_person["male"]
     rng = np.random.default_rng(seed)
     per_person["tiebreak"] = rng.permutation(len(per_person))
@@ -113,9 +111,7 @@ def assign_splits(
         return random_stratified_split(images, ratios, seed)
     if method == "official":
         if partition is None:
-            raise PrepInputError(
-                f"--split official needs {celeba.PARTITION_FILE} in the data folder"
-            )
+            raise PrepInputError(f"--split official needs {celeba.PARTITION_FILE} in the data folder")
         return official_split(images, partition, partition_path)
     if method == "identity":
         return identity_split(images, ratios, seed)

@@ -39,14 +39,45 @@ from gendertune.base.errors import GendertuneError, UserInputError
 from gendertune.data_prep.celeba import ATTR_FILE, IDENTITY_FILE, IMAGE_DIR, PARTITION_FILE
 
 ATTRIBUTE_NAMES: tuple[str, ...] = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes",
-    "Bald", "Bangs", "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair",
-    "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
-    "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
-    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard",
-    "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
-    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings",
-    "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie",
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
     "Young",
 )
 
@@ -224,7 +255,8 @@ def make_sample(
     persons = [_make_person(bool(males[p]), np.random.default_rng([seed, 1, p])) for p in range(n_people)]
 
     noise = np.random.default_rng([seed, 4]).standard_normal(
-        (_CANVAS_H + _NOISE_PAD, _CANVAS_W + _NOISE_PAD, 3), dtype=np.float32)
+        (_CANVAS_H + _NOISE_PAD, _CANVAS_W + _NOISE_PAD, 3), dtype=np.float32
+    )
     image_dir = out / IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     attr_rows: dict[int, list[int]] = {}
@@ -244,10 +276,15 @@ def make_sample(
                 jpeg_of[slot] = data
         (image_dir / _name(slot)).write_bytes(data)
 
-    _write_lines(out / ATTR_FILE, [str(n), " ".join(ATTRIBUTE_NAMES)] + [
-        # CelebA right-aligns every value in a 2-wide column: " 1" gets two spaces.
-        _name(s) + "".join(f" {v:2d}" for v in attr_rows[s]) for s in range(n)
-    ])
+    _write_lines(
+        out / ATTR_FILE,
+        [str(n), " ".join(ATTRIBUTE_NAMES)]
+        + [
+            # CelebA right-aligns every value in a 2-wide column: " 1" gets two spaces.
+            _name(s) + "".join(f" {v:2d}" for v in attr_rows[s])
+            for s in range(n)
+        ],
+    )
     _write_lines(out / PARTITION_FILE, [f"{_name(s)} {partition_of_person[slot_owner[s]]}" for s in range(n)])
     _write_lines(out / IDENTITY_FILE, [f"{_name(s)} {slot_owner[s] + 1}" for s in range(n)])
     (out / README_FILE).write_text(_readme(n, seed, n_people, n_duplicates, n_corrupt), encoding="utf-8")
@@ -273,8 +310,10 @@ def _validate(n: int, seed: int, image_size: tuple[int, int], n_duplicates: int,
     if n_duplicates < 0 or n_corrupt < 0:
         raise UserInputError("n_duplicates and n_corrupt must be >= 0")
     if n_duplicates + n_corrupt > n - 1:
-        raise UserInputError(f"n={n} is too small: {n_duplicates} planted duplicate(s) and {n_corrupt} corrupt file(s) "
-                             f"leave no clean image; use n >= {n_duplicates + n_corrupt + 1}")
+        raise UserInputError(
+            f"n={n} is too small: {n_duplicates} planted duplicate(s) and {n_corrupt} corrupt file(s) "
+            f"leave no clean image; use n >= {n_duplicates + n_corrupt + 1}"
+        )
     if not 1 <= n_people <= n - n_duplicates:
         raise UserInputError(f"people must be in [1, n - n_duplicates={n - n_duplicates}], got {n_people}")
     if len(image_size) != 2 or min(image_size) < 8:
@@ -446,7 +485,9 @@ def _face_outline(cx: float, cy: float, hw: float, hh: float, jaw: float, steps:
     return pts
 
 
-def _hair_shape(cx: float, top: float, rx: float, bottom: float, bottom_rx: float, wavy: bool, phase: float) -> list[tuple[float, float]]:
+def _hair_shape(
+    cx: float, top: float, rx: float, bottom: float, bottom_rx: float, wavy: bool, phase: float
+) -> list[tuple[float, float]]:
     """Arch over the head: a half-ellipse on top with sides falling to ``bottom``."""
     centre_y = top + rx * 0.95
     pts = [(cx + rx * math.cos(t), centre_y + rx * 0.95 * math.sin(t)) for t in np.linspace(math.pi, 2 * math.pi, 20)]
@@ -472,13 +513,25 @@ def _render(person: _Person, shot: _Shot, noise: np.ndarray, rng: np.random.Gene
     sw = person.shoulder_w
     d.ellipse((cx - sw, chin + 16, cx + sw, chin + 110), fill=person.clothes + (255,))
     if shot.necktie:
-        d.polygon([(cx - 4, chin + 18), (cx + 4, chin + 18), (cx + 6, h), (cx - 6, h)], fill=_shade(person.clothes, 0.35))
+        d.polygon(
+            [(cx - 4, chin + 18), (cx + 4, chin + 18), (cx + 6, h), (cx - 6, h)], fill=_shade(person.clothes, 0.35)
+        )
     long_hair = person.hair_style in ("medium", "long")
     if long_hair and not shot.hat:
         bottom = chin - 0.25 * hh if person.hair_style == "medium" else chin + 42
         spread = hw + person.hair_volume + (2 if person.hair_style == "medium" else 8)
-        d.polygon(_hair_shape(cx, cy - hh - person.hair_volume, hw + person.hair_volume, bottom, spread,
-                              person.wavy, float(rng.uniform(0, 6))), fill=hair + (255,))
+        d.polygon(
+            _hair_shape(
+                cx,
+                cy - hh - person.hair_volume,
+                hw + person.hair_volume,
+                bottom,
+                spread,
+                person.wavy,
+                float(rng.uniform(0, 6)),
+            ),
+            fill=hair + (255,),
+        )
     nw = person.neck_w
     d.rectangle((cx - nw, cy + 0.4 * hh, cx + nw, chin + 24), fill=_shade(skin, 0.85))
     if shot.necklace:
@@ -501,9 +554,16 @@ def _render(person: _Person, shot: _Shot, noise: np.ndarray, rng: np.random.Gene
     _draw_beard(d, person, cx, fx, cy, hw, hh, rng)
 
     if shot.hat:
-        d.chord((cx - hw - 8, cy - hh - 22, cx + hw + 8, cy - hh + 2 * person.hairline * hh), 180, 360, fill=shot.hat_colour + (255,))
-        d.rectangle((cx - hw - 14, cy - hh + person.hairline * hh - 3, cx + hw + 14, cy - hh + person.hairline * hh + 3),
-                    fill=_shade(shot.hat_colour, 0.8))
+        d.chord(
+            (cx - hw - 8, cy - hh - 22, cx + hw + 8, cy - hh + 2 * person.hairline * hh),
+            180,
+            360,
+            fill=shot.hat_colour + (255,),
+        )
+        d.rectangle(
+            (cx - hw - 14, cy - hh + person.hairline * hh - 3, cx + hw + 14, cy - hh + person.hairline * hh + 3),
+            fill=_shade(shot.hat_colour, 0.8),
+        )
     else:
         _draw_top_hair(d, person, cx, cy, hw, hh, rng)
 
@@ -517,14 +577,22 @@ def _render(person: _Person, shot: _Shot, noise: np.ndarray, rng: np.random.Gene
             d.arc((ex - ew, eye_y, ex + ew, eye_y + eh + 5), 20, 160, fill=_shade(skin, 0.75), width=1)
         d.ellipse((ex - ew, eye_y - eh, ex + ew, eye_y + eh), fill=(240, 238, 232, 255))
         ir = min(eh, 3.6)
-        d.ellipse((ex - ir + shot.yaw * 0.3, eye_y - ir, ex + ir + shot.yaw * 0.3, eye_y + ir), fill=person.iris + (255,))
-        d.ellipse((ex - 1.3 + shot.yaw * 0.3, eye_y - 1.3, ex + 1.3 + shot.yaw * 0.3, eye_y + 1.3), fill=(12, 10, 10, 255))
-        d.arc((ex - ew, eye_y - eh, ex + ew, eye_y + eh), 180, 360, fill=(30, 22, 20, 255), width=2 if shot.makeup else 1)
+        d.ellipse(
+            (ex - ir + shot.yaw * 0.3, eye_y - ir, ex + ir + shot.yaw * 0.3, eye_y + ir), fill=person.iris + (255,)
+        )
+        d.ellipse(
+            (ex - 1.3 + shot.yaw * 0.3, eye_y - 1.3, ex + 1.3 + shot.yaw * 0.3, eye_y + 1.3), fill=(12, 10, 10, 255)
+        )
+        d.arc(
+            (ex - ew, eye_y - eh, ex + ew, eye_y + eh), 180, 360, fill=(30, 22, 20, 255), width=2 if shot.makeup else 1
+        )
 
         inner, outer = ex - side * (ew - 1), ex + side * (ew + 3)
         brow_y = eye_y - person.brow_gap
-        brow = [(inner + (outer - inner) * u, brow_y - person.brow_arch * 4 * math.sin(math.pi * min(1.0, u * 1.3)))
-                for u in np.linspace(0, 1, 6)]
+        brow = [
+            (inner + (outer - inner) * u, brow_y - person.brow_arch * 4 * math.sin(math.pi * min(1.0, u * 1.3)))
+            for u in np.linspace(0, 1, 6)
+        ]
         d.line(brow, fill=_shade(hair, 0.75), width=max(1, int(round(person.brow_thick))), joint="curve")
 
     if shot.glasses:
@@ -540,7 +608,10 @@ def _render(person: _Person, shot: _Shot, noise: np.ndarray, rng: np.random.Gene
     nwid = person.nose_w
     d.arc((fx - nwid, nose_tip - 5, fx + nwid, nose_tip + 3), 20, 160, fill=_shade(skin, 0.7), width=2)
     for side in (-1, 1):
-        d.ellipse((fx + side * nwid * 0.55 - 1.6, nose_tip - 1.2, fx + side * nwid * 0.55 + 1.6, nose_tip + 1.2), fill=_shade(skin, 0.5))
+        d.ellipse(
+            (fx + side * nwid * 0.55 - 1.6, nose_tip - 1.2, fx + side * nwid * 0.55 + 1.6, nose_tip + 1.2),
+            fill=_shade(skin, 0.5),
+        )
 
     if person.rosy:
         for side in (-1, 1):
@@ -554,14 +625,25 @@ def _render(person: _Person, shot: _Shot, noise: np.ndarray, rng: np.random.Gene
     a = math.radians(shot.angle)
     cos_a, sin_a = math.cos(a) / shot.scale, math.sin(a) / shot.scale
     ox, oy = _CX + shot.dx, _CY + shot.dy
-    img = canvas.transform((_CANVAS_W, _CANVAS_H), Image.Transform.AFFINE,
-                           (cos_a, sin_a, cx - cos_a * ox - sin_a * oy, -sin_a, cos_a, cy + sin_a * ox - cos_a * oy),
-                           resample=Image.Resampling.BILINEAR)
+    img = canvas.transform(
+        (_CANVAS_W, _CANVAS_H),
+        Image.Transform.AFFINE,
+        (cos_a, sin_a, cx - cos_a * ox - sin_a * oy, -sin_a, cos_a, cy + sin_a * ox - cos_a * oy),
+        resample=Image.Resampling.BILINEAR,
+    )
     return _finish(img, shot, noise, rng)
 
 
-def _draw_beard(d: ImageDraw.ImageDraw, person: _Person, cx: float, fx: float, cy: float, hw: float, hh: float,
-                rng: np.random.Generator) -> None:
+def _draw_beard(
+    d: ImageDraw.ImageDraw,
+    person: _Person,
+    cx: float,
+    fx: float,
+    cy: float,
+    hw: float,
+    hh: float,
+    rng: np.random.Generator,
+) -> None:
     if person.beard == "none":
         return
     # Facial hair reads darker than the skin under it even for light hair,
@@ -580,14 +662,23 @@ def _draw_beard(d: ImageDraw.ImageDraw, person: _Person, cx: float, fx: float, c
                 y = rng.uniform(cy + 0.35 * hh, cy + 0.95 * hh)
                 d.point((x, y), fill=_shade(person.hair, 0.5, 140))
     if person.beard in ("moustache", "goatee", "full"):
-        d.polygon([(fx - 11, mouth_y - 3), (fx - 6, mouth_y - 9), (fx + 6, mouth_y - 9), (fx + 11, mouth_y - 3), (fx, mouth_y - 5)],
-                  fill=colour)
+        d.polygon(
+            [
+                (fx - 11, mouth_y - 3),
+                (fx - 6, mouth_y - 9),
+                (fx + 6, mouth_y - 9),
+                (fx + 11, mouth_y - 3),
+                (fx, mouth_y - 5),
+            ],
+            fill=colour,
+        )
     if person.beard == "goatee":
         d.ellipse((fx - 8, mouth_y + 2, fx + 8, cy + hh - 1), fill=colour)
 
 
-def _draw_top_hair(d: ImageDraw.ImageDraw, person: _Person, cx: float, cy: float, hw: float, hh: float,
-                   rng: np.random.Generator) -> None:
+def _draw_top_hair(
+    d: ImageDraw.ImageDraw, person: _Person, cx: float, cy: float, hw: float, hh: float, rng: np.random.Generator
+) -> None:
     style, hair = person.hair_style, person.hair
     if style == "bald":
         # Just a fringe of hair above the ears.
@@ -598,7 +689,9 @@ def _draw_top_hair(d: ImageDraw.ImageDraw, person: _Person, cx: float, cy: float
     depth = person.hairline * hh
     vol = {"buzz": 1.0, "short": 3.0 + person.hair_volume * 0.4}.get(style, person.hair_volume)
     alpha = 150 if style == "buzz" else 255
-    d.chord((cx - hw - vol * 0.6, cy - hh - vol, cx + hw + vol * 0.6, cy - hh + 2 * depth), 180, 360, fill=hair + (alpha,))
+    d.chord(
+        (cx - hw - vol * 0.6, cy - hh - vol, cx + hw + vol * 0.6, cy - hh + 2 * depth), 180, 360, fill=hair + (alpha,)
+    )
     if style in ("short", "buzz"):
         # Short sides down to the ears (sideburns).
         for side in (-1, 1):
@@ -609,13 +702,23 @@ def _draw_top_hair(d: ImageDraw.ImageDraw, person: _Person, cx: float, cy: float
         bottom = cy + (0.55 if style == "medium" else 0.9) * hh
         for side in (-1, 1):
             x_out, x_in = cx + side * (hw + 3), cx + side * (hw - 7)
-            d.polygon([(x_out, cy - hh + depth - 6), (x_in, cy - hh + depth), (x_in + side * 3, bottom), (x_out + side * 2, bottom + 6)],
-                      fill=hair + (255,))
+            d.polygon(
+                [
+                    (x_out, cy - hh + depth - 6),
+                    (x_in, cy - hh + depth),
+                    (x_in + side * 3, bottom),
+                    (x_out + side * 2, bottom + 6),
+                ],
+                fill=hair + (255,),
+            )
     if person.bangs:
         fringe_y = cy - hh + depth + rng.uniform(8, 14)
         xs = np.linspace(cx - hw * 0.85, cx + hw * 0.85, 9)
         teeth = [(x, fringe_y + (3 if i % 2 else -1)) for i, x in enumerate(xs)]
-        d.polygon([(cx - hw * 0.85, cy - hh + depth - 4)] + teeth + [(cx + hw * 0.85, cy - hh + depth - 4)], fill=hair + (255,))
+        d.polygon(
+            [(cx - hw * 0.85, cy - hh + depth - 4)] + teeth + [(cx + hw * 0.85, cy - hh + depth - 4)],
+            fill=hair + (255,),
+        )
 
 
 def _draw_mouth(d: ImageDraw.ImageDraw, person: _Person, shot: _Shot, mx: float, my: float) -> None:

@@ -25,7 +25,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _add_config_flag(parser: argparse.ArgumentParser, *configs) -> None:
     sections = [f"[{config.section}]" for config in configs]
-    named = f"a {sections[0]} section" if len(sections) == 1 else f"{', '.join(sections[:-1])} and {sections[-1]} sections"
+    named = (
+        f"a {sections[0]} section" if len(sections) == 1 else f"{', '.join(sections[:-1])} and {sections[-1]} sections"
+    )
     parser.add_argument("--config", help=f"JSON/TOML config file with {named}")
 
 
@@ -54,8 +56,10 @@ def _run_make_sample(args: argparse.Namespace) -> int:
     from gendertune.data_prep.synthetic import make_sample
 
     summary = make_sample(args.out, n=args.n, seed=args.seed)
-    print(f"wrote {summary.n_images} SYNTHETIC images ({summary.n_male} male, {summary.n_people} people, "
-          f"{summary.n_duplicates} planted duplicates, {summary.n_corrupt} corrupt) to {summary.path}")
+    print(
+        f"wrote {summary.n_images} SYNTHETIC images ({summary.n_male} male, {summary.n_people} people, "
+        f"{summary.n_duplicates} planted duplicates, {summary.n_corrupt} corrupt) to {summary.path}"
+    )
     return 0
 
 
@@ -87,17 +91,26 @@ def _add_train_flags(parser: argparse.ArgumentParser, *, skip: Collection[str] =
     flags.add_flags(parser, TrainConfig, skip=skip)
     declared = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
     defaults = ",".join(f"{name}={flags.shown_default(declared[name])}" for name in AUGMENTATIONS)
-    parser.add_argument("--augment", type=_augment,
-                        help=f"augmentation strengths, 0 = off: 'none' or NAME=STRENGTH pairs (default {defaults}); "
-                        "each is also a [train] setting")
+    parser.add_argument(
+        "--augment",
+        type=_augment,
+        help=f"augmentation strengths, 0 = off: 'none' or NAME=STRENGTH pairs (default {defaults}); "
+        "each is also a [train] setting",
+    )
 
 
 def _add_mlflow_flag(parser: argparse.ArgumentParser) -> None:
     # Not a config setting: where a run is tracked must not make its resume refuse the same run.
-    parser.add_argument("--mlflow", nargs="?", const="auto", default=None, metavar="URI",
-                        help="track in MLflow: each trial's params and per-epoch metrics, per model its final metrics "
-                        "and files; URI = http://HOST:5000, sqlite:////PATH/mlflow.db, databricks; without URI: "
-                        "OUT/mlflow.db (browse with `mlflow ui --backend-store-uri sqlite:////ABS/OUT/mlflow.db`)")
+    parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="URI",
+        help="track in MLflow: each trial's params and per-epoch metrics, per model its final metrics "
+        "and files; URI = http://HOST:5000, sqlite:////PATH/mlflow.db, databricks; without URI: "
+        "OUT/mlflow.db (browse with `mlflow ui --backend-store-uri sqlite:////ABS/OUT/mlflow.db`)",
+    )
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
@@ -116,8 +129,8 @@ def _train_flags(parser: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from gendertune.cluster import tracking
-    from gendertune.tuning.train.run import run_training
     from gendertune.tuning.train.config import TrainConfig
+    from gendertune.tuning.train.run import run_training
 
     config = TrainConfig.resolve(config_file=args.config, overrides=_train_overrides(args))
     run_training(config, tracking_uri=tracking.resolve_uri(args.mlflow, config.out))
@@ -129,8 +142,10 @@ class _DeprecatedRunAlias(argparse.Action):
     accepted, with one line saying to use --run."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: --model is deprecated here (it names an architecture in train and compare); "
-              "use --run", file=sys.stderr)
+        print(
+            f"{parser.prog}: --model is deprecated here (it names an architecture in train and compare); use --run",
+            file=sys.stderr,
+        )
         setattr(namespace, self.dest, values)
 
 
@@ -144,27 +159,36 @@ def _predict_flags(parser: argparse.ArgumentParser) -> None:
     _add_run_flag(parser, "a finished `gendertune train` run folder (or its s3:// / gs:// URI)")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders")
     parser.add_argument("--out", help="write the predictions to this CSV")
-    parser.add_argument("--faces", choices=["all", "largest"], default="all",
-                        help="every face in a photo (default) or only the largest (runs trained on aligned faces)")
-    parser.add_argument("--annotate", metavar="DIR", help="write a copy of each image with its faces boxed and labelled")
+    parser.add_argument(
+        "--faces",
+        choices=["all", "largest"],
+        default="all",
+        help="every face in a photo (default) or only the largest (runs trained on aligned faces)",
+    )
+    parser.add_argument(
+        "--annotate", metavar="DIR", help="write a copy of each image with its faces boxed and labelled"
+    )
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from gendertune.tuning.evaluate.predict import predict
 
-    table = predict(args.run, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate,
-                    csv_out=args.out)
+    table = predict(args.run, args.inputs, every_face=args.faces == "all", annotate_dir=args.annotate, csv_out=args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     failed = table.loc[table["error"] != "", "image"].nunique()
     if failed:
-        print(f"{failed} of {table['image'].nunique()} image(s) gave no prediction; see the error column", file=sys.stderr)
+        print(
+            f"{failed} of {table['image'].nunique()} image(s) gave no prediction; see the error column", file=sys.stderr
+        )
     return 0
 
 
 def _export_flags(parser: argparse.ArgumentParser) -> None:
     from gendertune.tuning.evaluate.export import FORMATS
 
-    parser.add_argument("run", metavar="RUN", help="a finished `gendertune train` run folder (or a compare model folder)")
+    parser.add_argument(
+        "run", metavar="RUN", help="a finished `gendertune train` run folder (or a compare model folder)"
+    )
     parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True, help="the file's format")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write")
 
@@ -197,15 +221,16 @@ def _compare_configs(args: argparse.Namespace):
     compare = CompareConfig.resolve(config_file=args.config, overrides=flags.overrides(args, CompareConfig))
     search = SearchConfig.resolve(config_file=args.config, overrides=flags.overrides(args, SearchConfig))
     # The base run settings; the search overrides the sampled ones per trial. data/out are per run.
-    base = TrainConfig.resolve(config_file=args.config, overrides={**_train_overrides(args), "data": compare.data, "out": compare.out})
+    base = TrainConfig.resolve(
+        config_file=args.config, overrides={**_train_overrides(args), "data": compare.data, "out": compare.out}
+    )
     return compare, search, base
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from gendertune.tuning.compare.run import run_compare
-    from gendertune.tuning.compare.leaderboard import format_table
-
     from gendertune.cluster import tracking
+    from gendertune.tuning.compare.leaderboard import format_table
+    from gendertune.tuning.compare.run import run_compare
 
     compare, search, base = _compare_configs(args)
     table = run_compare(compare, search, base, tracking_uri=tracking.resolve_uri(args.mlflow, compare.out))
@@ -234,8 +259,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _leaderboard_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="a `gendertune compare` output folder")
-    parser.add_argument("--format", choices=["table", "md", "csv", "json", "html"], default="table",
-                        help="output format (default table)")
+    parser.add_argument(
+        "--format",
+        choices=["table", "md", "csv", "json", "html"],
+        default="table",
+        help="output format (default table)",
+    )
 
 
 def _run_leaderboard(args: argparse.Namespace) -> int:
@@ -271,19 +300,35 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_address_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
-    parser.add_argument("--allow-insecure-http", dest="allow_insecure_http", action="store_true",
-                        help="allow plain HTTP to a non-loopback address (only on a trusted network with token auth)")
+    parser.add_argument(
+        "--address", help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
+    )
+    parser.add_argument(
+        "--allow-insecure-http",
+        dest="allow_insecure_http",
+        action="store_true",
+        help="allow plain HTTP to a non-loopback address (only on a trusted network with token auth)",
+    )
 
 
 def _submit_flags(parser: argparse.ArgumentParser) -> None:
     _add_address_flags(parser)
-    parser.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
-    parser.add_argument("--no-install", dest="install", action="store_false",
-                        help="don't pip-install the dependencies in the job's runtime_env (the cluster image has them)")
+    parser.add_argument(
+        "--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED"
+    )
+    parser.add_argument(
+        "--no-install",
+        dest="install",
+        action="store_false",
+        help="don't pip-install the dependencies in the job's runtime_env (the cluster image has them)",
+    )
     parser.add_argument("--job-id", dest="job_id", help="use this submission id instead of a generated one")
-    parser.add_argument("job_command", nargs=argparse.REMAINDER, metavar="COMMAND",
-                        help="-- then the gendertune command, e.g. -- compare --data ...")
+    parser.add_argument(
+        "job_command",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND",
+        help="-- then the gendertune command, e.g. -- compare --data ...",
+    )
 
 
 def _run_submit(args: argparse.Namespace) -> int:
@@ -305,20 +350,28 @@ def _follow(address: str, job_id: str) -> int:
     try:
         status = jobs.follow(address, job_id)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped following; job {job_id} keeps running (gendertune jobs stop {job_id})") from None
+        raise KeyboardInterrupt(
+            f"stopped following; job {job_id} keeps running (gendertune jobs stop {job_id})"
+        ) from None
     print(f"job {job_id} {status}")
     return 0 if status == "SUCCEEDED" else 1
 
 
 def _jobs_flags(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, text in (("status", "print a job's status"), ("logs", "print a job's logs"), ("stop", "stop a job and wait for it to end")):
+    for name, text in (
+        ("status", "print a job's status"),
+        ("logs", "print a job's logs"),
+        ("stop", "stop a job and wait for it to end"),
+    ):
         action = actions.add_parser(name, help=text, description=text)
         action.add_argument("job_id", metavar="ID")
         _add_address_flags(action)
         if name == "logs":
             action.add_argument("--follow", action="store_true", help="stream until the job ends")
-    _add_address_flags(actions.add_parser("list", help="list the cluster's jobs", description="list the cluster's jobs"))
+    _add_address_flags(
+        actions.add_parser("list", help="list the cluster's jobs", description="list the cluster's jobs")
+    )
 
 
 def _run_jobs(args: argparse.Namespace) -> int:
@@ -339,8 +392,6 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-
-
 class Command:
     """A subcommand: its one-line help, its --help description, what adds its flags, what runs it."""
 
@@ -356,38 +407,50 @@ COMMANDS = {
         "write a SYNTHETIC CelebA-layout dataset of drawn faces (for tests and the demo)",
         "Write procedurally drawn faces in CelebA's layout (images + the four label files), "
         "with a few planted exact duplicates and one corrupt file. Synthetic: not real people.",
-        _make_sample_flags, _run_make_sample),
+        _make_sample_flags,
+        _run_make_sample,
+    ),
     "prep": Command(
         "dedupe, verify, crop and split a folder of face images (Ray tasks)",
         "Turn a folder of face images plus labels into a clean, deduplicated, split, "
         "preprocessed dataset. Accepts CelebA's official layout or a folder plus a CSV.",
-        _prep_flags, _run_prep),
+        _prep_flags,
+        _run_prep,
+    ),
     "train": Command(
         "fine-tune one model on a prepared dataset with Ray Train, then evaluate it",
         "Train one model with Ray Train (DDP over --workers), select the best epoch on the "
         "validation split, evaluate it once on the test split, and write metrics, history, plots and the "
         "model to --out. Re-running with the same --out resumes an interrupted run.",
-        _train_flags, _run_train),
+        _train_flags,
+        _run_train,
+    ),
     "predict": Command(
         "label every face in photos with a trained run",
         "Detect every face in each photo, align it as the model's training images were, and "
         "print and write one row per face: box, which detector pass found it and its score, label, "
         "confidence. Folders are searched for images; many images run as Ray Data batch inference. "
         "Unreadable images, and photos with no face, get an error row.",
-        _predict_flags, _run_predict),
+        _predict_flags,
+        _run_predict,
+    ),
     "evaluate": Command(
         "score a trained run on labelled folders of photos (accuracy, slices, calibration)",
         "Score a finished `gendertune train` run (or a compare model folder) on each --eval-set with the "
         "run's own face alignment and preprocessing; adds the results to the run's metrics.json and writes "
         "eval_<NAME>_predictions.csv and a gallery of its most confident mistakes.",
-        _evaluate_flags, _run_evaluate),
+        _evaluate_flags,
+        _run_evaluate,
+    ),
     "export": Command(
         "write a trained run as one ONNX or TorchScript file (calibrated, preprocessing inside)",
         "Export a finished run for use without gendertune, Ray or MLflow: the graph takes uint8 face chips "
         "(N x S x S x 3 at the run's prep size) and returns calibrated probabilities (N x 2); the alignment, "
         "sizes, mean/std, class names and temperature are in the file's metadata (ONNX metadata_props, "
         "TorchScript extra file metadata.json). ONNX needs the export extra: pip install 'gendertune[export]'.",
-        _export_flags, _run_export),
+        _export_flags,
+        _run_export,
+    ),
     "compare": Command(
         "search each model with Ray Tune + Optuna and write the comparison leaderboard",
         "For each model: plan the budget (one full-length run of your configuration is reserved first), "
@@ -395,30 +458,40 @@ COMMANDS = {
         "configuration only when a challenger beats it by more than the validation noise, train the chosen one "
         "at full length as `train` would, evaluate it once on the test split; then rank the models with "
         "confidence intervals and McNemar tests against the leader.",
-        _compare_flags, _run_compare),
+        _compare_flags,
+        _run_compare,
+    ),
     "leaderboard": Command(
         "print a comparison's leaderboard, or write its report.html",
         "Print the leaderboard that `gendertune compare` wrote to DIR; "
         "--format html writes DIR/report.html, one self-contained page.",
-        _leaderboard_flags, _run_leaderboard),
+        _leaderboard_flags,
+        _run_leaderboard,
+    ),
     "demo": Command(
         "the whole pipeline on a generated sample: make-sample, prep, compare the original notebook's four models",
         "Generate a SYNTHETIC CelebA-layout sample (or use --data), prep it with an identity split, "
         "compare resnet50, resnet18, googlenet and vgg19_bn with a small, deterministic search budget, print the "
         "leaderboard. "
         "Re-running with the same --out resumes.",
-        _demo_flags, _run_demo),
+        _demo_flags,
+        _run_demo,
+    ),
     "submit": Command(
         "run a gendertune command as a job on a Ray cluster",
         "Submit `gendertune ARGS` to a Ray cluster through the Jobs API, with this project as the "
         "job's working_dir and its dependencies in the runtime_env; prints the job id. Paths in ARGS are read "
         "on the cluster: use shared storage (see the README).",
-        _submit_flags, _run_submit,
-        usage="gendertune submit [--address URL] [--follow] [--no-install] -- COMMAND [FLAGS ...]"),
+        _submit_flags,
+        _run_submit,
+        usage="gendertune submit [--address URL] [--follow] [--no-install] -- COMMAND [FLAGS ...]",
+    ),
     "jobs": Command(
         "status, logs, stop and list of jobs on a Ray cluster",
         "Inspect and control jobs submitted with `gendertune submit`.",
-        _jobs_flags, _run_jobs),
+        _jobs_flags,
+        _run_jobs,
+    ),
 }
 
 
@@ -486,7 +559,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt as err:
         # str(): a KeyboardInterrupt with no message is still a true object, so `err or ...` never chose the hint.
-        print(f"gendertune {args.command}: interrupted. {str(err) or 'Re-run the same command to resume.'}", file=sys.stderr)
+        print(
+            f"gendertune {args.command}: interrupted. {str(err) or 'Re-run the same command to resume.'}",
+            file=sys.stderr,
+        )
         return 130
 
 

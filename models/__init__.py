@@ -8,7 +8,16 @@ normalised model input.
 
 from __future__ import annotations
 
-from gendertune.models.registry import ModelSpec, build_model, check_image_size, classification_loss, count_parameters, get_spec, list_models, split_outputs
+from gendertune.models.registry import (
+    ModelSpec,
+    build_model,
+    check_image_size,
+    classification_loss,
+    count_parameters,
+    get_spec,
+    list_models,
+    split_outputs,
+)
 from gendertune.models.transforms import EvalPreprocess, FramingShift, TrainAugment
 from gendertune.models.weights import WeightsError, WeightsNotFoundError, hub_weights_path, hub_weights_url
 

@@ -129,8 +129,12 @@ _SPECS: dict[str, ModelSpec] = {
         # zero_init_residual: each residual block's last BN starts at zero, so every block starts as
         # the identity and a deep ResNet trains from scratch like a shallow one (Goyal et al. 2017);
         # without it resnet50 stayed at the majority rate in the comparison's budget.
-        _spec("resnet50", "ResNet50_Weights.IMAGENET1K_V2", ("fc",), _ignore_size(tvm.resnet50, zero_init_residual=True)),
-        _spec("resnet18", "ResNet18_Weights.IMAGENET1K_V1", ("fc",), _ignore_size(tvm.resnet18, zero_init_residual=True)),
+        _spec(
+            "resnet50", "ResNet50_Weights.IMAGENET1K_V2", ("fc",), _ignore_size(tvm.resnet50, zero_init_residual=True)
+        ),
+        _spec(
+            "resnet18", "ResNet18_Weights.IMAGENET1K_V1", ("fc",), _ignore_size(tvm.resnet18, zero_init_residual=True)
+        ),
         # aux_logits=True so the auxiliary heads train; torchvision drops them in eval mode.
         # transform_input=True always, not only when pretrained as torchvision's builder does:
         # it is a fixed per-channel affine map of the input (ImageNet normalisation -> the
@@ -150,8 +154,13 @@ _SPECS: dict[str, ModelSpec] = {
         # The comparison's VGG19: plain VGG19 (no normalisation, 19 layers) stayed at the majority
         # rate from scratch at every lr tried in a CPU budget; batch norm after each convolution is
         # what makes it train (Ioffe & Szegedy 2015), as the original VGG needed staged training.
-        _spec("vgg19_bn", "VGG19_BN_Weights.IMAGENET1K_V1", ("classifier.6",), _ignore_size(tvm.vgg19_bn),
-              note="VGG19 with batch norm: plain vgg19 does not learn from scratch in a CPU budget"),
+        _spec(
+            "vgg19_bn",
+            "VGG19_BN_Weights.IMAGENET1K_V1",
+            ("classifier.6",),
+            _ignore_size(tvm.vgg19_bn),
+            note="VGG19 with batch norm: plain vgg19 does not learn from scratch in a CPU budget",
+        ),
         _spec(
             "efficientnet_b0",
             "EfficientNet_B0_Weights.IMAGENET1K_V1",
@@ -195,9 +204,7 @@ def check_image_size(name: str, image_size: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise ValueError(f"image size must be a whole number of pixels, got {image_size!r}")
     if image_size < spec.min_input_size:
-        raise ValueError(
-            f"image size {image_size} is too small for {name} (needs >= {spec.min_input_size})"
-        )
+        raise ValueError(f"image size {image_size} is too small for {name} (needs >= {spec.min_input_size})")
     if image_size % spec.size_multiple:
         raise ValueError(
             f"image size {image_size} does not work for {name}: it must be a multiple of "

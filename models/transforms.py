@@ -38,9 +38,7 @@ _CROP_RATIO = (3 / 4, 4 / 3)
 # crop covers about the central 60% of a chip framed like CelebA (see gendertune.data_prep.faces).
 MAX_BORDER = 0.3
 # RGB <-> YIQ: hue is rotated in the IQ (chroma) plane, see _hue_matrices.
-_RGB_TO_YIQ = torch.tensor(
-    [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]]
-)
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 # uniform(low, high, *shape) -> per-sample draws of shape (N, *shape), see TrainAugment.__call__.
@@ -167,9 +165,7 @@ class TrainAugment:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.random_resized_crop < 1.0:
-            raise ValueError(
-                f"random_resized_crop must be in [0, 1), got {self.random_resized_crop}"
-            )
+            raise ValueError(f"random_resized_crop must be in [0, 1), got {self.random_resized_crop}")
         if not 0.0 <= self.rotation <= 180.0:
             raise ValueError(f"rotation must be in [0, 180] degrees, got {self.rotation}")
         if not 0.0 <= self.zoom <= 1.0:
@@ -326,9 +322,7 @@ class FramingShift:
         # Reflection can mirror at most the whole shrunken image into each side.
         lowest = 1 / 3 if self.padding_mode == "reflect" else 0.0
         if not self.zoom > lowest:
-            raise ValueError(
-                f"zoom must be > {lowest:.3g} with {self.padding_mode} padding, got {self.zoom}"
-            )
+            raise ValueError(f"zoom must be > {lowest:.3g} with {self.padding_mode} padding, got {self.zoom}")
 
     def __call__(self, batch: Tensor) -> Tensor:
         if self.zoom == 1.0:

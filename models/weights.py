@@ -160,16 +160,12 @@ def head_classes(state: Mapping[str, Tensor], spec: ModelSpec) -> int | None:
     return weight.shape[0] if weight is not None and weight.ndim == 2 else None
 
 
-def load_state(
-    model: nn.Module, state: Mapping[str, Tensor], *, spec: ModelSpec, source: str
-) -> None:
+def load_state(model: nn.Module, state: Mapping[str, Tensor], *, spec: ModelSpec, source: str) -> None:
     """Load `state` into `model` strictly, except for `spec.optional_prefixes` keys the file may
     lack. ViT position embeddings of another grid size are interpolated to the model's."""
     expected = model.state_dict()
     state = _fit_vit_pos_embedding(dict(state), expected, model)
-    missing = [
-        k for k in expected if k not in state and not k.startswith(spec.optional_prefixes)
-    ]
+    missing = [k for k in expected if k not in state and not k.startswith(spec.optional_prefixes)]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k} {tuple(state[k].shape)} in the file vs {tuple(v.shape)} in the model"
@@ -186,9 +182,7 @@ def load_state(
         if keys
     ]
     if problems:
-        raise WeightsError(
-            f"{source} does not look like {spec.name} weights: {'; '.join(problems)}"
-        )
+        raise WeightsError(f"{source} does not look like {spec.name} weights: {'; '.join(problems)}")
     model.load_state_dict(state, strict=False)
 
 

@@ -45,8 +45,15 @@ def wait_for(condition, what: str, timeout: float, *, interval: float = 1.0) -> 
 # The S3 endpoint the object-store tests start (s3_bucket). Set before any Ray starts, because
 # Ray's workers take their environment from the driver that started the cluster.
 S3_PORT = free_port()
-os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "gendertune-test",
-                   "AWS_SECRET_ACCESS_KEY": "gendertune-test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+os.environ.update(
+    {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+        "AWS_ACCESS_KEY_ID": "gendertune-test",
+        "AWS_SECRET_ACCESS_KEY": "gendertune-test",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
 
 import pytest  # noqa: E402
 
@@ -155,8 +162,14 @@ def eval_set_folder(tmp_path_factory):
     images += [source.path / "img_align_celeba" / name for name in source.corrupt_ids]  # one
     for image in images:
         shutil.copy(image, folder / "images" / image.name)
-        rows.append({"image_id": image.name, "Male": int(attributes.loc[image.name, "Male"] == 1),
-                     "age": int(rng.integers(18, 80)), "group": "ab"[len(rows) % 2]})
+        rows.append(
+            {
+                "image_id": image.name,
+                "Male": int(attributes.loc[image.name, "Male"] == 1),
+                "age": int(rng.integers(18, 80)),
+                "group": "ab"[len(rows) % 2],
+            }
+        )
     pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
     return folder
 
@@ -165,9 +178,13 @@ def eval_set_folder(tmp_path_factory):
 def s3_bucket():
     """A bucket on a local moto S3 server at AWS_ENDPOINT_URL; yields its s3:// URI."""
     # The request recorder (test_storage reads the order of uploads from it) writes here, not in the cwd.
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "MOTO_RECORDER_FILEPATH": os.path.join(_HOME, "moto-recording.jsonl")})
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MOTO_RECORDER_FILEPATH": os.path.join(_HOME, "moto-recording.jsonl")},
+    )
+
     def bucket_created() -> bool:
         if server.poll() is not None:
             raise RuntimeError("the moto S3 server exited at start-up")

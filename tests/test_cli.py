@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
-
-import shutil
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port
 from PIL import Image
 
-from gendertune.cli import main
 from gendertune.base.errors import GendertuneError, MissingInputError
-from conftest import free_port
+from gendertune.cli import main
 from gendertune.data_prep import layout
 from gendertune.models.weights import WEIGHTS_MIRROR_ENV
 from gendertune.tuning.compare import leaderboard
@@ -57,14 +56,32 @@ def inputs(tmp_path_factory):
     pd.DataFrame({"images": ["0.jpg", "1.jpg"], "Male": [1, 2]}).to_csv(root / "bad_values.csv", index=False)
     prep = root / "prep"
     prep.mkdir()
-    (prep / layout.MANIFEST).write_text(json.dumps({
-        "format_version": layout.FORMAT_VERSION, "attribute": "Male", "class_names": ["Female", "Male"],
-        "image_size": 32, "alignment": None, "splits": {"train": {"count": 2}, "test": {"count": 1}}}))
+    (prep / layout.MANIFEST).write_text(
+        json.dumps(
+            {
+                "format_version": layout.FORMAT_VERSION,
+                "attribute": "Male",
+                "class_names": ["Female", "Male"],
+                "image_size": 32,
+                "alignment": None,
+                "splits": {"train": {"count": 2}, "test": {"count": 1}},
+            }
+        )
+    )
     for split, rows in (("train", 2), ("test", 1)):  # real shards: open_prepared reads their footers
         (prep / split).mkdir()
-        pq.write_table(pa.table({"image_id": [f"{i}.jpg" for i in range(rows)], "label": pa.array([1] * rows, pa.int8()),
-                                 "identity": [-1] * rows, "hash": ["0" * 64] * rows,
-                                 "pixels": [bytes(32 * 32 * 3)] * rows}), prep / split / "part-00000.parquet")
+        pq.write_table(
+            pa.table(
+                {
+                    "image_id": [f"{i}.jpg" for i in range(rows)],
+                    "label": pa.array([1] * rows, pa.int8()),
+                    "identity": [-1] * rows,
+                    "hash": ["0" * 64] * rows,
+                    "pixels": [bytes(32 * 32 * 3)] * rows,
+                }
+            ),
+            prep / split / "part-00000.parquet",
+        )
     edited = root / "edited-prep"  # a manifest someone edited by hand
     shutil.copytree(prep, edited)
     (edited / layout.MANIFEST).write_text(json.dumps({"format_version": layout.FORMAT_VERSION, "image_size": 32}))
@@ -109,8 +126,11 @@ def inputs(tmp_path_factory):
 
 
 def tree_hashes(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -137,30 +157,52 @@ COMPARE = ["compare", "--data", "{root}/prep", "--out", "{out}", "--models", "re
 CASES = {
     "prep: no data folder": (["prep", "--data", "{root}/nowhere", "--out", "{out}"], "nowhere does not exist"),
     "prep: no label file": (["prep", "--data", "{root}/images", "--out", "{out}"], "0 CSV files; pass --labels FILE"),
-    "prep: label column missing": (["prep", "--data", "{root}/images", "--labels", "{root}/no_male.csv", "--out", "{out}"],
-                                   "no_male.csv: no attribute column 'Male'"),
-    "prep: label values": (["prep", "--data", "{root}/images", "--labels", "{root}/bad_values.csv", "--out", "{out}"],
-                           "values other than 0/1 or -1/1"),
+    "prep: label column missing": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/no_male.csv", "--out", "{out}"],
+        "no_male.csv: no attribute column 'Male'",
+    ),
+    "prep: label values": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/bad_values.csv", "--out", "{out}"],
+        "values other than 0/1 or -1/1",
+    ),
     "prep: ratios": (["prep", "--data", "{root}/images", "--ratios", "0.5,0.2", "--out", "{out}"], "sum to 1"),
-    "prep: out inside the images": (["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv",
-                                     "--out", "{root}/images/out"], "inside the image folder"),
-    "config: unknown key": (["prep", "--config", "{root}/unknown_key.toml", "--data", "{root}/images", "--out", "{out}"],
-                            "imagesize"),
-    "config: unknown section": (["prep", "--config", "{root}/unknown_section.toml", "--data", "{root}/images",
-                                 "--out", "{out}"], "unknown section(s) preprocessing"),
-    "config: a [demo] section (nothing reads it)": (["compare", "--config", "{root}/demo_section.toml", "--data",
-                                                    "{root}/prep", "--out", "{out}"], "unknown section(s) demo"),
-    "config: not TOML": (["prep", "--config", "{root}/not_toml.toml", "--data", "{root}/images", "--out", "{out}"],
-                         "is not valid TOML"),
+    "prep: out inside the images": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv", "--out", "{root}/images/out"],
+        "inside the image folder",
+    ),
+    "config: unknown key": (
+        ["prep", "--config", "{root}/unknown_key.toml", "--data", "{root}/images", "--out", "{out}"],
+        "imagesize",
+    ),
+    "config: unknown section": (
+        ["prep", "--config", "{root}/unknown_section.toml", "--data", "{root}/images", "--out", "{out}"],
+        "unknown section(s) preprocessing",
+    ),
+    "config: a [demo] section (nothing reads it)": (
+        ["compare", "--config", "{root}/demo_section.toml", "--data", "{root}/prep", "--out", "{out}"],
+        "unknown section(s) demo",
+    ),
+    "config: not TOML": (
+        ["prep", "--config", "{root}/not_toml.toml", "--data", "{root}/images", "--out", "{out}"],
+        "is not valid TOML",
+    ),
     "train: hflip out of range": ([*TRAIN, "--augment", "hflip=2"], "train.hflip is a probability in [0, 1]"),
     "train: negative rotation": ([*TRAIN, "--augment", "rotation=-5"], "train.rotation must be in [0, 180]"),
     "train: crop of 1": ([*TRAIN, "--augment", "random_resized_crop=1.0"], "train.random_resized_crop"),
     "train: lr": ([*TRAIN, "--lr", "0"], "train.lr: must be in (0, 10)"),
     "train: not a prep output": (["train", "--data", "{root}/images", "--out", "{out}"], "is not a prepared dataset"),
-    "train: prep of another version": (["train", "--data", "{root}/old-prep", "--out", "{out}"], "format version 1 is not"),
-    "train: unknown model": (["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet9000"],
-                             "unknown model 'resnet9000'"),
-    "train: no ImageNet weights, offline": ([*TRAIN, "--pretrained"], "are not in the torch hub cache and could not be downloaded"),
+    "train: prep of another version": (
+        ["train", "--data", "{root}/old-prep", "--out", "{out}"],
+        "format version 1 is not",
+    ),
+    "train: unknown model": (
+        ["train", "--data", "{root}/prep", "--out", "{out}", "--model", "resnet9000"],
+        "unknown model 'resnet9000'",
+    ),
+    "train: no ImageNet weights, offline": (
+        [*TRAIN, "--pretrained"],
+        "are not in the torch hub cache and could not be downloaded",
+    ),
     "train: weights file missing": ([*TRAIN, "--weights", "{root}/none.pt"], "none.pt does not exist"),
     "train: eval set spec": ([*TRAIN, "--eval-set", "{root}/images"], "expected NAME=DIR"),
     "train: eval set without labels": ([*TRAIN, "--eval-set", "faces={root}/prep"], "found 0 CSV files"),
@@ -172,66 +214,113 @@ CASES = {
     "train: image too small for the model": ([*TRAIN[:-1], "vgg19", "--image-size", "16"], "too small for vgg19"),
     "make-sample: too few images": (["make-sample", "--n", "3", "--out", "{out}"], "n=3 is too small"),
     "predict: not a run": (["predict", "--run", "{root}/prep", "{root}/images"], "has no model.pt"),
-    "predict: an unfinished run": (["predict", "--run", "{root}/unfinished", "{root}/images"],
-                                   "is not a finished training run (no metrics.json)"),
+    "predict: an unfinished run": (
+        ["predict", "--run", "{root}/unfinished", "{root}/images"],
+        "is not a finished training run (no metrics.json)",
+    ),
     # Data loss (issue 21): outputs that would replace the user's files.
-    "predict: --annotate into the photos' own folder": (["predict", "--run", "{root}/prep", "{root}/images",
-                                                         "--annotate", "{root}/images"], "--annotate would overwrite"),
-    "predict: --out is an input photo": (["predict", "--run", "{root}/prep", "{root}/images/0.jpg",
-                                          "--out", "{root}/images/0.jpg"], "is an image (or one of the inputs)"),
-    "predict: --out is a folder": (["predict", "--run", "{root}/prep", "{root}/images", "--out", "{root}/images"],
-                                   "is a folder; name the CSV file"),
+    "predict: --annotate into the photos' own folder": (
+        ["predict", "--run", "{root}/prep", "{root}/images", "--annotate", "{root}/images"],
+        "--annotate would overwrite",
+    ),
+    "predict: --out is an input photo": (
+        ["predict", "--run", "{root}/prep", "{root}/images/0.jpg", "--out", "{root}/images/0.jpg"],
+        "is an image (or one of the inputs)",
+    ),
+    "predict: --out is a folder": (
+        ["predict", "--run", "{root}/prep", "{root}/images", "--out", "{root}/images"],
+        "is a folder; name the CSV file",
+    ),
     "prep: --overwrite a folder that holds a manifest.json": (
         ["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv", "--out", "{root}/webapp", "--overwrite"],
-        "not a finished gendertune prep output"),
-    "train: --out a folder of the user's files": (["train", "--data", "{root}/prep", "--out", "{root}/images"],
-                                                  "not a gendertune train output"),
+        "not a finished gendertune prep output",
+    ),
+    "train: --out a folder of the user's files": (
+        ["train", "--data", "{root}/prep", "--out", "{root}/images"],
+        "not a gendertune train output",
+    ),
     "train: --out under a file": (["train", "--data", "{root}/prep", "--out", "{root}/labels.csv"], "is a file"),
     "train: eval set named like a split": ([*TRAIN, "--eval-set", "test={root}/images"], "one of the run's own splits"),
-    "train: eval set named like a split, other case": ([*TRAIN, "--eval-set", "Val={root}/images"], "one of the run's own"),
+    "train: eval set named like a split, other case": (
+        [*TRAIN, "--eval-set", "Val={root}/images"],
+        "one of the run's own",
+    ),
     # Broken runs (issue 21): settings that passed validation and failed, or trained NaN, later.
     "train: NaN weight decay": ([*TRAIN, "--weight-decay", "nan"], "train.weight_decay: must be a finite number"),
     "train: NaN warmup": ([*TRAIN, "--warmup-epochs", "nan"], "train.warmup_epochs: must be a finite number"),
     "train: infinite grad clip": ([*TRAIN, "--grad-clip", "inf"], "train.grad_clip: must be a finite number"),
     "train: NaN CPUs per worker": ([*TRAIN, "--cpus-per-worker", "nan"], "train.cpus_per_worker: must be a finite"),
-    "prep: negative seed": (["prep", "--data", "{root}/images", "--seed", "-1", "--out", "{out}"], "prep.seed: must be in"),
-    "prep: NaN face score": (["prep", "--data", "{root}/images", "--face-min-score", "nan", "--out", "{out}"],
-                             "prep.face_min_score: must be a finite number"),
+    "prep: negative seed": (
+        ["prep", "--data", "{root}/images", "--seed", "-1", "--out", "{out}"],
+        "prep.seed: must be in",
+    ),
+    "prep: NaN face score": (
+        ["prep", "--data", "{root}/images", "--face-min-score", "nan", "--out", "{out}"],
+        "prep.face_min_score: must be a finite number",
+    ),
     "compare: NaN time budget": ([*COMPARE, "--time-budget-s", "nan"], "search.time_budget_s: must be a finite number"),
-    "evaluate: not a run": (["evaluate", "--run", "{root}/prep", "--eval-set", "faces={root}/images"],
-                            "is not a finished training run"),
+    "evaluate: not a run": (
+        ["evaluate", "--run", "{root}/prep", "--eval-set", "faces={root}/images"],
+        "is not a finished training run",
+    ),
     "leaderboard: no comparison": (["leaderboard", "{root}/prep"], "has no leaderboard.csv"),
     # Input files (issue 21): each found before any image is hashed or Ray starts.
-    "prep: a label CSV with no rows": (["prep", "--data", "{root}/images", "--labels", "{root}/header_only.csv",
-                                        "--out", "{out}"], "a header and no rows"),
-    "prep: an attribute named twice": (["prep", "--data", "{root}/images", "--labels", "{root}/attr_twice.txt",
-                                        "--out", "{out}"], "names the attribute(s) Male more than once"),
-    "prep: an attribute row with an extra field": (["prep", "--data", "{root}/images", "--labels",
-                                                    "{root}/attr_extra_field.txt", "--out", "{out}"],
-                                                   "every row must be an image name and 2 values"),
-    "prep: a non-UTF-8 attribute file": (["prep", "--data", "{root}/images", "--labels", "{root}/attr_latin1.txt",
-                                          "--out", "{out}"], "not UTF-8 text"),
-    "config: not UTF-8": (["prep", "--config", "{root}/latin1.toml", "--data", "{root}/images", "--out", "{out}"],
-                          "is not UTF-8 text"),
-    "prep: --out under a file": (["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv",
-                                  "--out", "{root}/labels.csv/out"], "is a file, not a folder"),
-    "train: an edited manifest.json": (["train", "--data", "{root}/edited-prep", "--out", "{out}"],
-                                       "missing or malformed attribute, class_names, splits"),
-    "train: a truncated Parquet shard": (["train", "--data", "{root}/truncated-prep", "--out", "{out}"],
-                                         "is not a readable Parquet file"),
-    "train: --out holds a damaged config.json": (["train", "--data", "{root}/prep", "--out", "{root}/broken-run",
-                                                  "--model", "resnet18"], "config.json is not valid JSON"),
+    "prep: a label CSV with no rows": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/header_only.csv", "--out", "{out}"],
+        "a header and no rows",
+    ),
+    "prep: an attribute named twice": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/attr_twice.txt", "--out", "{out}"],
+        "names the attribute(s) Male more than once",
+    ),
+    "prep: an attribute row with an extra field": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/attr_extra_field.txt", "--out", "{out}"],
+        "every row must be an image name and 2 values",
+    ),
+    "prep: a non-UTF-8 attribute file": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/attr_latin1.txt", "--out", "{out}"],
+        "not UTF-8 text",
+    ),
+    "config: not UTF-8": (
+        ["prep", "--config", "{root}/latin1.toml", "--data", "{root}/images", "--out", "{out}"],
+        "is not UTF-8 text",
+    ),
+    "prep: --out under a file": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv", "--out", "{root}/labels.csv/out"],
+        "is a file, not a folder",
+    ),
+    "train: an edited manifest.json": (
+        ["train", "--data", "{root}/edited-prep", "--out", "{out}"],
+        "missing or malformed attribute, class_names, splits",
+    ),
+    "train: a truncated Parquet shard": (
+        ["train", "--data", "{root}/truncated-prep", "--out", "{out}"],
+        "is not a readable Parquet file",
+    ),
+    "train: --out holds a damaged config.json": (
+        ["train", "--data", "{root}/prep", "--out", "{root}/broken-run", "--model", "resnet18"],
+        "config.json is not valid JSON",
+    ),
     "make-sample: no images": (["make-sample", "--out", "{out}", "--n", "0"], "n must be >= 1"),
     "make-sample: into a folder with files": (["make-sample", "--out", "{root}/images"], "not an empty folder"),
     "leaderboard: a corrupt leaderboard.csv": (["leaderboard", "{root}/comparison"], "is not a readable CSV"),
-    "leaderboard: a corrupt leaderboard.csv, as html": (["leaderboard", "{root}/comparison", "--format", "html"],
-                                                        "is not a readable CSV"),
+    "leaderboard: a corrupt leaderboard.csv, as html": (
+        ["leaderboard", "{root}/comparison", "--format", "html"],
+        "is not a readable CSV",
+    ),
     # Cluster commands (issue 21): addresses that are not a Ray cluster.
-    "jobs: nothing listens at the address": (["jobs", "list", "--address", "http://127.0.0.1:{closed_port}"],
-                                             "no Ray cluster answers at"),
-    "jobs: a web server that is not Ray": (["jobs", "status", "x", "--address", "{web_server}"], "is not a Ray dashboard"),
-    "submit: nothing listens at the address": (["submit", "--address", "http://127.0.0.1:{closed_port}", "--", "leaderboard",
-                                                "x"], "no Ray cluster answers at"),
+    "jobs: nothing listens at the address": (
+        ["jobs", "list", "--address", "http://127.0.0.1:{closed_port}"],
+        "no Ray cluster answers at",
+    ),
+    "jobs: a web server that is not Ray": (
+        ["jobs", "status", "x", "--address", "{web_server}"],
+        "is not a Ray dashboard",
+    ),
+    "submit: nothing listens at the address": (
+        ["submit", "--address", "http://127.0.0.1:{closed_port}", "--", "leaderboard", "x"],
+        "no Ray cluster answers at",
+    ),
 }
 
 

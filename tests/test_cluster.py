@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import free_port, wait_for
 
 from gendertune.cluster import jobs
-from conftest import free_port, wait_for
 from gendertune.cluster.shared_storage import fingerprint, nearest_existing, unreachable_nodes
 from gendertune.tuning.evaluate import run_layout
 
@@ -40,8 +40,16 @@ NODE_OBJECT_STORE = str(400 * 1024**2)
 # --- pure parts ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "127.0.0.1:8265", "http://localhost:8265",
-                                     "http://[::1]:8265", "https://ray.example.com"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "http://127.0.0.1:8265",
+        "127.0.0.1:8265",
+        "http://localhost:8265",
+        "http://[::1]:8265",
+        "https://ray.example.com",
+    ],
+)
 def test_submission_addresses_accepted(address):
     assert jobs.resolve_address(address).startswith(("http://", "https://"))
 
@@ -69,7 +77,10 @@ def test_job_runtime_env_carries_the_project_and_its_dependencies():
 
 
 def test_entrypoint_runs_the_cli_module_and_rejects_cluster_commands():
-    assert jobs.entrypoint_for(["gendertune", "compare", "--out", "/x y"]) == "python -m gendertune.cli compare --out '/x y'"
+    assert (
+        jobs.entrypoint_for(["gendertune", "compare", "--out", "/x y"])
+        == "python -m gendertune.cli compare --out '/x y'"
+    )
     for bad in ([], ["submit", "--", "demo"], ["jobs", "list"]):
         with pytest.raises(ValueError):
             jobs.entrypoint_for(bad)
@@ -97,8 +108,13 @@ class TwoNodeCluster:
     gcs: str  # for `ray status`
 
     def gendertune(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "gendertune.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "gendertune.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def job_status(self, job_id: str) -> str:
         # Through the CLI: the cluster's token settings must not leak into this test process,
@@ -116,8 +132,9 @@ class TwoNodeCluster:
         raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s; its log ends:\n{logs[-4000:]}")
 
     def ray_status(self) -> str:
-        return subprocess.run([RAY, "status", "--address", self.gcs], env=self.env, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            [RAY, "status", "--address", self.gcs], env=self.env, capture_output=True, text=True
+        ).stdout
 
     def cpus_in_use(self) -> float:
         used = [line.split("/")[0].strip() for line in self.ray_status().splitlines() if line.strip().endswith(" CPU")]
@@ -150,30 +167,68 @@ def cluster():
     for folder in (root / "home", shared, local_only):
         folder.mkdir()
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(jobs.PROJECT_ROOT),
-           # Notice the killed node in ~3 s instead of ~15 s (GCS health checks; Ray's defaults are
-           # a 3 s period and 5 misses).
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-           # A job's `python` is whatever the node's PATH finds, as on a real cluster image: here
-           # that must be this venv's, also when the tests run without activating it (make test).
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "HOME": str(root / "home"),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONPATH": str(jobs.PROJECT_ROOT),
+        # Notice the killed node in ~3 s instead of ~15 s (GCS health checks; Ray's defaults are
+        # a 3 s period and 5 misses).
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+        # A job's `python` is whatever the node's PATH finds, as on a real cluster image: here
+        # that must be this venv's, also when the tests run without activating it (make test).
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     env.pop("RAY_ADDRESS", None)
     # Two logical CPUs per node: a trial asking for 1.5 fits once per node (so trials must use both),
     # and after the second node dies the head still has a CPU for Ray Data beside two 0.5-CPU workers.
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--memory={NODE_MEMORY}",
-              f"--object-store-memory={NODE_OBJECT_STORE}"]
+    common = [
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        f"--memory={NODE_MEMORY}",
+        f"--object-store-memory={NODE_OBJECT_STORE}",
+    ]
     nodes = {}
     try:
-        nodes["head"] = _start([RAY, "start", "--head", *common, f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-                                f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
-                                f"--ray-client-server-port={free_port()}", f"--temp-dir={root / 'ray'}"],
-                               env, root / "head.log")
-        info = TwoNodeCluster(address=f"http://127.0.0.1:{dashboard_port}", env=env, shared=shared,
-                              local_only=local_only, nodes=nodes, gcs=f"127.0.0.1:{gcs_port}")
+        nodes["head"] = _start(
+            [
+                RAY,
+                "start",
+                "--head",
+                *common,
+                f"--port={gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={root / 'ray'}",
+            ],
+            env,
+            root / "head.log",
+        )
+        info = TwoNodeCluster(
+            address=f"http://127.0.0.1:{dashboard_port}",
+            env=env,
+            shared=shared,
+            local_only=local_only,
+            nodes=nodes,
+            gcs=f"127.0.0.1:{gcs_port}",
+        )
         wait_for(lambda: info.alive_nodes() == 1, "the head node", 120)
-        second = shlex.join([RAY, "start", *common, f"--address=127.0.0.1:{gcs_port}", '--resources={"node2": 1}',
-                             f"--dashboard-agent-listen-port={free_port()}"])
+        second = shlex.join(
+            [
+                RAY,
+                "start",
+                *common,
+                f"--address=127.0.0.1:{gcs_port}",
+                '--resources={"node2": 1}',
+                f"--dashboard-agent-listen-port={free_port()}",
+            ]
+        )
         # node2 gets its own temp dir as a second machine would: Ray hands every node the head's
         # temp-dir path, and two nodes sharing it share runtime_resources, where one node's
         # runtime-env agent deletes a job's working_dir package that the other's driver runs in.
@@ -204,9 +259,27 @@ def cluster_prep(cluster, synthetic_sample):
     heavy load came out without a package), which a test can't afford. The default runtime_env's
     content is checked above; the default path itself ran green here twice before that."""
     out = cluster.shared / "prep"
-    result = cluster.gendertune("submit", "--address", cluster.address, "--follow", "--no-install", "--job-id", "prep-job", "--",
-                                "prep", "--data", str(synthetic_sample.path), "--out", str(out), "--image-size", "32",
-                                "--split", "identity", "--ratios", "0.6,0.2,0.2")
+    result = cluster.gendertune(
+        "submit",
+        "--address",
+        cluster.address,
+        "--follow",
+        "--no-install",
+        "--job-id",
+        "prep-job",
+        "--",
+        "prep",
+        "--data",
+        str(synthetic_sample.path),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--split",
+        "identity",
+        "--ratios",
+        "0.6,0.2,0.2",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "job prep-job SUCCEEDED" in result.stdout
     return out
@@ -214,10 +287,33 @@ def cluster_prep(cluster, synthetic_sample):
 
 def test_submitted_compare_spreads_trials_over_both_nodes(cluster, cluster_prep):
     out = cluster.shared / "compare"
-    result = cluster.gendertune("submit", "--address", cluster.address, "--follow", "--no-install", "--job-id",
-                                "compare-job", "--", "compare", "--data", str(cluster_prep), "--models", "resnet18",
-                                "--trials", "2", "--epochs", "1", "--max-concurrent", "2", "--batch-size", "32", "--cpus-per-worker", "1.5",
-                                "--out", str(out))
+    result = cluster.gendertune(
+        "submit",
+        "--address",
+        cluster.address,
+        "--follow",
+        "--no-install",
+        "--job-id",
+        "compare-job",
+        "--",
+        "compare",
+        "--data",
+        str(cluster_prep),
+        "--models",
+        "resnet18",
+        "--trials",
+        "2",
+        "--epochs",
+        "1",
+        "--max-concurrent",
+        "2",
+        "--batch-size",
+        "32",
+        "--cpus-per-worker",
+        "1.5",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "job compare-job SUCCEEDED" in result.stdout
     board = pd.read_csv(out / "leaderboard.csv")
@@ -255,8 +351,13 @@ def test_a_per_node_task_runs_once_on_each_node_but_the_drivers(cluster):
     """How --pretrained fills each node's weights cache: the driver's node is filled by the driver."""
     folder = cluster.shared / "per-node"
     folder.mkdir()
-    driver = subprocess.run([sys.executable, "-c", RECORD_NODE, cluster.gcs, str(folder)], env=cluster.env,
-                            capture_output=True, text=True, timeout=120)
+    driver = subprocess.run(
+        [sys.executable, "-c", RECORD_NODE, cluster.gcs, str(folder)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert driver.returncode == 0, driver.stderr[-3000:]
     recorded = [p.name for p in folder.iterdir()]
     assert len(recorded) == 1 and recorded[0] != driver.stdout.strip(), (recorded, driver.stdout)
@@ -264,8 +365,21 @@ def test_a_per_node_task_runs_once_on_each_node_but_the_drivers(cluster):
 
 def test_node_local_output_is_refused_before_any_work(cluster, cluster_prep):
     out = cluster.local_only / "run"
-    result = cluster.gendertune("submit", "--address", cluster.address, "--follow", "--no-install", "--",
-                                "train", "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out))
+    result = cluster.gendertune(
+        "submit",
+        "--address",
+        cluster.address,
+        "--follow",
+        "--no-install",
+        "--",
+        "train",
+        "--data",
+        str(cluster_prep),
+        "--model",
+        "resnet18",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 1
     assert "FAILED" in result.stdout and "is local to this node" in result.stdout
     assert not out.exists() and not list(cluster.local_only.iterdir())
@@ -277,9 +391,33 @@ def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluste
     # land on the head and the node kill would hit no worker. Start from an idle cluster.
     wait_for(lambda: cluster.cpus_in_use() == 0, "the cluster's CPUs to be free", 120)
     submitted = cluster.gendertune(
-        "submit", "--address", cluster.address, "--no-install", "--job-id", "kill-job", "--", "train",
-        "--data", str(cluster_prep), "--model", "resnet18", "--out", str(out), "--epochs", "3", "--batch-size", "16",
-        "--workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD", "--max-failures", "2")
+        "submit",
+        "--address",
+        cluster.address,
+        "--no-install",
+        "--job-id",
+        "kill-job",
+        "--",
+        "train",
+        "--data",
+        str(cluster_prep),
+        "--model",
+        "resnet18",
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "0.5",
+        "--placement-strategy",
+        "SPREAD",
+        "--max-failures",
+        "2",
+    )
     assert submitted.returncode == 0, submitted.stderr
     # Train writes this snapshot once a checkpoint is registered: killing before that could lose it.
     snapshot = out / run_layout.RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
@@ -287,7 +425,9 @@ def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluste
     wait_for(snapshot.exists, "the first registered checkpoint", 300, interval=0.1)
     _kill_node(cluster.nodes["node2"])
     final = cluster.wait_for_job("kill-job", timeout=600)
-    assert "kill-job SUCCEEDED" in final, cluster.gendertune("jobs", "logs", "kill-job", "--address", cluster.address).stdout[-3000:]
+    assert "kill-job SUCCEEDED" in final, cluster.gendertune(
+        "jobs", "logs", "kill-job", "--address", cluster.address
+    ).stdout[-3000:]
     history = pd.read_csv(out / run_layout.HISTORY)
     assert history["epoch"].tolist() == [1, 2, 3]
     # Epochs after the failure ran in an attempt that started from a checkpoint, not from epoch 0.
@@ -296,9 +436,24 @@ def test_losing_a_worker_node_resumes_training_from_a_checkpoint(cluster, cluste
 
 
 def test_jobs_stop_stops_a_running_job(cluster, cluster_prep):
-    submitted = cluster.gendertune("submit", "--address", cluster.address, "--no-install", "--job-id", "long-job", "--",
-                                   "train", "--data", str(cluster_prep), "--model", "resnet18", "--epochs", "50",
-                                   "--out", str(cluster.shared / "long-run"))
+    submitted = cluster.gendertune(
+        "submit",
+        "--address",
+        cluster.address,
+        "--no-install",
+        "--job-id",
+        "long-job",
+        "--",
+        "train",
+        "--data",
+        str(cluster_prep),
+        "--model",
+        "resnet18",
+        "--epochs",
+        "50",
+        "--out",
+        str(cluster.shared / "long-run"),
+    )
     assert submitted.returncode == 0 and "long-job" in submitted.stdout
     wait_for(lambda: "RUNNING" in cluster.job_status("long-job"), "the job to run", 120)
     stopped = cluster.gendertune("jobs", "stop", "long-job", "--address", cluster.address)

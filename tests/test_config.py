@@ -32,7 +32,9 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("config, name, value, message", REFUSED, ids=[f"{c.section}.{n}={v}" for c, n, v, _ in REFUSED])
+@pytest.mark.parametrize(
+    "config, name, value, message", REFUSED, ids=[f"{c.section}.{n}={v}" for c, n, v, _ in REFUSED]
+)
 def test_non_finite_and_out_of_range_numbers_are_refused(config, name, value, message):
     with pytest.raises(ConfigError, match=message):
         config.from_dict({**(PATHS if "data" in {f.name for f in dataclasses.fields(config)} else {}), name: value})
@@ -50,8 +52,11 @@ def test_every_number_declares_its_range_and_the_defaults_are_inside_it(config):
     numeric = [f for f in dataclasses.fields(config) if f.type in ("int", "float", "tuple[float, ...]")]
     assert numeric
     # The augmentation strengths' ranges are TrainAugment's own (gendertune.models.transforms), checked by validate.
-    undeclared = [f.name for f in numeric if f.metadata["bounds"] is None and f.name not in AUGMENTATIONS
-                  and f.type != "tuple[float, ...]"]
+    undeclared = [
+        f.name
+        for f in numeric
+        if f.metadata["bounds"] is None and f.name not in AUGMENTATIONS and f.type != "tuple[float, ...]"
+    ]
     assert undeclared == [], f"declare bounds=... on {undeclared}"
     instance = config(**{k: v for k, v in PATHS.items() if k in {f.name for f in dataclasses.fields(config)}})
     instance.check_numbers()

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from gendertune.base import console
+from gendertune.cli import main
 from gendertune.cluster.storage import OutputExistsError
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.pipeline import run_prep
-from gendertune.base import console
-from gendertune.cli import main
 
 FIRST_LINE = "3 labelled images to process from "
 
@@ -61,8 +61,9 @@ def test_main_prints_a_stage_line_once_each_time_it_runs(ray_session, finished_p
         assert FIRST_LINE not in printed.err and "--overwrite" in printed.err
 
 
-def test_a_stage_function_prints_nothing_unless_logging_is_configured(ray_session, finished_prep, fresh_loggers,
-                                                                      capsys, caplog):
+def test_a_stage_function_prints_nothing_unless_logging_is_configured(
+    ray_session, finished_prep, fresh_loggers, capsys, caplog
+):
     with pytest.raises(OutputExistsError):
         run_prep(PrepConfig.from_dict(finished_prep))
     printed = capsys.readouterr()

@@ -53,8 +53,10 @@ def test_balanced_threshold_agrees_with_a_brute_force_search():
 
     def balanced(t):
         predicted = probs >= t
-        return ((predicted & (labels == 1)).sum() / (labels == 1).sum()
-                + (~predicted & (labels == 0)).sum() / (labels == 0).sum()) / 2
+        return (
+            (predicted & (labels == 1)).sum() / (labels == 1).sum()
+            + (~predicted & (labels == 0)).sum() / (labels == 0).sum()
+        ) / 2
 
     grid = np.linspace(0, 1.01, 10_101)
     assert balanced(fit_threshold(labels, probs, "balanced")) == pytest.approx(max(balanced(t) for t in grid))

@@ -11,8 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from gendertune.tuning.train.engine import (NonFiniteLoss, Precision, bf16_supported, cpu_flags, select_precision,
-                                           train_one_epoch)
+from gendertune.tuning.train.engine import (
+    NonFiniteLoss,
+    Precision,
+    bf16_supported,
+    cpu_flags,
+    select_precision,
+    train_one_epoch,
+)
 
 FP16 = Precision("fp16", torch.float16)
 
@@ -32,9 +38,16 @@ def _separable_batches(n_batches: int, *, seed: int) -> list[tuple[torch.Tensor,
 
 def _small_cnn() -> nn.Module:
     # Small on purpose: fp16 autocast on a CPU is emulated and slow; the step logic is the same.
-    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(32, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 2),
+    )
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
@@ -49,9 +62,19 @@ def _fit(precision, scaler, *, grad_clip=1.0, epochs=3):
     batches = _separable_batches(6, seed=0)
     losses = []
     for _ in range(epochs):
-        stats = train_one_epoch(model, batches, optimizer=optimizer, scheduler=scheduler, augment=_to_float,
-                                criterion=nn.CrossEntropyLoss(), aux_weight=0.0, precision=precision, scaler=scaler,
-                                grad_clip=grad_clip, device=torch.device("cpu"))
+        stats = train_one_epoch(
+            model,
+            batches,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            augment=_to_float,
+            criterion=nn.CrossEntropyLoss(),
+            aux_weight=0.0,
+            precision=precision,
+            scaler=scaler,
+            grad_clip=grad_clip,
+            device=torch.device("cpu"),
+        )
         losses.append(stats.loss_sum / stats.count)
     return model, losses
 
@@ -76,9 +99,19 @@ def test_grad_scaler_skips_the_step_on_overflow():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_one_epoch(model, _separable_batches(1, seed=1), optimizer=optimizer, scheduler=scheduler, augment=_to_float,
-                    criterion=nn.CrossEntropyLoss(), aux_weight=0.0, precision=Precision("fp16", torch.float16),
-                    scaler=scaler, grad_clip=0.0, device=torch.device("cpu"))
+    train_one_epoch(
+        model,
+        _separable_batches(1, seed=1),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        augment=_to_float,
+        criterion=nn.CrossEntropyLoss(),
+        aux_weight=0.0,
+        precision=Precision("fp16", torch.float16),
+        scaler=scaler,
+        grad_clip=0.0,
+        device=torch.device("cpu"),
+    )
     assert scaler.get_scale() == 2.0**59  # overflow seen: scale halved...
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # ...and the step skipped
 
@@ -110,9 +143,21 @@ def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(NonFiniteLoss, match="the training loss became nan at step 1"):
-        train_one_epoch(model, _separable_batches(2, seed=0), optimizer=optimizer, scheduler=scheduler,
-                        augment=_to_float, criterion=nn.CrossEntropyLoss(), aux_weight=0.0,
-                        precision=Precision("fp32", None), scaler=None, grad_clip=0.0,
-                        device=torch.device("cpu"))
-    assert all(torch.equal(value, before[name]) or name.endswith(("running_mean", "running_var", "num_batches_tracked"))
-               for name, value in model.state_dict().items() if name != "7.bias")
+        train_one_epoch(
+            model,
+            _separable_batches(2, seed=0),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            augment=_to_float,
+            criterion=nn.CrossEntropyLoss(),
+            aux_weight=0.0,
+            precision=Precision("fp32", None),
+            scaler=None,
+            grad_clip=0.0,
+            device=torch.device("cpu"),
+        )
+    assert all(
+        torch.equal(value, before[name]) or name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        for name, value in model.state_dict().items()
+        if name != "7.bias"
+    )

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from gendertune.data_prep.errors import PrepInputError
 from gendertune.base.config import ConfigError
+from gendertune.data_prep.errors import PrepInputError
 from gendertune.tuning.evaluate.eval_sets import load_eval_set
 
 
@@ -26,14 +26,17 @@ def test_eval_set_is_read_with_its_group_columns(tmp_path):
     assert eval_set.table["label"].tolist() == [1, 0]
 
 
-@pytest.mark.parametrize("case, error, match", [
-    ("no_equals", ConfigError, "expected NAME=DIR"),
-    ("bad_name", ConfigError, "expected NAME=DIR"),
-    ("no_folder", ConfigError, "does not exist"),
-    ("two_csvs", ConfigError, "2 CSV files"),
-    ("no_attribute", PrepInputError, "no attribute column 'Male'"),
-    ("missing_image", ConfigError, "1 image\\(s\\) named in .* are missing"),
-])
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("no_equals", ConfigError, "expected NAME=DIR"),
+        ("bad_name", ConfigError, "expected NAME=DIR"),
+        ("no_folder", ConfigError, "does not exist"),
+        ("two_csvs", ConfigError, "2 CSV files"),
+        ("no_attribute", PrepInputError, "no attribute column 'Male'"),
+        ("missing_image", ConfigError, "1 image\\(s\\) named in .* are missing"),
+    ],
+)
 def test_bad_eval_sets_fail_before_any_work(tmp_path, case, error, match):
     rows = pd.DataFrame({"image_id": ["a.jpg"], "Male": [1]})
     spec = f"set={tmp_path}"

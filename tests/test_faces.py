@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from gendertune.data_prep.faces import (FILL_RGB, LANDMARK_MODELS, MODEL_FILES, AlignSettings, FaceFinder, apply_matrix,
-                                        face_chips, similarity_matrix, template_points, warp_to_chip)
+from gendertune.data_prep.faces import (
+    FILL_RGB,
+    LANDMARK_MODELS,
+    MODEL_FILES,
+    AlignSettings,
+    FaceFinder,
+    apply_matrix,
+    face_chips,
+    similarity_matrix,
+    template_points,
+    warp_to_chip,
+)
 from gendertune.data_prep.images import ImageRejected, load_photo
 
 SIZE = 96
@@ -23,14 +33,22 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def settings(**overrides) -> AlignSettings:
-    values = {"image_size": SIZE, "zoom": 1.0, "detector": "hog", "no_face": "keep", "detect_max_side": 1024, "min_score": 0.2}
+    values = {
+        "image_size": SIZE,
+        "zoom": 1.0,
+        "detector": "hog",
+        "no_face": "keep",
+        "detect_max_side": 1024,
+        "min_score": 0.2,
+    }
     return AlignSettings(**{**values, **overrides})
 
 
 def rotation_scale(angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
     a = math.radians(angle_deg)
-    return np.array([[scale * math.cos(a), -scale * math.sin(a), shift[0]],
-                     [scale * math.sin(a), scale * math.cos(a), shift[1]]])
+    return np.array(
+        [[scale * math.cos(a), -scale * math.sin(a), shift[0]], [scale * math.sin(a), scale * math.cos(a), shift[1]]]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -212,22 +230,27 @@ def test_cnn_detector_takes_over_where_hog_finds_nothing(astronaut):
 def _similar_photo(photo: Image.Image, matrix: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """`photo` moved by the similarity `matrix` (photo -> new photo coordinates)."""
     inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
-    return photo.transform(size, Image.AFFINE, data=tuple(inverse.ravel()), resample=Image.BICUBIC,
-                           fillcolor=(90, 90, 90))
+    return photo.transform(
+        size, Image.AFFINE, data=tuple(inverse.ravel()), resample=Image.BICUBIC, fillcolor=(90, 90, 90)
+    )
 
 
 def test_the_same_face_at_other_scales_offsets_and_rotations_aligns_to_the_same_chip(finder, astronaut):
     align = settings()
     (reference,), _ = face_chips(astronaut, finder, align, every_face=False)
-    for angle, scale, shift, size in [(0, 1.8, (60, 30), (1100, 1000)), (12, 1.0, (120, -20), (700, 600)),
-                                      (-10, 0.75, (-40, 50), (450, 500))]:
+    for angle, scale, shift, size in [
+        (0, 1.8, (60, 30), (1100, 1000)),
+        (12, 1.0, (120, -20), (700, 600)),
+        (-10, 0.75, (-40, 50), (450, 500)),
+    ]:
         moved = _similar_photo(astronaut, rotation_scale(angle, scale, shift), size)
         (chip,), _ = face_chips(moved, finder, align, every_face=False)
         assert chip.path == "aligned"
         centre = slice(SIZE // 4, 3 * SIZE // 4)  # the face itself, where the photos agree
         difference = np.abs(chip.chip[centre, centre].astype(float) - reference.chip[centre, centre]).mean()
-        unaligned = np.abs(np.asarray(moved.resize((SIZE, SIZE)), float)[centre, centre]
-                           - reference.chip[centre, centre]).mean()
+        unaligned = np.abs(
+            np.asarray(moved.resize((SIZE, SIZE)), float)[centre, centre] - reference.chip[centre, centre]
+        ).mean()
         assert difference < 12 and difference < unaligned / 3, (angle, scale, difference, unaligned)
 
 

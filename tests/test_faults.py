@@ -23,14 +23,21 @@ from gendertune.tuning.evaluate import run_layout
 
 SEED = int(os.environ.get("GENDERTUNE_FAULT_SEED", time.time_ns() % 2**32))
 # (signal, seconds after start): early points land in Ray's start-up, late ones in the work itself.
-KILLS = {"prep": [(signal.SIGKILL, (2, 14)), (signal.SIGINT, (4, 16)), (signal.SIGKILL, (8, 20))],
-         "train": [(signal.SIGKILL, (15, 40)), (signal.SIGINT, (20, 45))]}
+KILLS = {
+    "prep": [(signal.SIGKILL, (2, 14)), (signal.SIGINT, (4, 16)), (signal.SIGKILL, (8, 20))],
+    "train": [(signal.SIGKILL, (15, 40)), (signal.SIGINT, (20, 45))],
+}
 HINT = "interrupted. Re-run the same command to resume."
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gendertune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gendertune.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _interrupt(args: list[str], signum: int, after: float) -> tuple[bool, int, str]:
@@ -81,8 +88,21 @@ def _check_run(out: Path, image: Path, context: str) -> None:
 def test_prep_and_train_survive_kills_at_random_points(synthetic_sample, tmp_path):
     rng = random.Random(SEED)
     prep_out, run_out = tmp_path / "prep", tmp_path / "run"
-    prep_args = ["prep", "--data", str(synthetic_sample.path), "--out", str(prep_out), "--image-size", "32",
-                 "--align", "none", "--split", "identity", "--ratios", "0.6,0.2,0.2"]
+    prep_args = [
+        "prep",
+        "--data",
+        str(synthetic_sample.path),
+        "--out",
+        str(prep_out),
+        "--image-size",
+        "32",
+        "--align",
+        "none",
+        "--split",
+        "identity",
+        "--ratios",
+        "0.6,0.2,0.2",
+    ]
     for number, (signum, window) in enumerate(KILLS["prep"]):
         after = rng.uniform(*window)
         context = f"prep kill {number} ({signal.Signals(signum).name} at {after:.1f}s, seed {SEED})"
@@ -98,8 +118,21 @@ def test_prep_and_train_survive_kills_at_random_points(synthetic_sample, tmp_pat
     assert leftovers == [], f"seed {SEED}: left behind {leftovers}"
 
     image = next((synthetic_sample.path / "img_align_celeba").glob("*.jpg"))
-    train_args = ["train", "--data", str(prep_out), "--out", str(run_out), "--model", "resnet18", "--epochs", "2",
-                  "--batch-size", "16", "--workers", "2"]
+    train_args = [
+        "train",
+        "--data",
+        str(prep_out),
+        "--out",
+        str(run_out),
+        "--model",
+        "resnet18",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--workers",
+        "2",
+    ]
     for number, (signum, window) in enumerate(KILLS["train"]):
         after = rng.uniform(*window)
         context = f"train kill {number} ({signal.Signals(signum).name} at {after:.1f}s, seed {SEED})"

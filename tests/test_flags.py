@@ -19,9 +19,9 @@ from gendertune.base.config import StageConfig, setting
 from gendertune.data_prep.config import PrepConfig
 from gendertune.models.registry import list_models
 from gendertune.models.transforms import AUGMENTATIONS
-from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.compare.config import CompareConfig
 from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.train.config import TrainConfig
 
 
 @dataclasses.dataclass
@@ -66,11 +66,14 @@ def test_flags_parse_as_their_annotation_and_default_to_not_given():
     assert flags.overrides(args, WidgetConfig) == vars(args)
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--shape", "oval"], "invalid choice: 'oval'"),
-    (["--widgets", "many"], "invalid int value"),
-    (["--sizes", "1,big"], "expected comma-separated numbers, got '1,big'"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shape", "oval"], "invalid choice: 'oval'"),
+        (["--widgets", "many"], "invalid int value"),
+        (["--sizes", "1,big"], "expected comma-separated numbers, got '1,big'"),
+    ],
+)
 def test_a_bad_flag_value_is_a_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exited:
         widget_parser().parse_args(argv)
@@ -84,10 +87,17 @@ def test_a_generated_flag_beats_the_config_file_which_beats_the_default(tmp_path
     parser = widget_parser()
 
     def resolve(argv):
-        return WidgetConfig.resolve(config_file=config, overrides=flags.overrides(parser.parse_args(argv), WidgetConfig))
+        return WidgetConfig.resolve(
+            config_file=config, overrides=flags.overrides(parser.parse_args(argv), WidgetConfig)
+        )
 
     assert WidgetConfig.resolve(overrides=flags.overrides(parser.parse_args([]), WidgetConfig)).widgets == 3
-    assert (resolve([]).widgets, resolve([]).shape, resolve([]).secret, resolve([]).sizes) == (4, "square", 8, (0.5, 1.5))
+    assert (resolve([]).widgets, resolve([]).shape, resolve([]).secret, resolve([]).sizes) == (
+        4,
+        "square",
+        8,
+        (0.5, 1.5),
+    )
     assert (resolve(["--widgets", "5"]).widgets, resolve(["--widgets", "5"]).shape) == (5, "square")
 
 
@@ -99,9 +109,15 @@ def test_every_setting_has_help(config):
 
 def test_the_config_file_only_settings_are_no_flags():
     config_only = {"momentum", "step_epochs", "step_gamma", "eval_batch_size", *AUGMENTATIONS}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in flags.flag_fields(TrainConfig)} == config_only
-    assert {f.name for f in flags.flag_fields(PrepConfig)} == {f.name for f in dataclasses.fields(PrepConfig)} - {"rows_per_task"}
-    assert {f.name for f in flags.flag_fields(SearchConfig)} == {f.name for f in dataclasses.fields(SearchConfig)} - {"space"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - {
+        f.name for f in flags.flag_fields(TrainConfig)
+    } == config_only
+    assert {f.name for f in flags.flag_fields(PrepConfig)} == {f.name for f in dataclasses.fields(PrepConfig)} - {
+        "rows_per_task"
+    }
+    assert {f.name for f in flags.flag_fields(SearchConfig)} == {f.name for f in dataclasses.fields(SearchConfig)} - {
+        "space"
+    }
 
 
 def flag_names(*configs) -> set[str]:
@@ -119,10 +135,16 @@ HELP = {"-h", "--help"}
 
 def test_each_stage_command_offers_exactly_its_configs_flags():
     assert options(cli.COMMANDS["prep"].add_flags) == flag_names(PrepConfig) | {"--config"} | HELP
-    assert options(cli.COMMANDS["train"].add_flags) == flag_names(TrainConfig) | {"--augment", "--config", "--mlflow"} | HELP
+    assert (
+        options(cli.COMMANDS["train"].add_flags)
+        == flag_names(TrainConfig) | {"--augment", "--config", "--mlflow"} | HELP
+    )
     # compare: its own --data, --out and --models instead of the run's --model; one --seed for both seeds
     assert options(cli.COMMANDS["compare"].add_flags) == (
-        flag_names(CompareConfig, SearchConfig, TrainConfig) - {"--model"} | {"--augment", "--config", "--mlflow"} | HELP)
+        flag_names(CompareConfig, SearchConfig, TrainConfig) - {"--model"}
+        | {"--augment", "--config", "--mlflow"}
+        | HELP
+    )
     assert options(cli.COMMANDS["demo"].add_flags) == {"--out", "--data", "--labels"} | HELP
 
 
@@ -137,10 +159,30 @@ def test_the_model_flags_list_the_registry(monkeypatch):
 
 def test_compare_seed_augment_and_the_weights_flags():
     parser = cli.build_parser(flags_for=["compare"])
-    args = parser.parse_args(["compare", "--data", "prep", "--out", "cmp", "--seed", "7", "--augment", "hflip=0.2",
-                              "--eval-set", "a=x", "--eval-set", "b=y"])
+    args = parser.parse_args(
+        [
+            "compare",
+            "--data",
+            "prep",
+            "--out",
+            "cmp",
+            "--seed",
+            "7",
+            "--augment",
+            "hflip=0.2",
+            "--eval-set",
+            "a=x",
+            "--eval-set",
+            "b=y",
+        ]
+    )
     compare, search, base = cli._compare_configs(args)
-    assert (search.seed, base.seed, base.hflip, base.rotation) == (7, 7, 0.2, TrainConfig(data="prep", out="run").rotation)
+    assert (search.seed, base.seed, base.hflip, base.rotation) == (
+        7,
+        7,
+        0.2,
+        TrainConfig(data="prep", out="run").rotation,
+    )
     assert (base.data, base.out, base.eval_sets) == ("prep", "cmp", ("a=x", "b=y"))
     with pytest.raises(SystemExit) as exited:
         parser.parse_args(["compare", "--pretrained", "--weights", "w.pt"])
@@ -150,12 +192,16 @@ def test_compare_seed_augment_and_the_weights_flags():
 def test_only_the_command_run_builds_its_flags():
     """`gendertune leaderboard` or `jobs` must not import torch for the stage configs' flags, and no
     command's flags import Ray: the configs live apart from the stages."""
-    code = ("import sys; from gendertune.cli import build_parser; "
-            "build_parser(flags_for=['leaderboard']).parse_args(['leaderboard', 'x']); "
-            "print(sorted({'torch', 'ray', 'gendertune.tuning.train.config'} & set(sys.modules)))")
+    code = (
+        "import sys; from gendertune.cli import build_parser; "
+        "build_parser(flags_for=['leaderboard']).parse_args(['leaderboard', 'x']); "
+        "print(sorted({'torch', 'ray', 'gendertune.tuning.train.config'} & set(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-    code = ("import sys; from gendertune.cli import build_parser; build_parser(flags_for=['compare', 'train', 'prep']); "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    code = (
+        "import sys; from gendertune.cli import build_parser; build_parser(flags_for=['compare', 'train', 'prep']); "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gendertune.data_prep.images import ImageRejected, _scaled_jpeg_face, center_square_crop, decode_face, load_photo, sha256_hex
+from gendertune.data_prep.images import (
+    ImageRejected,
+    _scaled_jpeg_face,
+    center_square_crop,
+    decode_face,
+    load_photo,
+    sha256_hex,
+)
 
 
 def jpeg_bytes(width=178, height=218, seed=0):

@@ -16,15 +16,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, wait_for
 
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _gendertune(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gendertune.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gendertune.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _answers(url: str) -> bool:
@@ -49,11 +49,26 @@ def token_head():
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
         env.pop(name, None)
     dashboard_port = free_port()
-    head = subprocess.Popen([*RAY_CLI, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                             f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                             f"--temp-dir={root / 'ray'}"],
-                            env=env, stdout=open(root / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            *RAY_CLI,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            f"--port={free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={root / 'ray'}",
+        ],
+        env=env,
+        stdout=open(root / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_for(lambda: _answers(f"{address}/api/version"), "the Jobs API", 120)

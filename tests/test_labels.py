@@ -21,8 +21,10 @@ def write_attr(path, rows, names=NAMES, count=None):
 
 
 def test_official_format_with_double_spaces(tmp_path):
-    path = write_attr(tmp_path / "list_attr_celeba.txt", [
-        ("000001.jpg", [-1, 1, 1, -1]), ("000002.jpg", [1, 1, -1, 1]), ("000003.jpg", [-1, -1, 1, 1])])
+    path = write_attr(
+        tmp_path / "list_attr_celeba.txt",
+        [("000001.jpg", [-1, 1, 1, -1]), ("000002.jpg", [1, 1, -1, 1]), ("000003.jpg", [-1, -1, 1, 1])],
+    )
     assert "  1" in path.read_text()
     labels = read_labels(path, "Male")
     assert labels["image_id"].tolist() == ["000001.jpg", "000002.jpg", "000003.jpg"]

@@ -13,8 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The repository's folders and the import names they install as: one import name, gendertune.
-FOLDERS = {"gendertune": "gendertune", "cluster": "gendertune.cluster", "data_prep": "gendertune.data_prep",
-           "models": "gendertune.models", "tuning": "gendertune.tuning"}
+FOLDERS = {
+    "gendertune": "gendertune",
+    "cluster": "gendertune.cluster",
+    "data_prep": "gendertune.data_prep",
+    "models": "gendertune.models",
+    "tuning": "gendertune.tuning",
+}
 
 # The layers, bottom first: a module may import its own layer or any layer below. Longest
 # matching prefix wins; a sub-package's __init__ belongs to its own layer.
@@ -32,23 +37,53 @@ LAYERS = [
 # testable without Ray. Their project imports must be on this list too.
 RAY_FREE = {
     # the packages' __init__, run by any import of a module
-    "gendertune", "gendertune.base", "gendertune.cluster", "gendertune.data_prep", "gendertune.models",
-    "gendertune.tuning", "gendertune.tuning.evaluate", "gendertune.tuning.train", "gendertune.tuning.search",
+    "gendertune",
+    "gendertune.base",
+    "gendertune.cluster",
+    "gendertune.data_prep",
+    "gendertune.models",
+    "gendertune.tuning",
+    "gendertune.tuning.evaluate",
+    "gendertune.tuning.train",
+    "gendertune.tuning.search",
     "gendertune.tuning.compare",
-    "gendertune.base.config", "gendertune.base.console", "gendertune.base.errors", "gendertune.base.flags",
+    "gendertune.base.config",
+    "gendertune.base.console",
+    "gendertune.base.errors",
+    "gendertune.base.flags",
     "gendertune.base.plots",
-    "gendertune.data_prep.celeba", "gendertune.data_prep.config", "gendertune.data_prep.dedupe",
-    "gendertune.data_prep.errors", "gendertune.data_prep.faces", "gendertune.data_prep.images",
-    "gendertune.data_prep.labels", "gendertune.data_prep.layout", "gendertune.data_prep.splits",
+    "gendertune.data_prep.celeba",
+    "gendertune.data_prep.config",
+    "gendertune.data_prep.dedupe",
+    "gendertune.data_prep.errors",
+    "gendertune.data_prep.faces",
+    "gendertune.data_prep.images",
+    "gendertune.data_prep.labels",
+    "gendertune.data_prep.layout",
+    "gendertune.data_prep.splits",
     "gendertune.data_prep.synthetic",
-    "gendertune.models.registry", "gendertune.models.transforms", "gendertune.models.weights",
-    "gendertune.cluster.environment", "gendertune.cluster.storage",
-    "gendertune.tuning.evaluate.calibration", "gendertune.tuning.evaluate.decision", "gendertune.tuning.evaluate.metrics",
-    "gendertune.tuning.evaluate.run_layout", "gendertune.tuning.evaluate.slices",
-    "gendertune.tuning.train.config", "gendertune.tuning.train.engine", "gendertune.tuning.train.pixels",
-    "gendertune.tuning.search.config", "gendertune.tuning.search.figures", "gendertune.tuning.search.lr_range",
-    "gendertune.tuning.search.policy", "gendertune.tuning.search.space",
-    "gendertune.tuning.compare.config", "gendertune.tuning.compare.layout", "gendertune.tuning.compare.ensemble", "gendertune.tuning.compare.leaderboard",
+    "gendertune.models.registry",
+    "gendertune.models.transforms",
+    "gendertune.models.weights",
+    "gendertune.cluster.environment",
+    "gendertune.cluster.storage",
+    "gendertune.tuning.evaluate.calibration",
+    "gendertune.tuning.evaluate.decision",
+    "gendertune.tuning.evaluate.metrics",
+    "gendertune.tuning.evaluate.run_layout",
+    "gendertune.tuning.evaluate.slices",
+    "gendertune.tuning.train.config",
+    "gendertune.tuning.train.engine",
+    "gendertune.tuning.train.pixels",
+    "gendertune.tuning.search.config",
+    "gendertune.tuning.search.figures",
+    "gendertune.tuning.search.lr_range",
+    "gendertune.tuning.search.policy",
+    "gendertune.tuning.search.space",
+    "gendertune.tuning.compare.config",
+    "gendertune.tuning.compare.layout",
+    "gendertune.tuning.compare.ensemble",
+    "gendertune.tuning.compare.leaderboard",
     "gendertune.tuning.compare.report",
 }
 
@@ -99,8 +134,9 @@ def test_imports_point_down(module):
     upward = [name for name in _imports(MODULES[module]) if (_layer(name) or 0) > own]
     assert not upward, f"{module} (layer {own}) imports {upward} from a layer above"
     if module.startswith("gendertune.data_prep"):
-        assert not [name for name in _imports(MODULES[module]) if name.startswith("gendertune.tuning")], \
+        assert not [name for name in _imports(MODULES[module]) if name.startswith("gendertune.tuning")], (
             f"{module}: prep comes before training and must not import it"
+        )
 
 
 @pytest.mark.parametrize("module", sorted(RAY_FREE))

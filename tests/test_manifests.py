@@ -198,8 +198,11 @@ def test_launcher_mounts_shared_storage_on_every_node_and_in_the_container():
     source, target = mounts[0]
     assert ":" in source, f"{source} is not an NFS export (HOST:PATH)"
     assert PurePosixPath(target).is_absolute()
-    assert any(argv[:1] == ["mkdir"] and target in argv
-               for cmd in config["initialization_commands"] for argv in simple_commands(cmd))
+    assert any(
+        argv[:1] == ["mkdir"] and target in argv
+        for cmd in config["initialization_commands"]
+        for argv in simple_commands(cmd)
+    )
     assert (target, target) in docker_volumes(config["docker"].get("run_options", [])), (
         f"the container must see the host's {target} at {target}"
     )
@@ -252,14 +255,19 @@ def test_rayjob_kind_and_lifecycle():
 
 def pod_specs() -> list[dict]:
     """The head's pod spec, then every worker group's."""
-    return [cluster_spec()["headGroupSpec"]["template"]["spec"],
-            *(group["template"]["spec"] for group in worker_groups())]
+    return [
+        cluster_spec()["headGroupSpec"]["template"]["spec"],
+        *(group["template"]["spec"] for group in worker_groups()),
+    ]
 
 
 def shared_mount_path(path: str) -> str:
     """The mountPath of the head container's volume that holds `path` (the longest match)."""
-    mounts = [m["mountPath"] for m in head_container().get("volumeMounts", [])
-              if PurePosixPath(path).is_relative_to(m["mountPath"])]
+    mounts = [
+        m["mountPath"]
+        for m in head_container().get("volumeMounts", [])
+        if PurePosixPath(path).is_relative_to(m["mountPath"])
+    ]
     assert mounts, f"{path} is not on any volume mounted in the head"
     return max(mounts, key=len)
 
@@ -348,4 +356,3 @@ def test_gpu_workers_autoscale():
     for group in worker_groups():
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         assert group["maxReplicas"] > group["minReplicas"]
-

@@ -12,7 +12,13 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from gendertune.base import plots
-from gendertune.tuning.evaluate.metrics import evaluate_predictions, expected_calibration_error, mcnemar_test, most_confident_mistakes, wilson_ci
+from gendertune.tuning.evaluate.metrics import (
+    evaluate_predictions,
+    expected_calibration_error,
+    mcnemar_test,
+    most_confident_mistakes,
+    wilson_ci,
+)
 
 
 def _calibrated(confidence: float, n: int, predict_male: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -69,8 +75,9 @@ def test_an_image_without_prediction_counts_as_wrong():
 
 
 def test_most_confident_mistakes_come_first():
-    predictions = pd.DataFrame({"image_id": list("abcde"), "label": [0, 1, 0, 1, 0],
-                                "prob_positive": [0.9, 0.2, 0.6, 0.95, np.nan]})
+    predictions = pd.DataFrame(
+        {"image_id": list("abcde"), "label": [0, 1, 0, 1, 0], "prob_positive": [0.9, 0.2, 0.6, 0.95, np.nan]}
+    )
     assert most_confident_mistakes(predictions)["image_id"].tolist() == ["a", "b", "c"]
 
 
@@ -206,13 +213,15 @@ def test_other_functions_reject_bad_inputs():
 
 def _history(shift: float = 0.0) -> pd.DataFrame:
     epochs = np.arange(1, 6)
-    return pd.DataFrame({
-        "epoch": epochs,
-        "train_acc": 0.7 + 0.05 * epochs - shift,
-        "val_acc": 0.68 + 0.04 * epochs - shift,
-        "train_loss": 0.6 / epochs,
-        "val_loss": 0.65 / epochs,
-    })
+    return pd.DataFrame(
+        {
+            "epoch": epochs,
+            "train_acc": 0.7 + 0.05 * epochs - shift,
+            "val_acc": 0.68 + 0.04 * epochs - shift,
+            "train_loss": 0.6 / epochs,
+            "val_loss": 0.65 / epochs,
+        }
+    )
 
 
 _ROWS = [
@@ -232,9 +241,7 @@ PLOT_CALLS = {
     "confusion_matrices": lambda path: plots.plot_confusion_matrices(
         {"small_cnn": _CM, "resnet18": [[930, 10], [20, 710]]}, path
     ),
-    "histories": lambda path: plots.plot_histories(
-        {"small_cnn": _history(0.05), "resnet18": _history()}, path
-    ),
+    "histories": lambda path: plots.plot_histories({"small_cnn": _history(0.05), "resnet18": _history()}, path),
     "accuracy_vs_speed": lambda path: plots.plot_accuracy_vs_speed(_ROWS, path),
 }
 

@@ -21,7 +21,14 @@ from gendertune.cluster.storage import OUTPUT_MARKER, OWNER_FILE, atomic_output_
 from gendertune.data_prep import layout, pipeline
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.errors import PrepInputError
-from gendertune.data_prep.faces import DETECTION_PASSES, LANDMARK_MODELS, NO_DETECTION, AlignSettings, FaceFinder, face_chips
+from gendertune.data_prep.faces import (
+    DETECTION_PASSES,
+    LANDMARK_MODELS,
+    NO_DETECTION,
+    AlignSettings,
+    FaceFinder,
+    face_chips,
+)
 from gendertune.data_prep.images import load_photo
 from gendertune.data_prep.labels import read_labels
 
@@ -112,18 +119,46 @@ def test_csv_labels_with_a_plain_image_folder_via_cli(ray_session, synthetic_sam
     shutil.copytree(synthetic_sample.path / "img_align_celeba", folder)
     labels = read_labels(synthetic_sample.path / "list_attr_celeba.txt", "Male")
     labels.iloc[:-5].rename(columns={"image_id": "images", "label": "Male"}).to_csv(
-        tmp_path / "gender_classification.csv", index=False)
+        tmp_path / "gender_classification.csv", index=False
+    )
     out = tmp_path / "out"
-    code = main(["prep", "--data", str(folder), "--labels", str(tmp_path / "gender_classification.csv"),
-                 "--image-size", str(SIZE), "--ratios", "0.8,0.2", "--out", str(out)])
+    code = main(
+        [
+            "prep",
+            "--data",
+            str(folder),
+            "--labels",
+            str(tmp_path / "gender_classification.csv"),
+            "--image-size",
+            str(SIZE),
+            "--ratios",
+            "0.8,0.2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / layout.MANIFEST).read_text())
     assert manifest["unlabeled_images"] == 5
     assert list(pd.read_csv(out / layout.SLICES).columns) == ["image_id"]  # images,Male: no other columns
     assert "kept" in capsys.readouterr().out
     # A second run into the same folder is refused unless --overwrite, which then replaces it.
-    assert main(["prep", "--data", str(folder), "--labels", str(tmp_path / "gender_classification.csv"),
-                 "--image-size", str(SIZE), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "prep",
+                "--data",
+                str(folder),
+                "--labels",
+                str(tmp_path / "gender_classification.csv"),
+                "--image-size",
+                str(SIZE),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "--overwrite" in capsys.readouterr().err
     # --overwrite never replaces a folder that is not a prep output (here: the user's images).
     assert main(["prep", "--data", str(synthetic_sample.path), "--out", str(folder), "--overwrite"]) == 2
@@ -144,13 +179,23 @@ def test_interrupted_run_leaves_no_complete_looking_output(ray_session, syntheti
 
 def test_a_killed_writer_leaves_a_partial_folder_the_next_run_removes(tmp_path):
     final = tmp_path / "out"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from gendertune.cluster.storage import atomic_output_dir\n"
-        "with atomic_output_dir(sys.argv[1], stage='prep', marker='manifest.json') as staging:\n"
-        "    (staging / 'half.txt').write_text('half')\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(120)\n"), str(final)], stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from gendertune.cluster.storage import atomic_output_dir\n"
+                "with atomic_output_dir(sys.argv[1], stage='prep', marker='manifest.json') as staging:\n"
+                "    (staging / 'half.txt').write_text('half')\n"
+                "    print('writing', flush=True)\n"
+                "    time.sleep(120)\n"
+            ),
+            str(final),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert writer.stdout.readline().strip() == "writing"
     writer.send_signal(signal.SIGKILL)  # no cleanup runs: the staging folder stays
     writer.wait(timeout=10)
@@ -203,7 +248,10 @@ def test_face_alignment_is_recorded_per_image(random_prep):
     # dlib's 5 points, left to right: the eye corners, then the nose base below them.
     xs = aligned[["point1_x", "point2_x", "point3_x", "point4_x"]].to_numpy()
     assert (np.diff(xs, axis=1) > 0).all() and aligned["point5_y"].gt(aligned["point1_y"]).all()
-    assert set(aligned["detector"]) <= set(DETECTION_PASSES) and (faces.loc[faces["faces_found"] == 0, "detector"] == NO_DETECTION).all()
+    assert (
+        set(aligned["detector"]) <= set(DETECTION_PASSES)
+        and (faces.loc[faces["faces_found"] == 0, "detector"] == NO_DETECTION).all()
+    )
 
 
 def test_no_face_reject_and_align_none(ray_session, synthetic_sample, tmp_path, random_prep):
@@ -237,7 +285,9 @@ def test_real_photos_align_in_prep_exactly_as_face_chips_does(ray_session, synth
         photo.save(folder / name)
     labels = read_labels(synthetic_sample.path / "list_attr_celeba.txt", "Male")
     extra = pd.DataFrame({"image_id": list(photos), "label": [0, 0, 1]})
-    pd.concat([labels, extra]).rename(columns={"image_id": "images", "label": "Male"}).to_csv(tmp_path / "labels.csv", index=False)
+    pd.concat([labels, extra]).rename(columns={"image_id": "images", "label": "Male"}).to_csv(
+        tmp_path / "labels.csv", index=False
+    )
     out = tmp_path / "out"
     manifest = prep(synthetic_sample, out, data=str(folder), labels=str(tmp_path / "labels.csv"))
     faces = pd.read_csv(out / layout.FACES).set_index("image_id")
@@ -276,10 +326,29 @@ def test_fifos_and_symlinks_out_of_the_data_folder_are_rejected_with_their_reaso
     (data / "escape.jpg").symlink_to(outside)
     labels = read_labels(synthetic_sample.path / "list_attr_celeba.txt", "Male")
     extra = pd.DataFrame({"image_id": ["fifo.jpg", "escape.jpg"], "label": [1, 0]})
-    pd.concat([labels, extra]).rename(columns={"image_id": "image", "label": "Male"}).to_csv(data / "labels.csv", index=False)
+    pd.concat([labels, extra]).rename(columns={"image_id": "image", "label": "Male"}).to_csv(
+        data / "labels.csv", index=False
+    )
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "gendertune.cli", "prep", "--data", str(data), "--out", str(out),
-                             "--image-size", "32", "--align", "none"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gendertune.cli",
+            "prep",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--image-size",
+            "32",
+            "--align",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reasons = pd.read_csv(out / layout.REJECTED).set_index("image_id")["reason"]
     assert reasons["fifo.jpg"] == "not a regular file (a FIFO, device or socket)"

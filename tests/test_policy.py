@@ -7,8 +7,16 @@ import math
 import numpy as np
 import pytest
 
-from gendertune.tuning.search.policy import (COST_TOLERANCE, MAX_DUEL_TRIM, MAX_FINAL_TRIM, Costs, guard_paired, guard_unpaired, keep_lr,
-                                             plan_search)
+from gendertune.tuning.search.policy import (
+    COST_TOLERANCE,
+    MAX_DUEL_TRIM,
+    MAX_FINAL_TRIM,
+    Costs,
+    guard_paired,
+    guard_unpaired,
+    keep_lr,
+    plan_search,
+)
 
 # Costs like resnet18 at 64 px on 2 cores: ~50 s per epoch, a quarter of that at 32 px.
 COSTS = Costs(epoch_s=50.0, screen_epoch_s=12.5, lr_test_s=20.0, run_overhead_s=30.0)

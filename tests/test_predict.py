@@ -28,11 +28,22 @@ def run_folder(folder, network, *, alignment: AlignSettings | None = None, **dec
     """`network` saved as a run folder (centre squares without `alignment`), loaded as predict loads it."""
     spec = get_spec("resnet18")
     folder.mkdir(exist_ok=True)
-    torch.save({"format_version": run_layout.MODEL_FORMAT_VERSION, "model": network.state_dict(), "model_name": "resnet18",
-                "image_size": SIZE, "prep_image_size": SIZE, "mean": list(spec.mean), "std": list(spec.std),
-                "class_names": ["Female", "Male"], "alignment": alignment.to_dict() if alignment else None,
-                "temperature": 1.0, **decision},
-               folder / run_layout.MODEL)
+    torch.save(
+        {
+            "format_version": run_layout.MODEL_FORMAT_VERSION,
+            "model": network.state_dict(),
+            "model_name": "resnet18",
+            "image_size": SIZE,
+            "prep_image_size": SIZE,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "class_names": ["Female", "Male"],
+            "alignment": alignment.to_dict() if alignment else None,
+            "temperature": 1.0,
+            **decision,
+        },
+        folder / run_layout.MODEL,
+    )
     (folder / run_layout.METRICS).write_text("{}")  # finished, as far as predict's check goes
     return RunModel(folder)
 
@@ -66,8 +77,9 @@ def test_a_small_face_beside_a_large_one_gets_its_own_row(network, tmp_path):
     group.paste(astronaut, (380, 0))
     group.paste(astronaut.resize((270, 270)), (40, 220))
     group.save(tmp_path / "group.png")
-    alignment = AlignSettings(image_size=SIZE, zoom=1.0, detector="hog+upsample", no_face="keep", detect_max_side=1024,
-                              min_score=0.2)
+    alignment = AlignSettings(
+        image_size=SIZE, zoom=1.0, detector="hog+upsample", no_face="keep", detect_max_side=1024, min_score=0.2
+    )
     run = run_folder(tmp_path / "run", network, alignment=alignment)
     rows = run.predict_paths([str(tmp_path / "group.png")])
     assert rows["face"].tolist() == [0, 1] and rows["detector"].tolist() == ["hog", "hog-upsampled"]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gendertune.data_prep.config import PrepConfig
 from gendertune.base.config import ConfigError
+from gendertune.data_prep.config import PrepConfig
 
 
 def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):
@@ -28,7 +28,7 @@ def test_config_rejects_unknown_keys_and_impossible_values(tmp_path):
 
 def test_config_precedence_defaults_file_flags(tmp_path):
     path = tmp_path / "gt.toml"
-    path.write_text('[prep]\nimage_size = 96\nseed = 3\nratios = [0.7, 0.15, 0.15]\n')
+    path.write_text("[prep]\nimage_size = 96\nseed = 3\nratios = [0.7, 0.15, 0.15]\n")
     config = PrepConfig.resolve(config_file=path, overrides={"data": "d", "out": "o", "seed": 5, "split": None})
     assert (config.image_size, config.seed, config.ratios, config.split) == (96, 5, (0.7, 0.15, 0.15), "random")
     assert json.loads(config.to_json())["prep"]["image_size"] == 96

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import MEAN, STD
 from torch import nn
 
-from conftest import MEAN, STD
-from gendertune.models import build_model, check_image_size, classification_loss, count_parameters, get_spec, list_models, split_outputs
-
+from gendertune.models import (
+    build_model,
+    check_image_size,
+    classification_loss,
+    count_parameters,
+    get_spec,
+    list_models,
+    split_outputs,
+)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -34,15 +34,40 @@ def _png(path: Path, title: str) -> None:
 def _slices(worst: float) -> dict:
     return {
         "slices": [
-            {"column": "Eyeglasses", "value": "no", "n": 180, "accuracy": 0.93, "ci95": [0.88, 0.96],
-             "recall": {"Female": 0.95, "Male": 0.91}, "ranked": True},
-            {"column": "Eyeglasses", "value": "yes", "n": 20, "accuracy": 0.75, "ci95": [0.53, 0.89],
-             "recall": {"Female": None, "Male": 0.75}, "ranked": False},
-            {"column": "Young", "value": "no", "n": 60, "accuracy": worst, "ci95": [0.76, 0.94],
-             "recall": {"Female": 0.88, "Male": 0.86}, "ranked": True},
+            {
+                "column": "Eyeglasses",
+                "value": "no",
+                "n": 180,
+                "accuracy": 0.93,
+                "ci95": [0.88, 0.96],
+                "recall": {"Female": 0.95, "Male": 0.91},
+                "ranked": True,
+            },
+            {
+                "column": "Eyeglasses",
+                "value": "yes",
+                "n": 20,
+                "accuracy": 0.75,
+                "ci95": [0.53, 0.89],
+                "recall": {"Female": None, "Male": 0.75},
+                "ranked": False,
+            },
+            {
+                "column": "Young",
+                "value": "no",
+                "n": 60,
+                "accuracy": worst,
+                "ci95": [0.76, 0.94],
+                "recall": {"Female": 0.88, "Male": 0.86},
+                "ranked": True,
+            },
         ],
-        "min_images": 30, "worst_slice": "Young=no", "worst_slice_acc": worst, "largest_gap": 0.06,
-        "largest_gap_column": "Young", "class_recall_gap": 0.04,
+        "min_images": 30,
+        "worst_slice": "Young=no",
+        "worst_slice_acc": worst,
+        "largest_gap": 0.06,
+        "largest_gap_column": "Young",
+        "class_recall_gap": 0.04,
     }
 
 
@@ -53,24 +78,81 @@ def comparison(tmp_path) -> Path:
     out = tmp_path / "compare"
     common = {"status": "ok", "majority_rate": 0.52, "test_images": 200, "error": ""}
     rows = [
-        {**common, "rank": 1, "model": "resnet18", "kind": "model", "accuracy": 0.924, "ci95_low": 0.90,
-         "ci95_high": 0.946, "macro_f1": 0.923, "roc_auc": 0.97, "ece": 0.041, "ece_calibrated": 0.012,
-         "temperature": 1.8, "precision_Female": 0.93, "recall_Female": 0.95, "f1_Female": 0.94,
-         "precision_Male": 0.92, "recall_Male": 0.91, "f1_Male": 0.915, "params": 11_177_538,
-         "train_seconds": 312.4, "inference_images_per_s": 2345.6, "trials_run": 8, "trials_pruned": 3,
-         "best_epoch": 4, "best_val_acc": 0.931, "best_params": "lr=0.001, batch_size=32, milestones=[3, 6]",
-         "user_config": "kept", "val_gain_vs_user": 0.03,
-         "run_dir": str(out / "models" / "resnet18"), "acc_utkface": 0.801, "acc_utkface_ci95_low": 0.77,
-         "acc_utkface_ci95_high": 0.83, "worst_slice": "Young=no", "worst_slice_acc": 0.86, "class_recall_gap": 0.04},
-        {**common, "rank": 2, "model": "googlenet", "kind": "model", "accuracy": 0.90, "ci95_low": 0.86,
-         "ci95_high": 0.93, "macro_f1": 0.899, "mcnemar_p_vs_leader": 0.2, "mcnemar_b": 9, "mcnemar_c": 4},
+        {
+            **common,
+            "rank": 1,
+            "model": "resnet18",
+            "kind": "model",
+            "accuracy": 0.924,
+            "ci95_low": 0.90,
+            "ci95_high": 0.946,
+            "macro_f1": 0.923,
+            "roc_auc": 0.97,
+            "ece": 0.041,
+            "ece_calibrated": 0.012,
+            "temperature": 1.8,
+            "precision_Female": 0.93,
+            "recall_Female": 0.95,
+            "f1_Female": 0.94,
+            "precision_Male": 0.92,
+            "recall_Male": 0.91,
+            "f1_Male": 0.915,
+            "params": 11_177_538,
+            "train_seconds": 312.4,
+            "inference_images_per_s": 2345.6,
+            "trials_run": 8,
+            "trials_pruned": 3,
+            "best_epoch": 4,
+            "best_val_acc": 0.931,
+            "best_params": "lr=0.001, batch_size=32, milestones=[3, 6]",
+            "user_config": "kept",
+            "val_gain_vs_user": 0.03,
+            "run_dir": str(out / "models" / "resnet18"),
+            "acc_utkface": 0.801,
+            "acc_utkface_ci95_low": 0.77,
+            "acc_utkface_ci95_high": 0.83,
+            "worst_slice": "Young=no",
+            "worst_slice_acc": 0.86,
+            "class_recall_gap": 0.04,
+        },
+        {
+            **common,
+            "rank": 2,
+            "model": "googlenet",
+            "kind": "model",
+            "accuracy": 0.90,
+            "ci95_low": 0.86,
+            "ci95_high": 0.93,
+            "macro_f1": 0.899,
+            "mcnemar_p_vs_leader": 0.2,
+            "mcnemar_b": 9,
+            "mcnemar_c": 4,
+        },
         # No eval-set numbers in its metrics.json: the per-set table falls back on these columns.
-        {**common, "model": "ensemble", "kind": "ensemble", "members": "resnet18+googlenet", "accuracy": 0.91,
-         "ci95_low": 0.88, "ci95_high": 0.935, "macro_f1": 0.909, "roc_auc": 0.96, "ece": 0.05,
-         "mcnemar_p_vs_leader": 0.41, "acc_utkface": 0.812, "acc_utkface_ci95_low": 0.78, "acc_utkface_ci95_high": 0.84,
-         "macro_f1_utkface": 0.8111, "ece_calibrated_utkface": 0.0222, "recall_Female_utkface": 0.7777,
-         "recall_Male_utkface": 0.8333, "worst_slice_utkface": "race=asian", "worst_slice_acc_utkface": 0.7012,
-         "class_recall_gap_utkface": 0.0556, "mcnemar_p_vs_leader_utkface": 0.03},
+        {
+            **common,
+            "model": "ensemble",
+            "kind": "ensemble",
+            "members": "resnet18+googlenet",
+            "accuracy": 0.91,
+            "ci95_low": 0.88,
+            "ci95_high": 0.935,
+            "macro_f1": 0.909,
+            "roc_auc": 0.96,
+            "ece": 0.05,
+            "mcnemar_p_vs_leader": 0.41,
+            "acc_utkface": 0.812,
+            "acc_utkface_ci95_low": 0.78,
+            "acc_utkface_ci95_high": 0.84,
+            "macro_f1_utkface": 0.8111,
+            "ece_calibrated_utkface": 0.0222,
+            "recall_Female_utkface": 0.7777,
+            "recall_Male_utkface": 0.8333,
+            "worst_slice_utkface": "race=asian",
+            "worst_slice_acc_utkface": 0.7012,
+            "class_recall_gap_utkface": 0.0556,
+            "mcnemar_p_vs_leader_utkface": 0.03,
+        },
         {"model": "vgg19", "status": "error", "kind": "model", "error": ERROR},
     ]
     out.mkdir()
@@ -82,18 +164,40 @@ def comparison(tmp_path) -> Path:
     resnet = out / "models" / "resnet18"
     for name in ("accuracy_per_epoch.png", "mistakes_test.png", "mistakes_utkface.png"):
         _png(resnet / name, f"resnet18 {name.removesuffix('.png')}")
-    per_class = {"Female": {"precision": 0.93, "recall": 0.95, "f1": 0.94, "support": 104},
-                 "Male": {"precision": 0.92, "recall": 0.91, "f1": 0.915, "support": 96}}
-    (resnet / "metrics.json").write_text(json.dumps({
-        "accuracy": 0.924, "accuracy_ci95": [0.90, 0.946], "per_class": per_class, "ece": 0.041,
-        "temperature": 1.8, "ece_calibrated": 0.012,
-        "eval_sets": {"utkface": {"n": 500, "accuracy": 0.801, "accuracy_ci95": [0.77, 0.83], "macro_f1": 0.80,
-                                  "roc_auc": 0.88, "ece": 0.09, "per_class": per_class, "no_prediction": 7}},
-        "slices": {"test": _slices(0.86), "utkface": _slices(0.71)},
-    }))
+    per_class = {
+        "Female": {"precision": 0.93, "recall": 0.95, "f1": 0.94, "support": 104},
+        "Male": {"precision": 0.92, "recall": 0.91, "f1": 0.915, "support": 96},
+    }
+    (resnet / "metrics.json").write_text(
+        json.dumps(
+            {
+                "accuracy": 0.924,
+                "accuracy_ci95": [0.90, 0.946],
+                "per_class": per_class,
+                "ece": 0.041,
+                "temperature": 1.8,
+                "ece_calibrated": 0.012,
+                "eval_sets": {
+                    "utkface": {
+                        "n": 500,
+                        "accuracy": 0.801,
+                        "accuracy_ci95": [0.77, 0.83],
+                        "macro_f1": 0.80,
+                        "roc_auc": 0.88,
+                        "ece": 0.09,
+                        "per_class": per_class,
+                        "no_prediction": 7,
+                    }
+                },
+                "slices": {"test": _slices(0.86), "utkface": _slices(0.71)},
+            }
+        )
+    )
     _search(resnet, out)
-    (resnet / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr\n"
-                                        + "".join(f"{e},0.5,0.8,0.4,0.9,0.001\n" for e in range(1, 7)))
+    (resnet / "history.csv").write_text(
+        "epoch,train_loss,train_acc,val_loss,val_acc,lr\n"
+        + "".join(f"{e},0.5,0.8,0.4,0.9,0.001\n" for e in range(1, 7))
+    )
     # The ensemble has a metrics.json without eval sets or slices; vgg19 has no folder at all.
     (out / "models" / "ensemble").mkdir(parents=True)
     (out / "models" / "ensemble" / "metrics.json").write_text(json.dumps({"accuracy": 0.91, "ece": 0.05}))
@@ -110,30 +214,76 @@ def _search(folder: Path, out: Path) -> None:
     storage = f"sqlite:///{out / 'study.db'}"
     study = optuna.create_study(study_name="screening", storage=storage, direction="maximize")
     trials = []
-    for i, (lr, accs) in enumerate([(1e-3, [0.7, 0.8, 0.85]), (3e-3, [0.72, 0.83, 0.88]), (1e-4, [0.6]),
-                                    (5e-4, [0.68, 0.79, 0.84]), (2e-3, [0.71, 0.81, 0.86])]):
-        trial = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
-                           "label_smoothing": optuna.distributions.FloatDistribution(0.0, 0.1)})
+    for i, (lr, accs) in enumerate(
+        [
+            (1e-3, [0.7, 0.8, 0.85]),
+            (3e-3, [0.72, 0.83, 0.88]),
+            (1e-4, [0.6]),
+            (5e-4, [0.68, 0.79, 0.84]),
+            (2e-3, [0.71, 0.81, 0.86]),
+        ]
+    ):
+        trial = study.ask(
+            {
+                "lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+                "label_smoothing": optuna.distributions.FloatDistribution(0.0, 0.1),
+            }
+        )
         for epoch, acc in enumerate(accs, 1):
             trial.report(acc, epoch)
         pruned = len(accs) < 3
-        study.tell(trial, None if pruned else accs[-1],
-                   state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE)
-        trials.append({"trial_id": f"t{i}", "params": f"lr={lr:g}", "fidelity": "32 px x 3 epochs",
-                       "epochs_run": len(accs), "val_acc": accs[-1], "status": "pruned" if pruned else "completed"})
-    curve = {"lrs": [1e-6 * 1.2**i for i in range(60)], "losses": [0.7 - 0.004 * i for i in range(60)], "suggestion": 3e-4}
+        study.tell(
+            trial,
+            None if pruned else accs[-1],
+            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+        )
+        trials.append(
+            {
+                "trial_id": f"t{i}",
+                "params": f"lr={lr:g}",
+                "fidelity": "32 px x 3 epochs",
+                "epochs_run": len(accs),
+                "val_acc": accs[-1],
+                "status": "pruned" if pruned else "completed",
+            }
+        )
+    curve = {
+        "lrs": [1e-6 * 1.2**i for i in range(60)],
+        "losses": [0.7 - 0.004 * i for i in range(60)],
+        "suggestion": 3e-4,
+    }
     figures.plot_lr_curve(curve, folder / layout.LR_CURVE)
-    figures.plot_study(storage, folder, history=layout.SEARCH_HISTORY, intermediate=layout.SEARCH_INTERMEDIATE,
-                       importance=layout.SEARCH_IMPORTANCE)
-    (folder / layout.SEARCH_SUMMARY).write_text(json.dumps({
-        "plan": {"regime": "parity", "budget_s": 646, "note": "the budget holds one full run: an lr range test first, "
-                 "then one final run of 12 epochs", "planned_s": {"lr_test": 20, "screening": 80, "full_runs": 540}},
-        "actual_s": {"planning": 6, "lr_test": 22, "screening": 75, "full_runs": 551},
-        "kept": True, "verdict": "kept: at screening fidelity the best challenger (lr=0.003) scored +3.00 points on "
-        "validation vs a threshold of 5.10 (2 unpaired SE)", "gain": 0.03, "final_seconds": 551,
-        "best_params": "lr=0.001, batch_size=32, milestones=[3, 6]", "lr_curve": curve, "trials": trials,
-        "full_runs": [{"label": "incumbent", "params": "lr=0.001", "epochs": 12, "best_val_acc": 0.93, "seconds": 551}],
-    }))
+    figures.plot_study(
+        storage,
+        folder,
+        history=layout.SEARCH_HISTORY,
+        intermediate=layout.SEARCH_INTERMEDIATE,
+        importance=layout.SEARCH_IMPORTANCE,
+    )
+    (folder / layout.SEARCH_SUMMARY).write_text(
+        json.dumps(
+            {
+                "plan": {
+                    "regime": "parity",
+                    "budget_s": 646,
+                    "note": "the budget holds one full run: an lr range test first, then one final run of 12 epochs",
+                    "planned_s": {"lr_test": 20, "screening": 80, "full_runs": 540},
+                },
+                "actual_s": {"planning": 6, "lr_test": 22, "screening": 75, "full_runs": 551},
+                "kept": True,
+                "verdict": "kept: at screening fidelity the best challenger (lr=0.003) scored +3.00 points on "
+                "validation vs a threshold of 5.10 (2 unpaired SE)",
+                "gain": 0.03,
+                "final_seconds": 551,
+                "best_params": "lr=0.001, batch_size=32, milestones=[3, 6]",
+                "lr_curve": curve,
+                "trials": trials,
+                "full_runs": [
+                    {"label": "incumbent", "params": "lr=0.001", "epochs": 12, "best_val_acc": 0.93, "seconds": 551}
+                ],
+            }
+        )
+    )
 
 
 class _Page(html.parser.HTMLParser):
@@ -226,22 +376,38 @@ def test_report_is_self_contained_and_has_a_row_per_leaderboard_row(comparison):
     assert "ensemble of: resnet18 + googlenet" in shown
 
     # The eval set's own columns are in its table (here from the CSV alone), not among the others.
-    domains = _words(text[text.index('id="domains"'):text.index('id="slices"')])
+    domains = _words(text[text.index('id="domains"') : text.index('id="slices"')])
     for value in ("0.8111", "n/a → 0.0222", "0.7777", "0.8333", "race=asian (0.7012)", "0.0556"):
         assert value in domains
-    others = text[text.index("<details>"):text.index("</details>")]
+    others = text[text.index("<details>") : text.index("</details>")]
     assert "precision_Female" in others and "mcnemar_b" in others
     assert "utkface" not in others and "members" not in others
 
 
 def test_report_from_a_bare_leaderboard(tmp_path):
     """An old comparison: no kind or eval-set columns, no figures, no model folders."""
-    pd.DataFrame([
-        {"rank": 1, "model": "resnet50", "status": "ok", "accuracy": 0.95, "ci95_low": 0.93, "ci95_high": 0.97,
-         "error": ""},
-        {"rank": None, "model": "googlenet", "status": "error", "accuracy": None, "ci95_low": None, "ci95_high": None,
-         "error": "ValueError: boom"},
-    ]).to_csv(tmp_path / "leaderboard.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "rank": 1,
+                "model": "resnet50",
+                "status": "ok",
+                "accuracy": 0.95,
+                "ci95_low": 0.93,
+                "ci95_high": 0.97,
+                "error": "",
+            },
+            {
+                "rank": None,
+                "model": "googlenet",
+                "status": "error",
+                "accuracy": None,
+                "ci95_low": None,
+                "ci95_high": None,
+                "error": "ValueError: boom",
+            },
+        ]
+    ).to_csv(tmp_path / "leaderboard.csv", index=False)
     text, page = _parse(write_report(tmp_path))
     assert [row["model"] for row in page.rows] == ["resnet50", "googlenet"]
     assert page.rows[0]["cells"] == ["1", "resnet50", "0.9500 (0.9300–0.9700)"]
@@ -271,10 +437,19 @@ def chromium(tmp_path):
     options.binary_location = str(CHROMIUM)
     # No sandbox: CI runs as root in a container. The background-networking switches keep a
     # machine without network from filling the log with failed update and sync requests.
-    for switch in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                   "--window-size=1280,900"):
+    for switch in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1280,900",
+    ):
         options.add_argument(switch)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path: Selenium Manager (which would try to download one) never runs.
@@ -293,20 +468,30 @@ def test_report_renders_in_chromium(comparison, chromium, tmp_path):
     severe = [entry for entry in chromium.get_log("browser") if entry["level"] == "SEVERE"]
     assert severe == []
     models = pd.read_csv(comparison / "leaderboard.csv", keep_default_na=False, na_values=[""])["model"].tolist()
-    assert chromium.execute_script(
-        "return Array.from(document.querySelectorAll('#leaderboard tbody tr'), tr => tr.dataset.model)") == models
+    assert (
+        chromium.execute_script(
+            "return Array.from(document.querySelectorAll('#leaderboard tbody tr'), tr => tr.dataset.model)"
+        )
+        == models
+    )
     images = chromium.execute_script(
-        "return Array.from(document.images, img => [img.alt, img.complete && img.naturalWidth > 0])")
+        "return Array.from(document.images, img => [img.alt, img.complete && img.naturalWidth > 0])"
+    )
     assert images and [alt for alt, loaded in images if not loaded] == []
     # The Search section: the verdict, the trials, and the search's figures, each decoded.
     search = chromium.execute_script(
         "const s = document.querySelector('#search'); return s && [s.innerText, "
-        "Array.from(s.querySelectorAll('img'), img => img.naturalWidth > 0 ? img.alt : '')]")
+        "Array.from(s.querySelectorAll('img'), img => img.naturalWidth > 0 ? img.alt : '')]"
+    )
     assert search and "kept: at screening fidelity" in search[0] and "pruned" in search[0]
     assert [alt.split(": ")[1].split(" ")[0] for alt in search[1]] == ["lr", "optimisation", "val", "parameter"]
     # data: URIs are not resource fetches; anything else the page loaded would be listed here.
-    assert chromium.execute_script(
-        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'))") == []
+    assert (
+        chromium.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'))"
+        )
+        == []
+    )
 
     # The whole page in one picture: a window as tall as the document (capped).
     height = chromium.execute_script("return document.documentElement.scrollHeight")

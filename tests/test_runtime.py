@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import prep_sample
+
 from gendertune.cli import main
 
 # Non-loopback listeners a local run may leave; 12 before it was bound to 127.0.0.1. A new one
@@ -39,7 +39,7 @@ def _listening_sockets() -> dict[str, str]:
 def _address(hex_ip: str) -> str:
     """/proc/net's little-endian hex words as an IP address."""
     raw = bytes.fromhex(hex_ip)
-    ordered = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ordered = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     address = ipaddress.ip_address(ordered)
     return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
 
@@ -88,14 +88,33 @@ def test_a_local_run_listens_only_on_loopback(ray_session):
 
 @pytest.fixture(scope="module")
 def small_prep(ray_session, synthetic_sample, tmp_path_factory):
-    return prep_sample(synthetic_sample, tmp_path_factory.mktemp("listeners") / "prep", image_size=32,
-                       split="identity", ratios=[0.6, 0.2, 0.2], align="none")
+    return prep_sample(
+        synthetic_sample,
+        tmp_path_factory.mktemp("listeners") / "prep",
+        image_size=32,
+        split="identity",
+        ratios=[0.6, 0.2, 0.2],
+        align="none",
+    )
 
 
 RUNNING = {  # two DDP workers: the rank-0 worker opens torch's rendezvous store
     "train": ["train", "--model", "resnet18", "--epochs", "1", "--workers", "2", "--batch-size", "16"],
-    "compare": ["compare", "--models", "resnet18", "--trials", "1", "--epochs", "1", "--workers", "2",
-                "--trial-mode", "train", "--batch-size", "16"],
+    "compare": [
+        "compare",
+        "--models",
+        "resnet18",
+        "--trials",
+        "1",
+        "--epochs",
+        "1",
+        "--workers",
+        "2",
+        "--trial-mode",
+        "train",
+        "--batch-size",
+        "16",
+    ],
 }
 
 
@@ -108,7 +127,9 @@ def test_a_running_ddp_stage_listens_only_on_loopback(command, small_prep, tmp_p
     stage.start()
     seen: set[tuple[int, str, bytes]] = set()  # (pid, address, the process's name while it ran)
     while stage.is_alive():  # the store lives only while the workers do: sample throughout
-        seen.update((pid, address, _cmdline(pid).split(b"\0")[0]) for pid, address in _listeners_of(_descendants(os.getpid())))
+        seen.update(
+            (pid, address, _cmdline(pid).split(b"\0")[0]) for pid, address in _listeners_of(_descendants(os.getpid()))
+        )
         time.sleep(0.2)
     stage.join()
     assert result["code"] == 0

@@ -10,7 +10,6 @@ import pytest
 from gendertune.tuning.evaluate.metrics import wilson_ci
 from gendertune.tuning.evaluate.slices import slice_labels, slice_report, slices_of
 
-
 CLASSES = ("Female", "Male")
 
 
@@ -44,8 +43,21 @@ def test_small_slices_are_reported_but_not_ranked():
 
 def test_numeric_columns_become_bands():
     ages = pd.Series([18, 25, 31, 44, 45, 59, 60, 90, 33, 22, 71, 50, 19], name="age")
-    assert slice_labels(ages).tolist() == ["18-29", "18-29", "30-44", "30-44", "45-59", "45-59", "60+", "60+",
-                                           "30-44", "18-29", "60+", "45-59", "18-29"]
+    assert slice_labels(ages).tolist() == [
+        "18-29",
+        "18-29",
+        "30-44",
+        "30-44",
+        "45-59",
+        "45-59",
+        "60+",
+        "60+",
+        "30-44",
+        "18-29",
+        "60+",
+        "45-59",
+        "18-29",
+    ]
     scores = pd.Series(np.arange(100.0), name="score")
     assert slice_labels(scores).nunique() == 4  # quartiles
     assert slice_labels(pd.Series(["1", "2", "1"], name="level")).tolist() == ["1", "2", "1"]  # few values: categories
@@ -55,7 +67,8 @@ def test_slices_of_looks_groups_up_by_key_not_by_position():
     scored = pd.DataFrame({"path": ["c", "a", "b", "d"], "label": [1, 0, 1, 0], "prob_positive": [0.9, 0.8, 0.2, 0.1]})
     groups = pd.DataFrame({"path": ["a", "b", "c", "d"], "group": ["x", "x", "y", "y"]})  # another order
     by_key = slices_of(scored, groups, key="path", class_names=CLASSES)
-    aligned = slice_report(scored["label"], scored["prob_positive"], pd.DataFrame({"group": ["y", "x", "x", "y"]}),
-                           class_names=CLASSES)
+    aligned = slice_report(
+        scored["label"], scored["prob_positive"], pd.DataFrame({"group": ["y", "x", "x", "y"]}), class_names=CLASSES
+    )
     assert [(s["value"], s["accuracy"]) for s in by_key["slices"]] == [("x", 0.0), ("y", 1.0)]
     assert by_key["slices"] == aligned["slices"]

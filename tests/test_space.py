@@ -12,8 +12,7 @@ from gendertune.base.config import ConfigError
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.search.policy import Plan
 from gendertune.tuning.search.run import TruthfulOptunaSearch, make_scheduler, make_searcher
-from gendertune.tuning.search.space import (DEFAULT_SPACE, centre_lr, space_for, suggest, trial_config, user_point,
-                                            widen)
+from gendertune.tuning.search.space import DEFAULT_SPACE, centre_lr, space_for, suggest, trial_config, user_point, widen
 from gendertune.tuning.train.config import TrainConfig
 
 BASE = TrainConfig.from_dict({"data": "d", "out": "o"})
@@ -58,8 +57,16 @@ def test_the_lr_range_recentres_on_the_range_tests_suggestion():
     assert space["lr"]["sgd"] == DEFAULT_SPACE["lr"]["sgd"]
 
 
-@pytest.mark.parametrize("bad", [["loguniform", 1e-2, 1e-4], ["loguniform", 0, 1e-3], ["uniform", 0.1],
-                                 ["choice", []], {"adamw": ["uniform", 1, 0]}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["loguniform", 1e-2, 1e-4],
+        ["loguniform", 0, 1e-3],
+        ["uniform", 0.1],
+        ["choice", []],
+        {"adamw": ["uniform", 1, 0]},
+    ],
+)
 def test_impossible_ranges_are_refused(bad):
     with pytest.raises(ConfigError, match="search.space.lr"):
         space_for("resnet18", {"lr": bad})
@@ -73,8 +80,14 @@ def test_the_augmentation_strength_scales_all_but_the_flip():
 
 def test_optuna_is_told_pruned_for_a_trial_stopped_before_its_last_epoch(tmp_path):
     search = SearchConfig(seed=1)
-    searcher = make_searcher(search, space_for("resnet18"), [user_point(BASE, space_for("resnet18"))], n_trials=4,
-                             max_t=3, storage_dir=str(tmp_path))
+    searcher = make_searcher(
+        search,
+        space_for("resnet18"),
+        [user_point(BASE, space_for("resnet18"))],
+        n_trials=4,
+        max_t=3,
+        storage_dir=str(tmp_path),
+    )
     assert isinstance(searcher, TruthfulOptunaSearch)
     assert searcher.suggest("a")["lr"] == BASE.lr  # the user's point first
     searcher.suggest("b")
@@ -92,9 +105,22 @@ def test_optuna_is_told_pruned_for_a_trial_stopped_before_its_last_epoch(tmp_pat
 
 
 def _plan(trials: int, epochs: int = 3) -> Plan:
-    return Plan(regime="trials", budget_s=0, epochs=12, final_epochs=12, duel_final_epochs=12, full_runs=2,
-                lr_test=True, screen_trials=trials, screen_epochs=epochs, screen_image_size=32, screen_trial_s=10.0, concurrent=1,
-                planned_s={}, note="")
+    return Plan(
+        regime="trials",
+        budget_s=0,
+        epochs=12,
+        final_epochs=12,
+        duel_final_epochs=12,
+        full_runs=2,
+        lr_test=True,
+        screen_trials=trials,
+        screen_epochs=epochs,
+        screen_image_size=32,
+        screen_trial_s=10.0,
+        concurrent=1,
+        planned_s={},
+        note="",
+    )
 
 
 def test_asha_cuts_screening_only_with_enough_trials():
@@ -109,8 +135,9 @@ def test_asha_cuts_screening_only_with_enough_trials():
 
 def test_the_same_seed_gives_the_same_suggestions():
     def suggestions(seed):
-        searcher = make_searcher(SearchConfig(seed=seed), space_for("resnet18"), [], n_trials=6, max_t=3,
-                                 storage_dir=None)
+        searcher = make_searcher(
+            SearchConfig(seed=seed), space_for("resnet18"), [], n_trials=6, max_t=3, storage_dir=None
+        )
         return [searcher.suggest(f"t{i}") for i in range(4)]
 
     assert suggestions(3) == suggestions(3) and suggestions(3) != suggestions(4)

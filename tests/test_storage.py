@@ -19,17 +19,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import prep_sample
 
+from gendertune.base.errors import MissingInputError
+from gendertune.cli import main
 from gendertune.cluster import storage
 from gendertune.cluster.storage import OutputExistsError
-from gendertune.cli import main
-from gendertune.base.errors import MissingInputError
-from conftest import prep_sample
 from gendertune.data_prep.layout import MANIFEST, open_prepared
-from gendertune.tuning.compare import run as compare, leaderboard
+from gendertune.tuning.compare import leaderboard
+from gendertune.tuning.compare import run as compare
 from gendertune.tuning.evaluate import run_layout
-from gendertune.tuning.train.run import RunAlreadyComplete, run_training
 from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.run import RunAlreadyComplete, run_training
 
 
 def test_uri_detection_and_joining():
@@ -41,8 +42,17 @@ def test_uri_detection_and_joining():
 
 
 def test_completion_markers_upload_last_inner_folders_first():
-    order = storage.upload_order(["leaderboard.csv", "models/a/metrics.json", "models/a/history.csv",
-                                  "config.json", "models/a/model.pt", "leaderboard.json"], markers=compare.COMPLETION_MARKERS)
+    order = storage.upload_order(
+        [
+            "leaderboard.csv",
+            "models/a/metrics.json",
+            "models/a/history.csv",
+            "config.json",
+            "models/a/model.pt",
+            "leaderboard.json",
+        ],
+        markers=compare.COMPLETION_MARKERS,
+    )
     assert order[:3] == ["models/a/history.csv", "models/a/model.pt", "config.json"]
     assert order[3] == "models/a/metrics.json" and set(order[4:]) == {"leaderboard.csv", "leaderboard.json"}
 
@@ -121,7 +131,8 @@ def uploads_to(uri: str):
         query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
         path = urllib.parse.unquote(url.path)
         made_visible = (entry["method"] == "PUT" and not {"uploadId", "partNumber"} & query.keys()) or (
-            entry["method"] == "POST" and "uploadId" in query)
+            entry["method"] == "POST" and "uploadId" in query
+        )
         # Keys ending in "/" are the empty folder objects pyarrow leaves when it deletes a folder's last file.
         if made_visible and path.startswith(prefix) and not path.endswith("/"):
             uploads.append(path.removeprefix(prefix))
@@ -189,16 +200,42 @@ def s3_comparison(s3_bucket, ray_session, synthetic_sample):
     """prep -> compare (TorchTrainer trials) with --data and --out both on S3."""
     prep_uri, out_uri = f"{s3_bucket}/e2e/prep", f"{s3_bucket}/e2e/cmp"
     prep_sample(synthetic_sample, prep_uri, image_size=32, split="identity", ratios=[0.6, 0.2, 0.2])
-    assert main(["compare", "--data", prep_uri, "--out", out_uri, "--models", "resnet18", "--trials", "1",
-                 "--epochs", "1", "--trial-mode", "train", "--batch-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--data",
+                prep_uri,
+                "--out",
+                out_uri,
+                "--models",
+                "resnet18",
+                "--trials",
+                "1",
+                "--epochs",
+                "1",
+                "--trial-mode",
+                "train",
+                "--batch-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     return prep_uri, out_uri
 
 
 def test_compare_writes_its_leaderboard_runs_and_checkpoints_to_the_uri(s3_comparison, capsys):
     _, out_uri = s3_comparison
     files = storage.list_files(out_uri)
-    for name in (leaderboard.CSV, leaderboard.JSON, leaderboard.MD, "config.json",
-                 f"models/resnet18/{run_layout.METRICS}", f"models/resnet18/{run_layout.MODEL}"):
+    for name in (
+        leaderboard.CSV,
+        leaderboard.JSON,
+        leaderboard.MD,
+        "config.json",
+        f"models/resnet18/{run_layout.METRICS}",
+        f"models/resnet18/{run_layout.MODEL}",
+    ):
         assert name in files
     # Tune's experiment state was written to the bucket by Ray itself; the trials' checkpoints
     # were deleted from there once the model's search was done.
@@ -225,20 +262,24 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
     assert len(predictions) == 3 and predictions["prob_male"].between(0, 1).all() and predictions["error"].isna().all()
     # A resumed compare reuses the finished model from the bucket instead of searching again.
     caplog.set_level(logging.INFO, logger="tuning")
-    from gendertune.tuning.compare.run import run_compare
     from gendertune.tuning.compare.config import CompareConfig
+    from gendertune.tuning.compare.run import run_compare
     from gendertune.tuning.search.config import SearchConfig
 
-    table = run_compare(CompareConfig.from_dict({"data": prep_uri, "out": out_uri, "models": ["resnet18"], "resume": True}),
-                        SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
-                        TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1, "batch_size": 32}))
+    table = run_compare(
+        CompareConfig.from_dict({"data": prep_uri, "out": out_uri, "models": ["resnet18"], "resume": True}),
+        SearchConfig.from_dict({"trials": 1, "trial_mode": "train"}),
+        TrainConfig.from_dict({"data": prep_uri, "out": out_uri, "epochs": 1, "batch_size": 32}),
+    )
     assert any("already finished" in line for line in caplog.messages) and table.loc[0, "status"] == "ok"
 
 
 def _hashes(folder: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def test_overwrite_replaces_only_a_folder_with_our_marker_not_any_manifest_json(tmp_path):
@@ -292,16 +333,28 @@ def test_a_second_writer_is_refused_until_the_first_dies(tmp_path):
     import sys
 
     final = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from gendertune.cluster.storage import atomic_output_dir\n"
-        "with atomic_output_dir(sys.argv[1], stage='prep', marker='manifest.json'):\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(120)\n"), str(final)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from gendertune.cluster.storage import atomic_output_dir\n"
+                "with atomic_output_dir(sys.argv[1], stage='prep', marker='manifest.json'):\n"
+                "    print('writing', flush=True)\n"
+                "    time.sleep(120)\n"
+            ),
+            str(final),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "writing"
-        for enter in (lambda: storage.atomic_output_dir(final, stage="prep", marker=MANIFEST, overwrite=True),
-                      lambda: storage.output_location(str(final), stage="prep", markers=[MANIFEST])):
+        for enter in (
+            lambda: storage.atomic_output_dir(final, stage="prep", marker=MANIFEST, overwrite=True),
+            lambda: storage.output_location(str(final), stage="prep", markers=[MANIFEST]),
+        ):
             with pytest.raises(storage.OutputBusyError, match="being written by another gendertune run"):
                 with enter():
                     pass

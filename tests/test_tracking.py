@@ -8,10 +8,10 @@ import json
 import pandas as pd
 import pytest
 import ray.train
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from conftest import free_port
 from gendertune.cluster import tracking
 
 
@@ -62,8 +62,11 @@ def test_every_trial_is_a_run_with_its_params_and_per_epoch_metrics(ray_session,
     tuner = tune.Tuner(
         _three_epochs,
         param_space={"lr": tune.grid_search([0.1, 0.2]), "optimizer": "adamw"},
-        run_config=tune.RunConfig(name="search", storage_path=str(tmp_path),
-                                  callbacks=tracking.tune_callbacks(uri, "trials", tags={"gendertune.model": "resnet18"})),
+        run_config=tune.RunConfig(
+            name="search",
+            storage_path=str(tmp_path),
+            callbacks=tracking.tune_callbacks(uri, "trials", tags={"gendertune.model": "resnet18"}),
+        ),
     )
     assert not tuner.fit().errors
     client = MlflowClient(uri)
@@ -89,20 +92,45 @@ def test_a_model_result_is_one_run_with_flat_metrics_params_history_and_files(st
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "accuracy.png").write_bytes(b"png")
     metrics = {
-        "model": "resnet18", "accuracy": 0.9, "accuracy_ci95": [0.85, 0.95], "roc_auc": None, "ece": float("nan"),
+        "model": "resnet18",
+        "accuracy": 0.9,
+        "accuracy_ci95": [0.85, 0.95],
+        "roc_auc": None,
+        "ece": float("nan"),
         "val_acc": 0.65,  # also a history column: the per-epoch series wins
-        "gpu": False, "confusion_matrix": [[5, 1], [2, 7]],
+        "gpu": False,
+        "confusion_matrix": [[5, 1], [2, 7]],
         "per_class": {"Female": {"precision": 0.8, "recall": 0.7, "support": 6}, "Male": {"recall": 0.9}},
     }
-    params = {"lr": 1e-3, "model": "resnet18", "weights": None, "eval_sets": ["utkface"], "data": "d" * 7000,
-              "space": {"lr": ["loguniform", 1e-4, 1e-2]}, "odd:key?": 1, "odd_key_": 2}
+    params = {
+        "lr": 1e-3,
+        "model": "resnet18",
+        "weights": None,
+        "eval_sets": ["utkface"],
+        "data": "d" * 7000,
+        "space": {"lr": ["loguniform", 1e-4, 1e-2]},
+        "odd:key?": 1,
+        "odd_key_": 2,
+    }
     # first_step_at, a wall-clock timestamp (gendertune.tuning.train.worker's *_at columns), is no metric: not logged.
-    history = pd.DataFrame({"epoch": [1, 2, 3], "val_acc": [0.5, 0.6, 0.7], "train_loss": [1.0, None, 0.5],
-                            "node_id": ["a", "b", "c"], "first_step_at": [1.7e9, 1.7e9 + 5, 1.7e9 + 10]})
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2, 3],
+            "val_acc": [0.5, 0.6, 0.7],
+            "train_loss": [1.0, None, 0.5],
+            "node_id": ["a", "b", "c"],
+            "first_step_at": [1.7e9, 1.7e9 + 5, 1.7e9 + 10],
+        }
+    )
     run_id = tracking.log_model_result(
-        uri, "models", "resnet18", params, metrics,
+        uri,
+        "models",
+        "resnet18",
+        params,
+        metrics,
         [tmp_path / "model.pt", tmp_path / "metrics.json", tmp_path / "leaderboard.csv", tmp_path / "figures"],
-        history=history, tags={"gendertune.model": "resnet18"},
+        history=history,
+        tags={"gendertune.model": "resnet18"},
     )
 
     client = MlflowClient(uri)
@@ -110,18 +138,32 @@ def test_a_model_result_is_one_run_with_flat_metrics_params_history_and_files(st
     assert run.info.run_name == "resnet18" and run.info.status == "FINISHED"
     assert run.info.artifact_uri.startswith((out / tracking.ARTIFACTS_DIR).as_uri())
     assert run.data.tags[tracking.KIND_TAG] == "model"
-    assert run.data.metrics == pytest.approx({
-        "accuracy": 0.9, "accuracy_ci95_0": 0.85, "accuracy_ci95_1": 0.95, "confusion_matrix_0_0": 5,
-        "confusion_matrix_0_1": 1, "confusion_matrix_1_0": 2, "confusion_matrix_1_1": 7, "precision_Female": 0.8,
-        "recall_Female": 0.7, "support_Female": 6, "recall_Male": 0.9,
-        "val_acc": 0.7, "train_loss": 0.5,  # a history metric's latest value
-    })
+    assert run.data.metrics == pytest.approx(
+        {
+            "accuracy": 0.9,
+            "accuracy_ci95_0": 0.85,
+            "accuracy_ci95_1": 0.95,
+            "confusion_matrix_0_0": 5,
+            "confusion_matrix_0_1": 1,
+            "confusion_matrix_1_0": 2,
+            "confusion_matrix_1_1": 7,
+            "precision_Female": 0.8,
+            "recall_Female": 0.7,
+            "support_Female": 6,
+            "recall_Male": 0.9,
+            "val_acc": 0.7,
+            "train_loss": 0.5,  # a history metric's latest value
+        }
+    )
     assert run.data.params["lr"] == "0.001" and run.data.params["weights"] == "None"
     assert json.loads(run.data.params["eval_sets"]) == ["utkface"]
     assert json.loads(run.data.params["space/lr"]) == ["loguniform", 1e-4, 1e-2]
     assert len(run.data.params["data"]) == tracking.MAX_PARAM_VALUE and run.data.params["odd_key_"] == "2"
-    assert [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)] \
-        == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)] == [
+        (1, 0.5),
+        (2, 0.6),
+        (3, 0.7),
+    ]
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [1, 3]
     assert {a.path for a in client.list_artifacts(run_id)} == {"model.pt", "metrics.json", "leaderboard.csv", "figures"}
     assert [a.path for a in client.list_artifacts(run_id, "figures")] == ["figures/accuracy.png"]

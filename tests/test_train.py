@@ -15,32 +15,51 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import prep_sample
 from PIL import Image
 
 from gendertune.cli import main
-from conftest import prep_sample
 from gendertune.data_prep import layout
 from gendertune.data_prep.errors import PrepInputError
 from gendertune.tuning.evaluate import predict as predict_module
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.predict import ANNOTATION_COLOUR, predict
-from gendertune.tuning.train.run import RunAlreadyComplete, RunFailed, run_training
 from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.run import RunAlreadyComplete, RunFailed, run_training
 
 EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, synthetic_sample_large, tmp_path_factory):
-    return prep_sample(synthetic_sample_large, tmp_path_factory.mktemp("train-prep") / "prep",
-                       image_size=64, split="identity", ratios=[0.7, 0.15, 0.15])
+    return prep_sample(
+        synthetic_sample_large,
+        tmp_path_factory.mktemp("train-prep") / "prep",
+        image_size=64,
+        split="identity",
+        ratios=[0.7, 0.15, 0.15],
+    )
 
 
 def train_config(prepared, out, **overrides):
     # Flips only: stronger augmentation needs more epochs than a test can afford to show learning.
-    values = {"data": str(prepared), "out": str(out), "model": "resnet18", "epochs": EPOCHS, "batch_size": 16,
-              "lr": 1e-3, "workers": 2, "rotation": 0.0, "color_jitter": 0.0, "random_erasing": 0.0,
-              "random_resized_crop": 0.0, "zoom": 0.0, "translate": 0.0, "random_border": 0.0, **overrides}
+    values = {
+        "data": str(prepared),
+        "out": str(out),
+        "model": "resnet18",
+        "epochs": EPOCHS,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "workers": 2,
+        "rotation": 0.0,
+        "color_jitter": 0.0,
+        "random_erasing": 0.0,
+        "random_resized_crop": 0.0,
+        "zoom": 0.0,
+        "translate": 0.0,
+        "random_border": 0.0,
+        **overrides,
+    }
     return TrainConfig.from_dict(values)
 
 
@@ -84,8 +103,9 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
     # Running the same command again (same --out) must resume from the latest checkpoint, as after a
     # crash. (Recovery inside one run, max_failures >= 1, is tested by killing a node in test_cluster.)
     # Flip test-time augmentation and the balanced threshold on, so that predict is checked against them too.
-    config = train_config(prepared, out, max_failures=0, eval_sets=[f"faces={eval_set_folder}"], tta="flip",
-                          threshold="balanced")
+    config = train_config(
+        prepared, out, max_failures=0, eval_sets=[f"faces={eval_set_folder}"], tta="flip", threshold="balanced"
+    )
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_checkpoints, args=(out, 2, stop), daemon=True)
     killer.start()
@@ -124,11 +144,27 @@ def test_two_worker_ddp_run_learns(ddp_run):
     assert metrics["accuracy"] > metrics["majority_rate"] + 0.1, metrics
     low, high = metrics["accuracy_ci95"]
     assert low <= metrics["accuracy"] <= high
-    for key in ("per_class", "macro_f1", "roc_auc", "ece", "confusion_matrix", "params", "wall_seconds",
-                "train_images_per_s", "inference_images_per_s"):
+    for key in (
+        "per_class",
+        "macro_f1",
+        "roc_auc",
+        "ece",
+        "confusion_matrix",
+        "params",
+        "wall_seconds",
+        "train_images_per_s",
+        "inference_images_per_s",
+    ):
         assert key in metrics
-    for name in (run_layout.CONFIG, run_layout.MODEL, run_layout.HISTORY, run_layout.PREDICTIONS,
-                 "accuracy_per_epoch.png", "loss_per_epoch.png", "confusion_matrix.png"):
+    for name in (
+        run_layout.CONFIG,
+        run_layout.MODEL,
+        run_layout.HISTORY,
+        run_layout.PREDICTIONS,
+        "accuracy_per_epoch.png",
+        "loss_per_epoch.png",
+        "confusion_matrix.png",
+    ):
         assert (out / name).stat().st_size > 0, name
 
 
@@ -212,14 +248,42 @@ def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
     group.paste(astronaut.resize((360, 360)), (0, 100))
     group.paste(astronaut, (480, 20))
     group.save(tmp_path / "group.jpg", quality=95)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(tmp_path / "noise.jpg")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(
+        tmp_path / "noise.jpg"
+    )
     csv = tmp_path / "faces.csv"
     photos = [str(tmp_path / "group.jpg"), str(tmp_path / "noise.jpg"), str(tmp_path / "missing.jpg")]
-    assert main(["predict", "--run", str(out := ddp_run[0]), *photos, photos[0], "--out", str(csv),
-                 "--annotate", str(tmp_path / "boxed")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(out := ddp_run[0]),
+                *photos,
+                photos[0],
+                "--out",
+                str(csv),
+                "--annotate",
+                str(tmp_path / "boxed"),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(csv).fillna({"error": "", "label": ""})
-    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "detector", "detector_score", "label",
-                                   "confidence", "prob_male", "error"]
+    assert list(table.columns) == [
+        "image",
+        "face",
+        "x",
+        "y",
+        "w",
+        "h",
+        "detector",
+        "detector_score",
+        "label",
+        "confidence",
+        "prob_male",
+        "error",
+    ]
     group_rows = table[table["image"] == photos[0]]  # given twice, predicted once
     assert group_rows["face"].tolist() == [0, 1] and (group_rows["error"] == "").all()
     assert group_rows["w"].iloc[0] > group_rows["w"].iloc[1] and (group_rows["detector"] == "hog").all()
@@ -231,9 +295,11 @@ def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
     boxed = np.asarray(Image.open(tmp_path / "boxed" / "group.jpg"))
     assert boxed.shape == (560, 1000, 3)
     for face in group_rows.itertuples():  # the box's top edge is drawn in the annotation colour (JPEG-blurred)
-        edge = boxed[round(face.y), round(face.x + face.w / 3): round(face.x + 2 * face.w / 3)].astype(int)
+        edge = boxed[round(face.y), round(face.x + face.w / 3) : round(face.x + 2 * face.w / 3)].astype(int)
         assert (np.abs(edge - ANNOTATION_COLOUR).max(axis=1) < 70).all()
-        inside = boxed[round(face.y + face.h / 2), round(face.x + face.w / 3): round(face.x + 2 * face.w / 3)].astype(int)
+        inside = boxed[round(face.y + face.h / 2), round(face.x + face.w / 3) : round(face.x + 2 * face.w / 3)].astype(
+            int
+        )
         assert (np.abs(inside - ANNOTATION_COLOUR).max(axis=1) >= 70).mean() > 0.9  # the face itself is not painted
     assert (tmp_path / "boxed" / "noise.jpg").is_file() and not (tmp_path / "boxed" / "missing.jpg").exists()
     assert "1 of 3 image(s) gave no prediction" in capsys.readouterr().err
@@ -250,7 +316,10 @@ def test_a_model_file_of_another_version_is_a_one_line_error(ddp_run, tmp_path, 
     torch.save(saved, tmp_path / run_layout.MODEL)
     assert main(["predict", "--run", str(tmp_path), str(tmp_path / "any.jpg")]) == 2
     error = capsys.readouterr().err
-    assert "another gendertune version (model format 1, this version reads 2; missing format_version, temperature)" in error
+    assert (
+        "another gendertune version (model format 1, this version reads 2; missing format_version, temperature)"
+        in error
+    )
     assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
 
 
@@ -298,12 +367,28 @@ def test_a_run_whose_loss_turns_nan_stops_with_a_clear_error_and_predict_refuses
     state["conv1.weight"][0, 0, 0, 0] = float("nan")  # what a NaN weight decay left after one step
     torch.save(state, weights)
     out = tmp_path / "diverged"
-    code = main(["train", "--data", str(prepared), "--out", str(out), "--model", "resnet18", "--epochs", "1",
-                 "--batch-size", "16", "--max-failures", "0", "--weights", str(weights)])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(prepared),
+            "--out",
+            str(out),
+            "--model",
+            "resnet18",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--max-failures",
+            "0",
+            "--weights",
+            str(weights),
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 1 and "training stopped: the training loss became nan" in error, error
     assert not (out / run_layout.MODEL).exists() and not run_layout.is_complete(out)
-
 
 
 def test_a_face_scored_nan_gets_an_error_not_a_blank_label():

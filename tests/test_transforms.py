@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import MEAN, STD
 from PIL import Image
 
-from conftest import MEAN, STD
 from gendertune.models import EvalPreprocess, FramingShift, TrainAugment
 from gendertune.models.transforms import MAX_BORDER
-
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -84,9 +83,7 @@ def test_train_augment_is_per_sample_and_seeded():
 
 def test_train_augment_flips_some_samples_only():
     faces = _faces(64, 32)
-    out = TrainAugment(image_size=32, mean=MEAN, std=STD, hflip=0.5)(
-        faces, generator=torch.Generator().manual_seed(0)
-    )
+    out = TrainAugment(image_size=32, mean=MEAN, std=STD, hflip=0.5)(faces, generator=torch.Generator().manual_seed(0))
     plain = EvalPreprocess(image_size=32, mean=MEAN, std=STD)(faces)
     same = (out == plain).flatten(1).all(1)
     flipped = (out == plain.flip(-1)).flatten(1).all(1)
@@ -108,7 +105,8 @@ def test_zoom_goes_both_ways_and_pads_with_the_mean_colour():
     zooming in keeps it filling the frame; both happen within one batch."""
     faces = torch.full((64, 32, 32, 3), 255, dtype=torch.uint8)
     out = TrainAugment(image_size=32, mean=MEAN, std=STD, hflip=0.0, zoom=1.0)(
-        faces, generator=torch.Generator().manual_seed(0))
+        faces, generator=torch.Generator().manual_seed(0)
+    )
     bright = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
     corner_is_fill = (out[:, :, 0, 0].abs() < 1e-5).all(1)
     corner_is_bright = torch.isclose(out[:, :, 0, 0], bright.view(1, 3), atol=1e-4).all(1)
@@ -120,7 +118,8 @@ def test_translate_moves_the_image_within_its_bound():
     faces = torch.zeros((32, 40, 40, 3), dtype=torch.uint8)
     faces[:, 18:22, 18:22] = 255  # a dot in the middle
     out = TrainAugment(image_size=40, mean=MEAN, std=STD, hflip=0.0, translate=0.25)(
-        faces, generator=torch.Generator().manual_seed(0))
+        faces, generator=torch.Generator().manual_seed(0)
+    )
     brightest = out[:, 0].flatten(1).argmax(1)
     rows, cols = brightest // 40, brightest % 40
     offsets = torch.stack([rows - 19.5, cols - 19.5]).abs()
@@ -130,7 +129,8 @@ def test_translate_moves_the_image_within_its_bound():
 def test_random_border_fills_outside_a_box_that_keeps_the_centre():
     faces = _faces(64, 40)
     out = TrainAugment(image_size=40, mean=MEAN, std=STD, hflip=0.0, random_border=1.0)(
-        faces, generator=torch.Generator().manual_seed(0))
+        faces, generator=torch.Generator().manual_seed(0)
+    )
     plain = EvalPreprocess(image_size=40, mean=MEAN, std=STD)(faces)
     changed = (out != plain).any(1)  # N x H x W
     assert (out.masked_select(changed[:, None].expand_as(out)) == 0).all()  # changed pixels are the fill
@@ -138,7 +138,8 @@ def test_random_border_fills_outside_a_box_that_keeps_the_centre():
     assert not changed[:, keep, keep].any()  # never inside the central box
     assert changed.flatten(1).any(1).float().mean() > 0.9
     half = TrainAugment(image_size=40, mean=MEAN, std=STD, hflip=0.0, random_border=0.5)(
-        faces, generator=torch.Generator().manual_seed(0))
+        faces, generator=torch.Generator().manual_seed(0)
+    )
     assert 16 < int((half != plain).flatten(1).any(1).sum()) < 48
 
 

@@ -16,12 +16,11 @@ import threading
 import pytest
 import torch
 import torchvision
+from conftest import free_port
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from conftest import free_port
 from gendertune.models import WeightsError, WeightsNotFoundError, build_model, get_spec, hub_weights_path
 from gendertune.models.weights import WEIGHTS_MIRROR_ENV, download_weights, fetch_hub_weights, hub_weights_url
-
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -106,8 +105,9 @@ def test_weights_are_downloaded_into_the_cache_with_their_hash_checked(tmp_path,
     assert sorted(p.name for p in cache.iterdir()) == [named.name]  # no partial file left behind
 
 
-def test_pretrained_fetches_from_a_mirror_and_offline_says_what_to_do(tmp_path, monkeypatch, weights_server,
-                                                                     imagenet_resnet18, capsys):
+def test_pretrained_fetches_from_a_mirror_and_offline_says_what_to_do(
+    tmp_path, monkeypatch, weights_server, imagenet_resnet18, capsys
+):
     folder, url = weights_server
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv(WEIGHTS_MIRROR_ENV, url)
@@ -189,9 +189,7 @@ def test_vit_position_embeddings_interpolated_from_224(tmp_path, vit_min_size):
     state["heads.head.bias"] = torch.randn(1000)
     path = tmp_path / "vit_224.pth"
     torch.save(state, path)
-    expected = interpolate_embeddings(
-        32, 16, {"encoder.pos_embedding": state["encoder.pos_embedding"]}
-    )
+    expected = interpolate_embeddings(32, 16, {"encoder.pos_embedding": state["encoder.pos_embedding"]})
 
     loaded = build_model("vit_b_16", image_size=32, weights_path=str(path)).eval()
     assert loaded.encoder.pos_embedding.shape == (1, 2 * 2 + 1, 768)

@@ -22,12 +22,11 @@ import re
 import tomllib
 import types
 import typing
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 from gendertune.base.errors import UserInputError
-
 
 # Every stage's section name; a config file section outside this list is a typo.
 SECTIONS = ("prep", "train", "search", "compare")
@@ -69,9 +68,18 @@ class Bounds:
 SEED_BOUNDS = "[0, 4294967295]"
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, flag: bool | str = True,
-            names: Sequence[str] = (), exclusive: str = "", repeat: bool = False, metavar: str = "",
-            bounds: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flag: bool | str = True,
+    names: Sequence[str] = (),
+    exclusive: str = "",
+    repeat: bool = False,
+    metavar: str = "",
+    bounds: str = "",
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
     """A config field with its help text: `lr: float = setting(1e-3, help="peak learning rate", bounds="(0, 10)")`.
 
     flag: True = also a command-line flag, --kebab-case of the field's name; a string = the flag's
@@ -80,8 +88,15 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, flag: bool | str =
     tuple given by repeating the flag (NAME=DIR sets) rather than as comma-separated values.
     bounds: the interval a number (or each number of a tuple) must lie in, checked before validate.
     """
-    metadata = {"help": help, "flag": flag, "names": tuple(names), "exclusive": exclusive, "repeat": repeat,
-                "metavar": metavar, "bounds": Bounds.parse(bounds) if bounds else None}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "names": tuple(names),
+        "exclusive": exclusive,
+        "repeat": repeat,
+        "metavar": metavar,
+        "bounds": Bounds.parse(bounds) if bounds else None,
+    }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -101,7 +116,7 @@ def load_config_file(path: str | Path) -> dict[str, dict[str, Any]]:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from err
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError(f"config file {path}: expected sections like {{\"prep\": {{...}}}}")
+        raise ConfigError(f'config file {path}: expected sections like {{"prep": {{...}}}}')
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"config file {path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
@@ -202,15 +217,12 @@ class StageConfig:
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ConfigError(
-                f"{source}: unknown {cls.section} setting(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(fields))}"
+                f"{source}: unknown {cls.section} setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
             )
         missing = [
             f.name
             for f in dataclasses.fields(cls)
-            if f.name not in values
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
+            if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
         if missing:
             raise ConfigError(f"{source}: {cls.section} needs {', '.join(missing)}")

@@ -38,8 +38,14 @@ def shown_default(value: Any) -> str:
     return str(value)
 
 
-def add_flags(parser: argparse.ArgumentParser, config: type[StageConfig], *,
-              only: Collection[str] | None = None, skip: Collection[str] = (), required: Collection[str] = ()) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    config: type[StageConfig],
+    *,
+    only: Collection[str] | None = None,
+    skip: Collection[str] = (),
+    required: Collection[str] = (),
+) -> None:
     """One option per flag field of `config` (those named in `only`, less those in `skip`); the
     fields in `required` must be given."""
     hints = typing.get_type_hints(config)
@@ -52,8 +58,14 @@ def add_flags(parser: argparse.ArgumentParser, config: type[StageConfig], *,
             if group not in exclusive:
                 exclusive[group] = parser.add_mutually_exclusive_group()
             target = exclusive[group]
-        target.add_argument(flag_name(field), dest=field.name, default=None, help=_help(field),
-                            required=field.name in required, **_parsing(config, field, hints[field.name]))
+        target.add_argument(
+            flag_name(field),
+            dest=field.name,
+            default=None,
+            help=_help(field),
+            required=field.name in required,
+            **_parsing(config, field, hints[field.name]),
+        )
 
 
 def overrides(args: argparse.Namespace, config: type[StageConfig]) -> dict[str, Any]:
@@ -67,8 +79,11 @@ def _help(field: dataclasses.Field) -> str:
         notes.append("known: " + ", ".join(names))
     # A switch's default says itself (--x is off unless given; --x/--no-x shows both), and an empty
     # default (a path to give, an unset option) says nothing.
-    if field.default is not dataclasses.MISSING and not isinstance(field.default, bool) \
-            and field.default not in (None, "", ()):
+    if (
+        field.default is not dataclasses.MISSING
+        and not isinstance(field.default, bool)
+        and field.default not in (None, "", ())
+    ):
         notes.append(f"default {shown_default(field.default)}")
     text = field.metadata["help"] + (f" ({'; '.join(notes)})" if notes else "")
     return text.replace("%", "%%")  # argparse formats help with %

@@ -25,9 +25,7 @@ DPI = 120
 
 
 @contextlib.contextmanager
-def _figure(
-    path: str | Path, *, ncols: int = 1, size: tuple[float, float] = (6.4, 4.4)
-) -> Iterator[list[Axes]]:
+def _figure(path: str | Path, *, ncols: int = 1, size: tuple[float, float] = (6.4, 4.4)) -> Iterator[list[Axes]]:
     """Yield a row of `ncols` axes; on a clean exit save the figure to `path` as PNG."""
     fig = Figure(figsize=size, layout="constrained")
     axes = list(fig.subplots(1, ncols, squeeze=False)[0])
@@ -43,9 +41,7 @@ def _epoch_axis(ax: Axes) -> None:
     ax.grid(alpha=0.3)
 
 
-def _per_epoch(
-    history: pd.DataFrame, path: str | Path, columns: Mapping[str, str], ylabel: str
-) -> Path:
+def _per_epoch(history: pd.DataFrame, path: str | Path, columns: Mapping[str, str], ylabel: str) -> Path:
     missing = {"epoch", *columns} - set(history.columns)
     if missing:
         raise ValueError(f"history lacks column(s) {sorted(missing)}")
@@ -80,8 +76,7 @@ def _draw_confusion(ax: Axes, cm: Any, class_names: Sequence[str], title: str | 
     ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     for (row, col), count in np.ndenumerate(counts):
         colour = "white" if shares[row, col] > 0.5 else "black"
-        ax.text(col, row, f"{count:,}\n{shares[row, col]:.1%}", ha="center", va="center",
-                color=colour)
+        ax.text(col, row, f"{count:,}\n{shares[row, col]:.1%}", ha="center", va="center", color=colour)
     ticks = range(len(class_names))
     ax.set_xticks(ticks, class_names)
     ax.set_yticks(ticks, class_names)
@@ -134,8 +129,9 @@ def plot_class_distribution(
     return Path(path)
 
 
-def plot_accuracy_with_ci(rows: Sequence[Mapping[str, Any]], path: str | Path, *,
-                          xlabel: str = "test accuracy (95% Wilson CI)") -> Path:
+def plot_accuracy_with_ci(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, *, xlabel: str = "test accuracy (95% Wilson CI)"
+) -> Path:
     """Horizontal bars of test accuracy with 95% CI error bars, best model on top.
 
     Each row needs keys model, accuracy, ci_lo, ci_hi.
@@ -175,18 +171,23 @@ def plot_accuracy_vs_speed(rows: Sequence[Mapping[str, Any]], path: str | Path) 
     with _figure(path) as (ax,):
         for row in rows:
             ax.scatter(row["images_per_s"], row["accuracy"])
-            ax.annotate(row["model"], (row["images_per_s"], row["accuracy"]),
-                        textcoords="offset points", xytext=(5, 5))
+            ax.annotate(row["model"], (row["images_per_s"], row["accuracy"]), textcoords="offset points", xytext=(5, 5))
         ax.set_xscale("log")
         ax.margins(0.2)  # room for the labels of the outermost points
-        ax.set(xlabel="inference throughput (images/s, log scale)", ylabel="test accuracy",
-               title="accuracy vs speed")
+        ax.set(xlabel="inference throughput (images/s, log scale)", ylabel="test accuracy", title="accuracy vs speed")
         ax.grid(alpha=0.3, which="both")
     return Path(path)
 
 
-def plot_mistakes(mistakes: pd.DataFrame, images: Sequence[np.ndarray], path: str | Path, *,
-                  class_names: Sequence[str], title: str, columns: int = 8) -> Path:
+def plot_mistakes(
+    mistakes: pd.DataFrame,
+    images: Sequence[np.ndarray],
+    path: str | Path,
+    *,
+    class_names: Sequence[str],
+    title: str,
+    columns: int = 8,
+) -> Path:
     """A grid of images (uint8 H x W x 3), each captioned true -> predicted (confidence); rows of
     `mistakes` need label and prob_positive. With no mistakes the figure says so."""
     rows = max(1, -(-len(images) // columns))
@@ -212,7 +213,9 @@ def plot_reliability(predictions: Mapping[str, pd.DataFrame], path: str | Path, 
     """Reliability diagrams before and after temperature scaling, a line per model: the share of
     label 1 against the predicted P(label 1) (columns label, prob_uncalibrated, prob_positive)."""
     with _figure(path, ncols=2, size=(10, 4.4)) as axes:
-        for ax, column, title in zip(axes, ("prob_uncalibrated", "prob_positive"), ("before calibration", "after temperature scaling")):
+        for ax, column, title in zip(
+            axes, ("prob_uncalibrated", "prob_positive"), ("before calibration", "after temperature scaling")
+        ):
             ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
             for name, table in predictions.items():
                 known = table.dropna(subset=[column])
@@ -232,7 +235,12 @@ def plot_slice_accuracy(reports: Mapping[str, Mapping[str, Mapping]], path: str 
     models = list(reports)
     with _figure(path, ncols=len(sets), size=(6.4 * len(sets), 1.5 + 0.32 * most * max(1, len(models)) ** 0.5)) as axes:
         for ax, name in zip(axes, sets):
-            rows = [(model, row) for model in models for row in reports[model].get(name, {}).get("slices", []) if row["ranked"]]
+            rows = [
+                (model, row)
+                for model in models
+                for row in reports[model].get(name, {}).get("slices", [])
+                if row["ranked"]
+            ]
             by_slice: dict[str, list[float]] = {}
             for _, row in rows:
                 by_slice.setdefault(f"{row['column']}={row['value']}", []).append(row["accuracy"])
@@ -243,7 +251,9 @@ def plot_slice_accuracy(reports: Mapping[str, Mapping[str, Mapping]], path: str 
                 ys = [i + (offset - (len(models) - 1) / 2) * height for i, key in enumerate(shown) if key in found]
                 picked = [found[key] for key in shown if key in found]
                 accuracy = np.array([r["accuracy"] for r in picked])
-                errors = np.array([[a - r["ci95"][0], r["ci95"][1] - a] for a, r in zip(accuracy, picked)]).reshape(-1, 2)
+                errors = np.array([[a - r["ci95"][0], r["ci95"][1] - a] for a, r in zip(accuracy, picked)]).reshape(
+                    -1, 2
+                )
                 ax.errorbar(accuracy, ys, xerr=errors.T, fmt="o", capsize=3, label=model)
             ax.set_yticks(range(len(shown)), [f"{key} (n={_slice_n(reports, name, key)})" for key in shown], fontsize=8)
             ax.set(xlabel="accuracy (95% Wilson CI)", title=f"{name}: the {len(shown)} hardest slices")

@@ -19,8 +19,11 @@ class CompareConfig(StageConfig):
     out: str = setting("", help="comparison folder or object-store URI (s3://, gs://)")
     models: tuple[str, ...] = setting(DEFAULT_MODELS, help="comma-separated models", names=list_models())
     resume: bool = setting(False, help="continue an interrupted comparison in --out")
-    ensemble_k: int = setting(0, help="the ensemble row's members: the top K models; 0 = every model within the "
-                              "leader's 95% CI", bounds="[0, inf)")
+    ensemble_k: int = setting(
+        0,
+        help="the ensemble row's members: the top K models; 0 = every model within the leader's 95% CI",
+        bounds="[0, inf)",
+    )
 
     def validate(self) -> None:
         if not self.data or not self.out:
@@ -32,4 +35,6 @@ class CompareConfig(StageConfig):
         if len(set(self.models)) != len(self.models):
             raise ConfigError(f"compare.models: {', '.join(self.models)} names a model twice")
         if self.ensemble_k < 0 or self.ensemble_k == 1:
-            raise ConfigError(f"compare.ensemble_k: 0 (the models within the leader's CI) or at least 2, got {self.ensemble_k}")
+            raise ConfigError(
+                f"compare.ensemble_k: 0 (the models within the leader's CI) or at least 2, got {self.ensemble_k}"
+            )

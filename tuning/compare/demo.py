@@ -20,11 +20,11 @@ from gendertune.data_prep import celeba, layout
 from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.pipeline import run_prep
 from gendertune.data_prep.synthetic import make_sample
-from gendertune.tuning.compare.run import run_compare
 from gendertune.tuning.compare.config import DEFAULT_MODELS, CompareConfig
+from gendertune.tuning.compare.leaderboard import format_table
+from gendertune.tuning.compare.run import run_compare
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.train.config import TrainConfig
-from gendertune.tuning.compare.leaderboard import format_table
 
 SAMPLE_IMAGES, SAMPLE_PEOPLE = 800, 400
 IMAGE_SIZE = 32
@@ -44,13 +44,22 @@ def run_demo(*, out: str, data: str | None = None, labels: str | None = None) ->
     prep_out = root / "prep"
     if not (prep_out / layout.MANIFEST).is_file():
         has_identity = (Path(data) / celeba.IDENTITY_FILE).is_file()
-        run_prep(PrepConfig.from_dict({
-            "data": data, "labels": labels, "out": str(prep_out), "image_size": IMAGE_SIZE,
-            "split": "identity" if has_identity else "random", "ratios": [0.7, 0.15, 0.15],
-        }))
+        run_prep(
+            PrepConfig.from_dict(
+                {
+                    "data": data,
+                    "labels": labels,
+                    "out": str(prep_out),
+                    "image_size": IMAGE_SIZE,
+                    "split": "identity" if has_identity else "random",
+                    "ratios": [0.7, 0.15, 0.15],
+                }
+            )
+        )
     compare_out = str(root / "compare")
-    base = TrainConfig.from_dict({"data": str(prep_out), "out": compare_out, "epochs": EPOCHS, "batch_size": BATCH_SIZE,
-                                  "deterministic": True})
+    base = TrainConfig.from_dict(
+        {"data": str(prep_out), "out": compare_out, "epochs": EPOCHS, "batch_size": BATCH_SIZE, "deterministic": True}
+    )
     table = run_compare(
         CompareConfig.from_dict({"data": str(prep_out), "out": compare_out, "models": list(MODELS), "resume": True}),
         SearchConfig.from_dict({"trials": TRIALS, "retrain_challenger": False}),

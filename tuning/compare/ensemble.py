@@ -46,8 +46,15 @@ def mean_probability(run_dirs: list[str], file: str, key: str) -> pd.DataFrame:
     return pd.DataFrame({key: joined[key], "label": joined["label"], "prob_positive": probs.mean(axis=1, skipna=False)})
 
 
-def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], eval_sets: list[str],
-                   test_groups: pd.DataFrame | None, eval_groups: dict[str, pd.DataFrame]) -> dict:
+def write_ensemble(
+    out: Path,
+    members: pd.DataFrame,
+    *,
+    class_names: list[str],
+    eval_sets: list[str],
+    test_groups: pd.DataFrame | None,
+    eval_groups: dict[str, pd.DataFrame],
+) -> dict:
     """Score the ensemble of `members` (leaderboard rows with a local run_dir) into out/ensemble;
     returns its metrics, in metrics.json's form."""
     folder = out / FOLDER
@@ -64,18 +71,23 @@ def write_ensemble(out: Path, members: pd.DataFrame, *, class_names: list[str], 
         write_text_atomic(folder / run_layout.eval_predictions(name), scored.to_csv(index=False))
         metrics["eval_sets"][name] = _score(scored, class_names)
         if name in eval_groups:
-            metrics.setdefault("slices", {})[name] = slices_of(scored, eval_groups[name], key="path", class_names=class_names)
-    metrics.update({
-        "members": members["model"].tolist(),
-        "params": int(members["params"].sum()),
-        # Every member looks at every image: the times add up.
-        "inference_images_per_s": float(1 / (1 / members["inference_images_per_s"]).sum()),
-    })
+            metrics.setdefault("slices", {})[name] = slices_of(
+                scored, eval_groups[name], key="path", class_names=class_names
+            )
+    metrics.update(
+        {
+            "members": members["model"].tolist(),
+            "params": int(members["params"].sum()),
+            # Every member looks at every image: the times add up.
+            "inference_images_per_s": float(1 / (1 / members["inference_images_per_s"]).sum()),
+        }
+    )
     write_json_atomic(folder / run_layout.METRICS, metrics)
     return metrics
 
 
 def _score(table: pd.DataFrame, class_names: list[str]) -> dict:
     # The members' probabilities were calibrated already; the mean is what the ensemble outputs.
-    return evaluate_predictions(table["label"], table["prob_positive"].to_numpy(dtype=np.float64),
-                                class_names=tuple(class_names))
+    return evaluate_predictions(
+        table["label"], table["prob_positive"].to_numpy(dtype=np.float64), class_names=tuple(class_names)
+    )

@@ -28,7 +28,11 @@ ACCURACY_CI, ACCURACY_VS_SPEED = "accuracy_ci.png", "accuracy_vs_speed.png"
 CONFUSION_MATRICES, HISTORIES = "confusion_matrices.png", "accuracy_per_epoch.png"
 SLICE_ACCURACY, RELIABILITY = "slice_accuracy.png", "reliability.png"
 SEARCH_HISTORY, SEARCH_INTERMEDIATE, SEARCH_IMPORTANCE, LR_CURVE = (
-    "search_history.png", "search_intermediate.png", "search_importance.png", "search_lr_range.png")
+    "search_history.png",
+    "search_intermediate.png",
+    "search_importance.png",
+    "search_lr_range.png",
+)
 
 
 def model_dir(out: Path, model: str) -> Path:

@@ -18,31 +18,74 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gendertune.cluster import storage
 from gendertune.base.errors import MissingInputError, UserInputError
+from gendertune.base.plots import (
+    plot_accuracy_vs_speed,
+    plot_accuracy_with_ci,
+    plot_confusion_matrices,
+    plot_histories,
+    plot_reliability,
+    plot_slice_accuracy,
+)
+from gendertune.cluster import storage
 from gendertune.cluster.environment import write_environment
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.models.registry import get_spec
 from gendertune.tuning.compare import layout
+from gendertune.tuning.compare.layout import CSV, JSON, MD  # noqa: F401  (re-exported: readers name them here)
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.metrics import mcnemar_test
-from gendertune.base.plots import plot_accuracy_vs_speed, plot_accuracy_with_ci, plot_confusion_matrices, plot_histories, plot_reliability, plot_slice_accuracy
 
-from gendertune.tuning.compare.layout import CSV, JSON, MD  # noqa: F401  (re-exported: readers name them here)
 # Fixed columns; per-class columns (named after the prep's classes) and per-eval-set columns
 # (acc_<NAME>, ...) come after them, in the order the rows name them.
 COLUMNS = [
-    "rank", "model", "kind", "status", "accuracy", "ci95_low", "ci95_high", "majority_rate", "macro_f1", "roc_auc",
-    "ece", "ece_calibrated", "temperature", "worst_slice", "worst_slice_acc", "class_recall_gap",
-    "params", "train_seconds", "search_seconds", "inference_images_per_s", "trials_run", "trials_pruned", "best_epoch",
-    "best_val_acc", "user_config", "val_gain_vs_user", "final_epochs", "mcnemar_p_vs_leader", "mcnemar_b", "mcnemar_c",
-    "test_images", "best_params",
+    "rank",
+    "model",
+    "kind",
+    "status",
+    "accuracy",
+    "ci95_low",
+    "ci95_high",
+    "majority_rate",
+    "macro_f1",
+    "roc_auc",
+    "ece",
+    "ece_calibrated",
+    "temperature",
+    "worst_slice",
+    "worst_slice_acc",
+    "class_recall_gap",
+    "params",
+    "train_seconds",
+    "search_seconds",
+    "inference_images_per_s",
+    "trials_run",
+    "trials_pruned",
+    "best_epoch",
+    "best_val_acc",
+    "user_config",
+    "val_gain_vs_user",
+    "final_epochs",
+    "mcnemar_p_vs_leader",
+    "mcnemar_b",
+    "mcnemar_c",
+    "test_images",
+    "best_params",
 ]
 LAST_COLUMNS = ["members", "note", "run_dir", "error"]
 # The columns each eval set NAME adds ({} = NAME), besides recall_<Class>_NAME: metric_columns and
 # _test_against_leader write them, report.py lays out its per-set tables by them.
-EVAL_SET_COLUMNS = ("acc_{}", "acc_{}_ci95_low", "acc_{}_ci95_high", "macro_f1_{}", "ece_calibrated_{}",
-                    "worst_slice_{}", "worst_slice_acc_{}", "class_recall_gap_{}", "mcnemar_p_vs_leader_{}")
+EVAL_SET_COLUMNS = (
+    "acc_{}",
+    "acc_{}_ci95_low",
+    "acc_{}_ci95_high",
+    "macro_f1_{}",
+    "ece_calibrated_{}",
+    "worst_slice_{}",
+    "worst_slice_acc_{}",
+    "class_recall_gap_{}",
+    "mcnemar_p_vs_leader_{}",
+)
 # What every leaderboard has had, old ones included (readers fill in the rest): a CSV without
 # them is not one.
 REQUIRED_COLUMNS = ["rank", "model", "status", "accuracy", "ci95_low", "ci95_high", "error"]
@@ -52,10 +95,18 @@ def metric_columns(metrics: dict) -> dict:
     """The leaderboard's columns from one metrics.json: test metrics, calibration, slices of the
     test split, and per eval set its accuracy with CI, macro F1, ECE and worst slice."""
     row = {
-        "accuracy": metrics["accuracy"], "ci95_low": metrics["accuracy_ci95"][0], "ci95_high": metrics["accuracy_ci95"][1],
-        "majority_rate": metrics["majority_rate"], "macro_f1": metrics["macro_f1"], "roc_auc": metrics["roc_auc"],
-        "ece": metrics["ece"], "ece_calibrated": metrics.get("ece_calibrated"), "temperature": metrics.get("temperature"),
-        "params": metrics["params"], "inference_images_per_s": metrics["inference_images_per_s"], "test_images": metrics["n"],
+        "accuracy": metrics["accuracy"],
+        "ci95_low": metrics["accuracy_ci95"][0],
+        "ci95_high": metrics["accuracy_ci95"][1],
+        "majority_rate": metrics["majority_rate"],
+        "macro_f1": metrics["macro_f1"],
+        "roc_auc": metrics["roc_auc"],
+        "ece": metrics["ece"],
+        "ece_calibrated": metrics.get("ece_calibrated"),
+        "temperature": metrics.get("temperature"),
+        "params": metrics["params"],
+        "inference_images_per_s": metrics["inference_images_per_s"],
+        "test_images": metrics["n"],
     }
     for name, scores in metrics["per_class"].items():
         for key in ("precision", "recall", "f1"):
@@ -63,9 +114,15 @@ def metric_columns(metrics: dict) -> dict:
     slices = metrics.get("slices", {})
     row.update(_slice_columns(slices.get("test"), ""))
     for name, scores in metrics.get("eval_sets", {}).items():
-        row.update({f"acc_{name}": scores["accuracy"], f"acc_{name}_ci95_low": scores["accuracy_ci95"][0],
-                    f"acc_{name}_ci95_high": scores["accuracy_ci95"][1], f"macro_f1_{name}": scores["macro_f1"],
-                    f"ece_calibrated_{name}": scores.get("ece_calibrated")})
+        row.update(
+            {
+                f"acc_{name}": scores["accuracy"],
+                f"acc_{name}_ci95_low": scores["accuracy_ci95"][0],
+                f"acc_{name}_ci95_high": scores["accuracy_ci95"][1],
+                f"macro_f1_{name}": scores["macro_f1"],
+                f"ece_calibrated_{name}": scores.get("ece_calibrated"),
+            }
+        )
         row.update({f"recall_{cls}_{name}": value["recall"] for cls, value in scores["per_class"].items()})
         row.update(_slice_columns(slices.get(name), f"_{name}"))
     return row
@@ -74,8 +131,11 @@ def metric_columns(metrics: dict) -> dict:
 def _slice_columns(report: dict | None, suffix: str) -> dict:
     if not report:
         return {}
-    return {f"worst_slice{suffix}": report["worst_slice"], f"worst_slice_acc{suffix}": report["worst_slice_acc"],
-            f"class_recall_gap{suffix}": report["class_recall_gap"]}
+    return {
+        f"worst_slice{suffix}": report["worst_slice"],
+        f"worst_slice_acc{suffix}": report["worst_slice_acc"],
+        f"class_recall_gap{suffix}": report["class_recall_gap"],
+    }
 
 
 def model_row(model: str, metrics: dict, *, run_dir: str, search: dict) -> dict:
@@ -85,26 +145,46 @@ def model_row(model: str, metrics: dict, *, run_dir: str, search: dict) -> dict:
     points the chosen one beat it (NaN where no challenger was compared)."""
     trials = search.get("trials") or []
     return {
-        "model": model, "kind": "model", "status": "ok", **metric_columns(metrics),
+        "model": model,
+        "kind": "model",
+        "status": "ok",
+        **metric_columns(metrics),
         "train_seconds": search.get("final_seconds", metrics["wall_seconds"]),
         "search_seconds": sum((search.get("actual_s") or {}).values()) or float("nan"),
-        "trials_run": len(trials), "trials_pruned": sum(t.get("status") == "pruned" for t in trials),
-        "best_epoch": metrics["best_epoch"], "best_val_acc": metrics["best_val_acc"],
+        "trials_run": len(trials),
+        "trials_pruned": sum(t.get("status") == "pruned" for t in trials),
+        "best_epoch": metrics["best_epoch"],
+        "best_val_acc": metrics["best_val_acc"],
         "user_config": "kept" if search.get("kept") else "replaced",
-        "val_gain_vs_user": search.get("gain", float("nan")), "final_epochs": search.get("final_epochs"),
-        "best_params": search.get("best_params", ""), "note": get_spec(model).note, "run_dir": run_dir, "error": "",
+        "val_gain_vs_user": search.get("gain", float("nan")),
+        "final_epochs": search.get("final_epochs"),
+        "best_params": search.get("best_params", ""),
+        "note": get_spec(model).note,
+        "run_dir": run_dir,
+        "error": "",
     }
 
 
 def ensemble_row(metrics: dict, *, run_dir: str) -> dict:
-    return {"model": "ensemble", "kind": "ensemble", "status": "ok", **metric_columns(metrics),
-            "members": "+".join(metrics["members"]), "run_dir": run_dir, "error": ""}
+    return {
+        "model": "ensemble",
+        "kind": "ensemble",
+        "status": "ok",
+        **metric_columns(metrics),
+        "members": "+".join(metrics["members"]),
+        "run_dir": run_dir,
+        "error": "",
+    }
 
 
 def error_row(model: str, error: BaseException | str) -> dict:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return {"model": model, "kind": "model", "status": "error", "error": f"{type(error).__name__}: {message}"[:500]
-            if isinstance(error, BaseException) else message}
+    return {
+        "model": model,
+        "kind": "model",
+        "status": "error",
+        "error": f"{type(error).__name__}: {message}"[:500] if isinstance(error, BaseException) else message,
+    }
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -117,8 +197,12 @@ def rank_rows(rows: list[dict], *, eval_sets: list[str] = ()) -> pd.DataFrame:
     test split and on each eval set."""
     table = pd.DataFrame(rows).reindex(columns=_columns(rows))
     ok = (table["status"] == "ok").to_numpy()
-    table = table.assign(_failed=~ok).sort_values(["_failed", "accuracy", "macro_f1"], ascending=[True, False, False],
-                                                  kind="stable").drop(columns="_failed").reset_index(drop=True)
+    table = (
+        table.assign(_failed=~ok)
+        .sort_values(["_failed", "accuracy", "macro_f1"], ascending=[True, False, False], kind="stable")
+        .drop(columns="_failed")
+        .reset_index(drop=True)
+    )
     n_ok = int(ok.sum())
     table["rank"] = np.where(np.arange(len(table)) < n_ok, np.arange(1, len(table) + 1), np.nan)
     _test_against_leader(table, range(1, n_ok), eval_sets)
@@ -140,7 +224,8 @@ def _test_against_leader(table: pd.DataFrame, indices, eval_sets: list[str]) -> 
     if not indices:
         return
     for file, key, suffix in [(run_layout.PREDICTIONS, "image_id", "")] + [
-            (run_layout.eval_predictions(name), "path", f"_{name}") for name in eval_sets]:
+        (run_layout.eval_predictions(name), "path", f"_{name}") for name in eval_sets
+    ]:
         leader = _correctness(table.loc[0, "run_dir"], file, key)
         for index in indices:
             joined = leader.join(_correctness(table.loc[index, "run_dir"], file, key), lsuffix="_leader", how="inner")
@@ -162,14 +247,29 @@ def _correctness(run_dir: str, file: str, key: str) -> pd.DataFrame:
 
 
 def eval_set_names(table: pd.DataFrame) -> list[str]:
-    return [c[len("acc_"):-len("_ci95_low")] for c in table.columns if c.startswith("acc_") and c.endswith("_ci95_low")]
+    return [
+        c[len("acc_") : -len("_ci95_low")] for c in table.columns if c.startswith("acc_") and c.endswith("_ci95_low")
+    ]
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     sets = eval_set_names(table)
-    header = ["rank", "model", "test accuracy (95% CI)", *[f"{name} accuracy (95% CI)" for name in sets], "macro F1",
-              "ROC-AUC", "ECE → calibrated", "worst test slice", "class recall gap", "params", "inference img/s",
-              "trials (pruned)", "your configuration", "McNemar p vs #1"]
+    header = [
+        "rank",
+        "model",
+        "test accuracy (95% CI)",
+        *[f"{name} accuracy (95% CI)" for name in sets],
+        "macro F1",
+        "ROC-AUC",
+        "ECE → calibrated",
+        "worst test slice",
+        "class recall gap",
+        "params",
+        "inference img/s",
+        "trials (pruned)",
+        "your configuration",
+        "McNemar p vs #1",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for _, row in table.iterrows():
         if row["status"] != "ok":
@@ -178,26 +278,51 @@ def to_markdown(table: pd.DataFrame) -> str:
         rank = "ens." if row["kind"] == "ensemble" else str(int(row["rank"]))
         name = f"ensemble of {row['members']}" if row["kind"] == "ensemble" else row["model"]
         p_value = "leader" if row["rank"] == 1 else _fmt(row["mcnemar_p_vs_leader"], ".3g")
-        sets_cells = [f"{_fmt(row[f'acc_{n}'])} ({_fmt(row[f'acc_{n}_ci95_low'])}–{_fmt(row[f'acc_{n}_ci95_high'])})"
-                      + ("" if row["rank"] == 1 or pd.isna(row.get(f"mcnemar_p_vs_leader_{n}")) else
-                         f", p {row[f'mcnemar_p_vs_leader_{n}']:.3g}") for n in sets]
+        sets_cells = [
+            f"{_fmt(row[f'acc_{n}'])} ({_fmt(row[f'acc_{n}_ci95_low'])}–{_fmt(row[f'acc_{n}_ci95_high'])})"
+            + (
+                ""
+                if row["rank"] == 1 or pd.isna(row.get(f"mcnemar_p_vs_leader_{n}"))
+                else f", p {row[f'mcnemar_p_vs_leader_{n}']:.3g}"
+            )
+            for n in sets
+        ]
         worst = "n/a" if pd.isna(row["worst_slice"]) else f"{row['worst_slice']} {row['worst_slice_acc']:.4f}"
         trials = "" if pd.isna(row["trials_run"]) else f"{int(row['trials_run'])} ({int(row['trials_pruned'])})"
-        user = "" if pd.isna(row.get("user_config")) else str(row["user_config"]) + (
-            "" if pd.isna(row.get("val_gain_vs_user")) else f" ({100 * row['val_gain_vs_user']:+.1f} pt val)")
-        cells = [rank, name, f"{row['accuracy']:.4f} ({row['ci95_low']:.4f}–{row['ci95_high']:.4f})", *sets_cells,
-                 f"{row['macro_f1']:.4f}", _fmt(row["roc_auc"]), f"{_fmt(row['ece'])} → {_fmt(row['ece_calibrated'])}",
-                 worst, _fmt(row["class_recall_gap"]), f"{row['params'] / 1e6:.1f}M", f"{row['inference_images_per_s']:.0f}",
-                 trials, user, p_value]
+        user = (
+            ""
+            if pd.isna(row.get("user_config"))
+            else str(row["user_config"])
+            + ("" if pd.isna(row.get("val_gain_vs_user")) else f" ({100 * row['val_gain_vs_user']:+.1f} pt val)")
+        )
+        cells = [
+            rank,
+            name,
+            f"{row['accuracy']:.4f} ({row['ci95_low']:.4f}–{row['ci95_high']:.4f})",
+            *sets_cells,
+            f"{row['macro_f1']:.4f}",
+            _fmt(row["roc_auc"]),
+            f"{_fmt(row['ece'])} → {_fmt(row['ece_calibrated'])}",
+            worst,
+            _fmt(row["class_recall_gap"]),
+            f"{row['params'] / 1e6:.1f}M",
+            f"{row['inference_images_per_s']:.0f}",
+            trials,
+            user,
+            p_value,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     ok = table[table["status"] == "ok"]
     if len(ok):
-        lines += ["", f"Test images: {int(ok.iloc[0]['test_images'])}; majority-class rate {ok.iloc[0]['majority_rate']:.4f}. "
-                  "McNemar's test compares each model with the leader on the same images (test split, and each eval "
-                  "set's own p after its accuracy); p ≥ 0.05 means the gap may well be chance. The class recall gap is "
-                  "the difference between the two classes' recall (equal opportunity). Your configuration: kept, or "
-                  "replaced by a challenger that beat it on validation by more than 2 standard errors (the points "
-                  "are the validation difference the search saw)."]
+        lines += [
+            "",
+            f"Test images: {int(ok.iloc[0]['test_images'])}; majority-class rate {ok.iloc[0]['majority_rate']:.4f}. "
+            "McNemar's test compares each model with the leader on the same images (test split, and each eval "
+            "set's own p after its accuracy); p ≥ 0.05 means the gap may well be chance. The class recall gap is "
+            "the difference between the two classes' recall (equal opportunity). Your configuration: kept, or "
+            "replaced by a challenger that beat it on validation by more than 2 standard errors (the points "
+            "are the validation difference the search saw).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -205,9 +330,16 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
-def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.DataFrame], confusion: dict,
-                      slices: dict[str, dict[str, dict]], calibration: dict[str, pd.DataFrame], *,
-                      class_names: list[str]) -> None:
+def write_leaderboard(
+    table: pd.DataFrame,
+    out: Path,
+    histories: dict[str, pd.DataFrame],
+    confusion: dict,
+    slices: dict[str, dict[str, dict]],
+    calibration: dict[str, pd.DataFrame],
+    *,
+    class_names: list[str],
+) -> None:
     """The leaderboard files, then its figures; `slices` is {model: {set: slice report}},
     `calibration` {model: its test predictions}."""
     write_text_atomic(out / CSV, table.to_csv(index=False))
@@ -217,12 +349,24 @@ def write_leaderboard(table: pd.DataFrame, out: Path, histories: dict[str, pd.Da
     ok = table[table["status"] == "ok"]
     if ok.empty:
         return
-    records = ok.rename(columns={"ci95_low": "ci_lo", "ci95_high": "ci_hi", "inference_images_per_s": "images_per_s"}).to_dict("records")
+    records = ok.rename(
+        columns={"ci95_low": "ci_lo", "ci95_high": "ci_hi", "inference_images_per_s": "images_per_s"}
+    ).to_dict("records")
     plot_accuracy_with_ci(records, out / layout.ACCURACY_CI)
     for name in eval_set_names(table):
-        plot_accuracy_with_ci([{**r, "accuracy": r[f"acc_{name}"], "ci_lo": r[f"acc_{name}_ci95_low"],
-                                "ci_hi": r[f"acc_{name}_ci95_high"]} for r in records], out / f"eval_{name}_accuracy_ci.png",
-                              xlabel=f"{name} accuracy (95% CI)")
+        plot_accuracy_with_ci(
+            [
+                {
+                    **r,
+                    "accuracy": r[f"acc_{name}"],
+                    "ci_lo": r[f"acc_{name}_ci95_low"],
+                    "ci_hi": r[f"acc_{name}_ci95_high"],
+                }
+                for r in records
+            ],
+            out / f"eval_{name}_accuracy_ci.png",
+            xlabel=f"{name} accuracy (95% CI)",
+        )
     plot_confusion_matrices(confusion, out / layout.CONFUSION_MATRICES, class_names=class_names)
     plot_histories(histories, out / layout.HISTORIES)
     plot_accuracy_vs_speed(records, out / layout.ACCURACY_VS_SPEED)
@@ -239,18 +383,42 @@ def read_leaderboard(out: str | Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(io.BytesIO(storage.read_bytes(path)), keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserInputError(f"{path} is not a readable CSV ({err}); re-run `gendertune compare --resume --out {out}`") from None
+        raise UserInputError(
+            f"{path} is not a readable CSV ({err}); re-run `gendertune compare --resume --out {out}`"
+        ) from None
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
-        raise UserInputError(f"{path} is not a leaderboard `gendertune compare` wrote (no {', '.join(missing)}); "
-                             f"re-run `gendertune compare --resume --out {out}`")
+        raise UserInputError(
+            f"{path} is not a leaderboard `gendertune compare` wrote (no {', '.join(missing)}); "
+            f"re-run `gendertune compare --resume --out {out}`"
+        )
     return table
 
 
 def format_table(table: pd.DataFrame) -> str:
-    columns = ["rank", "model", "kind", "status", "accuracy", "ci95_low", "ci95_high",
-               *[f"acc_{name}" for name in eval_set_names(table)], "macro_f1", "roc_auc", "ece", "ece_calibrated",
-               "worst_slice", "worst_slice_acc", "params", "inference_images_per_s", "trials_run", "trials_pruned",
-               "user_config", "val_gain_vs_user", "mcnemar_p_vs_leader", "error"]
+    columns = [
+        "rank",
+        "model",
+        "kind",
+        "status",
+        "accuracy",
+        "ci95_low",
+        "ci95_high",
+        *[f"acc_{name}" for name in eval_set_names(table)],
+        "macro_f1",
+        "roc_auc",
+        "ece",
+        "ece_calibrated",
+        "worst_slice",
+        "worst_slice_acc",
+        "params",
+        "inference_images_per_s",
+        "trials_run",
+        "trials_pruned",
+        "user_config",
+        "val_gain_vs_user",
+        "mcnemar_p_vs_leader",
+        "error",
+    ]
     shown = table[columns].astype({"rank": "Int64", "params": "Int64", "trials_run": "Int64", "trials_pruned": "Int64"})
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")

@@ -27,8 +27,8 @@ from typing import Any
 
 from gendertune.cluster.storage import write_text_atomic
 from gendertune.tuning.compare import layout
-from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.compare.leaderboard import EVAL_SET_COLUMNS, read_leaderboard
+from gendertune.tuning.evaluate import run_layout
 
 REPORT = layout.REPORT
 TEST_SET = "test"
@@ -90,8 +90,10 @@ def write_report(out: str | Path) -> Path:
     """
     out = Path(out)
     table = read_leaderboard(out)
-    rows = [{key: (None if _missing(value) else value) for key, value in record.items()}
-            for record in table.to_dict("records")]
+    rows = [
+        {key: (None if _missing(value) else value) for key, value in record.items()}
+        for record in table.to_dict("records")
+    ]
     runs = [_Run.read(layout.model_dir(out, str(row["model"])), row) for row in rows]
     eval_sets = _eval_sets(table.columns, runs)
     sections = [
@@ -105,8 +107,9 @@ def write_report(out: str | Path) -> Path:
     ]
     present = [(title, anchor, body) for title, anchor, body in sections if body]
     nav = "".join(f'<a href="#{anchor}">{_esc(title)}</a>' for title, anchor, _ in present[1:])
-    body = "".join(f'<section id="{anchor}"><h2>{_esc(title)}</h2>{content}</section>'
-                   for title, anchor, content in present)
+    body = "".join(
+        f'<section id="{anchor}"><h2>{_esc(title)}</h2>{content}</section>' for title, anchor, content in present
+    )
     title = f"Model comparison: {out.absolute().name}"
     page = (
         "<!DOCTYPE html>\n"
@@ -136,8 +139,13 @@ class _Run:
 
     @classmethod
     def read(cls, folder: Path, row: dict) -> _Run:
-        return cls(str(row["model"]), row, folder, _read_json(folder / run_layout.METRICS),
-                   _read_json(folder / layout.SEARCH_SUMMARY))
+        return cls(
+            str(row["model"]),
+            row,
+            folder,
+            _read_json(folder / run_layout.METRICS),
+            _read_json(folder / layout.SEARCH_SUMMARY),
+        )
 
     def value(self, key: str) -> Any:
         """The leaderboard's column `key`, else metrics.json's (older leaderboards lack some)."""
@@ -153,8 +161,10 @@ class _Run:
 def _context(runs: Sequence[_Run], eval_sets: Sequence[str]) -> str:
     failed = sum(_failed(run) for run in runs)
     ensembles = sum(run.row.get("kind") == "ensemble" for run in runs)
-    parts = [f"{len(runs)} model{'s' if len(runs) != 1 else ''}"
-             + (f" (incl. {ensembles} ensemble{'s' if ensembles != 1 else ''})" if ensembles else "")]
+    parts = [
+        f"{len(runs)} model{'s' if len(runs) != 1 else ''}"
+        + (f" (incl. {ensembles} ensemble{'s' if ensembles != 1 else ''})" if ensembles else "")
+    ]
     scored = next((run for run in runs if _number(run.row.get("test_images")) is not None), None)
     if scored:
         line = f"compared on {_integer(scored.row['test_images'])} test images"
@@ -193,22 +203,46 @@ def _leaderboard_columns(eval_sets: Sequence[str]) -> list[_Column]:
         _Column("#", True, ("rank",), rank),
         _Column("model", False, ("model",), lambda r: str(r["model"])),
         _Column("kind", False, ("kind",), lambda r: _text(r.get("kind"))),
-        _Column("test accuracy (95% CI)", True, ("accuracy", "ci95_low", "ci95_high"),
-                lambda r: _with_ci(r.get("accuracy"), r.get("ci95_low"), r.get("ci95_high"))),
-        *(_Column(f"{name} accuracy (95% CI)", True, (f"acc_{name}", f"acc_{name}_ci95_low", f"acc_{name}_ci95_high"),
-                  accuracy(f"acc_{name}")) for name in eval_sets),
+        _Column(
+            "test accuracy (95% CI)",
+            True,
+            ("accuracy", "ci95_low", "ci95_high"),
+            lambda r: _with_ci(r.get("accuracy"), r.get("ci95_low"), r.get("ci95_high")),
+        ),
+        *(
+            _Column(
+                f"{name} accuracy (95% CI)",
+                True,
+                (f"acc_{name}", f"acc_{name}_ci95_low", f"acc_{name}_ci95_high"),
+                accuracy(f"acc_{name}"),
+            )
+            for name in eval_sets
+        ),
         _Column("macro F1", True, ("macro_f1",), lambda r: _decimal(r.get("macro_f1"))),
         _Column(_ROC_AUC, True, ("roc_auc",), lambda r: _decimal(r.get("roc_auc"))),
-        _Column("ECE → calibrated", True, ("ece", "ece_calibrated"),
-                lambda r: _before_after(r.get("ece"), r.get("ece_calibrated"))),
-        _Column("worst slice (acc)", False, ("worst_slice", "worst_slice_acc"),
-                lambda r: _worst_slice(r.get("worst_slice"), r.get("worst_slice_acc"))),
+        _Column(
+            "ECE → calibrated",
+            True,
+            ("ece", "ece_calibrated"),
+            lambda r: _before_after(r.get("ece"), r.get("ece_calibrated")),
+        ),
+        _Column(
+            "worst slice (acc)",
+            False,
+            ("worst_slice", "worst_slice_acc"),
+            lambda r: _worst_slice(r.get("worst_slice"), r.get("worst_slice_acc")),
+        ),
         _Column("class recall gap", True, ("class_recall_gap",), lambda r: _decimal(r.get("class_recall_gap"))),
         _Column("params", True, ("params",), lambda r: _params(r.get("params"))),
-        _Column("inference img/s", True, ("inference_images_per_s",),
-                lambda r: _integer(r.get("inference_images_per_s"))),
-        _Column("trials (pruned)", True, ("trials_run", "trials_pruned"),
-                lambda r: _trials(r.get("trials_run"), r.get("trials_pruned"))),
+        _Column(
+            "inference img/s", True, ("inference_images_per_s",), lambda r: _integer(r.get("inference_images_per_s"))
+        ),
+        _Column(
+            "trials (pruned)",
+            True,
+            ("trials_run", "trials_pruned"),
+            lambda r: _trials(r.get("trials_run"), r.get("trials_pruned")),
+        ),
         _Column("your configuration", False, ("user_config", "val_gain_vs_user"), _user_config),
         _Column("McNemar p vs #1", True, ("mcnemar_p_vs_leader",), p_value),
     ]
@@ -223,9 +257,11 @@ def _user_config(row: dict) -> str:
 def _leaderboard_section(out: Path, columns: list[str], runs: Sequence[_Run], eval_sets: Sequence[str]) -> str:
     # A column is shown when the CSV has it; one that is empty in every row says nothing.
     specs = _leaderboard_columns(eval_sets)
-    shown = [column for column in specs
-             if column.header == "model" or any(run.row.get(source) is not None
-                                                for source in column.sources for run in runs)]
+    shown = [
+        column
+        for column in specs
+        if column.header == "model" or any(run.row.get(source) is not None for source in column.sources for run in runs)
+    ]
     identity = [column for column in shown if column.sources[0] in _IDENTITY_COLUMNS]
     if len(identity) == len(shown) and any(_failed(run) for run in runs):
         shown.append(_Column("error", False, ("error",), lambda r: ""))  # room for the messages
@@ -239,40 +275,69 @@ def _leaderboard_section(out: Path, columns: list[str], runs: Sequence[_Run], ev
             rows.append((_row_attributes(run, model=True), [column.render(run.row) for column in shown]))
     parts = [_table([(c.header, c.numeric) for c in shown], rows, table_id="leaderboard")]
     if any(_number(run.row.get("mcnemar_p_vs_leader")) is not None for run in runs):
-        parts.append('<p class="note">McNemar\'s test compares each model with #1 on the same test images; '
-                     "p ≥ 0.05 means the gap may well be chance.</p>")
+        parts.append(
+            '<p class="note">McNemar\'s test compares each model with #1 on the same test images; '
+            "p ≥ 0.05 means the gap may well be chance.</p>"
+        )
 
-    skipped = ({source for column in specs for source in column.sources} | {"error"} | _SHOWN_ELSEWHERE
-               | {template.format(name) for template in _EVAL_SET_COLUMNS for name in eval_sets})
-    other = [column for column in columns if column not in skipped
-             and not any(column.startswith("recall_") and column.endswith(f"_{name}") for name in eval_sets)]
+    skipped = (
+        {source for column in specs for source in column.sources}
+        | {"error"}
+        | _SHOWN_ELSEWHERE
+        | {template.format(name) for template in _EVAL_SET_COLUMNS for name in eval_sets}
+    )
+    other = [
+        column
+        for column in columns
+        if column not in skipped
+        and not any(column.startswith("recall_") and column.endswith(f"_{name}") for name in eval_sets)
+    ]
     if other:
         extra_rows = [({}, [run.model, *(_cell(name, run.row.get(name)) for name in other)]) for run in runs]
-        parts.append("<details><summary>Other leaderboard columns</summary>"
-                     + _table([("model", False), *((name, True) for name in other)], extra_rows, drop_empty=True)
-                     + "</details>")
-    parts.append(_figures([
-        _figure(out / layout.ACCURACY_CI, "Test accuracy with 95% CI"),
-        _figure(out / layout.ACCURACY_VS_SPEED, "Accuracy against inference throughput"),
-        _figure(out / layout.CONFUSION_MATRICES, "Confusion matrices on test (rows: true class)"),
-        _figure(out / layout.HISTORIES, "Validation accuracy per epoch"),
-    ]))
+        parts.append(
+            "<details><summary>Other leaderboard columns</summary>"
+            + _table([("model", False), *((name, True) for name in other)], extra_rows, drop_empty=True)
+            + "</details>"
+        )
+    parts.append(
+        _figures(
+            [
+                _figure(out / layout.ACCURACY_CI, "Test accuracy with 95% CI"),
+                _figure(out / layout.ACCURACY_VS_SPEED, "Accuracy against inference throughput"),
+                _figure(out / layout.CONFUSION_MATRICES, "Confusion matrices on test (rows: true class)"),
+                _figure(out / layout.HISTORIES, "Validation accuracy per epoch"),
+            ]
+        )
+    )
     return "".join(parts)
 
 
 def _domains_section(out: Path, columns: list[str], runs: Sequence[_Run], eval_sets: Sequence[str]) -> str:
     """A table per evaluation set: metrics.json's numbers, else the leaderboard's NAME columns."""
-    test_classes = [column[len("precision_"):] for column in columns if column.startswith("precision_")]
+    test_classes = [column[len("precision_") :] for column in columns if column.startswith("precision_")]
     parts = []
     for name in eval_sets:
         scored = [run for run in runs if run.eval_set(name) or run.row.get(f"acc_{name}") is not None]
         paired = any(run.row.get(f"mcnemar_p_vs_leader_{name}") is not None for run in runs)
-        classes = _unique([*(key for run in scored for key in _mapping(run.eval_set(name).get("per_class"))),
-                           *(c for c in test_classes if f"recall_{c}_{name}" in columns)])
-        headers = [("model", False), ("images", True), ("accuracy (95% CI)", True), ("macro F1", True),
-                   (_ROC_AUC, True), ("ECE → calibrated", True), *((f"recall {c}", True) for c in classes),
-                   ("worst slice (acc)", False), ("class recall gap", True), ("no prediction", True),
-                   ("McNemar p vs #1", True)]
+        classes = _unique(
+            [
+                *(key for run in scored for key in _mapping(run.eval_set(name).get("per_class"))),
+                *(c for c in test_classes if f"recall_{c}_{name}" in columns),
+            ]
+        )
+        headers = [
+            ("model", False),
+            ("images", True),
+            ("accuracy (95% CI)", True),
+            ("macro F1", True),
+            (_ROC_AUC, True),
+            ("ECE → calibrated", True),
+            *((f"recall {c}", True) for c in classes),
+            ("worst slice (acc)", False),
+            ("class recall gap", True),
+            ("no prediction", True),
+            ("McNemar p vs #1", True),
+        ]
         rows = []
         for run in scored:
             scores, slices = run.eval_set(name), _mapping(_mapping(run.metrics.get("slices")).get(name))
@@ -281,25 +346,45 @@ def _domains_section(out: Path, columns: list[str], runs: Sequence[_Run], eval_s
             p_value = _significant(run.row.get(f"mcnemar_p_vs_leader_{name}"))
             if paired and _number(run.row.get("rank")) == 1:
                 p_value = "leader"
-            rows.append((_row_attributes(run), [
-                run.model, _integer(scores.get("n")),
-                _with_ci(_first(scores.get("accuracy"), run.row.get(f"acc_{name}")),
-                         _first(low, run.row.get(f"acc_{name}_ci95_low")),
-                         _first(high, run.row.get(f"acc_{name}_ci95_high"))),
-                _decimal(_first(scores.get("macro_f1"), run.row.get(f"macro_f1_{name}"))),
-                _decimal(scores.get("roc_auc")),
-                _before_after(scores.get("ece"),
-                              _first(scores.get("ece_calibrated"), run.row.get(f"ece_calibrated_{name}"))),
-                *(_decimal(_first(_mapping(per_class.get(c)).get("recall"), run.row.get(f"recall_{c}_{name}")))
-                  for c in classes),
-                _worst_slice(_first(slices.get("worst_slice"), run.row.get(f"worst_slice_{name}")),
-                             _first(slices.get("worst_slice_acc"), run.row.get(f"worst_slice_acc_{name}"))),
-                _decimal(_first(slices.get("class_recall_gap"), run.row.get(f"class_recall_gap_{name}"))),
-                _integer(scores.get("no_prediction")), p_value,
-            ]))
+            rows.append(
+                (
+                    _row_attributes(run),
+                    [
+                        run.model,
+                        _integer(scores.get("n")),
+                        _with_ci(
+                            _first(scores.get("accuracy"), run.row.get(f"acc_{name}")),
+                            _first(low, run.row.get(f"acc_{name}_ci95_low")),
+                            _first(high, run.row.get(f"acc_{name}_ci95_high")),
+                        ),
+                        _decimal(_first(scores.get("macro_f1"), run.row.get(f"macro_f1_{name}"))),
+                        _decimal(scores.get("roc_auc")),
+                        _before_after(
+                            scores.get("ece"),
+                            _first(scores.get("ece_calibrated"), run.row.get(f"ece_calibrated_{name}")),
+                        ),
+                        *(
+                            _decimal(
+                                _first(_mapping(per_class.get(c)).get("recall"), run.row.get(f"recall_{c}_{name}"))
+                            )
+                            for c in classes
+                        ),
+                        _worst_slice(
+                            _first(slices.get("worst_slice"), run.row.get(f"worst_slice_{name}")),
+                            _first(slices.get("worst_slice_acc"), run.row.get(f"worst_slice_acc_{name}")),
+                        ),
+                        _decimal(_first(slices.get("class_recall_gap"), run.row.get(f"class_recall_gap_{name}"))),
+                        _integer(scores.get("no_prediction")),
+                        p_value,
+                    ],
+                )
+            )
         if rows:
-            parts.append(f"<h3>{_esc(name)}</h3>" + _table(headers, rows, drop_empty=True)
-                         + _figure(out / f"eval_{name}_accuracy_ci.png", f"Accuracy on {name} with 95% CI"))
+            parts.append(
+                f"<h3>{_esc(name)}</h3>"
+                + _table(headers, rows, drop_empty=True)
+                + _figure(out / f"eval_{name}_accuracy_ci.png", f"Accuracy on {name} with 95% CI")
+            )
     return "".join(parts)
 
 
@@ -317,24 +402,48 @@ def _slices_section(out: Path, runs: Sequence[_Run]) -> str:
         for run, report in by_set[name]:
             slices = [s for s in report["slices"] if isinstance(s, dict)]
             classes = _unique(key for s in slices for key in _mapping(s.get("recall")))
-            headers = [("slice", False), ("images", True), ("accuracy (95% CI)", True),
-                       *((f"recall {c}", True) for c in classes)]
+            headers = [
+                ("slice", False),
+                ("images", True),
+                ("accuracy (95% CI)", True),
+                *((f"recall {c}", True) for c in classes),
+            ]
             rows = []
             for s in slices:
                 ci = _pair(s.get("ci95"))
                 few = s.get("ranked") is False
                 label = f"{s.get('column', '')}={s.get('value', '')}" + (" (too few)" if few else "")
-                rows.append(({"class": "few"} if few else {}, [
-                    label, _integer(s.get("n")), _with_ci(s.get("accuracy"), *ci),
-                    *(_decimal(_mapping(s.get("recall")).get(c)) for c in classes)]))
-            blocks.append(f"<div><h4>{_esc(run.model)}</h4>{_slice_summary(report)}"
-                          + _table(headers, rows, drop_empty=True) + "</div>")
-        parts.append(f"<h3>{_esc(name)}</h3><div class=\"grid\">{''.join(blocks)}</div>")
-    minimum = next((report.get("min_images") for entries in by_set.values() for _, report in entries
-                    if _number(report.get("min_images")) is not None), None)
-    parts.append('<p class="note">Intervals are 95% Wilson intervals. "(too few)" marks a slice '
-                 + (f"of fewer than {_integer(minimum)} images " if minimum is not None else "too small ")
-                 + "whose interval is too wide to rank it; it is left out of the worst slice and the gaps.</p>")
+                rows.append(
+                    (
+                        {"class": "few"} if few else {},
+                        [
+                            label,
+                            _integer(s.get("n")),
+                            _with_ci(s.get("accuracy"), *ci),
+                            *(_decimal(_mapping(s.get("recall")).get(c)) for c in classes),
+                        ],
+                    )
+                )
+            blocks.append(
+                f"<div><h4>{_esc(run.model)}</h4>{_slice_summary(report)}"
+                + _table(headers, rows, drop_empty=True)
+                + "</div>"
+            )
+        parts.append(f'<h3>{_esc(name)}</h3><div class="grid">{"".join(blocks)}</div>')
+    minimum = next(
+        (
+            report.get("min_images")
+            for entries in by_set.values()
+            for _, report in entries
+            if _number(report.get("min_images")) is not None
+        ),
+        None,
+    )
+    parts.append(
+        '<p class="note">Intervals are 95% Wilson intervals. "(too few)" marks a slice '
+        + (f"of fewer than {_integer(minimum)} images " if minimum is not None else "too small ")
+        + "whose interval is too wide to rank it; it is left out of the worst slice and the gaps.</p>"
+    )
     return "".join(parts)
 
 
@@ -352,26 +461,41 @@ def _slice_summary(report: dict) -> str:
 
 def _calibration_section(out: Path, runs: Sequence[_Run]) -> str:
     headers = [("model", False), ("temperature", True), ("ECE", True), ("ECE calibrated", True)]
-    rows = [(_row_attributes(run), [run.model, _decimal(run.value("temperature"), 3), _decimal(run.value("ece")),
-                                    _decimal(run.value("ece_calibrated"))])
-            for run in runs]
+    rows = [
+        (
+            _row_attributes(run),
+            [
+                run.model,
+                _decimal(run.value("temperature"), 3),
+                _decimal(run.value("ece")),
+                _decimal(run.value("ece_calibrated")),
+            ],
+        )
+        for run in runs
+    ]
     rows = [row for row in rows if any(row[1][1:])]
     figure = _figure(out / layout.RELIABILITY, "Reliability diagram on test, before and after temperature scaling")
     if not rows:
         return figure
-    return (figure + _table(headers, rows, drop_empty=True)
-            + '<p class="note">ECE: expected calibration error on test (lower is better); calibrated: after '
-              "dividing the logits by the temperature fitted on validation.</p>")
+    return (
+        figure
+        + _table(headers, rows, drop_empty=True)
+        + '<p class="note">ECE: expected calibration error on test (lower is better); calibrated: after '
+        "dividing the logits by the temperature fitted on validation.</p>"
+    )
 
 
 def _galleries_section(runs: Sequence[_Run], eval_sets: Sequence[str]) -> str:
     order = {name: i for i, name in enumerate([TEST_SET, *eval_sets])}
     parts = []
     for run in runs:
-        galleries = sorted(run.folder.glob("mistakes_*.png"),
-                           key=lambda p: (order.get(p.stem[len("mistakes_"):], len(order)), p.name))
-        figures = [_figure(path, f"{run.model}: most confident mistakes on {path.stem[len('mistakes_'):]}")
-                   for path in galleries]
+        galleries = sorted(
+            run.folder.glob("mistakes_*.png"), key=lambda p: (order.get(p.stem[len("mistakes_") :], len(order)), p.name)
+        )
+        figures = [
+            _figure(path, f"{run.model}: most confident mistakes on {path.stem[len('mistakes_') :]}")
+            for path in galleries
+        ]
         if any(figures):
             parts.append(f"<h3>{_esc(run.model)}</h3>{''.join(figures)}")
     return "".join(parts)
@@ -385,14 +509,20 @@ def _models_section(runs: Sequence[_Run]) -> str:
             listed = run.metrics.get("members")
             members = _text(run.row.get("members")) or ("+".join(map(str, listed)) if isinstance(listed, list) else "")
             facts.append(("ensemble of", members.replace("+", " + ")) if members else ("kind", "ensemble"))
-        trials = _trials(_first(run.row.get("trials_run"), run.search.get("trials_run")),
-                         _first(run.row.get("trials_pruned"), run.search.get("trials_pruned")))
+        trials = _trials(
+            _first(run.row.get("trials_run"), run.search.get("trials_run")),
+            _first(run.row.get("trials_pruned"), run.search.get("trials_pruned")),
+        )
         if trials:
             facts.append(("trials (pruned)", trials))
         best_epoch, best_accuracy = _number(run.row.get("best_epoch")), _number(run.row.get("best_val_acc"))
         if best_epoch is not None:
-            facts.append(("best epoch", f"{best_epoch:.0f}"
-                          + (f" (val acc {best_accuracy:.4f})" if best_accuracy is not None else "")))
+            facts.append(
+                (
+                    "best epoch",
+                    f"{best_epoch:.0f}" + (f" (val acc {best_accuracy:.4f})" if best_accuracy is not None else ""),
+                )
+            )
         epochs = _count_rows(run.folder / run_layout.HISTORY)
         if epochs:
             facts.append(("epochs trained", str(epochs)))
@@ -401,14 +531,19 @@ def _models_section(runs: Sequence[_Run]) -> str:
         if run.row.get("run_dir"):
             facts.append(("run folder", str(run.row["run_dir"])))
         params = _params_table(run.search.get("best_params") or run.row.get("best_params"))
-        curves = [_figure(run.folder / "accuracy_per_epoch.png", f"{run.model}: accuracy per epoch"),
-                  _figure(run.folder / "loss_per_epoch.png", f"{run.model}: loss per epoch")]
+        curves = [
+            _figure(run.folder / "accuracy_per_epoch.png", f"{run.model}: accuracy per epoch"),
+            _figure(run.folder / "loss_per_epoch.png", f"{run.model}: loss per epoch"),
+        ]
         if not (facts or params or any(curves)):
             continue
         listing = " · ".join(f"{key}: {value}" for key, value in facts)
-        parts.append(f"<h3>{_esc(run.model)}</h3>" + (f"<p>{_esc(listing)}</p>" if listing else "")
-                     + (f"<h4>Best hyperparameters</h4>{params}" if params else "")
-                     + _figures(curves))
+        parts.append(
+            f"<h3>{_esc(run.model)}</h3>"
+            + (f"<p>{_esc(listing)}</p>" if listing else "")
+            + (f"<h4>Best hyperparameters</h4>{params}" if params else "")
+            + _figures(curves)
+        )
     return "".join(parts)
 
 
@@ -423,39 +558,100 @@ def _search_section(runs: Sequence[_Run]) -> str:
             continue
         planned, actual = _mapping(plan.get("planned_s")), _mapping(search.get("actual_s"))
         budget = _number(plan.get("budget_s"))
-        parts.append(f"<h3>{_esc(run.model)}</h3><p>{_esc(str(plan.get('note', '')).capitalize())}."
-                     + (f" Budget {budget:,.0f} s." if budget else " No time budget.") + "</p>")
+        parts.append(
+            f"<h3>{_esc(run.model)}</h3><p>{_esc(str(plan.get('note', '')).capitalize())}."
+            + (f" Budget {budget:,.0f} s." if budget else " No time budget.")
+            + "</p>"
+        )
         parts.append(f"<p><strong>{_esc(str(search.get('verdict', '')))}</strong></p>")
-        parts.append(_table([("part", False), ("planned s", True), ("ran s", True)],
-                            [({}, [name, _integer(planned.get(name)), _integer(actual.get(name))])
-                             for name in dict.fromkeys([*planned, *actual])]))
+        parts.append(
+            _table(
+                [("part", False), ("planned s", True), ("ran s", True)],
+                [
+                    ({}, [name, _integer(planned.get(name)), _integer(actual.get(name))])
+                    for name in dict.fromkeys([*planned, *actual])
+                ],
+            )
+        )
         curve = _mapping(search.get("lr_curve"))
         if curve:
-            suggested = (f"suggested lr {float(curve['suggestion']):.3g}" if curve.get("suggestion") is not None
-                         else "no suggestion (the loss never fell by a tenth)")
+            suggested = (
+                f"suggested lr {float(curve['suggestion']):.3g}"
+                if curve.get("suggestion") is not None
+                else "no suggestion (the loss never really fell)"
+            )
             parts.append(f"<p>lr range test: {suggested} ({len(curve.get('lrs', []))} steps)</p>")
         trials = search.get("trials") or []
         if trials:
-            rows = [({}, [str(trial.get("trial_id", "")), str(trial.get("params", "")), str(trial.get("fidelity", "")),
-                          _integer(trial.get("epochs_run")), _decimal(trial.get("val_acc")), str(trial.get("status", ""))])
-                    for trial in trials]
-            parts.append("<h4>Screening trials</h4>" + _table(
-                [("trial", False), ("parameters", False), ("fidelity", False), ("epochs run", True),
-                 ("final val acc", True), ("status", False)], rows))
+            rows = [
+                (
+                    {},
+                    [
+                        str(trial.get("trial_id", "")),
+                        str(trial.get("params", "")),
+                        str(trial.get("fidelity", "")),
+                        _integer(trial.get("epochs_run")),
+                        _decimal(trial.get("val_acc")),
+                        str(trial.get("status", "")),
+                    ],
+                )
+                for trial in trials
+            ]
+            parts.append(
+                "<h4>Screening trials</h4>"
+                + _table(
+                    [
+                        ("trial", False),
+                        ("parameters", False),
+                        ("fidelity", False),
+                        ("epochs run", True),
+                        ("final val acc", True),
+                        ("status", False),
+                    ],
+                    rows,
+                )
+            )
         full = search.get("full_runs") or []
         if full:
-            rows = [({}, [str(r.get("label", "")), str(r.get("params", "")), _integer(r.get("epochs")),
-                          _decimal(r.get("best_val_acc")), _integer(r.get("seconds"))]) for r in full]
-            parts.append("<h4>Full-length runs</h4>" + _table(
-                [("run", False), ("parameters", False), ("epochs", True), ("best val acc", True), ("seconds", True)],
-                rows))
-        parts.append(_figures([
-            _figure(run.folder / layout.LR_CURVE, f"{run.model}: lr range test"),
-            _figure(run.folder / layout.SEARCH_HISTORY, f"{run.model}: optimisation history (screening)"),
-            _figure(run.folder / layout.SEARCH_INTERMEDIATE, f"{run.model}: val accuracy per screening epoch; "
-                    "pruned trials end early"),
-            _figure(run.folder / layout.SEARCH_IMPORTANCE, f"{run.model}: parameter importances"),
-        ]))
+            rows = [
+                (
+                    {},
+                    [
+                        str(r.get("label", "")),
+                        str(r.get("params", "")),
+                        _integer(r.get("epochs")),
+                        _decimal(r.get("best_val_acc")),
+                        _integer(r.get("seconds")),
+                    ],
+                )
+                for r in full
+            ]
+            parts.append(
+                "<h4>Full-length runs</h4>"
+                + _table(
+                    [
+                        ("run", False),
+                        ("parameters", False),
+                        ("epochs", True),
+                        ("best val acc", True),
+                        ("seconds", True),
+                    ],
+                    rows,
+                )
+            )
+        parts.append(
+            _figures(
+                [
+                    _figure(run.folder / layout.LR_CURVE, f"{run.model}: lr range test"),
+                    _figure(run.folder / layout.SEARCH_HISTORY, f"{run.model}: optimisation history (screening)"),
+                    _figure(
+                        run.folder / layout.SEARCH_INTERMEDIATE,
+                        f"{run.model}: val accuracy per screening epoch; pruned trials end early",
+                    ),
+                    _figure(run.folder / layout.SEARCH_IMPORTANCE, f"{run.model}: parameter importances"),
+                ]
+            )
+        )
     return "".join(parts)
 
 
@@ -475,8 +671,13 @@ def _params_table(best_params: Any) -> str:
 # --- building blocks -------------------------------------------------------------------------
 
 
-def _table(headers: Sequence[tuple[str, bool]], rows: Iterable[tuple[Mapping[str, str], list[str]]], *,
-           table_id: str | None = None, drop_empty: bool = False) -> str:
+def _table(
+    headers: Sequence[tuple[str, bool]],
+    rows: Iterable[tuple[Mapping[str, str], list[str]]],
+    *,
+    table_id: str | None = None,
+    drop_empty: bool = False,
+) -> str:
     """A table of plain-text cells (escaped here); `headers` are (title, is numeric) pairs.
 
     Each row is (attributes of its <tr>, cells); a last cell that is a _Span fills the columns from
@@ -484,8 +685,11 @@ def _table(headers: Sequence[tuple[str, bool]], rows: Iterable[tuple[Mapping[str
     first, so optional metrics don't leave blank columns behind.
     """
     rows = list(rows)
-    keep = [i for i in range(len(headers))
-            if not drop_empty or i == 0 or any(i < len(cells) and cells[i] for _, cells in rows)]
+    keep = [
+        i
+        for i in range(len(headers))
+        if not drop_empty or i == 0 or any(i < len(cells) and cells[i] for _, cells in rows)
+    ]
     numeric = {i for i in keep if headers[i][1]}
 
     def cell(tag: str, i: int, text: str) -> str:
@@ -502,8 +706,14 @@ def _table(headers: Sequence[tuple[str, bool]], rows: Iterable[tuple[Mapping[str
             tail = f'<td colspan="{len(keep) - len(shown)}">{_esc(cells[-1])}</td>'
         else:
             shown, tail = keep, ""
-        return ("<tr" + "".join(f' {key}="{_esc(value)}"' for key, value in attributes.items()) + ">"
-                + "".join(cell("td", i, cells[i]) for i in shown) + tail + "</tr>")
+        return (
+            "<tr"
+            + "".join(f' {key}="{_esc(value)}"' for key, value in attributes.items())
+            + ">"
+            + "".join(cell("td", i, cells[i]) for i in shown)
+            + tail
+            + "</tr>"
+        )
 
     head = "<thead><tr>" + "".join(cell("th", i, headers[i][0]) for i in keep) + "</tr></thead>"
     body = "".join(row(attributes, cells) for attributes, cells in rows)
@@ -543,8 +753,10 @@ def _figure(path: Path, caption: str) -> str:
     # <img> lets the browser lay the page out before it decodes the images.
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     source = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-    return (f'<figure><img src="{source}" alt="{_esc(caption)}" width="{width}" height="{height}">'
-            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="{source}" alt="{_esc(caption)}" width="{width}" height="{height}">'
+        f"<figcaption>{_esc(caption)}</figcaption></figure>"
+    )
 
 
 def _eval_sets(columns: Iterable[str], runs: Sequence[_Run]) -> list[str]:

@@ -20,20 +20,30 @@ from pathlib import Path
 import pandas as pd
 
 from gendertune.base.config import ConfigError
+from gendertune.cluster import tracking
 from gendertune.cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.cluster.storage import OutputExistsError, OutputLocation, claim_folder, delete_tree, is_uri, join, list_files, output_location, write_text_atomic
+from gendertune.cluster.storage import (
+    OutputExistsError,
+    OutputLocation,
+    claim_folder,
+    delete_tree,
+    is_uri,
+    join,
+    list_files,
+    output_location,
+    write_text_atomic,
+)
 from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
 from gendertune.models.registry import get_spec
 from gendertune.models.weights import fetch_hub_weights
 from gendertune.tuning.compare import ensemble, layout, leaderboard, report
+from gendertune.tuning.compare.config import CompareConfig
 from gendertune.tuning.evaluate import run_layout
-from gendertune.cluster import tracking
 from gendertune.tuning.evaluate.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
 from gendertune.tuning.search import figures
-from gendertune.tuning.search.run import STUDY_FILE, check_search, run_search
-from gendertune.tuning.compare.config import CompareConfig
 from gendertune.tuning.search.config import SearchConfig
+from gendertune.tuning.search.run import STUDY_FILE, check_search, run_search
 from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.run import evaluate_held_out_and_write
 
@@ -64,8 +74,16 @@ def settings_changed(saved: dict, current: dict) -> list[str]:
     return changes
 
 
-def compare_one(model: str, location: OutputLocation, compare: CompareConfig, search: SearchConfig, base: TrainConfig,
-                eval_sets: list[EvalSet], *, tracking_uri: str | None = None) -> dict:
+def compare_one(
+    model: str,
+    location: OutputLocation,
+    compare: CompareConfig,
+    search: SearchConfig,
+    base: TrainConfig,
+    eval_sets: list[EvalSet],
+    *,
+    tracking_uri: str | None = None,
+) -> dict:
     """Search, then evaluate the chosen configuration once on test and on every eval set; returns its
     leaderboard row (its run_dir is the local folder; compare_into swaps in the storage location before writing)."""
     run_dir = layout.model_dir(location.local, model)
@@ -76,8 +94,10 @@ def compare_one(model: str, location: OutputLocation, compare: CompareConfig, se
         drop_checkpoints(location.storage_path(layout.SEARCHES, model))
     for eval_set in missing_sets(run_dir, eval_sets):  # on resume, only sets added since
         scores = evaluate_run(run_dir, eval_set)
-        logger.info(f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
-                    f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})")
+        logger.info(
+            f"[compare] {model}: {eval_set.name} accuracy {scores['accuracy']:.4f} "
+            f"(95% CI {scores['accuracy_ci95'][0]:.4f}-{scores['accuracy_ci95'][1]:.4f})"
+        )
     summary = json.loads((run_dir / layout.SEARCH_SUMMARY).read_text())
     return leaderboard.model_row(model, run_layout.read_metrics(run_dir), run_dir=str(run_dir), search=summary)
 
@@ -89,8 +109,12 @@ def drop_checkpoints(root: str) -> None:
     models/<model>/model.pt. Each trial's params, results and progress stay, so the search can
     still be inspected."""
     if is_uri(root):
-        found = {"/".join(parts[:depth + 1]) for parts in (path.split("/") for path in list_files(root))
-                 for depth, part in enumerate(parts[:-1]) if part.startswith("checkpoint_")}
+        found = {
+            "/".join(parts[: depth + 1])
+            for parts in (path.split("/") for path in list_files(root))
+            for depth, part in enumerate(parts[:-1])
+            if part.startswith("checkpoint_")
+        }
         for relative in sorted(found):
             delete_tree(join(root, relative))
     else:
@@ -99,19 +123,41 @@ def drop_checkpoints(root: str) -> None:
                 shutil.rmtree(folder)
 
 
-def search_and_evaluate(model: str, run_dir: Path, location: OutputLocation, compare: CompareConfig,
-                        search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None) -> None:
+def search_and_evaluate(
+    model: str,
+    run_dir: Path,
+    location: OutputLocation,
+    compare: CompareConfig,
+    search: SearchConfig,
+    base: TrainConfig,
+    *,
+    tracking_uri: str | None = None,
+) -> None:
     started = time.perf_counter()
     prepared = open_prepared(compare.data)
     searches = location.storage_path(layout.SEARCHES, model)
-    outcome = run_search(model, base, search, prepared, searches, resume=compare.resume,
-                         callbacks=tracking.tune_callbacks(tracking_uri, tracking.COMPARE_EXPERIMENT, tags={
-                             "gendertune.model": model, "gendertune.out": location.storage}))
+    outcome = run_search(
+        model,
+        base,
+        search,
+        prepared,
+        searches,
+        resume=compare.resume,
+        callbacks=tracking.tune_callbacks(
+            tracking_uri,
+            tracking.COMPARE_EXPERIMENT,
+            tags={"gendertune.model": model, "gendertune.out": location.storage},
+        ),
+    )
     summary = outcome.summary()
-    logger.info(f"[compare] {model}: {'kept the user' if outcome.kept else 'replaced the user'}'s configuration; "
-                f"final run {outcome.best_config.epochs} epochs, best val acc {outcome.best_metrics['val_acc']:.4f} "
-                f"with {summary['best_params']}")
-    config = dataclasses.replace(outcome.best_config, out=location.storage_path(layout.MODELS, model), data=prepared.root)
+    logger.info(
+        f"[compare] {model}: {'kept the user' if outcome.kept else 'replaced the user'}'s configuration; "
+        f"final run {outcome.best_config.epochs} epochs, best val acc {outcome.best_metrics['val_acc']:.4f} "
+        f"with {summary['best_params']}"
+    )
+    config = dataclasses.replace(
+        outcome.best_config, out=location.storage_path(layout.MODELS, model), data=prepared.root
+    )
     # The summary and figures first: metrics.json, written last, marks the model finished.
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / layout.SEARCH_SUMMARY, json.dumps(summary, default=str) + "\n")
@@ -127,34 +173,58 @@ def write_search_figures(summary: dict, searches: str, run_dir: Path) -> None:
         figures.plot_lr_curve(summary["lr_curve"], run_dir / layout.LR_CURVE)
     study = Path(searches) / STUDY_FILE
     if not is_uri(searches) and study.is_file():
-        figures.plot_study(f"sqlite:///{study}", run_dir, history=layout.SEARCH_HISTORY,
-                           intermediate=layout.SEARCH_INTERMEDIATE, importance=layout.SEARCH_IMPORTANCE)
+        figures.plot_study(
+            f"sqlite:///{study}",
+            run_dir,
+            history=layout.SEARCH_HISTORY,
+            intermediate=layout.SEARCH_INTERMEDIATE,
+            importance=layout.SEARCH_IMPORTANCE,
+        )
 
 
-def run_compare(compare: CompareConfig, search: SearchConfig, base: TrainConfig, *,
-                tracking_uri: str | None = None) -> pd.DataFrame:
+def run_compare(
+    compare: CompareConfig, search: SearchConfig, base: TrainConfig, *, tracking_uri: str | None = None
+) -> pd.DataFrame:
     prepared = open_prepared(compare.data)
     if "test" not in prepared.splits:
-        raise ConfigError(f"{compare.data} has no test split; prep with 2 or 3 --ratios (or an official partition with test images)")
+        raise ConfigError(
+            f"{compare.data} has no test split; prep with 2 or 3 --ratios (or an official partition with test images)"
+        )
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in base.eval_sets]
     for model in compare.models:
         check_search(model, base, search)
-    with output_location(compare.out, stage="compare", markers=COMPLETION_MARKERS,
-                         ray_dirs=frozenset({layout.SEARCHES, run_layout.RAY_RUN_NAME})) as location:
+    with output_location(
+        compare.out,
+        stage="compare",
+        markers=COMPLETION_MARKERS,
+        ray_dirs=frozenset({layout.SEARCHES, run_layout.RAY_RUN_NAME}),
+    ) as location:
         return compare_into(location, prepared, compare, search, base, eval_sets, tracking_uri=tracking_uri)
 
 
-def compare_into(location: OutputLocation, prepared: PreparedData, compare: CompareConfig, search: SearchConfig,
-                 base: TrainConfig, eval_sets: list[EvalSet], *, tracking_uri: str | None = None) -> pd.DataFrame:
+def compare_into(
+    location: OutputLocation,
+    prepared: PreparedData,
+    compare: CompareConfig,
+    search: SearchConfig,
+    base: TrainConfig,
+    eval_sets: list[EvalSet],
+    *,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
     out = location.local
     if (out / leaderboard.CSV).exists() and not compare.resume:
-        raise OutputExistsError(f"{location.storage} already holds a leaderboard; choose another --out or pass --resume")
+        raise OutputExistsError(
+            f"{location.storage} already holds a leaderboard; choose another --out or pass --resume"
+        )
     settings = _settings_json(compare, search, base)
     if compare.resume and (out / layout.CONFIG).is_file():
         changes = settings_changed(json.loads((out / layout.CONFIG).read_text()), json.loads(settings))
         if changes:
-            raise ConfigError(f"{location.storage} was started with other settings ({'; '.join(changes)}); resume it "
-                              "with the same flags (only --eval-set and --ensemble-k may change), or choose another --out")
+            raise ConfigError(
+                f"{location.storage} was started with other settings ({'; '.join(changes)}); resume it "
+                "with the same flags (only --eval-set and --ensemble-k may change), or choose another --out"
+            )
     ensure_ray()
     require_resources(workers=base.workers, cpus_per_worker=base.cpus_per_worker, gpus_per_worker=int(base.gpu))
     if base.pretrained:  # the driver fetched them for its node in check_search
@@ -172,8 +242,10 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
         except Exception as err:  # one model's failure (e.g. out of memory) must not sink the others
             error_log = layout.model_dir(out, model) / layout.ERROR_LOG
             write_text_atomic(error_log, traceback.format_exc())
-            logger.warning(f"[compare] {model} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                           f"(traceback in {location.storage_path(layout.MODELS, model, layout.ERROR_LOG)})")
+            logger.warning(
+                f"[compare] {model} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                f"(traceback in {location.storage_path(layout.MODELS, model, layout.ERROR_LOG)})"
+            )
             rows.append(leaderboard.error_row(model, err))
     names = [s.name for s in eval_sets]
     ranked = leaderboard.rank_rows(rows, eval_sets=names)
@@ -181,11 +253,16 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
     table = ranked
     if members:
         scores = ensemble.write_ensemble(
-            out, ranked[ranked["model"].isin(members)], class_names=prepared.class_names, eval_sets=names,
+            out,
+            ranked[ranked["model"].isin(members)],
+            class_names=prepared.class_names,
+            eval_sets=names,
             test_groups=read_slices(prepared),
-            eval_groups={s.name: s.table[["path", *s.slice_columns]] for s in eval_sets if s.slice_columns})
-        table = leaderboard.add_ensemble(ranked, leaderboard.ensemble_row(scores, run_dir=str(out / layout.ENSEMBLE)),
-                                         eval_sets=names)
+            eval_groups={s.name: s.table[["path", *s.slice_columns]] for s in eval_sets if s.slice_columns},
+        )
+        table = leaderboard.add_ensemble(
+            ranked, leaderboard.ensemble_row(scores, run_dir=str(out / layout.ENSEMBLE)), eval_sets=names
+        )
         logger.info(f"[compare] ensemble of {', '.join(members)}: test accuracy {scores['accuracy']:.4f}")
     histories, confusion, slices, calibration = {}, {}, {}, {}
     for row in table[table["status"] == "ok"].itertuples():
@@ -196,9 +273,15 @@ def compare_into(location: OutputLocation, prepared: PreparedData, compare: Comp
             confusion[row.model] = metrics["confusion_matrix"]
             calibration[row.model] = pd.read_csv(Path(row.run_dir) / run_layout.PREDICTIONS)
     # Readers open the runs where they are stored, not this process's working folder.
-    table["run_dir"] = [location.storage_path(*([layout.MODELS, model] if kind == "model" else [layout.ENSEMBLE]))
-                        if status == "ok" else "" for model, kind, status in zip(table["model"], table["kind"], table["status"])]
-    leaderboard.write_leaderboard(table, out, histories, confusion, slices, calibration, class_names=prepared.class_names)
+    table["run_dir"] = [
+        location.storage_path(*([layout.MODELS, model] if kind == "model" else [layout.ENSEMBLE]))
+        if status == "ok"
+        else ""
+        for model, kind, status in zip(table["model"], table["kind"], table["status"])
+    ]
+    leaderboard.write_leaderboard(
+        table, out, histories, confusion, slices, calibration, class_names=prepared.class_names
+    )
     report.write_report(out)
     if tracking_uri:
         log_models(tracking_uri, out, table, location.storage)
@@ -212,13 +295,32 @@ def log_models(uri: str, out: Path, table: pd.DataFrame, storage: str) -> None:
     for row in table.itertuples():
         tags = {"gendertune.kind": row.kind, "gendertune.out": storage}
         if row.status != "ok":
-            tracking.log_model_result(uri, tracking.COMPARE_EXPERIMENT, row.model, {}, {},
-                                      [layout.model_dir(out, row.model) / layout.ERROR_LOG], tags=tags, status="FAILED")
+            tracking.log_model_result(
+                uri,
+                tracking.COMPARE_EXPERIMENT,
+                row.model,
+                {},
+                {},
+                [layout.model_dir(out, row.model) / layout.ERROR_LOG],
+                tags=tags,
+                status="FAILED",
+            )
             continue
         run_dir = layout.model_dir(out, row.model) if row.kind == "model" else out / layout.ENSEMBLE
         metrics = {**run_layout.read_metrics(run_dir), "rank": row.rank, "mcnemar_p_vs_leader": row.mcnemar_p_vs_leader}
-        params = (json.loads((run_dir / run_layout.CONFIG).read_text())["train"] if row.kind == "model"
-                  else {"members": row.members})
+        params = (
+            json.loads((run_dir / run_layout.CONFIG).read_text())["train"]
+            if row.kind == "model"
+            else {"members": row.members}
+        )
         history = pd.read_csv(run_dir / run_layout.HISTORY) if row.kind == "model" else None
-        tracking.log_model_result(uri, tracking.COMPARE_EXPERIMENT, row.model, params, metrics,
-                                  [*tracking.run_artifacts(run_dir), *shared], history=history, tags=tags)
+        tracking.log_model_result(
+            uri,
+            tracking.COMPARE_EXPERIMENT,
+            row.model,
+            params,
+            metrics,
+            [*tracking.run_artifacts(run_dir), *shared],
+            history=history,
+            tags=tags,
+        )

@@ -35,7 +35,13 @@ def fit_temperature(labels, margin) -> float:
     labels = np.asarray(labels)
     margin = np.asarray(margin, dtype=np.float64)
     if labels.size == 0 or labels.shape != margin.shape:
-        raise ValueError(f"fit_temperature needs matching, non-empty labels and margins, got {labels.shape} and {margin.shape}")
-    result = minimize_scalar(lambda log_t: log_loss_at(labels, margin, np.exp(log_t)),
-                             bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-4})
+        raise ValueError(
+            f"fit_temperature needs matching, non-empty labels and margins, got {labels.shape} and {margin.shape}"
+        )
+    result = minimize_scalar(
+        lambda log_t: log_loss_at(labels, margin, np.exp(log_t)),
+        bounds=LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     return float(np.exp(result.x))

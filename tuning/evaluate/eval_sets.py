@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 
 from gendertune.base.config import ConfigError
+from gendertune.base.plots import plot_mistakes
 from gendertune.cluster.storage import write_json_atomic, write_text_atomic
 from gendertune.data_prep.labels import read_label_csv, read_slice_columns
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.metrics import evaluate_predictions, most_confident_mistakes
-from gendertune.base.plots import plot_mistakes
 from gendertune.tuning.evaluate.predict import RunModel, predict
 from gendertune.tuning.evaluate.slices import slices_of
 
@@ -54,11 +54,15 @@ def parse_spec(text: str) -> tuple[str, str]:
     """`NAME=DIR` -> (name, dir), with the name usable as a leaderboard column."""
     name, separator, folder = text.partition("=")
     if not separator or not folder or not NAME_PATTERN.match(name):
-        raise ConfigError(f"--eval-set {text!r}: expected NAME=DIR with NAME a letter then letters, digits or _ "
-                          "(e.g. utkface=../data/utkface)")
+        raise ConfigError(
+            f"--eval-set {text!r}: expected NAME=DIR with NAME a letter then letters, digits or _ "
+            "(e.g. utkface=../data/utkface)"
+        )
     if name.lower() in RESERVED_NAMES:
-        raise ConfigError(f"--eval-set {text!r}: {name} is the name of one of the run's own splits, whose results it "
-                          f"would overwrite; use another name (not {', '.join(RESERVED_NAMES)})")
+        raise ConfigError(
+            f"--eval-set {text!r}: {name} is the name of one of the run's own splits, whose results it "
+            f"would overwrite; use another name (not {', '.join(RESERVED_NAMES)})"
+        )
     return name, folder
 
 
@@ -69,8 +73,10 @@ def label_file(folder: Path) -> Path:
         return folder / LABEL_FILE
     csvs = sorted(folder.glob("*.csv"))
     if len(csvs) != 1:
-        raise ConfigError(f"eval set {folder}: found {len(csvs)} CSV files and no {LABEL_FILE}; "
-                          f"put the labels in {folder / LABEL_FILE}")
+        raise ConfigError(
+            f"eval set {folder}: found {len(csvs)} CSV files and no {LABEL_FILE}; "
+            f"put the labels in {folder / LABEL_FILE}"
+        )
     return csvs[0]
 
 
@@ -86,8 +92,10 @@ def load_eval_set(spec: str, *, attribute: str) -> EvalSet:
     paths = [str(base / image_id) for image_id in labels["image_id"]]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise ConfigError(f"eval set {name}: {len(missing)} image(s) named in {labels_path} are missing "
-                          f"(e.g. {missing[0]}); fix the CSV or add the files")
+        raise ConfigError(
+            f"eval set {name}: {len(missing)} image(s) named in {labels_path} are missing "
+            f"(e.g. {missing[0]}); fix the CSV or add the files"
+        )
     table = labels.assign(path=paths).merge(groups, on="image_id", how="left")
     return EvalSet(name, str(root), table[["image_id", "path", "label", *groups.columns.drop("image_id")]])
 
@@ -99,19 +107,37 @@ def evaluate_run(run_dir: str | Path, eval_set: EvalSet) -> dict:
     run = RunModel(run_dir)
     faces = predict(str(run_dir), eval_set.table["path"].tolist(), every_face=False, with_margin=True)
     scored = eval_set.table[["image_id", "path", "label"]].merge(
-        faces.rename(columns={"image": "path", run.prob_column: "prob_positive"})[["path", "prob_positive", "margin", "error"]],
-        on="path", how="left")
+        faces.rename(columns={"image": "path", run.prob_column: "prob_positive"})[
+            ["path", "prob_positive", "margin", "error"]
+        ],
+        on="path",
+        how="left",
+    )
     write_text_atomic(run_dir / run_layout.eval_predictions(eval_set.name), scored.to_csv(index=False))
     probs = scored["prob_positive"].to_numpy(dtype=np.float64)
     raw = np.where(np.isnan(probs), np.nan, 1 / (1 + np.exp(-scored["margin"].to_numpy(dtype=np.float64))))
-    metrics = evaluate_predictions(scored["label"], probs, class_names=tuple(run.class_names), prob_uncalibrated=raw,
-                                   threshold=run.threshold)
-    slices = (slices_of(scored, eval_set.table[["path", *eval_set.slice_columns]], key="path", class_names=run.class_names,
-                        threshold=run.threshold) if eval_set.slice_columns else None)
+    metrics = evaluate_predictions(
+        scored["label"], probs, class_names=tuple(run.class_names), prob_uncalibrated=raw, threshold=run.threshold
+    )
+    slices = (
+        slices_of(
+            scored,
+            eval_set.table[["path", *eval_set.slice_columns]],
+            key="path",
+            class_names=run.class_names,
+            threshold=run.threshold,
+        )
+        if eval_set.slice_columns
+        else None
+    )
     mistakes = most_confident_mistakes(scored, threshold=run.threshold)
-    plot_mistakes(mistakes, [run.chips(Path(p).read_bytes(), every_face=False)[0].chip for p in mistakes["path"]],
-                  run_dir / f"mistakes_{eval_set.name}.png", class_names=run.class_names,
-                  title=f"most confident mistakes on {eval_set.name}")
+    plot_mistakes(
+        mistakes,
+        [run.chips(Path(p).read_bytes(), every_face=False)[0].chip for p in mistakes["path"]],
+        run_dir / f"mistakes_{eval_set.name}.png",
+        class_names=run.class_names,
+        title=f"most confident mistakes on {eval_set.name}",
+    )
     stored = run_layout.read_metrics(run_dir)
     stored.setdefault("eval_sets", {})[eval_set.name] = {**metrics, "folder": eval_set.root}
     if slices:
@@ -124,15 +150,19 @@ def format_scores(name: str, scores: dict) -> str:
     """A few lines a person reads after `gendertune evaluate`: evaluate_run's result."""
     low, high = scores["accuracy_ci95"]
     recall = ", ".join(f"{cls} {value['recall']:.4f}" for cls, value in scores["per_class"].items())
-    lines = [f"{name}: {scores['n']} images, accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
-             f"majority rate {scores['majority_rate']:.4f}, macro F1 {scores['macro_f1']:.4f}, "
-             f"ECE {scores['ece'] or float('nan'):.4f} -> {scores['ece_calibrated'] or float('nan'):.4f} calibrated, "
-             f"no prediction {scores['no_prediction']}",
-             f"  recall: {recall}"]
+    lines = [
+        f"{name}: {scores['n']} images, accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+        f"majority rate {scores['majority_rate']:.4f}, macro F1 {scores['macro_f1']:.4f}, "
+        f"ECE {scores['ece'] or float('nan'):.4f} -> {scores['ece_calibrated'] or float('nan'):.4f} calibrated, "
+        f"no prediction {scores['no_prediction']}",
+        f"  recall: {recall}",
+    ]
     if scores.get("slices") and scores["slices"]["worst_slice"]:
         report = scores["slices"]
-        lines.append(f"  worst slice {report['worst_slice']} {report['worst_slice_acc']:.4f}; largest gap "
-                     f"{report['largest_gap']:.4f} ({report['largest_gap_column']}); class recall gap {report['class_recall_gap']:.4f}")
+        lines.append(
+            f"  worst slice {report['worst_slice']} {report['worst_slice_acc']:.4f}; largest gap "
+            f"{report['largest_gap']:.4f} ({report['largest_gap_column']}); class recall gap {report['class_recall_gap']:.4f}"
+        )
     return "\n".join(lines)
 
 

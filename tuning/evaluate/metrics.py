@@ -59,8 +59,7 @@ def _validate_predictions(y_true: Any, prob_male: Any, *, allow_missing: bool = 
     outside = known & (~np.isfinite(probs) | (probs < 0.0) | (probs > 1.0))
     if outside.any():
         raise ValueError(
-            f"prob_male must lie in [0, 1]; {int(outside.sum())} value(s) do not, "
-            f"e.g. {probs[outside][0]!r}"
+            f"prob_male must lie in [0, 1]; {int(outside.sum())} value(s) do not, e.g. {probs[outside][0]!r}"
         )
     return labels.astype(np.int64), probs
 
@@ -93,8 +92,7 @@ def expected_calibration_error(y_true: Any, prob_male: Any, *, n_bins: int = ECE
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
     count = np.bincount(bins, minlength=n_bins)
     gap = np.abs(
-        np.bincount(bins, weights=correct, minlength=n_bins)
-        - np.bincount(bins, weights=confidence, minlength=n_bins)
+        np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=confidence, minlength=n_bins)
     )
     # |sum(correct) - sum(confidence)| / n per bin equals (|B|/n) * |acc(B) - conf(B)|.
     return float(gap[count > 0].sum() / labels.size)
@@ -129,13 +127,13 @@ def evaluate_predictions(
         raise ValueError(f"class_names must name exactly 2 classes, got {list(class_names)}")
     labels, probs = _validate_predictions(y_true, prob_male, allow_missing=True)
     known = ~np.isnan(probs)
-    raw = probs if prob_uncalibrated is None else _validate_predictions(y_true, prob_uncalibrated, allow_missing=True)[1]
+    raw = (
+        probs if prob_uncalibrated is None else _validate_predictions(y_true, prob_uncalibrated, allow_missing=True)[1]
+    )
     predicted = np.where(known, probs >= threshold, -1).astype(np.int64)  # -1: neither class
     correct = predicted == labels
 
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=[0, 1], zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=[0, 1], zero_division=0)
     per_class = {
         name: {
             "precision": float(precision[i]),

@@ -23,11 +23,11 @@ import ray
 import torch
 from PIL import Image, ImageDraw
 
-from gendertune.cluster import storage
-from gendertune.cluster.storage import OutputExistsError
 from gendertune.base.errors import MissingInputError, UserInputError
+from gendertune.cluster import storage
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray
 from gendertune.cluster.shared_storage import require_shared
+from gendertune.cluster.storage import OutputExistsError
 from gendertune.data_prep.faces import NO_DETECTION, AlignSettings, FaceChip, FaceFinder, face_chips
 from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box, decode_face, load_photo
 from gendertune.models.registry import build_model, split_outputs
@@ -47,11 +47,15 @@ class RunModel:
     def __init__(self, run_dir: str | Path):
         path = storage.join(run_dir, run_layout.MODEL)  # a folder or an object-store URI
         if not storage.is_file(path):
-            raise MissingInputError(f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder")
+            raise MissingInputError(
+                f"{run_dir} has no {run_layout.MODEL}; pass a finished `gendertune train` run folder"
+            )
         # metrics.json is written last: without it model.pt may be half-written, or a diverged run's.
         if not storage.is_file(storage.join(run_dir, run_layout.METRICS)):
-            raise MissingInputError(f"{run_dir} is not a finished training run (no {run_layout.METRICS}); "
-                                    f"run or resume `gendertune train --out {run_dir}`")
+            raise MissingInputError(
+                f"{run_dir} is not a finished training run (no {run_layout.METRICS}); "
+                f"run or resume `gendertune train --out {run_dir}`"
+            )
         try:
             saved = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for corrupt files
@@ -60,8 +64,10 @@ class RunModel:
         if missing or saved["format_version"] != run_layout.MODEL_FORMAT_VERSION:
             raise UserInputError(
                 f"{path} was written by another gendertune version (model format {saved.get('format_version', 1)}, "
-                f"this version reads {run_layout.MODEL_FORMAT_VERSION}" + (f"; missing {', '.join(missing)}" if missing else "")
-                + "): train it again with this version, or predict with the version that trained it")
+                f"this version reads {run_layout.MODEL_FORMAT_VERSION}"
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + "): train it again with this version, or predict with the version that trained it"
+            )
         self.class_names = list(saved["class_names"])
         self.prep_image_size = int(saved["prep_image_size"])
         self.align = AlignSettings.from_dict(saved["alignment"]) if saved["alignment"] else None
@@ -74,7 +80,9 @@ class RunModel:
         self.tta = saved.get("tta", "none")
         self.threshold = float(saved.get("threshold", FIXED_THRESHOLD))
         self.model = with_tta(network.eval().to(memory_format=torch.channels_last), self.tta)
-        self.preprocess = EvalPreprocess(image_size=int(saved["image_size"]), mean=tuple(saved["mean"]), std=tuple(saved["std"]))
+        self.preprocess = EvalPreprocess(
+            image_size=int(saved["image_size"]), mean=tuple(saved["mean"]), std=tuple(saved["std"])
+        )
         # Fitted on validation after training (gendertune.tuning.evaluate.calibration); 1 = the network's own probabilities.
         self.temperature = float(saved["temperature"])
 
@@ -100,8 +108,15 @@ class RunModel:
             return [FaceChip(chip, None, "centre_crop", square_box(*Image.open(io.BytesIO(data)).size))]
         return face_chips(load_photo(data), self.finder, self.align, every_face=every_face)[0]
 
-    def predict_paths(self, paths: list[str], *, every_face: bool = True, annotate: list[str] | None = None,
-                      with_margin: bool = False, photos: list[bytes | None] | None = None) -> pd.DataFrame:
+    def predict_paths(
+        self,
+        paths: list[str],
+        *,
+        every_face: bool = True,
+        annotate: list[str] | None = None,
+        with_margin: bool = False,
+        photos: list[bytes | None] | None = None,
+    ) -> pd.DataFrame:
         """One row per face (one error row per image without any), in the order of `paths`;
         `annotate[i]`, when given and not empty, receives a copy of image i with its faces boxed;
         `with_margin` adds the uncalibrated logit margin (evaluation reports ECE before calibration);
@@ -112,14 +127,25 @@ class RunModel:
                 photo = photos[index] if photos is not None else None
                 found = self.chips(Path(path).read_bytes() if photo is None else photo, every_face=every_face)
             except (OSError, ImageRejected) as err:
-                rows.append(_error_row(path, str(err) if isinstance(err, ImageRejected) else f"unreadable file: {err.strerror or err}"))
+                rows.append(
+                    _error_row(
+                        path, str(err) if isinstance(err, ImageRejected) else f"unreadable file: {err.strerror or err}"
+                    )
+                )
                 continue
             if not found:
                 rows.append(_error_row(path, NO_FACE))
             for number, face in enumerate(found):
-                rows.append({"image": path, "face": number, **dict(zip("xywh", face.box)),
-                             "detector": face.face.detector if face.face else NO_DETECTION,
-                             "detector_score": face.face.score if face.face else np.nan, "error": ""})
+                rows.append(
+                    {
+                        "image": path,
+                        "face": number,
+                        **dict(zip("xywh", face.box)),
+                        "detector": face.face.detector if face.face else NO_DETECTION,
+                        "detector_score": face.face.score if face.face else np.nan,
+                        "error": "",
+                    }
+                )
                 chips.append(face.chip)
         table = pd.DataFrame(rows, columns=["image", "face", "x", "y", "w", "h", "detector", "detector_score", "error"])
         margins = np.full(len(table), np.nan)
@@ -142,8 +168,9 @@ class RunModel:
         error = table.pop("error")
         # Every row has a label or says why not: a face the model scores NaN is an error, not a blank.
         error = error.mask((error == "") & np.isnan(probs), "the model gave no finite score")
-        return table.assign(label=labels, confidence=np.where(positive, probs, 1 - probs),
-                            **{self.prob_column: probs}, error=error)
+        return table.assign(
+            label=labels, confidence=np.where(positive, probs, 1 - probs), **{self.prob_column: probs}, error=error
+        )
 
 
 def square_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -153,8 +180,17 @@ def square_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 
 def _error_row(path: str, error: str) -> dict:
-    return {"image": path, "face": -1, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan,
-            "detector": NO_DETECTION, "detector_score": np.nan, "error": error}
+    return {
+        "image": path,
+        "face": -1,
+        "x": np.nan,
+        "y": np.nan,
+        "w": np.nan,
+        "h": np.nan,
+        "detector": NO_DETECTION,
+        "detector_score": np.nan,
+        "error": error,
+    }
 
 
 def write_annotated(photo: Image.Image, faces: pd.DataFrame, out: str) -> None:
@@ -184,8 +220,12 @@ class _PredictActor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         annotate = batch["annotated"].tolist()
-        return self.run.predict_paths(batch["image"].tolist(), every_face=self.every_face,
-                                      annotate=annotate if any(annotate) else None, with_margin=self.with_margin)
+        return self.run.predict_paths(
+            batch["image"].tolist(),
+            every_face=self.every_face,
+            annotate=annotate if any(annotate) else None,
+            with_margin=self.with_margin,
+        )
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -230,8 +270,10 @@ def check_outputs(paths: list[str], annotate: list[str], csv_out: str | None) ->
     the CSV is never an input, an image or a folder."""
     clash = next((name for name in annotate if Path(name).exists()), None)
     if clash:
-        raise OutputExistsError(f"--annotate would overwrite {clash} (annotated copies keep the photos' names); "
-                                "choose an empty or new folder")
+        raise OutputExistsError(
+            f"--annotate would overwrite {clash} (annotated copies keep the photos' names); "
+            "choose an empty or new folder"
+        )
     if annotate:
         _writable_folder(Path(annotate[0]).parent, "--annotate")
     if csv_out is None:
@@ -244,8 +286,16 @@ def check_outputs(paths: list[str], annotate: list[str], csv_out: str | None) ->
     _writable_folder(out.parent, "--out")
 
 
-def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face: bool = True,
-            annotate_dir: str | None = None, with_margin: bool = False, csv_out: str | None = None) -> pd.DataFrame:
+def predict(
+    run_dir: str,
+    inputs: list[str],
+    *,
+    batch_size: int = 64,
+    every_face: bool = True,
+    annotate_dir: str | None = None,
+    with_margin: bool = False,
+    csv_out: str | None = None,
+) -> pd.DataFrame:
     """Predict every face in `inputs`; `csv_out` (checked first, like the annotation folder)
     receives the table."""
     paths = expand_inputs(inputs)
@@ -254,30 +304,66 @@ def predict(run_dir: str, inputs: list[str], *, batch_size: int = 64, every_face
     run = RunModel(run_dir)  # a bad run folder fails before any image is read
     if annotate_dir:
         Path(annotate_dir).mkdir(parents=True, exist_ok=True)
-    table = _predict(run, run_dir, paths, batch_size=batch_size, every_face=every_face, annotate=annotate,
-                     with_margin=with_margin, annotate_dir=annotate_dir)
+    table = _predict(
+        run,
+        run_dir,
+        inputs,
+        paths,
+        batch_size=batch_size,
+        every_face=every_face,
+        annotate=annotate,
+        with_margin=with_margin,
+        annotate_dir=annotate_dir,
+    )
     if csv_out:
         storage.write_text_atomic(csv_out, table.to_csv(index=False))
     return table
 
 
-def _predict(run: RunModel, run_dir: str, paths: list[str], *, batch_size: int, every_face: bool,
-             annotate: list[str] | None, with_margin: bool, annotate_dir: str | None) -> pd.DataFrame:
+def _predict(
+    run: RunModel,
+    run_dir: str,
+    inputs: list[str],
+    paths: list[str],
+    *,
+    batch_size: int,
+    every_face: bool,
+    annotate: list[str] | None,
+    with_margin: bool,
+    annotate_dir: str | None,
+) -> pd.DataFrame:
     if len(paths) < RAY_THRESHOLD:
-        return pd.concat([run.predict_paths(paths[i : i + batch_size], every_face=every_face, with_margin=with_margin,
-                                            annotate=annotate[i : i + batch_size] if annotate else None)
-                          for i in range(0, len(paths), batch_size)], ignore_index=True)
+        return pd.concat(
+            [
+                run.predict_paths(
+                    paths[i : i + batch_size],
+                    every_face=every_face,
+                    with_margin=with_margin,
+                    annotate=annotate[i : i + batch_size] if annotate else None,
+                )
+                for i in range(0, len(paths), batch_size)
+            ],
+            ignore_index=True,
+        )
     ensure_ray()
     require_shared(reads=[run_dir, *inputs], writes=[annotate_dir] if annotate_dir else [])
     actors = max(1, min(compute_parallelism(), len(paths) // batch_size))
     table = pd.DataFrame({"image": paths, "annotated": annotate or [""] * len(paths)})
     dataset = ray.data.from_pandas(table).repartition(max(actors * 2, len(paths) // (batch_size * 4)))
     predictions = dataset.map_batches(
-        _PredictActor, fn_constructor_args=(storage.absolute(run_dir), max(1, compute_parallelism() // actors),
-                                            every_face, with_margin),
-        batch_format="pandas", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        _PredictActor,
+        fn_constructor_args=(
+            storage.absolute(run_dir),
+            max(1, compute_parallelism() // actors),
+            every_face,
+            with_margin,
+        ),
+        batch_format="pandas",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
     result = predictions.to_pandas()
     order = {path: i for i, path in enumerate(paths)}
-    return result.sort_values(["image", "face"], key=lambda col: col.map(order) if col.name == "image" else col,
-                              ignore_index=True)
+    return result.sort_values(
+        ["image", "face"], key=lambda col: col.map(order) if col.name == "image" else col, ignore_index=True
+    )

@@ -34,8 +34,18 @@ RAY_RUN_NAME = "train"
 # model.pt's layout: 2 = format_version, temperature, alignment; readers refuse any other. Optional
 # keys, read with their default where absent: tta ("none"), threshold (0.5).
 MODEL_FORMAT_VERSION = 2
-MODEL_KEYS = ("format_version", "model", "model_name", "image_size", "prep_image_size", "mean", "std", "class_names",
-              "alignment", "temperature")
+MODEL_KEYS = (
+    "format_version",
+    "model",
+    "model_name",
+    "image_size",
+    "prep_image_size",
+    "mean",
+    "std",
+    "class_names",
+    "alignment",
+    "temperature",
+)
 
 
 def eval_predictions(name: str) -> str:

@@ -39,8 +39,15 @@ def slice_labels(values: pd.Series) -> pd.Series:
     return bands.map(lambda b: f"{b.left:g}-{b.right:g}" if pd.notna(b) else b).astype("object")
 
 
-def slice_report(labels: Sequence[int], prob_positive: Sequence[float], groups: pd.DataFrame, *,
-                 class_names: Sequence[str], min_images: int = MIN_SLICE_IMAGES, threshold: float = 0.5) -> dict:
+def slice_report(
+    labels: Sequence[int],
+    prob_positive: Sequence[float],
+    groups: pd.DataFrame,
+    *,
+    class_names: Sequence[str],
+    min_images: int = MIN_SLICE_IMAGES,
+    threshold: float = 0.5,
+) -> dict:
     """Per-slice metrics of one evaluated set; `groups` has one row per prediction, a column per
     slice variable. NaN probabilities (no prediction) count as wrong, as in evaluate_predictions;
     class 1 is predicted where the probability reaches `threshold`."""
@@ -55,12 +62,18 @@ def slice_report(labels: Sequence[int], prob_positive: Sequence[float], groups: 
         for value in sorted(names.dropna().unique(), key=str):
             mask = (names == value).to_numpy()
             n, k = int(mask.sum()), int(correct[mask].sum())
-            rows.append({
-                "column": str(column), "value": str(value), "n": n, "accuracy": k / n, "ci95": list(wilson_ci(k, n)),
-                "recall": {name: _share(correct[mask & (truth == i)]) for i, name in enumerate(class_names)},
-                "class_counts": {name: int((mask & (truth == i)).sum()) for i, name in enumerate(class_names)},
-                "ranked": n >= min_images,
-            })
+            rows.append(
+                {
+                    "column": str(column),
+                    "value": str(value),
+                    "n": n,
+                    "accuracy": k / n,
+                    "ci95": list(wilson_ci(k, n)),
+                    "recall": {name: _share(correct[mask & (truth == i)]) for i, name in enumerate(class_names)},
+                    "class_counts": {name: int((mask & (truth == i)).sum()) for i, name in enumerate(class_names)},
+                    "ranked": n >= min_images,
+                }
+            )
     ranked = [row for row in rows if row["ranked"]]
     worst = min(ranked, key=lambda row: row["accuracy"], default=None)
     gaps = {}
@@ -81,12 +94,15 @@ def slice_report(labels: Sequence[int], prob_positive: Sequence[float], groups: 
     }
 
 
-def slices_of(scored: pd.DataFrame, groups: pd.DataFrame, *, key: str, class_names: Sequence[str],
-              threshold: float = 0.5) -> dict:
+def slices_of(
+    scored: pd.DataFrame, groups: pd.DataFrame, *, key: str, class_names: Sequence[str], threshold: float = 0.5
+) -> dict:
     """slice_report of predictions (columns `key`, label, prob_positive) with their groups, a
     table of `key` and one column per slice variable, looked up by `key`."""
     looked_up = scored[[key]].merge(groups, on=key, how="left").drop(columns=key)
-    return slice_report(scored["label"], scored["prob_positive"], looked_up, class_names=class_names, threshold=threshold)
+    return slice_report(
+        scored["label"], scored["prob_positive"], looked_up, class_names=class_names, threshold=threshold
+    )
 
 
 def _share(hits: np.ndarray) -> float | None:

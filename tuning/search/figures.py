@@ -36,8 +36,10 @@ def plot_study(storage_url: str, folder: Path, *, history: str, intermediate: st
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     if not done:
         return []
-    plots = [(optuna.visualization.matplotlib.plot_optimization_history, history),
-             (optuna.visualization.matplotlib.plot_intermediate_values, intermediate)]
+    plots = [
+        (optuna.visualization.matplotlib.plot_optimization_history, history),
+        (optuna.visualization.matplotlib.plot_intermediate_values, intermediate),
+    ]
     if sum(t.state == optuna.trial.TrialState.COMPLETE for t in done) >= MIN_TRIALS_FOR_IMPORTANCE:
         plots.append((optuna.visualization.matplotlib.plot_param_importances, importance))
     written = []

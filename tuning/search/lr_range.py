@@ -22,9 +22,10 @@ from gendertune.tuning.train.engine import Batch
 DIVERGED = 4.0
 # The smoothing of the recorded loss (an exponential moving average, bias-corrected, as fastai does).
 BETA = 0.9
-# A curve whose smoothed loss never fell below this share of its start found no lr that learns
-# (too few steps, or too little data): it suggests nothing rather than noise.
-DESCENT = 0.9
+# A curve whose smoothed loss never fell below this share of its start, or whose lowest point lies
+# in its first quarter (where the lr is still too small to move anything), found no lr that
+# learns (too few steps, or too little data): it suggests nothing rather than noise.
+DESCENT = 0.97
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +41,28 @@ class LrCurve:
 def suggest_lr(lrs: list[float], losses: list[float]) -> float | None:
     """A tenth of the lr at the smoothed loss's minimum (fastai's "minimum/10"): the largest lr
     still well inside the region where the loss falls. Steps after divergence are not on the curve.
-    None when the loss never fell by a tenth: the test saw no lr that learns."""
+    None when the loss never really fell: the test saw no lr that learns."""
     if not lrs:
         raise ValueError("suggest_lr: an empty curve")
     lowest = int(np.argmin(losses))
-    if losses[lowest] > DESCENT * losses[0]:
+    if losses[lowest] > DESCENT * losses[0] or lowest < len(losses) // 4:
         return None
     return float(lrs[lowest]) / 10
 
 
-def lr_range_test(model: nn.Module, batches: Iterable[Batch], *, optimizer: torch.optim.Optimizer,
-                  augment: Callable[[Tensor], Tensor], criterion: nn.Module, aux_weight: float, device: torch.device,
-                  steps: int, lr_min: float = 1e-6, lr_max: float = 1.0) -> LrCurve:
+def lr_range_test(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    optimizer: torch.optim.Optimizer,
+    augment: Callable[[Tensor], Tensor],
+    criterion: nn.Module,
+    aux_weight: float,
+    device: torch.device,
+    steps: int,
+    lr_min: float = 1e-6,
+    lr_max: float = 1.0,
+) -> LrCurve:
     """Train `steps` steps (cycling `batches` when they run out) with the lr going from `lr_min` to
     `lr_max` geometrically, until the smoothed loss diverges. Changes `model` and `optimizer`:
     give it copies made for the test."""

@@ -83,37 +83,74 @@ def full_run_s(costs: Costs, epochs: int) -> float:
     return epochs * costs.epoch_s + costs.run_overhead_s
 
 
-def plan_search(costs: Costs, *, epochs: int, budget_s: float, trials: int, screen_epochs: int, screen_size: int,
-                concurrent: int = 1, retrain_challenger: bool = True) -> Plan:
+def plan_search(
+    costs: Costs,
+    *,
+    epochs: int,
+    budget_s: float,
+    trials: int,
+    screen_epochs: int,
+    screen_size: int,
+    concurrent: int = 1,
+    retrain_challenger: bool = True,
+) -> Plan:
     """The plan for one model. Without a budget, `trials` screening trials, then the incumbent and
     (with `retrain_challenger`) the best challenger at full length. With one, first the final run
     is reserved; see the module docstring. Raises ValueError when the budget cannot hold one epoch
     of the final run."""
     screen_trial_s = screen_epochs * costs.screen_epoch_s + costs.trial_overhead_s
-    common = dict(epochs=epochs, screen_epochs=screen_epochs, screen_image_size=screen_size, concurrent=concurrent,
-                  screen_trial_s=screen_trial_s)
+    common = dict(
+        epochs=epochs,
+        screen_epochs=screen_epochs,
+        screen_image_size=screen_size,
+        concurrent=concurrent,
+        screen_trial_s=screen_trial_s,
+    )
     if not budget_s:
         n = max(1, trials)
         full_runs = 2 if n > 1 and retrain_challenger else 1
-        parts = {"lr_test": costs.lr_test_s, "screening": math.ceil(n / concurrent) * screen_trial_s,
-                 "full_runs": full_runs * full_run_s(costs, epochs)}
-        return Plan(regime="trials", budget_s=0.0, final_epochs=epochs, duel_final_epochs=epochs, full_runs=full_runs,
-                    lr_test=True,
-                    screen_trials=n, planned_s=parts, note=f"no time budget: {n} screening trial(s), then "
-                    f"{full_runs} full run(s) of {epochs} epochs", **common)
+        parts = {
+            "lr_test": costs.lr_test_s,
+            "screening": math.ceil(n / concurrent) * screen_trial_s,
+            "full_runs": full_runs * full_run_s(costs, epochs),
+        }
+        return Plan(
+            regime="trials",
+            budget_s=0.0,
+            final_epochs=epochs,
+            duel_final_epochs=epochs,
+            full_runs=full_runs,
+            lr_test=True,
+            screen_trials=n,
+            planned_s=parts,
+            note=f"no time budget: {n} screening trial(s), then {full_runs} full run(s) of {epochs} epochs",
+            **common,
+        )
     one_run = full_run_s(costs, epochs)
     duel = 2 * screen_trial_s  # the incumbent and the lr test's challenger, each a complete short run
     screen_floor = costs.lr_test_s + duel
     if retrain_challenger and budget_s >= 2 * one_run + screen_floor:
         left = budget_s - 2 * one_run - costs.lr_test_s
         n = max(2, min(trials, int(left // screen_trial_s) * concurrent))
-        parts = {"lr_test": costs.lr_test_s, "screening": math.ceil(n / concurrent) * screen_trial_s,
-                 "full_runs": 2 * one_run}
-        return Plan(regime="search", budget_s=budget_s, final_epochs=epochs, duel_final_epochs=epochs, full_runs=2,
-                    lr_test=True, screen_trials=n,
-                    planned_s=parts, note=f"the budget holds two full runs: lr range test, {n} screening trials at "
-                    f"{screen_size} px x {screen_epochs} epochs, then the incumbent and the best challenger at full "
-                    "length", **common)
+        parts = {
+            "lr_test": costs.lr_test_s,
+            "screening": math.ceil(n / concurrent) * screen_trial_s,
+            "full_runs": 2 * one_run,
+        }
+        return Plan(
+            regime="search",
+            budget_s=budget_s,
+            final_epochs=epochs,
+            duel_final_epochs=epochs,
+            full_runs=2,
+            lr_test=True,
+            screen_trials=n,
+            planned_s=parts,
+            note=f"the budget holds two full runs: lr range test, {n} screening trials at "
+            f"{screen_size} px x {screen_epochs} epochs, then the incumbent and the best challenger at full "
+            "length",
+            **common,
+        )
     # About one run: the final run first. The lr range test may take up to MAX_FINAL_TRIM of its
     # epochs; a duel with the test's challenger (only when the user's lr is far off, so the trim
     # costs less than the lr would) up to MAX_DUEL_TRIM; further screening only from what is left over.
@@ -124,25 +161,47 @@ def plan_search(costs: Costs, *, epochs: int, budget_s: float, trials: int, scre
         duel_epochs = min(lr_epochs, int((room - costs.run_overhead_s - costs.lr_test_s - duel) // costs.epoch_s))
         left = budget_s - full_run_s(costs, lr_epochs) - costs.lr_test_s
         n = min(trials, int(left // screen_trial_s) * concurrent)
-        parts = {"lr_test": costs.lr_test_s, "screening": math.ceil(n / concurrent) * screen_trial_s if n >= 2 else 0.0,
-                 "full_runs": full_run_s(costs, lr_epochs)}
+        parts = {
+            "lr_test": costs.lr_test_s,
+            "screening": math.ceil(n / concurrent) * screen_trial_s if n >= 2 else 0.0,
+            "full_runs": full_run_s(costs, lr_epochs),
+        }
         trimmed = f", trimmed from {epochs} to fit" if lr_epochs < epochs else ""
-        return Plan(regime="parity", budget_s=budget_s, final_epochs=lr_epochs, full_runs=1, lr_test=True,
-                    screen_trials=n if n >= 2 else 0,
-                    duel_final_epochs=max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs)) if duel_epochs >= 1 else 0,
-                    planned_s=parts, note="the budget holds one full run: an lr range test"
-                    + (f" and {n} short screening runs" if n >= 2 else "") + " first, then one final run of "
-                    f"{lr_epochs} epochs{trimmed} (a duel with the lr test's challenger, if any, may shorten it to "
-                    f"{max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs))})", **common)
+        return Plan(
+            regime="parity",
+            budget_s=budget_s,
+            final_epochs=lr_epochs,
+            full_runs=1,
+            lr_test=True,
+            screen_trials=n if n >= 2 else 0,
+            duel_final_epochs=max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs)) if duel_epochs >= 1 else 0,
+            planned_s=parts,
+            note="the budget holds one full run: an lr range test"
+            + (f" and {n} short screening runs" if n >= 2 else "")
+            + " first, then one final run of "
+            f"{lr_epochs} epochs{trimmed} (a duel with the lr test's challenger, if any, may shorten it to "
+            f"{max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs))})",
+            **common,
+        )
     if fit_epochs < 1:
-        raise ValueError(f"one epoch takes ~{costs.epoch_s:.0f} s here (+{costs.run_overhead_s:.0f} s per run), more "
-                         f"than the budget of {budget_s:g} s")
+        raise ValueError(
+            f"one epoch takes ~{costs.epoch_s:.0f} s here (+{costs.run_overhead_s:.0f} s per run), more "
+            f"than the budget of {budget_s:g} s"
+        )
     final = min(epochs, fit_epochs)
-    return Plan(regime="final-only", budget_s=budget_s, final_epochs=final, duel_final_epochs=final, full_runs=1,
-                lr_test=False, screen_trials=0,
-                planned_s={"full_runs": full_run_s(costs, final)},
-                note=f"the budget holds no screening beside the run: the user's configuration alone, {final} of "
-                f"{epochs} epochs" + (" (its schedule re-spanned to end at zero)" if final < epochs else ""), **common)
+    return Plan(
+        regime="final-only",
+        budget_s=budget_s,
+        final_epochs=final,
+        duel_final_epochs=final,
+        full_runs=1,
+        lr_test=False,
+        screen_trials=0,
+        planned_s={"full_runs": full_run_s(costs, final)},
+        note=f"the budget holds no screening beside the run: the user's configuration alone, {final} of "
+        f"{epochs} epochs" + (" (its schedule re-spanned to end at zero)" if final < epochs else ""),
+        **common,
+    )
 
 
 # ---- the guard ---------------------------------------------------------------------------------------
@@ -157,8 +216,10 @@ class Verdict:
 
     def describe(self) -> str:
         basis = "paired" if self.paired else "unpaired"
-        return (f"{self.difference * 100:+.2f} points on validation vs a threshold of {self.threshold * 100:.2f} "
-                f"({GUARD_Z:g} {basis} SE)")
+        return (
+            f"{self.difference * 100:+.2f} points on validation vs a threshold of {self.threshold * 100:.2f} "
+            f"({GUARD_Z:g} {basis} SE)"
+        )
 
 
 def guard_paired(incumbent_correct: np.ndarray, challenger_correct: np.ndarray, *, z: float = GUARD_Z) -> Verdict:

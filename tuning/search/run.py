@@ -52,8 +52,16 @@ from gendertune.models.transforms import EvalPreprocess, TrainAugment
 from gendertune.models.weights import fetch_hub_weights
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.search.lr_range import lr_range_test
-from gendertune.tuning.search.policy import (LR_TOLERANCE, Costs, Plan, guard_paired, guard_unpaired, keep_lr,
-                                             plan_search, screen_image_size)
+from gendertune.tuning.search.policy import (
+    LR_TOLERANCE,
+    Costs,
+    Plan,
+    guard_paired,
+    guard_unpaired,
+    keep_lr,
+    plan_search,
+    screen_image_size,
+)
 from gendertune.tuning.search.space import centre_lr, describe, space_for, suggest, trial_config, user_point, widen
 from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.data import training_datasets
@@ -119,16 +127,22 @@ class InProcessTrial(tune.Trainable):
         self.train_config = trial_config(self.base, params)
         settings = loop_settings(self.train_config, self.prepared)
         device = torch.device("cuda" if self.train_config.gpu and torch.cuda.is_available() else "cpu")
-        self.epochs = epoch_results(self.train_config, image_size=settings["image_size"],
-                                    steps_per_epoch=settings["steps_per_epoch"],
-                                    session=InProcessSession(self.datasets, device, restored),
-                                    run_started_at=self.run_started_at)
+        self.epochs = epoch_results(
+            self.train_config,
+            image_size=settings["image_size"],
+            steps_per_epoch=settings["steps_per_epoch"],
+            session=InProcessSession(self.datasets, device, restored),
+            run_started_at=self.run_started_at,
+        )
         self.latest_state: dict | None = None
 
     def step(self) -> dict:
         row, self.latest_state = next(self.epochs)
-        return {**row, "node_id": ray.get_runtime_context().get_node_id(),
-                "done": row["epoch"] >= self.train_config.epochs}
+        return {
+            **row,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "done": row["epoch"] >= self.train_config.epochs,
+        }
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         save_state_dir(self.latest_state, checkpoint_dir)
@@ -149,8 +163,15 @@ def run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: st
     prepared = open_prepared(data_root)
     trial_id = tune.get_context().get_trial_id()
     # A stable name (no timestamp): a resumed trial finds its Train run and resumes it too.
-    build_trainer(config, prepared, storage_path=trials_dir, name=f"train-{trial_id}",
-                  callbacks=[TuneReportCallback()], datasets=datasets, run_started_at=started_at).fit()
+    build_trainer(
+        config,
+        prepared,
+        storage_path=trials_dir,
+        name=f"train-{trial_id}",
+        callbacks=[TuneReportCallback()],
+        datasets=datasets,
+        run_started_at=started_at,
+    ).fit()
 
 
 class TrialSummary(tune.Callback):
@@ -164,7 +185,9 @@ class TrialSummary(tune.Callback):
         epochs = result.get("training_iteration", 0)
         status = "finished" if epochs >= self.max_epochs else f"pruned by ASHA after {epochs} epoch(s)"
         params = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
-        logger.info(f"[search {self.model}] trial {trial.trial_id} {status}: val_acc {result.get(METRIC, float('nan')):.4f} ({params})")
+        logger.info(
+            f"[search {self.model}] trial {trial.trial_id} {status}: val_acc {result.get(METRIC, float('nan')):.4f} ({params})"
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         logger.warning(f"[search {self.model}] trial {trial.trial_id} failed: see {trial.local_path}")
@@ -205,8 +228,10 @@ def check_search(model: str, base: TrainConfig, search: SearchConfig) -> None:
     except ConfigError as err:
         raise ConfigError(f"search.space constants {constants}: {err}") from None
     if base.deterministic and search.max_concurrent > 1:
-        raise ConfigError(f"search.max_concurrent {search.max_concurrent} with train.deterministic: a deterministic "
-                          "search runs one trial at a time; drop one of the two")
+        raise ConfigError(
+            f"search.max_concurrent {search.max_concurrent} with train.deterministic: a deterministic "
+            "search runs one trial at a time; drop one of the two"
+        )
     if base.pretrained:
         fetch_hub_weights(get_spec(model))
 
@@ -222,12 +247,22 @@ def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, 
     model = build_model(config.model, image_size=image_size).to(device=device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     generator = torch.Generator().manual_seed(0)
-    batch = (torch.randint(0, 256, (config.batch_size, image_size, image_size, 3), dtype=torch.uint8, generator=generator),
-             torch.randint(0, 2, (config.batch_size,), generator=generator))
-    step = {"model": model, "optimizer": optimizer, "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-            "augment": EvalPreprocess(image_size=image_size, mean=spec.mean, std=spec.std),
-            "criterion": nn.CrossEntropyLoss(), "aux_weight": spec.aux_loss_weight,
-            "precision": select_precision(config.precision, device), "scaler": None, "grad_clip": 0.0, "device": device}
+    batch = (
+        torch.randint(0, 256, (config.batch_size, image_size, image_size, 3), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 2, (config.batch_size,), generator=generator),
+    )
+    step = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        "augment": EvalPreprocess(image_size=image_size, mean=spec.mean, std=spec.std),
+        "criterion": nn.CrossEntropyLoss(),
+        "aux_weight": spec.aux_loss_weight,
+        "precision": select_precision(config.precision, device),
+        "scaler": None,
+        "grad_clip": 0.0,
+        "device": device,
+    }
     train_one_epoch(batches=[batch] * 2, **step)  # warm-up: allocator, kernels, lazy init
     return float(np.median([train_one_epoch(batches=[batch], **step).images_per_s for _ in range(steps)]))
 
@@ -238,8 +273,9 @@ RUN_START_S = 25.0  # a Ray Train run's start-up and checkpointing on a small ma
 PLAN_FILE, LR_FILE, STUDY_FILE, FINAL_FILE = "plan.json", "lr_range.json", "study.db", "final.json"
 
 
-def measure_costs(base: TrainConfig, prepared: PreparedData, *, image_size: int, screen_size: int, threads: int,
-                  lr_test_steps: int) -> Costs:
+def measure_costs(
+    base: TrainConfig, prepared: PreparedData, *, image_size: int, screen_size: int, threads: int, lr_test_steps: int
+) -> Costs:
     """The plan's costs from timed steps at both fidelities, where and as a run would train."""
     task = ray.remote(_measure_both).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
     full, screen = ray.get(task.remote(base, image_size, screen_size, threads))
@@ -249,14 +285,19 @@ def measure_costs(base: TrainConfig, prepared: PreparedData, *, image_size: int,
     val = counts["val"]["count"] if "val" in counts else counts["train"]["count"] * base.val_fraction
     held_out = val + counts.get("test", {}).get("count", 0)
     # A validation (or test) pass costs about a third of a training pass over the same images.
-    return Costs(epoch_s=(train + val / 3) / full, screen_epoch_s=(train + val / 3) / screen,
-                 lr_test_s=lr_test_steps * base.batch_size / screen + 5.0,
-                 run_overhead_s=RUN_START_S + held_out / 3 / full)
+    return Costs(
+        epoch_s=(train + val / 3) / full,
+        screen_epoch_s=(train + val / 3) / screen,
+        lr_test_s=lr_test_steps * base.batch_size / screen + 5.0,
+        run_overhead_s=RUN_START_S + held_out / 3 / full,
+    )
 
 
 def _measure_both(base: TrainConfig, image_size: int, screen_size: int, threads: int) -> tuple[float, float]:
-    return (measure_images_per_s(base, image_size, threads=threads),
-            measure_images_per_s(base, screen_size, threads=threads))
+    return (
+        measure_images_per_s(base, image_size, threads=threads),
+        measure_images_per_s(base, screen_size, threads=threads),
+    )
 
 
 def screening_concurrency(search: SearchConfig, base: TrainConfig) -> int:
@@ -277,18 +318,33 @@ def make_plan(model: str, base: TrainConfig, search: SearchConfig, prepared: Pre
     spec = get_spec(model)
     screen_size = screen_image_size(image_size, spec.min_input_size)
     concurrent = screening_concurrency(search, base)
-    costs = measure_costs(base, prepared, image_size=image_size, screen_size=screen_size,
-                          threads=max(1, compute_parallelism() // base.workers), lr_test_steps=search.lr_test_steps)
-    logger.info(f"[plan {model}] measured ~{costs.epoch_s:.0f} s per epoch at {image_size} px, ~{costs.screen_epoch_s:.0f} s "
-                f"at {screen_size} px, ~{costs.run_overhead_s:.0f} s per run besides its epochs")
+    costs = measure_costs(
+        base,
+        prepared,
+        image_size=image_size,
+        screen_size=screen_size,
+        threads=max(1, compute_parallelism() // base.workers),
+        lr_test_steps=search.lr_test_steps,
+    )
+    logger.info(
+        f"[plan {model}] measured ~{costs.epoch_s:.0f} s per epoch at {image_size} px, ~{costs.screen_epoch_s:.0f} s "
+        f"at {screen_size} px, ~{costs.run_overhead_s:.0f} s per run besides its epochs"
+    )
     try:
-        plan = plan_search(costs, epochs=base.epochs, budget_s=search.time_budget_s, trials=search.trials,
-                           screen_epochs=min(base.epochs, search.screen_epochs or max(2, base.epochs // 4)),
-                           screen_size=screen_size, concurrent=concurrent,
-                           retrain_challenger=search.retrain_challenger)
+        plan = plan_search(
+            costs,
+            epochs=base.epochs,
+            budget_s=search.time_budget_s,
+            trials=search.trials,
+            screen_epochs=min(base.epochs, search.screen_epochs or max(2, base.epochs // 4)),
+            screen_size=screen_size,
+            concurrent=concurrent,
+            retrain_challenger=search.retrain_challenger,
+        )
     except ValueError as err:
-        raise StageFailed(f"{model}: {err}; give it more time, or fewer images, a smaller --image-size or "
-                          "--batch-size") from None
+        raise StageFailed(
+            f"{model}: {err}; give it more time, or fewer images, a smaller --image-size or --batch-size"
+        ) from None
     logger.info(f"[plan {model}] {plan.note} (~{plan.total_s:.0f} s planned)")
     return plan
 
@@ -314,20 +370,32 @@ class TruthfulOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def make_searcher(search: SearchConfig, space: dict, points: list[dict], *, n_trials: int, max_t: int,
-                  storage_dir: str | None) -> OptunaSearch:
+def make_searcher(
+    search: SearchConfig, space: dict, points: list[dict], *, n_trials: int, max_t: int, storage_dir: str | None
+) -> OptunaSearch:
     """Optuna over the define-by-run `space`, the named points first. TPE set up for the trials
     that will run: a third of them random start-up (at least 2), multivariate over the conditional
     space, and constant liar so concurrent trials don't draw the same point. The study lives in
     `storage_dir`/study.db (sqlite) when the search writes to a folder, so it can be read and resumed."""
+    optuna.logging.set_verbosity(
+        optuna.logging.WARNING
+    )  # no "study created" / per-trial INFO lines: Tune's table says it
     with warnings.catch_warnings():  # `group` and `constant_liar` are "experimental" in Optuna, and long stable
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(2, n_trials // 3),
-                                             multivariate=True, group=True, constant_liar=True)
-    storage = (optuna.storages.RDBStorage(f"sqlite:///{Path(storage_dir) / STUDY_FILE}") if storage_dir else None)
-    return TruthfulOptunaSearch(space=functools.partial(suggest, space=space), metric=METRIC, mode="max",
-                                sampler=sampler, points_to_evaluate=points, max_t=max_t, storage=storage,
-                                study_name="screening")
+        sampler = optuna.samplers.TPESampler(
+            seed=search.seed, n_startup_trials=max(2, n_trials // 3), multivariate=True, group=True, constant_liar=True
+        )
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(storage_dir) / STUDY_FILE}") if storage_dir else None
+    return TruthfulOptunaSearch(
+        space=functools.partial(suggest, space=space),
+        metric=METRIC,
+        mode="max",
+        sampler=sampler,
+        points_to_evaluate=points,
+        max_t=max_t,
+        storage=storage,
+        study_name="screening",
+    )
 
 
 def make_scheduler(search: SearchConfig, plan: Plan):
@@ -336,16 +404,22 @@ def make_scheduler(search: SearchConfig, plan: Plan):
     use_asha = search.scheduler == "asha" or (search.scheduler == "auto" and plan.screen_trials >= 6)
     if not use_asha or plan.screen_epochs < 2:
         return tune.schedulers.FIFOScheduler()
-    return ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration", max_t=plan.screen_epochs,
-                         grace_period=min(search.grace_period, plan.screen_epochs - 1),
-                         reduction_factor=search.reduction_factor)
+    return ASHAScheduler(
+        metric=METRIC,
+        mode="max",
+        time_attr="training_iteration",
+        max_t=plan.screen_epochs,
+        grace_period=min(search.grace_period, plan.screen_epochs - 1),
+        reduction_factor=search.reduction_factor,
+    )
 
 
 # ---- the parts ---------------------------------------------------------------------------------------
 
 
-def lr_range_task(config: TrainConfig, data_root: str, *, image_size: int, steps: int, threads: int,
-                  datasets: dict) -> dict:
+def lr_range_task(
+    config: TrainConfig, data_root: str, *, image_size: int, steps: int, threads: int, datasets: dict
+) -> dict:
     """Ray task body: the lr range test of `config`'s model and optimizer on training batches."""
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
@@ -354,28 +428,52 @@ def lr_range_task(config: TrainConfig, data_root: str, *, image_size: int, steps
     model = build_model(config.model, image_size=image_size).to(device=device, memory_format=torch.channels_last)
     augment = TrainAugment(image_size=image_size, mean=spec.mean, std=spec.std, **config.augment_strengths())
     generator = torch.Generator().manual_seed(config.seed)
-    batches = itertools.islice(torch_batches(datasets["train"], batch_size=config.batch_size, shuffle_seed=config.seed),
-                               steps)
-    curve = lr_range_test(model, batches, optimizer=build_optimizer(model, config),
-                          augment=lambda images: augment(images, generator=generator),
-                          criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
-                          aux_weight=spec.aux_loss_weight, device=device, steps=steps)
+    batches = itertools.islice(
+        torch_batches(datasets["train"], batch_size=config.batch_size, shuffle_seed=config.seed), steps
+    )
+    curve = lr_range_test(
+        model,
+        batches,
+        optimizer=build_optimizer(model, config),
+        augment=lambda images: augment(images, generator=generator),
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        aux_weight=spec.aux_loss_weight,
+        device=device,
+        steps=steps,
+    )
     return curve.to_dict()
 
 
-def screen(model: str, screen_base: TrainConfig, search: SearchConfig, plan: Plan, prepared: PreparedData,
-           out_dir: str, *, space: dict, points: list[dict], resume: bool, callbacks: list | None,
-           datasets: dict, mode: str, budget_s: float) -> list:
+def screen(
+    model: str,
+    screen_base: TrainConfig,
+    search: SearchConfig,
+    plan: Plan,
+    prepared: PreparedData,
+    out_dir: str,
+    *,
+    space: dict,
+    points: list[dict],
+    resume: bool,
+    callbacks: list | None,
+    datasets: dict,
+    mode: str,
+    budget_s: float,
+) -> list:
     """The screening trials: complete short runs at low fidelity, through Ray Tune. Returns Tune's results."""
     threads = max(1, compute_parallelism() // plan.concurrent)
     if mode == "inprocess":
-        trainable = tune.with_parameters(InProcessTrial, base=screen_base, data_root=prepared.root,
-                                         threads=threads, datasets=datasets)
+        trainable = tune.with_parameters(
+            InProcessTrial, base=screen_base, data_root=prepared.root, threads=threads, datasets=datasets
+        )
     else:
-        trainable = tune.with_parameters(run_trial, base=screen_base, data_root=prepared.root,
-                                         trials_dir=join(out_dir, "trials"), datasets=datasets)
+        trainable = tune.with_parameters(
+            run_trial, base=screen_base, data_root=prepared.root, trials_dir=join(out_dir, "trials"), datasets=datasets
+        )
     cpus = screen_base.cpus_per_worker if mode == "inprocess" else 0.01
-    trainable = tune.with_resources(trainable, {"cpu": cpus, "gpu": (1 if screen_base.gpu else 0) if mode == "inprocess" else 0})
+    trainable = tune.with_resources(
+        trainable, {"cpu": cpus, "gpu": (1 if screen_base.gpu else 0) if mode == "inprocess" else 0}
+    )
     path = join(out_dir, SEARCH_DIR)
     if resume and tune.Tuner.can_restore(path):
         logger.info(f"[search {model}] resuming the screening in {path}")
@@ -386,8 +484,14 @@ def screen(model: str, screen_base: TrainConfig, search: SearchConfig, plan: Pla
             # metric/mode go to the searcher and scheduler, not TuneConfig: there Tune ranks the
             # trials itself on return and raises KeyError when an interrupted one has no metric yet.
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(search, space, points, n_trials=plan.screen_trials, max_t=plan.screen_epochs,
-                                         storage_dir=None if is_uri(out_dir) else out_dir),
+                search_alg=make_searcher(
+                    search,
+                    space,
+                    points,
+                    n_trials=plan.screen_trials,
+                    max_t=plan.screen_epochs,
+                    storage_dir=None if is_uri(out_dir) else out_dir,
+                ),
                 scheduler=make_scheduler(search, plan),
                 num_samples=plan.screen_trials,
                 max_concurrent_trials=plan.concurrent,
@@ -395,9 +499,11 @@ def screen(model: str, screen_base: TrainConfig, search: SearchConfig, plan: Pla
                 reuse_actors=mode == "inprocess",
             ),
             run_config=tune.RunConfig(
-                name=SEARCH_DIR, storage_path=out_dir,
+                name=SEARCH_DIR,
+                storage_path=out_dir,
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=1, **({"checkpoint_frequency": 1} if mode == "inprocess" else {})),
+                    num_to_keep=1, **({"checkpoint_frequency": 1} if mode == "inprocess" else {})
+                ),
                 failure_config=tune.FailureConfig(max_failures=screen_base.max_failures),
                 callbacks=[TrialSummary(model, plan.screen_epochs), *(callbacks or [])],
             ),
@@ -405,7 +511,9 @@ def screen(model: str, screen_base: TrainConfig, search: SearchConfig, plan: Pla
     results, interrupted = _fit_noting_interrupts(tuner)
     if interrupted:
         # Tune returns normally after Ctrl-C, with unfinished trials: that is no result to rank.
-        raise SearchInterrupted(f"the {model} search was interrupted; run the same command with --resume to continue it")
+        raise SearchInterrupted(
+            f"the {model} search was interrupted; run the same command with --resume to continue it"
+        )
     return list(results)
 
 
@@ -416,14 +524,28 @@ def trial_rows(results: list, plan: Plan) -> pd.DataFrame:
         frame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
         epochs = int(frame["epoch"].max()) if "epoch" in frame and len(frame) else 0
         last = frame.sort_values("epoch").iloc[-1] if epochs else {}
-        status = ("failed" if result.error is not None else "completed" if epochs >= plan.screen_epochs
-                  else "pruned" if epochs else "not started")
-        rows.append({"trial_id": result.path.rstrip("/").rsplit("/", 1)[-1] if result.path else "",
-                     "params": describe(_searched(result.config)), **_searched(result.config),
-                     "fidelity": f"{plan.screen_image_size} px x {plan.screen_epochs} epochs",
-                     "epochs_run": epochs, "val_acc": float(last[METRIC]) if epochs else float("nan"),
-                     "val_loss": float(last["val_loss"]) if epochs else float("nan"), "status": status,
-                     "history": frame[[c for c in ("epoch", METRIC, "val_loss") if c in frame]].to_dict("records")})
+        status = (
+            "failed"
+            if result.error is not None
+            else "completed"
+            if epochs >= plan.screen_epochs
+            else "pruned"
+            if epochs
+            else "not started"
+        )
+        rows.append(
+            {
+                "trial_id": result.path.rstrip("/").rsplit("/", 1)[-1] if result.path else "",
+                "params": describe(_searched(result.config)),
+                **_searched(result.config),
+                "fidelity": f"{plan.screen_image_size} px x {plan.screen_epochs} epochs",
+                "epochs_run": epochs,
+                "val_acc": float(last[METRIC]) if epochs else float("nan"),
+                "val_loss": float(last["val_loss"]) if epochs else float("nan"),
+                "status": status,
+                "history": frame[[c for c in ("epoch", METRIC, "val_loss") if c in frame]].to_dict("records"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -475,16 +597,32 @@ class SearchOutcome:
     def summary(self) -> dict:
         """What search.json and the leaderboard carry (plain JSON)."""
         chosen = next(run for run in self.full_runs if run["label"] == ("incumbent" if self.kept else "challenger"))
-        return {"plan": dataclasses.asdict(self.plan), "actual_s": self.actual_s, "kept": self.kept,
-                "verdict": self.verdict, "gain": self.gain, "final_seconds": chosen["seconds"],
-                "best_params": describe_params(self.best_params),
-                "final_epochs": self.best_config.epochs, "lr_curve": self.lr_curve, "full_runs": self.full_runs,
-                "trials": json.loads(self.trials.to_json(orient="records"))}
+        return {
+            "plan": dataclasses.asdict(self.plan),
+            "actual_s": self.actual_s,
+            "kept": self.kept,
+            "verdict": self.verdict,
+            "gain": self.gain,
+            "final_seconds": chosen["seconds"],
+            "best_params": describe_params(self.best_params),
+            "final_epochs": self.best_config.epochs,
+            "lr_curve": self.lr_curve,
+            "full_runs": self.full_runs,
+            "trials": json.loads(self.trials.to_json(orient="records")),
+        }
 
 
-def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData, out_dir: str,
-               *, resume: bool, callbacks: list | None = None, points_to_evaluate: list[dict] | None = None
-               ) -> SearchOutcome:
+def run_search(
+    model: str,
+    base: TrainConfig,
+    search: SearchConfig,
+    prepared: PreparedData,
+    out_dir: str,
+    *,
+    resume: bool,
+    callbacks: list | None = None,
+    points_to_evaluate: list[dict] | None = None,
+) -> SearchOutcome:
     """Search `model` under the budget policy (gendertune.tuning.search.policy) and return the
     configuration to put on the leaderboard with its full-length run. `out_dir` (a folder or a URI)
     holds the plan, the lr curve, the Tune state, the Optuna study and the full-length runs;
@@ -514,20 +652,34 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
         if lr_curve is None:
             part = time.perf_counter()
             task = ray.remote(lr_range_task).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
-            lr_curve = ray.get(task.remote(base, prepared.root, image_size=plan.screen_image_size,
-                                           steps=search.lr_test_steps, threads=compute_parallelism(), datasets=datasets))
+            lr_curve = ray.get(
+                task.remote(
+                    base,
+                    prepared.root,
+                    image_size=plan.screen_image_size,
+                    steps=search.lr_test_steps,
+                    threads=compute_parallelism(),
+                    datasets=datasets,
+                )
+            )
             write_json(join(out_dir, LR_FILE), lr_curve)
             actual["lr_test"] = time.perf_counter() - part
         suggestion = lr_curve["suggestion"]
         if suggestion is None:
-            logger.info(f"[search {model}] lr range test: the loss never fell by a tenth in {search.lr_test_steps} "
-                        f"steps, so it suggests nothing; the user's lr {base.lr:g} stands")
+            logger.info(
+                f"[search {model}] lr range test: the loss never fell by a tenth in {search.lr_test_steps} "
+                f"steps, so it suggests nothing; the user's lr {base.lr:g} stands"
+            )
         elif keep_lr(base.lr, suggestion):
-            logger.info(f"[search {model}] lr range test: suggests {suggestion:.2g}; the user's lr {base.lr:g} is within "
-                        f"{LR_TOLERANCE:g}x of it: kept")
+            logger.info(
+                f"[search {model}] lr range test: suggests {suggestion:.2g}; the user's lr {base.lr:g} is within "
+                f"{LR_TOLERANCE:g}x of it: kept"
+            )
         else:
-            logger.info(f"[search {model}] lr range test: suggests {suggestion:.2g}, the user's lr {base.lr:g} is not "
-                        f"within {LR_TOLERANCE:g}x of it: a challenger with lr {suggestion:.2g}")
+            logger.info(
+                f"[search {model}] lr range test: suggests {suggestion:.2g}, the user's lr {base.lr:g} is not "
+                f"within {LR_TOLERANCE:g}x of it: a challenger with lr {suggestion:.2g}"
+            )
             points.append({**user, "lr": suggestion})
         if suggestion is not None:
             space = centre_lr(space, base.optimizer, suggestion)
@@ -536,7 +688,11 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
         points = points_to_evaluate
     screen_base = dataclasses.replace(base, image_size=plan.screen_image_size, epochs=plan.screen_epochs)
     trials = pd.DataFrame()
-    challenger_params, verdict, gain = None, "kept: no screening, the budget holds the user's configuration alone", math.nan
+    challenger_params, verdict, gain = (
+        None,
+        "kept: no screening, the budget holds the user's configuration alone",
+        math.nan,
+    )
     # Screening runs when the plan has room for it, or, at about one run's budget, as a duel with
     # the lr test's challenger only (its time is taken from the final run, at most MAX_FINAL_TRIM).
     n_screen = plan.screen_trials or (2 if len(points) > 1 and plan.lr_test else 0)
@@ -545,9 +701,21 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
         # Screening's share, with slack for measurement error: the final run's time is protected by
         # stopping screening, never by cutting that run short.
         limit = (math.ceil(n_screen / plan.concurrent) * plan.screen_trial_s * 1.5 + 10) if plan.budget_s else 0
-        results = screen(model, screen_base, search, dataclasses.replace(plan, screen_trials=n_screen), prepared,
-                         out_dir, space=space, points=points, resume=resume, callbacks=callbacks, datasets=datasets,
-                         mode=mode, budget_s=limit)
+        results = screen(
+            model,
+            screen_base,
+            search,
+            dataclasses.replace(plan, screen_trials=n_screen),
+            prepared,
+            out_dir,
+            space=space,
+            points=points,
+            resume=resume,
+            callbacks=callbacks,
+            datasets=datasets,
+            mode=mode,
+            budget_s=limit,
+        )
         actual["screening"] = time.perf_counter() - part
         trials = trial_rows(results, plan)
         challenger_params, verdict, gain = pick_challenger(trials, user, val_images=_val_images(prepared, base))
@@ -563,29 +731,63 @@ def run_search(model: str, base: TrainConfig, search: SearchConfig, prepared: Pr
     two_runs = plan.full_runs == 2 and challenger_params is not None
     if plan.full_runs == 1 and challenger_params is not None and verdict.startswith("replaced"):
         chosen_params = challenger_params
-    runs.append(full_run("incumbent" if chosen_params is user else "challenger",
-                         trial_config(base, chosen_params, epochs=final_epochs), chosen_params, prepared, out_dir))
+    runs.append(
+        full_run(
+            "incumbent" if chosen_params is user else "challenger",
+            trial_config(base, chosen_params, epochs=final_epochs),
+            chosen_params,
+            prepared,
+            out_dir,
+        )
+    )
     if two_runs:
-        runs.append(full_run("challenger", trial_config(base, challenger_params, epochs=final_epochs),
-                             challenger_params, prepared, out_dir))
+        runs.append(
+            full_run(
+                "challenger",
+                trial_config(base, challenger_params, epochs=final_epochs),
+                challenger_params,
+                prepared,
+                out_dir,
+            )
+        )
         incumbent, challenger = runs
-        check = guard_paired(val_correct(incumbent.state, incumbent.config, prepared),
-                             val_correct(challenger.state, challenger.config, prepared))
+        check = guard_paired(
+            val_correct(incumbent.state, incumbent.config, prepared),
+            val_correct(challenger.state, challenger.config, prepared),
+        )
         chosen, gain = (challenger if check.replace else incumbent), check.difference
-        verdict = ("replaced: the challenger's full-length run beat the user's by " if check.replace
-                   else "kept: the challenger's full-length run did not beat the user's by more than the noise: "
-                   ) + check.describe()
+        verdict = (
+            "replaced: the challenger's full-length run beat the user's by "
+            if check.replace
+            else "kept: the challenger's full-length run did not beat the user's by more than the noise: "
+        ) + check.describe()
     else:
         chosen = runs[0]
     actual["full_runs"] = time.perf_counter() - part
     kept = chosen.params is user
     logger.info(f"[search {model}] {verdict}")
     return SearchOutcome(
-        best_config=chosen.config, best_params=chosen.params, best_state=chosen.state,
-        best_metrics={k: chosen.best[k] for k in ("epoch", "val_acc", "val_loss")}, kept=kept, verdict=verdict, gain=gain,
-        plan=plan, actual_s=actual, trials=trials, lr_curve=lr_curve,
-        full_runs=[{"label": r.label, "params": describe(r.params), "epochs": r.config.epochs,
-                    "best_val_acc": r.best["val_acc"], "seconds": r.seconds} for r in runs],
+        best_config=chosen.config,
+        best_params=chosen.params,
+        best_state=chosen.state,
+        best_metrics={k: chosen.best[k] for k in ("epoch", "val_acc", "val_loss")},
+        kept=kept,
+        verdict=verdict,
+        gain=gain,
+        plan=plan,
+        actual_s=actual,
+        trials=trials,
+        lr_curve=lr_curve,
+        full_runs=[
+            {
+                "label": r.label,
+                "params": describe(r.params),
+                "epochs": r.config.epochs,
+                "best_val_acc": r.best["val_acc"],
+                "seconds": r.seconds,
+            }
+            for r in runs
+        ],
     )
 
 
@@ -594,8 +796,13 @@ def pick_challenger(trials: pd.DataFrame, user: dict, *, val_images: int) -> tup
     against the user's own screening run (both at the same low fidelity, ranked by their final,
     annealed val accuracy, never by a mid-schedule maximum)."""
     completed = trials[trials["status"] == "completed"] if len(trials) else trials
-    is_user = completed.apply(lambda row: all(row.get(k) == v for k, v in user.items()), axis=1) if len(completed) else []
-    incumbent, others = completed[is_user] if len(completed) else completed, completed[~is_user] if len(completed) else completed
+    is_user = (
+        completed.apply(lambda row: all(row.get(k) == v for k, v in user.items()), axis=1) if len(completed) else []
+    )
+    incumbent, others = (
+        completed[is_user] if len(completed) else completed,
+        completed[~is_user] if len(completed) else completed,
+    )
     if not len(others):
         return None, "kept: no challenger completed its screening run", math.nan
     best = others.loc[others["val_acc"].idxmax()]
@@ -606,8 +813,11 @@ def pick_challenger(trials: pd.DataFrame, user: dict, *, val_images: int) -> tup
         return params, "replaced: the user's screening run did not complete (failed or diverged)", math.nan
     check = guard_unpaired(float(incumbent["val_acc"].iloc[0]), float(best["val_acc"]), val_images)
     word = "replaced" if check.replace else "kept"
-    return params, f"{word}: at screening fidelity the best challenger ({best['params']}) scored " + check.describe(), \
-        check.difference
+    return (
+        params,
+        f"{word}: at screening fidelity the best challenger ({best['params']}) scored " + check.describe(),
+        check.difference,
+    )
 
 
 def _val_images(prepared: PreparedData, base: TrainConfig) -> int:

@@ -24,19 +24,37 @@ DEFAULT_SPACE: dict[str, Any] = {
     "optimizer": ["choice", ["adamw", "sgd"]],
     # AdamW's range is re-centred on the lr range test's suggestion when there is one (`centre_lr`).
     "lr": {"adamw": ["loguniform", 3e-4, 3e-3], "adam": ["loguniform", 3e-4, 3e-3], "sgd": ["loguniform", 0.02, 0.3]},
-    "weight_decay": {"adamw": ["loguniform", 0.01, 0.2], "adam": ["loguniform", 1e-6, 1e-4],
-                     "sgd": ["loguniform", 1e-5, 1e-3]},
+    "weight_decay": {
+        "adamw": ["loguniform", 0.01, 0.2],
+        "adam": ["loguniform", 1e-6, 1e-4],
+        "sgd": ["loguniform", 1e-5, 1e-3],
+    },
     "label_smoothing": ["uniform", 0.0, 0.1],
     "augment_strength": ["uniform", 0.5, 1.5],
 }
 # Per-architecture adjustments: VGG's huge fully connected head diverges at Adam-typical rates.
 MODEL_SPACE: dict[str, dict[str, Any]] = {
-    "vgg19_bn": {"lr": {"adamw": ["loguniform", 1e-4, 3e-3], "adam": ["loguniform", 1e-4, 3e-3],
-                        "sgd": ["loguniform", 0.005, 0.1]}},
-    "vgg19": {"lr": {"adamw": ["loguniform", 1e-5, 1e-3], "adam": ["loguniform", 1e-5, 1e-3],
-                     "sgd": ["loguniform", 1e-3, 0.05]}},
-    "vit_b_16": {"lr": {"adamw": ["loguniform", 1e-5, 5e-4], "adam": ["loguniform", 1e-5, 5e-4],
-                        "sgd": ["loguniform", 1e-3, 0.05]}},
+    "vgg19_bn": {
+        "lr": {
+            "adamw": ["loguniform", 1e-4, 3e-3],
+            "adam": ["loguniform", 1e-4, 3e-3],
+            "sgd": ["loguniform", 0.005, 0.1],
+        }
+    },
+    "vgg19": {
+        "lr": {
+            "adamw": ["loguniform", 1e-5, 1e-3],
+            "adam": ["loguniform", 1e-5, 1e-3],
+            "sgd": ["loguniform", 1e-3, 0.05],
+        }
+    },
+    "vit_b_16": {
+        "lr": {
+            "adamw": ["loguniform", 1e-5, 5e-4],
+            "adam": ["loguniform", 1e-5, 5e-4],
+            "sgd": ["loguniform", 1e-3, 0.05],
+        }
+    },
 }
 TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__)
 FIXED_PER_SEARCH = {"data", "out", "model", "val_fraction", "workers", "gpu", "epochs", "image_size"}
@@ -67,9 +85,11 @@ def _check_domain(name: str, spec: Any) -> None:
         except (ValueError, TypeError, IndexError):
             ok = False
     if not ok:
-        raise ConfigError(f"search.space.{name}: {spec!r} is not [\"loguniform\"|\"uniform\", low, high] with "
-                          "low < high (low > 0 for loguniform), [\"choice\", [values]], a constant, or a table of "
-                          "those by optimizer")
+        raise ConfigError(
+            f'search.space.{name}: {spec!r} is not ["loguniform"|"uniform", low, high] with '
+            'low < high (low > 0 for loguniform), ["choice", [values]], a constant, or a table of '
+            "those by optimizer"
+        )
 
 
 def space_for(model: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -77,7 +97,9 @@ def space_for(model: str, overrides: dict[str, Any] | None = None) -> dict[str, 
     space = {**DEFAULT_SPACE, **MODEL_SPACE.get(model, {}), **(overrides or {})}
     unknown = sorted(set(space) - TRAIN_FIELDS - {"augment_strength"})
     if unknown:
-        raise ConfigError(f"search.space: unknown parameter(s) {', '.join(unknown)}; use train settings or augment_strength")
+        raise ConfigError(
+            f"search.space: unknown parameter(s) {', '.join(unknown)}; use train settings or augment_strength"
+        )
     # These define what is searched over, or the data every trial shares; they can't vary per trial.
     fixed = sorted(set(space) & FIXED_PER_SEARCH)
     if fixed:
@@ -116,8 +138,9 @@ def widen(space: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
         if name not in point:
             widened[name] = spec
         elif isinstance(spec, dict):
-            widened[name] = {key: _widen_one(inner, point[name]) if key == optimizer else inner
-                             for key, inner in spec.items()}
+            widened[name] = {
+                key: _widen_one(inner, point[name]) if key == optimizer else inner for key, inner in spec.items()
+            }
             if optimizer not in spec:  # e.g. the user's `adam` where the table has no row: their value alone
                 widened[name][optimizer] = point[name]
         else:
@@ -161,8 +184,10 @@ def trial_config(base: TrainConfig, params: dict[str, Any], **fidelity: Any) -> 
     and `fidelity` (image_size, epochs) for a screening run. `augment_strength` scales the *base*
     augmentation (so `--augment none` stays none, and `rotation=30` is what a strength of 1 means)."""
     strength = float(params.get("augment_strength", 1.0))
-    values = {**base.to_dict(),
-              **{name: getattr(base, name) * (1.0 if name in UNSCALED else strength) for name in AUGMENTATIONS}}
+    values = {
+        **base.to_dict(),
+        **{name: getattr(base, name) * (1.0 if name in UNSCALED else strength) for name in AUGMENTATIONS},
+    }
     values.update({k: v for k, v in params.items() if k != "augment_strength"})
     values.update(fidelity)
     return TrainConfig.from_dict(values)

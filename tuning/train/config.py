@@ -21,17 +21,21 @@ class TrainConfig(StageConfig):
     out: str = setting("", help="run folder or object-store URI (s3://, gs://); the same --out again resumes the run")
     model: str = setting("resnet50", help="architecture", names=list_models())
     epochs: int = setting(5, help="epochs", bounds="[1, inf)")
-    batch_size: int = setting(64, help="batch size per worker", bounds="[1, inf)")  # per worker, as in torchvision's references
+    batch_size: int = setting(
+        64, help="batch size per worker", bounds="[1, inf)"
+    )  # per worker, as in torchvision's references
     lr: float = setting(1e-3, help="peak learning rate", bounds="(0, 10)")
-    optimizer: Literal["adamw", "adam", "sgd"] = setting("adamw", help="optimizer; sgd = nesterov, with the momentum setting")
+    optimizer: Literal["adamw", "adam", "sgd"] = setting(
+        "adamw", help="optimizer; sgd = nesterov, with the momentum setting"
+    )
     momentum: float = setting(0.9, help="sgd's momentum", flag=False, bounds="[0, 1)")
     weight_decay: float = setting(0.05, help="weight decay, not on biases and norms", bounds="[0, inf)")
     schedule: Literal["cosine", "step", "constant"] = setting("cosine", help="lr schedule after warmup")
     warmup_epochs: float = setting(0.5, help="linear warmup length in epochs", bounds="[0, inf)")
-    step_epochs: int = setting(3, help="step schedule: multiply lr by step_gamma every step_epochs", flag=False,
-                                 bounds="[1, inf)")
-    step_gamma: float = setting(0.1, help="step schedule: the lr factor at each step", flag=False,
-                                bounds="(0, 1]")
+    step_epochs: int = setting(
+        3, help="step schedule: multiply lr by step_gamma every step_epochs", flag=False, bounds="[1, inf)"
+    )
+    step_gamma: float = setting(0.1, help="step schedule: the lr factor at each step", flag=False, bounds="(0, 1]")
     label_smoothing: float = setting(0.0, help="label smoothing", bounds="[0, 1)")
     grad_clip: float = setting(0.0, help="max global gradient norm; 0 = off", bounds="[0, inf)")
     image_size: int = setting(0, help="training image side in px; 0 = the prepared size", bounds="[0, inf)")
@@ -41,13 +45,19 @@ class TrainConfig(StageConfig):
     # PACK keeps a run's workers on few nodes (fast allreduce); SPREAD puts them on different
     # nodes, so losing one node costs one worker, not the whole group.
     placement_strategy: Literal["PACK", "SPREAD"] = setting(
-        "PACK", help="PACK workers onto few nodes, or SPREAD them over nodes")
+        "PACK", help="PACK workers onto few nodes, or SPREAD them over nodes"
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
-        "auto", help="auto = bf16 where native (recent CPUs, Ampere+ GPUs), else fp16+GradScaler on GPU, else fp32")
-    pretrained: bool = setting(False, exclusive="weights",
-                               help="start from ImageNet weights: the torch hub cache, downloaded into it if missing")
-    weights: str | None = setting(None, exclusive="weights",
-                                  help="start from a state dict file (ImageNet or this project's)")
+        "auto", help="auto = bf16 where native (recent CPUs, Ampere+ GPUs), else fp16+GradScaler on GPU, else fp32"
+    )
+    pretrained: bool = setting(
+        False,
+        exclusive="weights",
+        help="start from ImageNet weights: the torch hub cache, downloaded into it if missing",
+    )
+    weights: str | None = setting(
+        None, exclusive="weights", help="start from a state dict file (ImageNet or this project's)"
+    )
     # Augmentation strengths (0 = off), one per name in gendertune.models.transforms.AUGMENTATIONS (a test
     # checks it); see TrainAugment for their meaning. The command line sets them together with --augment.
     # Random resized crops are on by default: robustness to how a face is framed is a goal.
@@ -61,28 +71,40 @@ class TrainConfig(StageConfig):
     translate: float = setting(0.05, help="shift the face by up to this share of the side", flag=False)
     random_border: float = setting(0.3, help="probability of a random border, as tight crops have", flag=False)
     # Carved from train by identity when identities are known, so no person is on both sides.
-    val_fraction: float = setting(0.1, help="share of train carved out for validation when prep made no val split",
-                                  bounds="(0, 0.5)")
+    val_fraction: float = setting(
+        0.1, help="share of train carved out for validation when prep made no val split", bounds="(0, 0.5)"
+    )
     seed: int = setting(0, help="seed of the run; in compare, of the search too", bounds=SEED_BOUNDS)
     # The same seed gives the same numbers on one machine: deterministic kernels, and a search
     # runs one trial at a time (ASHA and Optuna then see results in one order). Slower.
-    deterministic: bool = setting(False, help="the same seed gives the same numbers on one machine: deterministic "
-                                  "kernels, one search trial at a time (slower)")
+    deterministic: bool = setting(
+        False,
+        help="the same seed gives the same numbers on one machine: deterministic "
+        "kernels, one search trial at a time (slower)",
+    )
     # Each failure resumes from the latest checkpoint.
     max_failures: int = setting(1, help="worker failures to recover from", bounds="[0, inf)")
     eval_batch_size: int = setting(256, help="batch size of evaluation", flag=False, bounds="[1, inf)")
     # Off until measured to help (gendertune.tuning.evaluate.decision); model.pt carries both to predict.
     tta: TestTimeAugmentation = setting(
-        "none", help="test-time augmentation of held-out evaluation, eval sets and predict: "
-                     "flip = average each face with its mirror image (2x inference)")
+        "none",
+        help="test-time augmentation of held-out evaluation, eval sets and predict: "
+        "flip = average each face with its mirror image (2x inference)",
+    )
     threshold: DecisionThreshold = setting(
-        "fixed", help="decision threshold on P(class 1): fixed = 0.5; balanced = chosen on validation "
-                      "to maximise the mean of the two classes' recall")
+        "fixed",
+        help="decision threshold on P(class 1): fixed = 0.5; balanced = chosen on validation "
+        "to maximise the mean of the two classes' recall",
+    )
     # NAME=DIR labelled folders scored after training, never during selection (gendertune.tuning.evaluate.eval_sets).
     eval_sets: tuple[str, ...] = setting(
-        (), flag="--eval-set", repeat=True, metavar="NAME=DIR",
+        (),
+        flag="--eval-set",
+        repeat=True,
+        metavar="NAME=DIR",
         help="after training, also score on this labelled folder (a CSV with an image column, the attribute, "
-        "and any group columns such as age or race); repeatable")
+        "and any group columns such as age or race); repeatable",
+    )
 
     def validate(self) -> None:
         if not self.data:
@@ -105,4 +127,3 @@ class TrainConfig(StageConfig):
 
     def augment_strengths(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in AUGMENTATIONS}
-

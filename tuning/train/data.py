@@ -14,8 +14,8 @@ import pyarrow.dataset as pads
 import ray
 import ray.train
 
-from gendertune.cluster import storage
 from gendertune.base.errors import UserInputError
+from gendertune.cluster import storage
 from gendertune.data_prep.layout import PreparedData
 from gendertune.tuning.train.pixels import decode_pixels
 
@@ -60,8 +60,9 @@ def ordered_ingest() -> ray.data.ExecutionOptions:
     DataConfig.default_ingest_options, which passes the deprecated exclude_resources and so
     printed a RayDeprecationWarning on every run."""
     current = ray.data.DataContext.get_current().execution_options
-    return ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
-                                     verbose_progress=current.verbose_progress)
+    return ray.data.ExecutionOptions(
+        resource_limits=current.resource_limits, preserve_order=True, verbose_progress=current.verbose_progress
+    )
 
 
 def _read(prepared: PreparedData, split: str) -> ray.data.Dataset:
@@ -80,8 +81,12 @@ def training_views(prepared: PreparedData, *, val_fraction: float) -> dict[str, 
     train = _read(prepared, "train")
     carve = {"fraction": val_fraction}
     return {
-        "train": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": False}, batch_format="numpy"), size),
-        "val": _images(train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": True}, batch_format="numpy"), size),
+        "train": _images(
+            train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": False}, batch_format="numpy"), size
+        ),
+        "val": _images(
+            train.map_batches(_carve, fn_kwargs={**carve, "keep_validation": True}, batch_format="numpy"), size
+        ),
     }
 
 
@@ -117,8 +122,11 @@ def read_split_images(prepared: PreparedData, split: str, image_ids: list[str]) 
     root = prepared.split_dir(split)
     filesystem, path = storage.resolve(root)
     table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table(
-        columns=["image_id", "pixels"], filter=pads.field("image_id").isin(image_ids))
+        columns=["image_id", "pixels"], filter=pads.field("image_id").isin(image_ids)
+    )
     size = prepared.image_size
-    found = {i: np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3)
-             for i, b in zip(table["image_id"].to_pylist(), table["pixels"].to_pylist())}
+    found = {
+        i: np.frombuffer(b, dtype=np.uint8).reshape(size, size, 3)
+        for i, b in zip(table["image_id"].to_pylist(), table["pixels"].to_pylist())
+    }
     return [found[i] for i in image_ids]

@@ -57,7 +57,9 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return set()
-    return {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    return {
+        flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()
+    }
 
 
 def bf16_supported(device: torch.device, flags: set[str] | None = None) -> bool:
@@ -80,9 +82,14 @@ def select_precision(requested: str, device: torch.device, flags: set[str] | Non
         elif device.type == "cuda":
             requested, reason = "fp16", "auto: this GPU has no bf16; fp16 with a GradScaler"
         else:
-            requested, reason = "fp32", "auto: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be emulated (slower)"
+            requested, reason = (
+                "fp32",
+                "auto: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be emulated (slower)",
+            )
     if requested == "bf16" and not native:
-        raise UserInputError(f"--precision bf16 is not supported natively on this {device.type} device; use auto or fp32")
+        raise UserInputError(
+            f"--precision bf16 is not supported natively on this {device.type} device; use auto or fp32"
+        )
     if requested == "fp16" and device.type != "cuda":
         raise UserInputError("--precision fp16 needs a GPU; on CPU use bf16 (if supported) or fp32")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -173,8 +180,10 @@ def train_one_epoch(
         value = float(loss.detach())  # waits for the device, as the stats line below did anyway
         # GradScaler's fp16 steps skip a non-finite step and lower the scale: that is its job.
         if scaler is None and not math.isfinite(value):
-            raise NonFiniteLoss(f"the training loss became {value} at step {stats.steps + 1} of the epoch: lower --lr, "
-                                "set --grad-clip, or check the starting weights; no model was written")
+            raise NonFiniteLoss(
+                f"the training loss became {value} at step {stats.steps + 1} of the epoch: lower --lr, "
+                "set --grad-clip, or check the starting weights; no model was written"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -240,5 +249,10 @@ def evaluate(
         all_labels.append(targets)
     stats.seconds = time.perf_counter() - started
     empty = torch.zeros(0)
-    return EvalResult(stats, torch.cat(probs) if probs else empty, torch.cat(margins) if margins else empty,
-                      torch.cat(all_labels) if all_labels else empty.long(), model_seconds)
+    return EvalResult(
+        stats,
+        torch.cat(probs) if probs else empty,
+        torch.cat(margins) if margins else empty,
+        torch.cat(all_labels) if all_labels else empty.long(),
+        model_seconds,
+    )

@@ -23,26 +23,38 @@ from torch import nn
 
 from gendertune.base.config import ConfigError
 from gendertune.base.errors import GendertuneError, MissingInputError, StageFailed, UserInputError
-from gendertune.cluster.environment import write_environment
+from gendertune.base.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
+from gendertune.cluster import tracking
 from gendertune.cluster.ddp import torch_config
+from gendertune.cluster.environment import write_environment
 from gendertune.cluster.runtime import compute_parallelism, ensure_ray, require_resources, run_on_other_nodes
 from gendertune.cluster.shared_storage import require_shared
-from gendertune.cluster.storage import OutputLocation, claim_folder, output_location, write_json_atomic, write_text_atomic
+from gendertune.cluster.storage import (
+    OutputLocation,
+    claim_folder,
+    output_location,
+    write_json_atomic,
+    write_text_atomic,
+)
 from gendertune.data_prep.layout import PreparedData, open_prepared, read_slices
 from gendertune.models.registry import build_model, check_image_size, count_parameters, get_spec
 from gendertune.models.transforms import EvalPreprocess
 from gendertune.models.weights import fetch_hub_weights
 from gendertune.tuning.evaluate import run_layout
-from gendertune.cluster import tracking
 from gendertune.tuning.evaluate.calibration import calibrated_probability, fit_temperature
 from gendertune.tuning.evaluate.decision import fit_threshold, with_tta
-from gendertune.tuning.train.data import ordered_ingest, read_split_images, test_dataset, training_datasets, training_views
-from gendertune.tuning.train.engine import NonFiniteLoss, evaluate, select_precision
 from gendertune.tuning.evaluate.eval_sets import evaluate_run, load_eval_set
 from gendertune.tuning.evaluate.metrics import evaluate_predictions, most_confident_mistakes
-from gendertune.base.plots import plot_accuracy_per_epoch, plot_confusion_matrix, plot_loss_per_epoch, plot_mistakes
 from gendertune.tuning.evaluate.slices import slices_of
 from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.data import (
+    ordered_ingest,
+    read_split_images,
+    test_dataset,
+    training_datasets,
+    training_views,
+)
+from gendertune.tuning.train.engine import NonFiniteLoss, evaluate, select_precision
 from gendertune.tuning.train.worker import load_state_dir, train_worker
 
 logger = logging.getLogger(__name__)
@@ -75,8 +87,12 @@ def scaling_config(config: TrainConfig) -> ray.train.ScalingConfig:
     resources = {"CPU": config.cpus_per_worker}
     if config.gpu:
         resources["GPU"] = 1
-    return ray.train.ScalingConfig(num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources,
-                                   placement_strategy=config.placement_strategy)
+    return ray.train.ScalingConfig(
+        num_workers=config.workers,
+        use_gpu=config.gpu,
+        resources_per_worker=resources,
+        placement_strategy=config.placement_strategy,
+    )
 
 
 def loop_settings(config: TrainConfig, prepared: PreparedData) -> dict:
@@ -94,7 +110,13 @@ def loop_settings(config: TrainConfig, prepared: PreparedData) -> dict:
 
 
 def build_trainer(
-    config: TrainConfig, prepared: PreparedData, *, storage_path: str, name: str, callbacks=None, datasets=None,
+    config: TrainConfig,
+    prepared: PreparedData,
+    *,
+    storage_path: str,
+    name: str,
+    callbacks=None,
+    datasets=None,
     run_started_at: float | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for one run; multi-worker Tune trials build theirs with this too, passing
@@ -183,7 +205,11 @@ def evaluate_held_out(state: dict, config: TrainConfig, data_root: str, splits: 
     results = {}
     for split in splits:
         # Read once, so no caching: for val, only the val view is computed, not the train split too.
-        dataset = test_dataset(prepared) if split == "test" else training_views(prepared, val_fraction=config.val_fraction)["val"]
+        dataset = (
+            test_dataset(prepared)
+            if split == "test"
+            else training_views(prepared, val_fraction=config.val_fraction)["val"]
+        )
         ids: list[str] = []
 
         def batches():  # consumed within this iteration, so the loop's variables are the current ones
@@ -192,11 +218,21 @@ def evaluate_held_out(state: dict, config: TrainConfig, data_root: str, splits: 
                 yield torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy())
 
         # fp32, like `predict`: the reported numbers must not depend on a precision shortcut.
-        result = evaluate(model, batches(), preprocess=preprocess, criterion=nn.CrossEntropyLoss(),
-                          precision=select_precision("fp32", device), device=device)
+        result = evaluate(
+            model,
+            batches(),
+            preprocess=preprocess,
+            criterion=nn.CrossEntropyLoss(),
+            precision=select_precision("fp32", device),
+            device=device,
+        )
         results[split] = {
-            "image_id": ids, "label": result.labels.tolist(), "prob_positive": result.prob_positive.tolist(),
-            "margin": result.margin.tolist(), "seconds": result.model_seconds, "loss": result.stats.loss,
+            "image_id": ids,
+            "label": result.labels.tolist(),
+            "prob_positive": result.prob_positive.tolist(),
+            "margin": result.margin.tolist(),
+            "seconds": result.model_seconds,
+            "loss": result.stats.loss,
         }
     return results
 
@@ -211,8 +247,9 @@ def held_out_predictions(state: dict, config: TrainConfig, prepared: PreparedDat
     return ray.get(task.remote(state, config, prepared.root, splits))
 
 
-def evaluate_held_out_and_write(out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, *,
-                                started: float) -> dict:
+def evaluate_held_out_and_write(
+    out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, *, started: float
+) -> dict:
     """The one held-out evaluation of a run's chosen weights, used by train and by compare (which
     keeps its search's best trial): predictions on the held-out splits, then every file of the
     finished run, metrics.json last. Returns the metrics; `started` is when the run began."""
@@ -228,7 +265,12 @@ def save_atomic(payload: dict, path: Path) -> None:
 
 
 def write_run_outputs(
-    out: Path, config: TrainConfig, prepared: PreparedData, state: dict, best: dict, held_out: dict[str, dict],
+    out: Path,
+    config: TrainConfig,
+    prepared: PreparedData,
+    state: dict,
+    best: dict,
+    held_out: dict[str, dict],
     wall_seconds: float,
 ) -> dict:
     """Everything a finished run holds (gendertune.tuning.evaluate.run_layout), metrics.json last. `held_out` is
@@ -237,44 +279,72 @@ def write_run_outputs(
     spec = get_spec(config.model)
     split = "test" if "test" in held_out else "val"
     temperature = fit_temperature(np.asarray(held_out["val"]["label"]), np.asarray(held_out["val"]["margin"]))
-    threshold = fit_threshold(held_out["val"]["label"], calibrated_probability(held_out["val"]["margin"], temperature),
-                              config.threshold)
+    threshold = fit_threshold(
+        held_out["val"]["label"], calibrated_probability(held_out["val"]["margin"], temperature), config.threshold
+    )
     history = pd.DataFrame(state["history"])
     write_text_atomic(out / run_layout.HISTORY, history.to_csv(index=False))
     save_atomic(
         {
             "format_version": run_layout.MODEL_FORMAT_VERSION,
-            "model": state["model"], "model_name": config.model, "image_size": state["image_size"],
-            "prep_image_size": prepared.image_size, "mean": list(spec.mean), "std": list(spec.std),
-            "class_names": prepared.class_names, "epoch": best["epoch"], "val_acc": best["val_acc"],
+            "model": state["model"],
+            "model_name": config.model,
+            "image_size": state["image_size"],
+            "prep_image_size": prepared.image_size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "class_names": prepared.class_names,
+            "epoch": best["epoch"],
+            "val_acc": best["val_acc"],
             # How prep framed the faces (gendertune.data_prep.faces.AlignSettings): predict reproduces it.
             "alignment": prepared.alignment,
             "temperature": temperature,  # predict reports sigmoid(margin / temperature)
-            "tta": config.tta, "threshold": threshold,  # predict averages as evaluation did, decides at threshold
+            "tta": config.tta,
+            "threshold": threshold,  # predict averages as evaluation did, decides at threshold
         },
         out / run_layout.MODEL,
     )
     scored = held_out[split]
-    predictions = pd.DataFrame({
-        "image_id": scored["image_id"], "label": scored["label"], "margin": scored["margin"],
-        "prob_uncalibrated": scored["prob_positive"],
-        "prob_positive": calibrated_probability(scored["margin"], temperature),
-    })
+    predictions = pd.DataFrame(
+        {
+            "image_id": scored["image_id"],
+            "label": scored["label"],
+            "margin": scored["margin"],
+            "prob_uncalibrated": scored["prob_positive"],
+            "prob_positive": calibrated_probability(scored["margin"], temperature),
+        }
+    )
     write_text_atomic(out / run_layout.PREDICTIONS, predictions.to_csv(index=False))
-    evaluation = evaluate_predictions(predictions["label"], predictions["prob_positive"],
-                                      class_names=tuple(prepared.class_names),
-                                      prob_uncalibrated=predictions["prob_uncalibrated"], threshold=threshold)
+    evaluation = evaluate_predictions(
+        predictions["label"],
+        predictions["prob_positive"],
+        class_names=tuple(prepared.class_names),
+        prob_uncalibrated=predictions["prob_uncalibrated"],
+        threshold=threshold,
+    )
     groups = read_slices(prepared)
     if groups is not None and split == "test":
-        evaluation["slices"] = {"test": slices_of(predictions, groups, key="image_id", class_names=prepared.class_names,
-                                                  threshold=threshold)}
+        evaluation["slices"] = {
+            "test": slices_of(
+                predictions, groups, key="image_id", class_names=prepared.class_names, threshold=threshold
+            )
+        }
     mistakes = most_confident_mistakes(predictions, threshold=threshold)
-    plot_mistakes(mistakes, read_split_images(prepared, split, mistakes["image_id"].tolist()), out / f"mistakes_{split}.png",
-                  class_names=prepared.class_names, title=f"{config.model}: most confident mistakes on {split}")
+    plot_mistakes(
+        mistakes,
+        read_split_images(prepared, split, mistakes["image_id"].tolist()),
+        out / f"mistakes_{split}.png",
+        class_names=prepared.class_names,
+        title=f"{config.model}: most confident mistakes on {split}",
+    )
     plot_accuracy_per_epoch(history, out / "accuracy_per_epoch.png")
     plot_loss_per_epoch(history, out / "loss_per_epoch.png")
-    plot_confusion_matrix(evaluation["confusion_matrix"], out / "confusion_matrix.png",
-                          class_names=tuple(prepared.class_names), title=f"{config.model} on {split}")
+    plot_confusion_matrix(
+        evaluation["confusion_matrix"],
+        out / "confusion_matrix.png",
+        class_names=tuple(prepared.class_names),
+        title=f"{config.model} on {split}",
+    )
     metrics = {
         "model": config.model,
         "evaluated_on": split,
@@ -340,18 +410,29 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dic
     eval_sets = [load_eval_set(spec, attribute=prepared.manifest["attribute"]) for spec in config.eval_sets]
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.TRAIN_EXPERIMENT)  # an unreachable server fails now
-    with output_location(config.out, stage="train", markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})) as location:
+    with output_location(
+        config.out, stage="train", markers=(run_layout.METRICS,), ray_dirs=frozenset({run_layout.RAY_RUN_NAME})
+    ) as location:
         train_into(location, config)
         for eval_set in eval_sets:
             scores = evaluate_run(location.local, eval_set)
             low, high = scores["accuracy_ci95"]
-            logger.info(f"{config.model}: {eval_set.name} accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f})")
+            logger.info(
+                f"{config.model}: {eval_set.name} accuracy {scores['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f})"
+            )
         metrics = run_layout.read_metrics(location.local)
         if tracking_uri:
             run = location.local
-            tracking.log_model_result(tracking_uri, tracking.TRAIN_EXPERIMENT, config.model, config.to_dict(), metrics,
-                                      tracking.run_artifacts(run), history=pd.read_csv(run / run_layout.HISTORY),
-                                      tags={"gendertune.out": location.storage})
+            tracking.log_model_result(
+                tracking_uri,
+                tracking.TRAIN_EXPERIMENT,
+                config.model,
+                config.to_dict(),
+                metrics,
+                tracking.run_artifacts(run),
+                history=pd.read_csv(run / run_layout.HISTORY),
+                tags={"gendertune.out": location.storage},
+            )
         return metrics
 
 
@@ -359,8 +440,9 @@ def _read_saved_config(path: Path, run: str) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise UserInputError(f"{run} holds an unfinished run whose {run_layout.CONFIG} is not valid JSON ({err}); "
-                             "choose another --out") from None
+        raise UserInputError(
+            f"{run} holds an unfinished run whose {run_layout.CONFIG} is not valid JSON ({err}); choose another --out"
+        ) from None
 
 
 def train_into(location: OutputLocation, config: TrainConfig) -> dict:
@@ -371,10 +453,14 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     check_compatible(config, prepared)
     out = location.local
     if run_layout.is_complete(out):
-        raise RunAlreadyComplete(f"{location.storage} already holds a finished run ({run_layout.METRICS}); choose another --out")
+        raise RunAlreadyComplete(
+            f"{location.storage} already holds a finished run ({run_layout.METRICS}); choose another --out"
+        )
     saved = out / run_layout.CONFIG
     if saved.is_file() and _read_saved_config(saved, location.storage) != json.loads(config.to_json()):
-        raise UserInputError(f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out")
+        raise UserInputError(
+            f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out"
+        )
     ensure_ray()
     require_resources(workers=config.workers, cpus_per_worker=config.cpus_per_worker, gpus_per_worker=int(config.gpu))
     if config.pretrained:  # the driver fetched them for its node in check_compatible
@@ -388,6 +474,8 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
     logger.info(f"best epoch {best['epoch']} (val acc {best['val_acc']:.4f}); evaluating once on the {split} split")
     metrics = evaluate_held_out_and_write(out, config, prepared, best_state, best, started=started)
     low, high = metrics["accuracy_ci95"]
-    logger.info(f"{config.model}: {split} accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
-                f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {location.storage}")
+    logger.info(
+        f"{config.model}: {split} accuracy {metrics['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+        f"macro F1 {metrics['macro_f1']:.4f}, majority rate {metrics['majority_rate']:.4f}; wrote {location.storage}"
+    )
     return metrics

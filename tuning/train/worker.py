@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from gendertune.models.registry import build_model, get_spec
 from gendertune.models.transforms import EvalPreprocess, TrainAugment
-from gendertune.tuning.train.engine import build_optimizer, build_scheduler, evaluate, select_precision, train_one_epoch
 from gendertune.tuning.train.config import TrainConfig
+from gendertune.tuning.train.engine import build_optimizer, build_scheduler, evaluate, select_precision, train_one_epoch
 
 CHECKPOINT_FILE = "state.pt"
 # What each epoch row says about time, besides its metrics: `*_at` columns are wall-clock Unix
@@ -101,8 +101,14 @@ def _gather_generator_states(generator: torch.Generator, world_size: int) -> lis
     return states
 
 
-def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: TrainSession,
-                  run_started_at: float | None = None) -> Iterator[tuple[dict, dict | None]]:
+def epoch_results(
+    config: TrainConfig,
+    *,
+    image_size: int,
+    steps_per_epoch: int,
+    session: TrainSession,
+    run_started_at: float | None = None,
+) -> Iterator[tuple[dict, dict | None]]:
     """Build, restore, then train every remaining epoch of one run, yielding (metrics row,
     checkpoint state) per epoch; the state is None on ranks other than 0. Nothing runs, and
     nothing is restored, before the first next().
@@ -149,30 +155,45 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
 
     for epoch in range(start_epoch, config.epochs):
         train = train_one_epoch(
-            model, session.batches("train", batch_size=config.batch_size, shuffle_seed=config.seed * 1000 + epoch),
-            optimizer=optimizer, scheduler=scheduler,
+            model,
+            session.batches("train", batch_size=config.batch_size, shuffle_seed=config.seed * 1000 + epoch),
+            optimizer=optimizer,
+            scheduler=scheduler,
             augment=lambda images: augment(images, generator=generator),
-            criterion=criterion, aux_weight=spec.aux_loss_weight, precision=precision,
-            scaler=scaler, grad_clip=config.grad_clip, device=device,
+            criterion=criterion,
+            aux_weight=spec.aux_loss_weight,
+            precision=precision,
+            scaler=scaler,
+            grad_clip=config.grad_clip,
+            device=device,
         )
         val = evaluate(
-            model, session.batches("val", batch_size=config.eval_batch_size, shuffle_seed=None),
-            preprocess=preprocess, criterion=criterion, precision=precision, device=device,
+            model,
+            session.batches("val", batch_size=config.eval_batch_size, shuffle_seed=None),
+            preprocess=preprocess,
+            criterion=criterion,
+            precision=precision,
+            device=device,
         ).stats
         sums = _all_reduce_sums(
             [train.loss_sum, train.correct, train.count, val.loss_sum, val.correct, val.count, train.seconds], device
         )
         row = {
             "epoch": epoch + 1,
-            "train_loss": sums[0] / max(sums[2], 1), "train_acc": sums[1] / max(sums[2], 1),
-            "val_loss": sums[3] / max(sums[5], 1), "val_acc": sums[4] / max(sums[5], 1),
+            "train_loss": sums[0] / max(sums[2], 1),
+            "train_acc": sums[1] / max(sums[2], 1),
+            "val_loss": sums[3] / max(sums[5], 1),
+            "val_acc": sums[4] / max(sums[5], 1),
             "lr": optimizer.param_groups[0]["lr"],
             # Aggregate throughput: all workers' images over the mean worker time.
             "train_images_per_s": sums[2] / max(sums[6] / session.world_size, 1e-9),
             "attempt_start_epoch": start_epoch,
-            "precision": precision.name, "precision_reason": precision.reason,
-            "run_started_at": run_started_at, "loop_started_at": loop_started_at,
-            "epoch_started_at": train.started_at, "first_step_at": train.first_step_at,
+            "precision": precision.name,
+            "precision_reason": precision.reason,
+            "run_started_at": run_started_at,
+            "loop_started_at": loop_started_at,
+            "epoch_started_at": train.started_at,
+            "first_step_at": train.first_step_at,
             "train_seconds": sums[6] / session.world_size,
         }
         history.append(row)
@@ -187,12 +208,20 @@ def epoch_results(config: TrainConfig, *, image_size: int, steps_per_epoch: int,
         if rank != 0:
             yield row, None
             continue
-        yield row, {
-            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-            "generator": generators, "epoch": epoch + 1, "history": list(history),
-            "model_name": config.model, "image_size": image_size,
-        }
+        yield (
+            row,
+            {
+                "model": unwrapped.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else {},
+                "generator": generators,
+                "epoch": epoch + 1,
+                "history": list(history),
+                "model_name": config.model,
+                "image_size": image_size,
+            },
+        )
 
 
 def save_state_dir(state: dict, folder: str | Path) -> None:
@@ -203,11 +232,18 @@ def load_state_dir(folder: str | Path, device: torch.device | str = "cpu") -> di
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=device, weights_only=True)
 
 
-def run_epochs(config: TrainConfig, *, image_size: int, steps_per_epoch: int, session: ReportingSession,
-               run_started_at: float | None = None) -> None:
+def run_epochs(
+    config: TrainConfig,
+    *,
+    image_size: int,
+    steps_per_epoch: int,
+    session: ReportingSession,
+    run_started_at: float | None = None,
+) -> None:
     """Every remaining epoch of one run, each reported (rank 0 with its checkpoint) to the session."""
-    for row, state in epoch_results(config, image_size=image_size, steps_per_epoch=steps_per_epoch,
-                                    session=session, run_started_at=run_started_at):
+    for row, state in epoch_results(
+        config, image_size=image_size, steps_per_epoch=steps_per_epoch, session=session, run_started_at=run_started_at
+    ):
         if state is None:
             session.report(row, None)
             continue
@@ -257,7 +293,9 @@ def train_worker(loop_config: dict) -> None:
     quiet_report_lines()
     torch.set_num_threads(loop_config["threads_per_worker"])
     run_epochs(
-        loop_config["train"], image_size=loop_config["image_size"],
-        steps_per_epoch=loop_config["steps_per_epoch"], session=RayTrainSession(),
+        loop_config["train"],
+        image_size=loop_config["image_size"],
+        steps_per_epoch=loop_config["steps_per_epoch"],
+        session=RayTrainSession(),
         run_started_at=loop_config["run_started_at"],
     )
