@@ -14,7 +14,7 @@ from gendertune.tuning.search.lr_range import DIVERGED, lr_range_test, suggest_l
 def test_the_suggestion_is_a_tenth_of_the_lr_at_the_lowest_loss():
     lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     assert suggest_lr(lrs, [0.7, 0.6, 0.3, 0.5, 2.0]) == pytest.approx(1e-4)
-    assert suggest_lr(lrs, [0.70, 0.69, 0.695, 0.9, 2.0]) is None  # the loss never really fell: no suggestion
+    assert suggest_lr(lrs, [0.90, 0.69, 0.67, 0.9, 2.0]) is None  # never clearly below guessing's ln 2
     assert suggest_lr([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], [0.3, 0.7, 0.7, 0.7, 0.7, 0.7, 0.9, 2.0]) is None
     with pytest.raises(ValueError):
         suggest_lr([], [])

@@ -40,6 +40,13 @@ class SearchConfig(StageConfig):
         help="train the best screened challenger at full length too, when the budget holds two runs, and "
         "choose between the two complete runs; off = decide at screening fidelity (one full run)",
     )
+    # 2 SE: one-sided p ~ 0.02 that a challenger this far ahead is not better at all.
+    guard_z: float = setting(
+        2.0,
+        help="a challenger replaces your configuration only when it beats it on validation by more than this "
+        "many standard errors of the difference",
+        bounds="[0, inf)",
+    )
     scheduler: Literal["auto", "asha", "fifo"] = setting(
         "auto",
         help="screening's scheduler: asha stops weak screening runs early; fifo lets each finish; "

@@ -22,10 +22,12 @@ from gendertune.tuning.train.engine import Batch
 DIVERGED = 4.0
 # The smoothing of the recorded loss (an exponential moving average, bias-corrected, as fastai does).
 BETA = 0.9
-# A curve whose smoothed loss never fell below this share of its start, or whose lowest point lies
-# in its first quarter (where the lr is still too small to move anything), found no lr that
-# learns (too few steps, or too little data): it suggests nothing rather than noise.
-DESCENT = 0.97
+# A curve whose smoothed loss never got this far below the loss of guessing (ln 2 for two
+# classes), or whose lowest point lies in its first quarter (where the lr is still too small to
+# move anything), found no lr that learns (too few steps, or too little data): it suggests
+# nothing rather than noise.
+DESCENT = 0.95
+CHANCE_LOSS = math.log(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float | None:
     if not lrs:
         raise ValueError("suggest_lr: an empty curve")
     lowest = int(np.argmin(losses))
-    if losses[lowest] > DESCENT * losses[0] or lowest < len(losses) // 4:
+    if losses[lowest] > DESCENT * CHANCE_LOSS or lowest < len(losses) // 4:
         return None
     return float(lrs[lowest]) / 10
 

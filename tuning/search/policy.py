@@ -213,12 +213,13 @@ class Verdict:
     difference: float  # challenger - incumbent, accuracy on validation
     threshold: float  # what it had to exceed (GUARD_Z standard errors)
     paired: bool  # per-image outcomes (True) or accuracies and the set's size only (False)
+    z: float = GUARD_Z  # the standard errors it had to win by
 
     def describe(self) -> str:
         basis = "paired" if self.paired else "unpaired"
         return (
             f"{self.difference * 100:+.2f} points on validation vs a threshold of {self.threshold * 100:.2f} "
-            f"({GUARD_Z:g} {basis} SE)"
+            f"({self.z:g} {basis} SE)"
         )
 
 
@@ -234,7 +235,7 @@ def guard_paired(incumbent_correct: np.ndarray, challenger_correct: np.ndarray, 
     # At least one image's worth of noise: two identical prediction sets prove nothing either way.
     threshold = z * max(math.sqrt(only_challenger + only_incumbent), 1.0) / n
     difference = (only_challenger - only_incumbent) / n
-    return Verdict(replace=difference > threshold, difference=difference, threshold=threshold, paired=True)
+    return Verdict(replace=difference > threshold, difference=difference, threshold=threshold, paired=True, z=z)
 
 
 def guard_unpaired(incumbent_acc: float, challenger_acc: float, n: int, *, z: float = GUARD_Z) -> Verdict:
@@ -246,7 +247,7 @@ def guard_unpaired(incumbent_acc: float, challenger_acc: float, n: int, *, z: fl
     variance = (incumbent_acc * (1 - incumbent_acc) + challenger_acc * (1 - challenger_acc)) / n
     threshold = z * max(math.sqrt(variance), 1.0 / n)
     difference = challenger_acc - incumbent_acc
-    return Verdict(replace=difference > threshold, difference=difference, threshold=threshold, paired=False)
+    return Verdict(replace=difference > threshold, difference=difference, threshold=threshold, paired=False, z=z)
 
 
 def keep_lr(user_lr: float, suggested_lr: float, *, tolerance: float = LR_TOLERANCE) -> bool:

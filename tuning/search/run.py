@@ -53,6 +53,7 @@ from gendertune.models.weights import fetch_hub_weights
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.search.lr_range import lr_range_test
 from gendertune.tuning.search.policy import (
+    GUARD_Z,
     LR_TOLERANCE,
     Costs,
     Plan,
@@ -718,7 +719,9 @@ def run_search(
         )
         actual["screening"] = time.perf_counter() - part
         trials = trial_rows(results, plan)
-        challenger_params, verdict, gain = pick_challenger(trials, user, val_images=_val_images(prepared, base))
+        challenger_params, verdict, gain = pick_challenger(
+            trials, user, val_images=_val_images(prepared, base), z=search.guard_z
+        )
     # The full-length runs: the user's configuration unless screening replaced it; in a budget of
     # two runs, or without a budget, also the best challenger, and the paired guard picks.
     part = time.perf_counter()
@@ -754,6 +757,7 @@ def run_search(
         check = guard_paired(
             val_correct(incumbent.state, incumbent.config, prepared),
             val_correct(challenger.state, challenger.config, prepared),
+            z=search.guard_z,
         )
         chosen, gain = (challenger if check.replace else incumbent), check.difference
         verdict = (
@@ -791,7 +795,9 @@ def run_search(
     )
 
 
-def pick_challenger(trials: pd.DataFrame, user: dict, *, val_images: int) -> tuple[dict | None, str, float]:
+def pick_challenger(
+    trials: pd.DataFrame, user: dict, *, val_images: int, z: float = GUARD_Z
+) -> tuple[dict | None, str, float]:
     """The best completed screening run that is not the user's, and the unpaired guard's verdict
     against the user's own screening run (both at the same low fidelity, ranked by their final,
     annealed val accuracy, never by a mid-schedule maximum)."""
@@ -811,7 +817,7 @@ def pick_challenger(trials: pd.DataFrame, user: dict, *, val_images: int) -> tup
     params = {k: best[k].item() if hasattr(best[k], "item") else best[k] for k in user if k in best}
     if not len(incumbent):
         return params, "replaced: the user's screening run did not complete (failed or diverged)", math.nan
-    check = guard_unpaired(float(incumbent["val_acc"].iloc[0]), float(best["val_acc"]), val_images)
+    check = guard_unpaired(float(incumbent["val_acc"].iloc[0]), float(best["val_acc"]), val_images, z=z)
     word = "replaced" if check.replace else "kept"
     return (
         params,
