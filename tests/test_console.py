@@ -69,7 +69,7 @@ def test_a_stage_function_prints_nothing_unless_logging_is_configured(
     printed = capsys.readouterr()
     assert printed.out == "" and FIRST_LINE not in printed.err
     # The line is logged all the same: a caller who configures logging gets it.
-    caplog.set_level(logging.INFO, logger="data_prep")
+    caplog.set_level(logging.INFO, logger="gendertune")
     with pytest.raises(OutputExistsError):
         run_prep(PrepConfig.from_dict(finished_prep))
     assert any(line.startswith(FIRST_LINE) for line in caplog.messages), caplog.messages

@@ -162,7 +162,7 @@ def test_csv_labels_with_a_plain_image_folder_via_cli(ray_session, synthetic_sam
     assert "--overwrite" in capsys.readouterr().err
     # --overwrite never replaces a folder that is not a prep output (here: the user's images).
     assert main(["prep", "--data", str(synthetic_sample.path), "--out", str(folder), "--overwrite"]) == 2
-    assert "not a gendertune output" in capsys.readouterr().err
+    assert "is not a finished gendertune prep output" in capsys.readouterr().err
     assert len(list(folder.iterdir())) == synthetic_sample.n_images
 
 
@@ -304,7 +304,7 @@ def test_real_photos_align_in_prep_exactly_as_face_chips_does(ray_session, synth
 
 
 def test_progress_counts_images_and_reports_the_end(caplog):
-    caplog.set_level(logging.INFO, logger="data_prep")
+    caplog.set_level(logging.INFO, logger="gendertune")
     progress = pipeline.Progress("decode+align", [3, 2, 4], every_s=3600)
     progress(1)  # calls finish in any order
     progress(0)

@@ -261,7 +261,7 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
     predictions = pd.read_csv(out_csv)
     assert len(predictions) == 3 and predictions["prob_male"].between(0, 1).all() and predictions["error"].isna().all()
     # A resumed compare reuses the finished model from the bucket instead of searching again.
-    caplog.set_level(logging.INFO, logger="tuning")
+    caplog.set_level(logging.INFO, logger="gendertune")
     from gendertune.tuning.compare.config import CompareConfig
     from gendertune.tuning.compare.run import run_compare
     from gendertune.tuning.search.config import SearchConfig

@@ -668,8 +668,8 @@ def run_search(
         suggestion = lr_curve["suggestion"]
         if suggestion is None:
             logger.info(
-                f"[search {model}] lr range test: the loss never fell by a tenth in {search.lr_test_steps} "
-                f"steps, so it suggests nothing; the user's lr {base.lr:g} stands"
+                f"[search {model}] lr range test: in {search.lr_test_steps} steps the loss never got clearly "
+                f"below guessing's, so it suggests nothing; the user's lr {base.lr:g} stands"
             )
         elif keep_lr(base.lr, suggestion):
             logger.info(
