@@ -307,6 +307,10 @@ def test_submitted_compare_spreads_trials_over_both_nodes(cluster, cluster_prep)
         "1",
         "--max-concurrent",
         "2",
+        # The screening trials are what spreads; a short lr test and one full-length run keep the job short.
+        "--lr-test-steps",
+        "20",
+        "--no-retrain-challenger",
         "--batch-size",
         "32",
         "--cpus-per-worker",
