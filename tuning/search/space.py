@@ -13,7 +13,6 @@ that range instead of being dropped: the user's own configuration is always a po
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -196,11 +195,3 @@ def trial_config(base: TrainConfig, params: dict[str, Any], **fidelity: Any) -> 
 def describe(params: dict[str, Any]) -> str:
     """`lr=0.001, optimizer=adamw, ...`: a point, for the console and the report."""
     return ", ".join(f"{k}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in sorted(params.items()))
-
-
-@dataclasses.dataclass(frozen=True)
-class Point:
-    """A configuration the search evaluates by name: the user's, or the lr range test's challenger."""
-
-    label: str
-    params: dict[str, Any]
