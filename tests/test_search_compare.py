@@ -540,7 +540,8 @@ def test_a_search_that_keeps_the_users_configuration_reproduces_train_exactly(pr
     run_dir = tmp_path / "cmp" / "models" / "resnet18"
     summary = json.loads((run_dir / "search.json").read_text())
     assert summary["kept"] and summary["final_epochs"] == 2 and len(summary["full_runs"]) == 1
-    assert summary["plan"]["regime"] == "trials" and summary["lr_curve"]["suggestion"] > 0
+    # 20 steps on this sample don't get clearly below guessing's loss: the curve is kept, no lr suggested
+    assert summary["plan"]["regime"] == "trials" and 0 < len(summary["lr_curve"]["losses"]) <= 20
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "train" / run_layout.PREDICTIONS), pd.read_csv(run_dir / run_layout.PREDICTIONS)
     )
@@ -561,12 +562,13 @@ def prepared_learnable(ray_session, tmp_path_factory):
     return prep_sample(sample, root / "prep", image_size=32, split="identity", ratios=[0.6, 0.2, 0.2])
 
 
-def test_a_planted_bad_learning_rate_is_found_by_the_lr_test_and_replaced(prepared_learnable, tmp_path):
-    """The user's lr is 10,000x too small: the lr range test proposes a challenger, the screening
-    duel shows it ahead, and the full-length run uses the challenger's lr. The user's own value, far
-    outside the space's range, was screened as given, not dropped. The synthetic faces learn slowly
-    (their cue is weak by design), so five short epochs lift the challenger by about 10-20 points
-    on 240 validation images: the guard is set to 1 standard error here, not the default 2."""
+def test_a_planted_bad_learning_rate_is_replaced(prepared_learnable, tmp_path):
+    """The user's lr is 10,000x too small: a challenger (the lr range test's suggestion when it
+    makes one, else the sampler's) wins the screening duel, and the full-length run uses its lr.
+    The user's own value, far outside the space's range, was screened as given, not dropped. The
+    synthetic faces learn slowly (their cue is weak by design), so five short epochs lift the
+    challenger by about 10-20 points on 240 validation images: the guard is set to 1 standard
+    error here, not the default 2."""
     from gendertune.data_prep.layout import open_prepared
 
     base = TrainConfig.from_dict(
@@ -591,5 +593,7 @@ def test_a_planted_bad_learning_rate_is_found_by_the_lr_test_and_replaced(prepar
     )
     assert len(outcome.trials) == 2 and sorted(outcome.trials["lr"])[0] == 1e-7
     assert not outcome.kept and outcome.verdict.startswith("replaced"), outcome.verdict
-    assert outcome.best_config.lr == pytest.approx(outcome.lr_curve["suggestion"]) and outcome.best_config.lr > 1e-5
+    assert outcome.best_config.lr > 1e-5 and outcome.lr_curve["losses"]
+    if outcome.lr_curve["suggestion"] is not None:
+        assert outcome.best_config.lr == pytest.approx(outcome.lr_curve["suggestion"])
     assert outcome.gain > 0 and outcome.best_config.epochs == 5

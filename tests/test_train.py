@@ -306,14 +306,20 @@ def test_predict_boxes_every_face_of_a_group_photo(ddp_run, tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot reproduce that alignment"):
         saved = torch.load(out / run_layout.MODEL, weights_only=True)
         saved["alignment"]["template"] = "another-template"
-        torch.save(saved, tmp_path / run_layout.MODEL)
+        save_as_finished_run(saved, out, tmp_path)
         predict(str(tmp_path), photos[:1])
+
+
+def save_as_finished_run(saved: dict, run: Path, dest: Path) -> None:
+    """An edited model file in a folder that otherwise looks like `run`, finished (metrics.json last)."""
+    torch.save(saved, dest / run_layout.MODEL)
+    (dest / run_layout.METRICS).write_bytes((run / run_layout.METRICS).read_bytes())
 
 
 def test_a_model_file_of_another_version_is_a_one_line_error(ddp_run, tmp_path, capsys):
     saved = torch.load(ddp_run[0] / run_layout.MODEL, weights_only=True)
     del saved["temperature"], saved["format_version"]
-    torch.save(saved, tmp_path / run_layout.MODEL)
+    save_as_finished_run(saved, ddp_run[0], tmp_path)
     assert main(["predict", "--run", str(tmp_path), str(tmp_path / "any.jpg")]) == 2
     error = capsys.readouterr().err
     assert (
@@ -353,7 +359,7 @@ def test_bad_inputs_fail_before_training(prepared, tmp_path, capsys):
     corrupt.mkdir()
     (corrupt / run_layout.MODEL).write_bytes(b"not a checkpoint")
     (corrupt / run_layout.METRICS).write_text("{}")  # finished, as far as the marker says
-    assert main(["predict", "--run", str(corrupt), str(tmp_path)]) == 2
+    assert main(["predict", "--run", str(corrupt), str(tmp_path / "any.jpg")]) == 2
     assert "not a readable gendertune model" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     assert json.loads(TrainConfig.from_dict({"data": "d", "out": "o"}).to_json())["train"]["model"] == "resnet50"

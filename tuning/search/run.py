@@ -507,6 +507,8 @@ def screen(
                 ),
                 failure_config=tune.FailureConfig(max_failures=screen_base.max_failures),
                 callbacks=[TrialSummary(model, plan.screen_epochs), *(callbacks or [])],
+                # Tune's status tables repeat what TrialSummary says in the project's own lines.
+                verbose=0,
             ),
         )
     results, interrupted = _fit_noting_interrupts(tuner)
