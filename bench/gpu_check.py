@@ -184,6 +184,8 @@ def measure_train(
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"gpu_check: --device {args.device}, but torch sees no CUDA device here; use --device cpu")
     name = device_name(device)
     # Configs validate when built; this check reads no prep output and writes no run, so those two are placeholders.
     config = TrainConfig(data="-", out="-", model=args.model, batch_size=args.batch_size, precision=args.precision)

@@ -21,6 +21,17 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from gendertune.base.errors import GendertuneError, UserInputError
 
 LOCAL_LOGICAL_CPUS_MIN = 8
+# Ray loggers whose warnings report our own deliberate settings, not problems, once per process or
+# every second. Raised to ERROR in the driver and (local Ray) in every worker, so real warnings show.
+QUIET_LOGGERS = (
+    # The stages turn Ray Data's progress bars off (they would interleave with the stages' lines);
+    # each process then warns that they are off.
+    "ray.data._internal.progress",
+    # A local Ray runs without the dashboard, whose State API Train V2's placement-group monitor
+    # polls every second to see whether the controller died; it warns on each failed poll. A local
+    # session's placement groups end with the session; a cluster has its dashboard.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+)
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know
 # the real core count too: inside a Tune trial or a Train worker a module flag would be unset.
 LOCAL_CORES_ENV = "GENDERTUNE_LOCAL_CORES"
@@ -30,6 +41,7 @@ def ensure_ray(address: str | None = None) -> None:
     """Initialise Ray once per process: attach to `address`/RAY_ADDRESS, else start locally."""
     if ray.is_initialized():
         return
+    quiet_ray_internals()
     # Ray Data's INFO lines (each dataset's plan, start and finish) bury the stages' own progress.
     # Its worker processes read this variable when they start; this process configured its
     # logging when it imported ray.data, so its logger is set directly. A user's value wins.
@@ -41,6 +53,10 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     os.environ[LOCAL_CORES_ENV] = str(os.cpu_count() or 1)
+    # No preemption watcher (a user's own value wins): it watches for cloud nodes being reclaimed,
+    # which a local machine has not, and its restartable actor logs a core_worker error at every
+    # training run's start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # A local Ray needs no other machine to reach it, yet by default its GCS, raylet, object
     # manager and every worker listen on all interfaces. Ray binds all of them to 127.0.0.1 when
     # the node's address is the loopback one, which it chooses itself only where it treats the OS
@@ -53,9 +69,18 @@ def ensure_ray(address: str | None = None) -> None:
             num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
             include_dashboard=False,
             logging_level=logging.WARNING,
+            # Only for a Ray we start: on a cluster the job's own runtime_env (a submission's
+            # working_dir, pip) must not be replaced by ours.
+            runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_internals"},
         )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+def quiet_ray_internals() -> None:
+    """Raise QUIET_LOGGERS to ERROR in this process (also a worker process setup hook)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def compute_parallelism(requested: int = 0) -> int:

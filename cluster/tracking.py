@@ -22,6 +22,7 @@ refuses its folder store (`./mlruns`) unless MLFLOW_ALLOW_FILE_STORE=true.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import re
@@ -82,6 +83,9 @@ def ensure_experiment(uri: str, experiment: str) -> str:
     from mlflow.tracking import MlflowClient
 
     _check_reachable(uri)
+    # A new sqlite store announces its schema migration at INFO ("Creating initial MLflow database
+    # tables..."), through MLflow's own handler: housekeeping, not the stage's progress.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         client = MlflowClient(tracking_uri=uri)
         existing = client.get_experiment_by_name(experiment)

@@ -7,6 +7,7 @@ site-packages for other projects to collide with."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _tracked_copy(dest: Path) -> Path:
+    """The repository's tracked files: setuptools builds in its source folder (build/, *.egg-info),
+    and a test must not write into the checkout."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
 def test_an_installed_copy_has_one_import_name_and_ignores_stray_modules(tmp_path):
     site = tmp_path / "site"
+    source = _tracked_copy(tmp_path / "source")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(source)],
         check=True,
         capture_output=True,
         text=True,

@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -48,7 +49,7 @@ from gendertune.cluster.runtime import compute_parallelism
 from gendertune.cluster.storage import is_file, is_uri, join, read_text, write_bytes
 from gendertune.data_prep.layout import PreparedData, open_prepared
 from gendertune.models.registry import build_model, get_spec
-from gendertune.models.transforms import EvalPreprocess, TrainAugment
+from gendertune.models.transforms import TrainAugment
 from gendertune.models.weights import fetch_hub_weights
 from gendertune.tuning.search.config import SearchConfig
 from gendertune.tuning.search.lr_range import lr_range_test
@@ -191,7 +192,13 @@ class TrialSummary(tune.Callback):
         )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        logger.warning(f"[search {self.model}] trial {trial.trial_id} failed: see {trial.local_path}")
+        logger.warning(f"[search {self.model}] trial {trial.trial_id} failed: {_error_line(trial.error_file)}")
+
+
+def _error_line(error_file: str | None) -> str:
+    """The exception's own line from Tune's error.txt (its last line), not the whole traceback."""
+    lines = Path(error_file).read_text().strip().splitlines() if error_file and Path(error_file).is_file() else []
+    return lines[-1] if lines else "no error text was saved"
 
 
 def _short(value: Any) -> str:
@@ -256,7 +263,9 @@ def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, 
         "model": model,
         "optimizer": optimizer,
         "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        "augment": EvalPreprocess(image_size=image_size, mean=spec.mean, std=spec.std),
+        # The run's own augmentation, part of every training step's cost on a CPU: a plan timed
+        # without it underestimates the final run, which then overruns its share of the budget.
+        "augment": TrainAugment(image_size=image_size, mean=spec.mean, std=spec.std, **config.augment_strengths()),
         "criterion": nn.CrossEntropyLoss(),
         "aux_weight": spec.aux_loss_weight,
         "precision": select_precision(config.precision, device),
@@ -475,6 +484,12 @@ def screen(
     trainable = tune.with_resources(
         trainable, {"cpu": cpus, "gpu": (1 if screen_base.gpu else 0) if mode == "inprocess" else 0}
     )
+    # The console carries TrialSummary's lines, not Tune's: its new output engine prints the
+    # experiment table and TensorBoard hint even at verbose=0, the legacy one honours it. Epochs of
+    # seconds checkpoint every epoch by design, which Tune would warn about as too frequent.
+    # A user's own setting of either variable wins.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     path = join(out_dir, SEARCH_DIR)
     if resume and tune.Tuner.can_restore(path):
         logger.info(f"[search {model}] resuming the screening in {path}")
@@ -507,7 +522,6 @@ def screen(
                 ),
                 failure_config=tune.FailureConfig(max_failures=screen_base.max_failures),
                 callbacks=[TrialSummary(model, plan.screen_epochs), *(callbacks or [])],
-                # Tune's status tables repeat what TrialSummary says in the project's own lines.
                 verbose=0,
             ),
         )
