@@ -38,8 +38,9 @@ class ModelSpec:
     # position built from less than one stride cell: such sizes run but cannot be meaningfully
     # compared, hence a floor of 32 for all CNNs. ViT needs at least one 16 px patch.
     min_input_size: int
-    # ViT's position embeddings tie the module to one image size; it is built for the requested
-    # size and loaded weights have their position embeddings interpolated.
+    # The module depends on the image size it is built for (ViT's position embeddings; VGG's
+    # first classifier layer below 224 px); loaded ImageNet weights are fitted to it
+    # (gendertune.models.weights.load_state).
     fixed_input_size: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -85,6 +86,29 @@ def _build_cnn(builder: Callable[..., nn.Module], image_size: int, **kwargs: Any
 def _ignore_size(builder: Callable[..., nn.Module], **kwargs: Any) -> Callable[[int], nn.Module]:
     # A partial of module-level functions, not a closure, so specs stay picklable.
     return partial(_build_cnn, builder, **kwargs)
+
+
+# VGG's classifier reads a 7x7 map: AdaptiveAvgPool2d(7) after the last of five 2x2 poolings. Below
+# 224 px that map is smaller (image_size // 32 per side) and the pool only copies it: at 32 px one
+# position is copied 49 times into the 25,088 inputs of a 102M-parameter layer, which then dominates
+# the cost of a step. Below 224 px the first classifier layer reads the map at its own size instead.
+# Pooling is linear and injective here, so this is exactly the same set of functions (ImageNet
+# weights fold into it, see gendertune.models.weights.fold_vgg_classifier) with far fewer parameters.
+def _vgg_builder(builder: Callable[..., nn.Module], image_size: int) -> nn.Module:
+    model = builder(weights=None)
+    side = image_size // 32  # five 2x2 max-poolings, each rounding down
+    if side < weights_io.VGG_MAP_SIDE:
+        model.avgpool = nn.Identity()
+        first = model.classifier[0]
+        layer = nn.Linear(first.in_features // weights_io.VGG_MAP_SIDE**2 * side * side, first.out_features)
+        nn.init.normal_(layer.weight, 0, 0.01)  # torchvision's VGG initialisation of its linear layers
+        nn.init.zeros_(layer.bias)
+        model.classifier[0] = layer
+    return model
+
+
+def _sized_vgg(builder: Callable[..., nn.Module]) -> Callable[[int], nn.Module]:
+    return partial(_vgg_builder, builder)
 
 
 def _vit_builder(image_size: int) -> nn.Module:
@@ -150,7 +174,7 @@ _SPECS: dict[str, ModelSpec] = {
             aux_loss_weight=0.3,
             optional_prefixes=("aux1.", "aux2."),
         ),
-        _spec("vgg19", "VGG19_Weights.IMAGENET1K_V1", ("classifier.6",), _ignore_size(tvm.vgg19)),
+        _spec("vgg19", "VGG19_Weights.IMAGENET1K_V1", ("classifier.6",), _sized_vgg(tvm.vgg19), fixed_input_size=True),
         # The comparison's VGG19: plain VGG19 (no normalisation, 19 layers) stayed at the majority
         # rate from scratch at every lr tried in a CPU budget; batch norm after each convolution is
         # what makes it train (Ioffe & Szegedy 2015), as the original VGG needed staged training.
@@ -158,7 +182,8 @@ _SPECS: dict[str, ModelSpec] = {
             "vgg19_bn",
             "VGG19_BN_Weights.IMAGENET1K_V1",
             ("classifier.6",),
-            _ignore_size(tvm.vgg19_bn),
+            _sized_vgg(tvm.vgg19_bn),
+            fixed_input_size=True,
             note="VGG19 with batch norm: plain vgg19 does not learn from scratch in a CPU budget",
         ),
         _spec(

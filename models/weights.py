@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 # Prefixes wrappers add to every key: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _VIT_POS_EMBEDDING = "encoder.pos_embedding"
+# VGG's first classifier layer reads a VGG_MAP_SIDE x VGG_MAP_SIDE map of 512 channels (ImageNet's);
+# gendertune's reads the last map at its own size below 224 px (gendertune.models.registry).
+_VGG_FIRST_LAYER = "classifier.0.weight"
+VGG_MAP_SIDE, _VGG_CHANNELS = 7, 512
 # A base URL serving torchvision's weights files under their own names (an artifact store on a
 # cluster without internet, or a test's local server); unset, torchvision's own URLs are used.
 WEIGHTS_MIRROR_ENV = "GENDERTUNE_WEIGHTS_MIRROR"
@@ -162,9 +166,11 @@ def head_classes(state: Mapping[str, Tensor], spec: ModelSpec) -> int | None:
 
 def load_state(model: nn.Module, state: Mapping[str, Tensor], *, spec: ModelSpec, source: str) -> None:
     """Load `state` into `model` strictly, except for `spec.optional_prefixes` keys the file may
-    lack. ViT position embeddings of another grid size are interpolated to the model's."""
+    lack. ViT position embeddings of another grid size are interpolated to the model's; VGG's first
+    classifier layer is folded to the model's map size."""
     expected = model.state_dict()
     state = _fit_vit_pos_embedding(dict(state), expected, model)
+    state = _fit_vgg_classifier(state, expected)
     missing = [k for k in expected if k not in state and not k.startswith(spec.optional_prefixes)]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -198,6 +204,28 @@ def _fit_vit_pos_embedding(
     if math.isqrt(grid) ** 2 != grid:
         return state  # not a square patch grid: left to be reported as a shape mismatch
     return dict(interpolate_embeddings(model.image_size, model.patch_size, state))
+
+
+def fold_vgg_classifier(weight: Tensor, side: int) -> Tensor:
+    """VGG's first classifier weight, which reads AdaptiveAvgPool2d(7) of the last map, as the weight
+    that reads a `side` x `side` map directly: W' = W P for the pool's linear map P, so the layer's
+    outputs are exactly the same. The pool is separable: P is one 1-D pool per axis."""
+    out_features = weight.shape[0]
+    # pool[a, i]: the share of input position a in output position i.
+    pool = torch.nn.functional.adaptive_avg_pool1d(torch.eye(side, dtype=weight.dtype)[None], VGG_MAP_SIDE)[0]
+    grid = weight.reshape(out_features, -1, VGG_MAP_SIDE, VGG_MAP_SIDE)
+    return torch.einsum("ocij,ai,bj->ocab", grid, pool, pool).reshape(out_features, -1)
+
+
+def _fit_vgg_classifier(state: dict[str, Tensor], expected: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Fold ImageNet VGG weights (a 7x7 map) into a model built for a smaller map."""
+    have, want = state.get(_VGG_FIRST_LAYER), expected.get(_VGG_FIRST_LAYER)
+    if have is None or want is None or have.ndim != 2 or want.ndim != 2 or have.shape == want.shape:
+        return state
+    side = math.isqrt(want.shape[1] // _VGG_CHANNELS)
+    if have.shape[1] != _VGG_CHANNELS * VGG_MAP_SIDE**2 or want.shape[1] != _VGG_CHANNELS * side * side:
+        return state  # not VGG's layout: left to be reported as a shape mismatch
+    return {**state, _VGG_FIRST_LAYER: fold_vgg_classifier(have, side)}
 
 
 def _some(items: list[str], limit: int = 5) -> str:

@@ -37,7 +37,15 @@ def test_registry_names_and_specs():
         assert spec.input_size == 224 and spec.mean == MEAN and spec.std == STD
         assert bool(spec.note) == (name == "vgg19_bn")  # the leaderboard says why VGG19 is its BN variant
         assert spec.aux_loss_weight == (0.3 if name == "googlenet" else 0.0)
-        assert spec.fixed_input_size == (name == "vit_b_16")
+        assert spec.fixed_input_size == (name in ("vit_b_16", "vgg19", "vgg19_bn"))
+
+
+def test_vgg_below_224_px_reads_its_last_map_without_copying_it():
+    """At 32 px VGG's last map is 1x1; torchvision's pool would copy it 49x into a 102M-parameter layer."""
+    small, full = build_model("vgg19_bn", image_size=32), build_model("vgg19_bn", image_size=224)
+    assert small.classifier[0].in_features == 512 and full.classifier[0].in_features == 512 * 7 * 7
+    assert count_parameters(full) - count_parameters(small) == 4096 * 512 * 48
+    assert float(small.classifier[0].weight.std()) == pytest.approx(0.01, rel=0.05)  # torchvision's VGG init
 
 
 @pytest.mark.integration  # trains or runs a real network for seconds

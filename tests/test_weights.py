@@ -198,3 +198,25 @@ def test_vit_position_embeddings_interpolated_from_224(tmp_path, vit_min_size):
     assert loaded.heads.head.out_features == 2
     with torch.no_grad():
         assert loaded(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+
+
+@pytest.mark.integration  # builds a real 143M-parameter VGG
+def test_imagenet_vgg_weights_fold_into_the_small_input_classifier(tmp_path):
+    """Below 224 px gendertune's VGG reads its last map directly; ImageNet weights, which read that
+    map pooled to 7x7, fold into it exactly: the same features before the head."""
+    torch.manual_seed(4)
+    reference = torchvision.models.vgg19(num_classes=1000).eval()
+    path = tmp_path / "vgg19_imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    for size in (32, 96):  # last maps of 1x1 (copied 49x by the pool) and 3x3 (overlapping pool bins)
+        side = size // 32
+        loaded = build_model("vgg19", image_size=size, weights_path=str(path)).eval()
+        assert loaded.classifier[0].in_features == 512 * side * side
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want = reference.classifier[:-1](torch.flatten(reference.avgpool(reference.features(x)), 1))
+            got = loaded.classifier[:-1](torch.flatten(loaded.avgpool(loaded.features(x)), 1))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # At ImageNet's size the map is 7x7 and the model is torchvision's, weights loaded as they are.
+    full = build_model("vgg19", image_size=224, weights_path=str(path))
+    assert torch.equal(full.classifier[0].weight, reference.classifier[0].weight)
