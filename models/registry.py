@@ -101,7 +101,7 @@ def _vgg_builder(builder: Callable[..., nn.Module], image_size: int) -> nn.Modul
         model.avgpool = nn.Identity()
         first = model.classifier[0]
         layer = nn.Linear(first.in_features // weights_io.VGG_MAP_SIDE**2 * side * side, first.out_features)
-        nn.init.normal_(layer.weight, 0, 0.01)  # torchvision's VGG initialisation of its linear layers
+        nn.init.normal_(layer.weight, 0, 0.01)  # torchvision's initialisation of VGG's linear layers
         nn.init.zeros_(layer.bias)
         model.classifier[0] = layer
     return model

@@ -125,6 +125,9 @@ def comparison(tmp_path) -> Path:
             "ci95_high": 0.93,
             "macro_f1": 0.899,
             "mcnemar_p_vs_leader": 0.2,
+            "user_config": "kept",
+            "final_epochs": 6,
+            "epochs_asked": 12,
             "mcnemar_b": 9,
             "mcnemar_c": 4,
         },
@@ -355,6 +358,7 @@ def test_report_is_self_contained_and_has_a_row_per_leaderboard_row(comparison):
     assert "0.0410 → 0.0120" in leader["cells"] and "11.2M" in leader["cells"] and "8 (3)" in leader["cells"]
     assert "kept (+3.0 pt val)" in leader["cells"]
     assert second["cells"][:3] == ["2", "googlenet", "model"] and "0.2" in second["cells"]
+    assert "kept (6 of 12 epochs)" in second["cells"]  # the budget held half the schedule
     assert ensemble["cells"][:3] == ["ens.", "ensemble", "ensemble"] and "0.41" in ensemble["cells"]
     assert failed["class"] == "error" and failed["cells"] == ["–", "vgg19", "model", f"error: {ERROR}"]
     assert "<allocating" not in text  # escaped, not markup

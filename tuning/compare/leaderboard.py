@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,6 +68,7 @@ COLUMNS = [
     "user_config",
     "val_gain_vs_user",
     "final_epochs",
+    "epochs_asked",
     "mcnemar_p_vs_leader",
     "mcnemar_b",
     "mcnemar_c",
@@ -142,7 +145,8 @@ def model_row(model: str, metrics: dict, *, run_dir: str, search: dict) -> dict:
     """A model's row from its metrics.json and its search.json: `train_seconds` is the chosen
     configuration's full-length run, `search_seconds` the whole search; `user_config` says whether
     the user's configuration was kept or replaced, and `val_gain_vs_user` by how many validation
-    points the chosen one beat it (NaN where no challenger was compared)."""
+    points the chosen one beat it (NaN where no challenger was compared); `final_epochs` of
+    `epochs_asked` is how much of the schedule the budget held."""
     trials = search.get("trials") or []
     return {
         "model": model,
@@ -158,6 +162,7 @@ def model_row(model: str, metrics: dict, *, run_dir: str, search: dict) -> dict:
         "user_config": "kept" if search.get("kept") else "replaced",
         "val_gain_vs_user": search.get("gain", float("nan")),
         "final_epochs": search.get("final_epochs"),
+        "epochs_asked": (search.get("plan") or {}).get("epochs"),
         "best_params": search.get("best_params", ""),
         "note": get_spec(model).note,
         "run_dir": run_dir,
@@ -289,12 +294,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         ]
         worst = "n/a" if pd.isna(row["worst_slice"]) else f"{row['worst_slice']} {row['worst_slice_acc']:.4f}"
         trials = "" if pd.isna(row["trials_run"]) else f"{int(row['trials_run'])} ({int(row['trials_pruned'])})"
-        user = (
-            ""
-            if pd.isna(row.get("user_config"))
-            else str(row["user_config"])
-            + ("" if pd.isna(row.get("val_gain_vs_user")) else f" ({100 * row['val_gain_vs_user']:+.1f} pt val)")
-        )
+        user = user_config_cell(row)
         cells = [
             rank,
             name,
@@ -324,6 +324,25 @@ def to_markdown(table: pd.DataFrame) -> str:
             "are the validation difference the search saw).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def user_config_cell(row: Mapping[str, Any]) -> str:
+    """kept / replaced, with the validation difference the guard saw when a challenger was compared,
+    and the final run's epochs when the budget held less than the schedule asked for."""
+
+    def given(key: str) -> Any:
+        value = row.get(key)
+        return None if value is None or (isinstance(value, str) and not value) or pd.isna(value) else value
+
+    verdict, gain, final, asked = (
+        given(k) for k in ("user_config", "val_gain_vs_user", "final_epochs", "epochs_asked")
+    )
+    if verdict is None:
+        return ""
+    notes = [] if gain is None else [f"{100 * float(gain):+.1f} pt val"]
+    if final is not None and asked is not None and int(final) < int(asked):
+        notes.append(f"{int(final)} of {int(asked)} epochs")
+    return f"{verdict} ({', '.join(notes)})" if notes else str(verdict)
 
 
 def _fmt(value, spec: str = ".4f") -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 from gendertune.cluster.storage import write_text_atomic
 from gendertune.tuning.compare import layout
-from gendertune.tuning.compare.leaderboard import EVAL_SET_COLUMNS, read_leaderboard
+from gendertune.tuning.compare.leaderboard import EVAL_SET_COLUMNS, read_leaderboard, user_config_cell
 from gendertune.tuning.evaluate import run_layout
 
 REPORT = layout.REPORT
@@ -243,15 +243,9 @@ def _leaderboard_columns(eval_sets: Sequence[str]) -> list[_Column]:
             ("trials_run", "trials_pruned"),
             lambda r: _trials(r.get("trials_run"), r.get("trials_pruned")),
         ),
-        _Column("your configuration", False, ("user_config", "val_gain_vs_user"), _user_config),
+        _Column("your configuration", False, ("user_config", "val_gain_vs_user"), user_config_cell),
         _Column("McNemar p vs #1", True, ("mcnemar_p_vs_leader",), p_value),
     ]
-
-
-def _user_config(row: dict) -> str:
-    """kept / replaced, with the validation difference the guard saw when a challenger was compared."""
-    verdict, gain = _text(row.get("user_config")), _number(row.get("val_gain_vs_user"))
-    return f"{verdict} ({gain * 100:+.1f} pt val)" if verdict and gain is not None else verdict
 
 
 def _leaderboard_section(out: Path, columns: list[str], runs: Sequence[_Run], eval_sets: Sequence[str]) -> str:
