@@ -2,12 +2,12 @@
 
 The generated sample is SYNTHETIC (drawn faces); `--data` runs the same steps on real images.
 Images are prepped at 32 px; each of the original notebook's four models (VGG19 as vgg19_bn, see
-the registry) gets the search's lr range test (40 steps) and 2 short screening runs, then one full-length
-run of 6 epochs of the configuration the guard chose, with flips as the only augmentation,
-deterministic, so the same seed prints the same leaderboard. The sample was chosen by measuring what makes each model learn: two photos per
-person on average, as in a random CelebA sample, rather than eight (with 70 training people no
-model generalised to new ones), and batches of 16 (more steps per epoch at nearly the same cost
-per image).
+the registry) gets the search's lr range test (40 steps) and 2 short screening runs, then one
+full-length run of 6 epochs of the configuration the guard chose, with flips as the only
+augmentation, deterministic, so the same seed prints the same leaderboard. The sample was chosen
+by measuring what makes each model learn: two photos per person on average, as in a random CelebA
+sample, rather than eight (with 70 training people no model generalised to new ones), and batches
+of 16 (more steps per epoch at nearly the same cost per image).
 """
 
 from __future__ import annotations
