@@ -7,8 +7,6 @@ The carve is a pure function of each row, so every worker and every re-run agree
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pyarrow.dataset as pads
 import ray
@@ -37,20 +35,17 @@ def _carve(batch: dict[str, np.ndarray], *, fraction: float, keep_validation: bo
     return {key: value[mask] for key, value in batch.items()}
 
 
-# Ray Data 2.60 reads Parquet footers with a pool of 32 actors per read by default: 32 new worker
-# processes, seconds of start-up on a small machine, to list a handful of shards. A prep output
-# has few large shards, so two readers are plenty. The setting is read when the read
-# is planned, in the process that calls read_parquet; a user's own value wins.
-FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-FOOTER_READERS = "2"
-
-
 def _read_split(prepared: PreparedData, split: str, columns: list[str]) -> ray.data.Dataset:
-    os.environ.setdefault(FOOTER_READERS_ENV, FOOTER_READERS)
+    context = ray.data.DataContext.get_current()
     # Rows in file order, not in the order parallel reads finish: otherwise the seeded shuffle
     # starts from another order in every process, and the same seed trains another model. A
     # dataset keeps the context it was created with.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context.execution_options.preserve_order = True
+    # Ray Data 2.60's default Parquet reader (DataSourceV2) lists files with a thread pool whose
+    # completion thread can raise InterruptedError as the pool shuts down: a stray traceback on
+    # the console (seen from evaluate_held_out). It also starts a pool of footer-reading actors
+    # per read. The V1 reader does neither and reads a prep output's few shards the same way.
+    context.use_datasource_v2 = False
     return ray.data.read_parquet(prepared.split_dir(split)).select_columns(columns)
 
 
