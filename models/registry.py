@@ -94,8 +94,23 @@ def _ignore_size(builder: Callable[..., nn.Module], **kwargs: Any) -> Callable[[
 # the cost of a step. Below 224 px the first classifier layer reads the map at its own size instead.
 # Pooling is linear and injective here, so this is exactly the same set of functions (ImageNet
 # weights fold into it, see gendertune.models.weights.fold_vgg_classifier) with far fewer parameters.
+class Fp32Classifier(nn.Sequential):
+    """A classifier computed in fp32 when the rest of the network runs under autocast. VGG's three
+    4096-wide layers did not learn under bf16 autocast: on the demo's 32 px faces vgg19_bn stayed at
+    chance for 6 epochs, and learned with only its classifier in fp32 (docs/results.md). The layers
+    are a small part of a step (VGG19 at 32 px: ~5% of the multiply-adds, under 1% at 224 px). A
+    Sequential subclass, so the parameter names (and ImageNet weights) stay torchvision's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_autocast_enabled(x.device.type):  # also keeps autocast out of an exported graph
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
 def _vgg_builder(builder: Callable[..., nn.Module], image_size: int) -> nn.Module:
     model = builder(weights=None)
+    model.classifier = Fp32Classifier(*model.classifier)
     side = image_size // 32  # five 2x2 max-poolings, each rounding down
     if side < weights_io.VGG_MAP_SIDE:
         model.avgpool = nn.Identity()

@@ -326,17 +326,24 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_missing(value: Any) -> bool:
+    """A leaderboard cell with nothing in it: None, NaN (a float or pandas' NA) or an empty string."""
+    return (
+        value is None
+        or value is pd.NA
+        or (isinstance(value, str) and not value)
+        or (isinstance(value, float | np.floating) and bool(np.isnan(value)))
+    )
+
+
+# The columns user_config_cell reads; the report shows its column when any of them has a value.
+USER_CONFIG_COLUMNS = ("user_config", "val_gain_vs_user", "final_epochs", "epochs_asked")
+
+
 def user_config_cell(row: Mapping[str, Any]) -> str:
     """kept / replaced, with the validation difference the guard saw when a challenger was compared,
     and the final run's epochs when the budget held less than the schedule asked for."""
-
-    def given(key: str) -> Any:
-        value = row.get(key)
-        return None if value is None or (isinstance(value, str) and not value) or pd.isna(value) else value
-
-    verdict, gain, final, asked = (
-        given(k) for k in ("user_config", "val_gain_vs_user", "final_epochs", "epochs_asked")
-    )
+    verdict, gain, final, asked = (None if is_missing(row.get(k)) else row.get(k) for k in USER_CONFIG_COLUMNS)
     if verdict is None:
         return ""
     notes = [] if gain is None else [f"{100 * float(gain):+.1f} pt val"]

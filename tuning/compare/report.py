@@ -27,7 +27,13 @@ from typing import Any
 
 from gendertune.cluster.storage import write_text_atomic
 from gendertune.tuning.compare import layout
-from gendertune.tuning.compare.leaderboard import EVAL_SET_COLUMNS, read_leaderboard, user_config_cell
+from gendertune.tuning.compare.leaderboard import (
+    EVAL_SET_COLUMNS,
+    USER_CONFIG_COLUMNS,
+    is_missing,
+    read_leaderboard,
+    user_config_cell,
+)
 from gendertune.tuning.evaluate import run_layout
 
 REPORT = layout.REPORT
@@ -91,7 +97,7 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     table = read_leaderboard(out)
     rows = [
-        {key: (None if _missing(value) else value) for key, value in record.items()}
+        {key: (None if is_missing(value) else value) for key, value in record.items()}
         for record in table.to_dict("records")
     ]
     runs = [_Run.read(layout.model_dir(out, str(row["model"])), row) for row in rows]
@@ -243,7 +249,7 @@ def _leaderboard_columns(eval_sets: Sequence[str]) -> list[_Column]:
             ("trials_run", "trials_pruned"),
             lambda r: _trials(r.get("trials_run"), r.get("trials_pruned")),
         ),
-        _Column("your configuration", False, ("user_config", "val_gain_vs_user"), user_config_cell),
+        _Column("your configuration", False, USER_CONFIG_COLUMNS, user_config_cell),
         _Column("McNemar p vs #1", True, ("mcnemar_p_vs_leader",), p_value),
     ]
 
@@ -789,7 +795,7 @@ def _unique(values: Iterable[str]) -> list[str]:
 
 def _first(*values: Any) -> Any:
     """The first value that is not missing (0 counts), else None."""
-    return next((value for value in values if not _missing(value)), None)
+    return next((value for value in values if not is_missing(value)), None)
 
 
 # --- formatting: each returns "" for a missing or non-numeric value --------------------------
@@ -799,12 +805,8 @@ def _esc(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
-
-
 def _number(value: Any) -> float | None:
-    if _missing(value) or isinstance(value, bool):
+    if is_missing(value) or isinstance(value, bool):
         return None
     try:
         number = float(value)
@@ -814,7 +816,7 @@ def _number(value: Any) -> float | None:
 
 
 def _text(value: Any) -> str:
-    return "" if _missing(value) else str(value)
+    return "" if is_missing(value) else str(value)
 
 
 def _decimal(value: Any, digits: int = 4) -> str:
@@ -848,7 +850,7 @@ def _before_after(before: Any, after: Any) -> str:
 
 
 def _worst_slice(name: Any, accuracy: Any) -> str:
-    if _missing(name):
+    if is_missing(name):
         return ""
     return f"{name} ({_decimal(accuracy)})" if _number(accuracy) is not None else str(name)
 
