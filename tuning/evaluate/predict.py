@@ -361,6 +361,10 @@ def _predict(
         batch_format="pandas",
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        # Ray Data keeps the actors' constructor arguments in the object store and, by default,
+        # restarts a dead actor forever, which Ray 2.60 flags with a core_worker error line on the
+        # console (ray-project/ray#53727). An actor that dies here fails the prediction instead.
+        max_restarts=0,
     )
     result = predictions.to_pandas()
     order = {path: i for i, path in enumerate(paths)}
