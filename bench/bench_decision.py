@@ -46,7 +46,7 @@ def split_faces(prep: Path, split: str, image_size: int) -> tuple[np.ndarray, np
     batch = decode_pixels(
         {"pixels": np.array(table["pixels"], dtype=object), "label": np.array(table["label"])}, image_size=image_size
     )
-    return batch["image"], batch["label"]
+    return batch["image"].copy(), batch["label"]  # frombuffer is read-only; torch wants writable arrays
 
 
 def margins(run: RunModel, faces: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -130,7 +130,7 @@ def main() -> None:
                     **scores(name, labels, correct, reference[name], groups),
                 }
             )
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).fillna("")  # the test split has no slice columns
     print(
         format_table(
             list(table.columns), [[f"{v:.4f}" if isinstance(v, float) else v for v in r] for r in table.values]

@@ -103,6 +103,7 @@ def test_trials_print_no_checkpoint_lines_or_dataset_progress_bars(comparison):
     assert "Progress bars disabled" not in console and "Failed to query Ray Train Controller" not in console
     assert "Checkpoint successfully created" not in console
     assert "Running Dataset" not in console and "execution finished" not in console
+    assert "Exception ignored" not in console  # e.g. a trial actor killed inside a Dataset's __del__
 
 
 def test_a_finished_search_keeps_its_results_but_not_its_checkpoints(comparison):
@@ -387,6 +388,11 @@ def test_in_process_trial_restores_from_its_checkpoint_and_resets_for_a_new_tria
     assert trial.reset({"lr": 3e-4, "batch_size": 32})
     fresh = trial.train()
     assert fresh["epoch"] == 1 and fresh["attempt_start_epoch"] == 0 and fresh["config"]["batch_size"] == 32
+    # Tune's stop() ends the suspended epoch loop (and its dataset iterators) before the actor exits.
+    loop = trial.epochs
+    assert loop.gi_frame is not None
+    trial.stop()
+    assert loop.gi_frame is None
 
 
 def _finished_trials(search_dir):

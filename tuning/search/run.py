@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -156,6 +157,15 @@ class InProcessTrial(tune.Trainable):
         self.run_started_at = time.time()
         self._begin(new_config, restored=None)
         return True
+
+    def cleanup(self) -> None:
+        # Tune gives a stopping trial actor 10 s to exit, then kills it, and Ray's SIGTERM handler
+        # raises SystemExit in whatever runs at that moment: inside a Dataset's __del__ during the
+        # interpreter's teardown that printed a traceback on the console. Ending the epoch loop (and
+        # the dataset iterators it holds) here, in Tune's stop(), lets the actor exit at once.
+        self.epochs.close()
+        self.epochs = self.latest_state = None
+        gc.collect()
 
 
 def run_trial(params: dict, *, base: TrainConfig, data_root: str, trials_dir: str, datasets: dict) -> None:

@@ -85,7 +85,8 @@ class TrainConfig(StageConfig):
     # Each failure resumes from the latest checkpoint.
     max_failures: int = setting(1, help="worker failures to recover from", bounds="[0, inf)")
     eval_batch_size: int = setting(256, help="batch size of evaluation", flag=False, bounds="[1, inf)")
-    # Off until measured to help (gendertune.tuning.evaluate.decision); model.pt carries both to predict.
+    # Both off: flip TTA measured within noise, the balanced threshold worse on UTKFace (docs/results.md,
+    # issue 22); model.pt carries both to predict.
     tta: TestTimeAugmentation = setting(
         "none",
         help="test-time augmentation of held-out evaluation, eval sets and predict: "
