@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,6 +13,9 @@ from gendertune.tuning.search.policy import (
     MAX_DUEL_TRIM,
     MAX_FINAL_TRIM,
     Costs,
+    calibrated,
+    final_run_epochs,
+    full_run_s,
     guard_paired,
     guard_unpaired,
     keep_lr,
@@ -59,6 +63,14 @@ def test_a_budget_below_one_run_shortens_the_users_run_and_screens_nothing():
 def test_a_budget_that_cannot_hold_one_epoch_is_refused():
     with pytest.raises(ValueError, match="one epoch takes"):
         plan(COSTS.run_overhead_s + 0.5 * COSTS.epoch_s)
+
+
+def test_the_time_spent_measuring_counts_against_the_budget():
+    measured = dataclasses.replace(COSTS, planning_s=0.6 * ONE_RUN)
+    p = plan_search(measured, epochs=12, budget_s=2.5 * ONE_RUN, trials=8, screen_epochs=3, screen_size=32)
+    # 1.9 runs left after measuring: no room for a second full run, which 2.5 runs would hold.
+    assert p.regime == "parity" and plan(2.5 * ONE_RUN).regime == "search"
+    assert p.planned_s["planning"] == 0.6 * ONE_RUN and p.total_s <= 2.5 * ONE_RUN + 1e-6
 
 
 def test_two_runs_of_budget_screen_and_retrain_the_best_challenger():
@@ -109,3 +121,20 @@ def test_the_unpaired_guard_needs_more_than_the_paired_one():
 
 def test_the_lr_test_keeps_a_users_lr_near_its_suggestion():
     assert keep_lr(1e-3, 2e-3) and keep_lr(1e-3, 3.9e-3) and not keep_lr(2e-5, 2e-3) and not keep_lr(0.1, 2e-3)
+
+
+def test_screening_epochs_slower_than_the_probe_said_shorten_the_final_run_to_its_reserved_time():
+    p = plan(1.5 * ONE_RUN)
+    reserved = p.planned_s["full_runs"]
+    # As planned: the reservation holds the planned epochs exactly, and leftover time adds none beyond the asked 12.
+    assert final_run_epochs(p, COSTS, left_s=reserved, reserved_s=reserved) == p.final_epochs == 12
+    assert final_run_epochs(p, COSTS, left_s=10 * ONE_RUN, reserved_s=reserved) == 12
+    # Screening overran its share: the final run still gets what the plan reserved for it.
+    assert final_run_epochs(p, COSTS, left_s=0.5 * reserved, reserved_s=reserved) == 12
+    # Real screening epochs took 1.5x the probe's estimate: so will the final run's.
+    slow = calibrated(COSTS, 1.5 * COSTS.screen_epoch_s)
+    assert slow.epoch_s == 1.5 * COSTS.epoch_s and calibrated(COSTS, None) == COSTS
+    assert calibrated(COSTS, 0.5 * COSTS.screen_epoch_s) == COSTS  # faster than the probe: no longer runs
+    epochs = final_run_epochs(p, slow, left_s=reserved, reserved_s=reserved)
+    assert epochs == int((reserved - COSTS.run_overhead_s) // slow.epoch_s) == 8
+    assert full_run_s(slow, epochs) <= reserved < full_run_s(slow, epochs + 1)

@@ -395,6 +395,22 @@ def test_in_process_trial_restores_from_its_checkpoint_and_resets_for_a_new_tria
     assert loop.gi_frame is None
 
 
+def test_the_screening_runs_training_speed_prices_an_epoch():
+    """After each run's warm-up pass: the median images/s of the later passes; with none, every pass."""
+    from types import SimpleNamespace
+
+    from gendertune.tuning.search.run import observed_epoch_s
+
+    def trial(speeds):
+        return SimpleNamespace(
+            metrics_dataframe=pd.DataFrame({"epoch": range(1, len(speeds) + 1), "train_images_per_s": speeds})
+        )
+
+    assert observed_epoch_s([trial([50.0, 200.0, 100.0]), trial([10.0])], images=1000) == 1000 / 150
+    assert observed_epoch_s([trial([40.0]), trial([80.0]), trial([60.0])], images=600) == 10.0
+    assert observed_epoch_s([SimpleNamespace(metrics_dataframe=None)], images=600) is None
+
+
 def _finished_trials(search_dir):
     done = {}
     for result in search_dir.glob("*/result.json"):

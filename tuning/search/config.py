@@ -20,10 +20,10 @@ class SearchConfig(StageConfig):
     )
     time_budget_s: float = setting(
         0.0,
-        help="wall-clock seconds per model for screening and the full-length run(s), planned from measured "
-        "speed before anything trains: screening stops at its share, the final run is shortened to fit (its "
-        "schedule re-spanned) and never cut mid-schedule; 0 = no limit (--trials screening trials, then two "
-        "full runs)",
+        help="wall-clock seconds per model for measuring, screening and the full-length run(s), planned from "
+        "measured speed before anything trains: screening stops at its share, the final run is shortened to fit "
+        "(its schedule re-spanned, its epochs' cost re-measured by screening) and never cut mid-schedule; "
+        "0 = no limit (--trials screening trials, then two full runs)",
         bounds="[0, inf)",
     )
     max_concurrent: int = setting(

@@ -48,6 +48,7 @@ class Costs:
     lr_test_s: float  # the lr range test
     run_overhead_s: float  # a full run's fixed cost: start-up, checkpoints, held-out evaluation
     trial_overhead_s: float = 2.0  # one screening trial's fixed cost (a reused trial actor)
+    planning_s: float = 0.0  # already spent measuring these costs: part of the budget too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Plan:
     concurrent: int  # screening trials at once
     planned_s: dict[str, float]  # seconds per part
     note: str  # one line: why this plan
+    costs: dict = dataclasses.field(default_factory=dict)  # the measured Costs it was planned from
 
     @property
     def total_s(self) -> float:
@@ -99,7 +101,11 @@ def plan_search(
     is reserved; see the module docstring. Raises ValueError when the budget cannot hold one epoch
     of the final run."""
     screen_trial_s = screen_epochs * costs.screen_epoch_s + costs.trial_overhead_s
+    planning = {"planning": costs.planning_s}
+    # What the parts below may spend: the budget runs from the search's start, measurement included.
+    available = budget_s - costs.planning_s
     common = dict(
+        costs=dataclasses.asdict(costs),
         epochs=epochs,
         screen_epochs=screen_epochs,
         screen_image_size=screen_size,
@@ -110,6 +116,7 @@ def plan_search(
         n = max(1, trials)
         full_runs = 2 if n > 1 and retrain_challenger else 1
         parts = {
+            **planning,
             "lr_test": costs.lr_test_s,
             "screening": math.ceil(n / concurrent) * screen_trial_s,
             "full_runs": full_runs * full_run_s(costs, epochs),
@@ -129,10 +136,11 @@ def plan_search(
     one_run = full_run_s(costs, epochs)
     duel = 2 * screen_trial_s  # the incumbent and the lr test's challenger, each a complete short run
     screen_floor = costs.lr_test_s + duel
-    if retrain_challenger and budget_s >= 2 * one_run + screen_floor:
-        left = budget_s - 2 * one_run - costs.lr_test_s
+    if retrain_challenger and available >= 2 * one_run + screen_floor:
+        left = available - 2 * one_run - costs.lr_test_s
         n = max(2, min(trials, int(left // screen_trial_s) * concurrent))
         parts = {
+            **planning,
             "lr_test": costs.lr_test_s,
             "screening": math.ceil(n / concurrent) * screen_trial_s,
             "full_runs": 2 * one_run,
@@ -154,14 +162,15 @@ def plan_search(
     # About one run: the final run first. The lr range test may take up to MAX_FINAL_TRIM of its
     # epochs; a duel with the test's challenger (only when the user's lr is far off, so the trim
     # costs less than the lr would) up to MAX_DUEL_TRIM; further screening only from what is left over.
-    room = budget_s * (1 + COST_TOLERANCE)
+    room = budget_s * (1 + COST_TOLERANCE) - costs.planning_s
     fit_epochs = int((room - costs.run_overhead_s) // costs.epoch_s)
     lr_epochs = min(epochs, int((room - costs.run_overhead_s - costs.lr_test_s) // costs.epoch_s))
     if lr_epochs >= math.ceil((1 - MAX_FINAL_TRIM) * epochs):
         duel_epochs = min(lr_epochs, int((room - costs.run_overhead_s - costs.lr_test_s - duel) // costs.epoch_s))
-        left = budget_s - full_run_s(costs, lr_epochs) - costs.lr_test_s
+        left = available - full_run_s(costs, lr_epochs) - costs.lr_test_s
         n = min(trials, int(left // screen_trial_s) * concurrent)
         parts = {
+            **planning,
             "lr_test": costs.lr_test_s,
             "screening": math.ceil(n / concurrent) * screen_trial_s if n >= 2 else 0.0,
             "full_runs": full_run_s(costs, lr_epochs),
@@ -186,7 +195,7 @@ def plan_search(
     if fit_epochs < 1:
         raise ValueError(
             f"one epoch takes ~{costs.epoch_s:.0f} s here (+{costs.run_overhead_s:.0f} s per run), more "
-            f"than the budget of {budget_s:g} s"
+            f"than the budget of {budget_s:g} s holds after {costs.planning_s:.0f} s of measuring"
         )
     final = min(epochs, fit_epochs)
     return Plan(
@@ -197,11 +206,36 @@ def plan_search(
         full_runs=1,
         lr_test=False,
         screen_trials=0,
-        planned_s={"full_runs": full_run_s(costs, final)},
+        planned_s={**planning, "full_runs": full_run_s(costs, final)},
         note=f"the budget holds no screening beside the run: the user's configuration alone, {final} of "
         f"{epochs} epochs" + (" (its schedule re-spanned to end at zero)" if final < epochs else ""),
         **common,
     )
+
+
+def calibrated(costs: Costs, observed_screen_epoch_s: float | None) -> Costs:
+    """`costs` with both fidelities' epochs scaled up by what a screening epoch cost at the training
+    speed real screening runs showed, against the probe's estimate of it, when that is more. The probe times the
+    model's steps alone, on one batch it repeats; a real training pass also loads its batches and,
+    on a small machine, shares the cores with the processes that do it (design.md, "The search")."""
+    if not observed_screen_epoch_s or not costs.screen_epoch_s:
+        return costs
+    # Only ever slower: the probe at screening size is the noisier one (fewer pixels, shorter steps),
+    # so a faster screening run says less about the full-size epochs than a slower one does.
+    ratio = max(1.0, observed_screen_epoch_s / costs.screen_epoch_s)
+    return dataclasses.replace(costs, epoch_s=costs.epoch_s * ratio, screen_epoch_s=costs.screen_epoch_s * ratio)
+
+
+def final_run_epochs(plan: Plan, costs: Costs, *, left_s: float, reserved_s: float) -> int:
+    """The final run's length at `costs`: what `left_s` of the budget holds (split between the plan's
+    full runs), up to the epochs asked for, and never below what the plan reserved for each run
+    (`reserved_s`): screening that overran cannot shorten it, and a probe that was too optimistic
+    does not make it overrun the budget."""
+
+    def holds(seconds: float) -> int:
+        return int((seconds - costs.run_overhead_s) / costs.epoch_s + 1e-9)  # 1e-9: n * e / e may be n - eps
+
+    return max(1, min(plan.epochs, max(holds(reserved_s), holds(left_s / plan.full_runs))))
 
 
 # ---- the guard ---------------------------------------------------------------------------------------

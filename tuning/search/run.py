@@ -59,6 +59,9 @@ from gendertune.tuning.search.policy import (
     LR_TOLERANCE,
     Costs,
     Plan,
+    calibrated,
+    final_run_epochs,
+    full_run_s,
     guard_paired,
     guard_unpaired,
     keep_lr,
@@ -300,14 +303,11 @@ def measure_costs(
     task = ray.remote(_measure_both).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
     full, screen = ray.get(task.remote(base, image_size, screen_size, threads))
     full, screen = full * base.workers, screen * base.workers
-    counts = prepared.manifest["splits"]
-    train = counts["train"]["count"] if "val" in counts else counts["train"]["count"] * (1 - base.val_fraction)
-    val = counts["val"]["count"] if "val" in counts else counts["train"]["count"] * base.val_fraction
-    held_out = val + counts.get("test", {}).get("count", 0)
-    # A validation (or test) pass costs about a third of a training pass over the same images.
+    val = _val_images(prepared, base)
+    held_out = val + prepared.manifest["splits"].get("test", {}).get("count", 0)
     return Costs(
-        epoch_s=(train + val / 3) / full,
-        screen_epoch_s=(train + val / 3) / screen,
+        epoch_s=_epoch_images(prepared, base) / full,
+        screen_epoch_s=_epoch_images(prepared, base) / screen,
         lr_test_s=lr_test_steps * base.batch_size / screen + 5.0,
         run_overhead_s=RUN_START_S + held_out / 3 / full,
     )
@@ -334,6 +334,7 @@ def screening_concurrency(search: SearchConfig, base: TrainConfig) -> int:
 
 
 def make_plan(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData) -> Plan:
+    started = time.perf_counter()
     image_size = loop_settings(base, prepared)["image_size"]
     spec = get_spec(model)
     screen_size = screen_image_size(image_size, spec.min_input_size)
@@ -346,6 +347,7 @@ def make_plan(model: str, base: TrainConfig, search: SearchConfig, prepared: Pre
         threads=max(1, compute_parallelism() // base.workers),
         lr_test_steps=search.lr_test_steps,
     )
+    costs = dataclasses.replace(costs, planning_s=time.perf_counter() - started)
     logger.info(
         f"[plan {model}] measured ~{costs.epoch_s:.0f} s per epoch at {image_size} px, ~{costs.screen_epoch_s:.0f} s "
         f"at {screen_size} px, ~{costs.run_overhead_s:.0f} s per run besides its epochs"
@@ -753,7 +755,19 @@ def run_search(
     part = time.perf_counter()
     # Decided once: a resumed search finishes the same full-length runs it started.
     decided = _read_json(out_dir, FINAL_FILE) if resume else None
-    final_epochs = decided["epochs"] if decided else _final_epochs(plan, started, screened=bool(n_screen))
+    observed = observed_epoch_s(results, images=_epoch_images(prepared, base)) if n_screen and not decided else None
+    final_epochs = (
+        decided["epochs"]
+        if decided
+        else _final_epochs(plan, started, screened=bool(n_screen), observed_screen_epoch_s=observed)
+    )
+    if observed and plan.budget_s and plan.costs:
+        logger.info(
+            f"[search {model}] at the screening runs' training speed an epoch at {plan.screen_image_size} px "
+            f"costs {observed:.1f} s, the timed steps predicted {plan.costs['screen_epoch_s']:.1f} s: "
+            + ("with its epochs re-costed by that, " if observed > plan.costs["screen_epoch_s"] else "")
+            + f"the final run gets {final_epochs} of {plan.epochs}"
+        )
     write_json(join(out_dir, FINAL_FILE), {"epochs": final_epochs})
     chosen_params = user
     runs = []
@@ -852,21 +866,50 @@ def pick_challenger(
     )
 
 
+def _epoch_images(prepared: PreparedData, base: TrainConfig) -> float:
+    """An epoch's cost in training images: a validation pass costs about a third of a training pass
+    over the same images."""
+    counts = prepared.manifest["splits"]
+    train = counts["train"]["count"] * (1 if "val" in counts else 1 - base.val_fraction)
+    return train + _val_images(prepared, base) / 3
+
+
 def _val_images(prepared: PreparedData, base: TrainConfig) -> int:
     counts = prepared.manifest["splits"]
     return int(counts["val"]["count"] if "val" in counts else counts["train"]["count"] * base.val_fraction)
 
 
-def _final_epochs(plan: Plan, started: float, *, screened: bool) -> int:
-    """The final run's length: what is left of the budget, up to the epochs asked for, and never
-    below what the plan reserved for it (less when a duel the plan did not count took its share).
-    Without a budget, the epochs asked for."""
+def _final_epochs(plan: Plan, started: float, *, screened: bool, observed_screen_epoch_s: float | None) -> int:
+    """The final run's length (policy.final_run_epochs): what is left of the budget at the epoch cost
+    the screening runs showed, up to the epochs asked for, and never below what the plan reserved
+    for it (less when a duel the plan did not count took its share). Without a budget, the epochs
+    asked for."""
     if not plan.budget_s:
         return plan.final_epochs
-    floor = plan.duel_final_epochs if screened and not plan.screen_trials else plan.final_epochs
+    reserved = plan.duel_final_epochs if screened and not plan.screen_trials else plan.final_epochs
     per_epoch = plan.planned_s["full_runs"] / plan.full_runs / max(plan.final_epochs, 1)
-    left = plan.budget_s - (time.perf_counter() - started)
-    return max(floor, min(plan.epochs, int(left / plan.full_runs // per_epoch)))
+    # A plan saved before it recorded its costs: the per-epoch share of its full runs, no overhead.
+    costs = Costs(**plan.costs) if plan.costs else Costs(per_epoch, 0.0, 0.0, 0.0)
+    return final_run_epochs(
+        plan,
+        calibrated(costs, observed_screen_epoch_s),
+        left_s=plan.budget_s - (time.perf_counter() - started),
+        reserved_s=full_run_s(costs, reserved),
+    )
+
+
+def observed_epoch_s(results: list, *, images: float) -> float | None:
+    """What a screening epoch of `images` (the training images plus a third of the validation
+    images, as the probe counts them) costs at the training throughput the screening runs showed:
+    their median images/s over the training passes after each run's first (which also warms up),
+    or over every pass when none ran a second. None when no epoch ran."""
+    frames = [r.metrics_dataframe for r in results if r.metrics_dataframe is not None]
+    rows = pd.concat([f for f in frames if {"epoch", "train_images_per_s"} <= set(f.columns)] or [pd.DataFrame()])
+    if not len(rows):
+        return None
+    later = rows[rows["epoch"] >= 2]
+    speed = float(np.median((later if len(later) else rows)["train_images_per_s"]))
+    return images / speed if speed > 0 else None
 
 
 def _read_json(folder: str, name: str) -> dict | None:
