@@ -16,14 +16,12 @@ the same units). Ray is not needed; the run's prep output must have a val split.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-from benchlib import format_table, machine_info, use_source_tree, write_json
+from benchlib import format_table, machine_info, read_split_images, use_source_tree, write_json
 from scipy.special import expit
 
 use_source_tree()
@@ -33,20 +31,8 @@ from gendertune.tuning.evaluate.eval_sets import load_eval_set  # noqa: E402
 from gendertune.tuning.evaluate.metrics import mcnemar_test, wilson_ci  # noqa: E402
 from gendertune.tuning.evaluate.predict import RunModel  # noqa: E402
 from gendertune.tuning.evaluate.slices import slice_labels  # noqa: E402
-from gendertune.tuning.train.pixels import decode_pixels  # noqa: E402
 
 WAYS = [("none", "fixed"), ("none", "balanced"), ("flip", "fixed"), ("flip", "balanced")]
-
-
-def split_faces(prep: Path, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    files = sorted(glob.glob(str(prep / split / "*.parquet")))
-    if not files:
-        raise SystemExit(f"{prep} has no {split} split; this benchmark needs a prep output with val and test")
-    table = pq.read_table(files, columns=["pixels", "label"]).to_pydict()
-    batch = decode_pixels(
-        {"pixels": np.array(table["pixels"], dtype=object), "label": np.array(table["label"])}, image_size=image_size
-    )
-    return batch["image"].copy(), batch["label"]  # frombuffer is read-only; torch wants writable arrays
 
 
 def margins(run: RunModel, faces: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -102,7 +88,7 @@ def main() -> None:
     size = run.prep_image_size
     sets = {}
     for split in ("val", "test"):
-        faces, labels = split_faces(prep, split, size)
+        faces, labels = read_split_images(prep, split, size)
         sets[split] = (faces, labels, np.ones(len(labels), bool), pd.DataFrame(index=range(len(labels))))
     for spec in args.eval_set:
         loaded = load_eval_set(spec, attribute=json.loads((prep / "manifest.json").read_text())["attribute"])

@@ -1,4 +1,4 @@
-"""What the benchmarks share: tables, the RATIO line, JSON output, comma lists, a private Ray.
+"""What the benchmarks share: tables, the RATIO line, JSON output, comma lists, a private Ray, a prep split's images.
 
 Imports nothing from Ray or the project at module level, so `gpu_check.py` can use it on a machine
 without Ray.
@@ -44,6 +44,25 @@ def use_source_tree() -> None:
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
         setattr(gendertune, name, module)
+
+
+def read_split_images(prep: Path, split: str, image_size: int):
+    """A prep output's split, Ray-free: (uint8 N x S x S x 3 images, writable; int64 labels)."""
+    import glob
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from gendertune.tuning.train.pixels import decode_pixels
+
+    files = sorted(glob.glob(str(Path(prep) / split / "*.parquet")))
+    if not files:
+        raise SystemExit(f"{prep} has no {split} split")
+    table = pq.read_table(files, columns=["pixels", "label"]).to_pydict()
+    batch = decode_pixels(
+        {"pixels": np.array(table["pixels"], dtype=object), "label": np.array(table["label"])}, image_size=image_size
+    )
+    return batch["image"].copy(), batch["label"]  # frombuffer is read-only; torch wants writable arrays
 
 
 def int_list(text: str) -> list[int]:

@@ -15,15 +15,12 @@ to OUT/prep).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
-from benchlib import use_source_tree
+from benchlib import read_split_images, use_source_tree
 from torch import nn
 
 use_source_tree()
@@ -38,15 +35,6 @@ from gendertune.tuning.train.engine import (  # noqa: E402
     select_precision,
     train_one_epoch,
 )
-from gendertune.tuning.train.pixels import decode_pixels  # noqa: E402
-
-
-def load(prep: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pq.read_table(sorted(glob.glob(str(prep / split / "*.parquet"))), columns=["pixels", "label"]).to_pydict()
-    batch = decode_pixels(
-        {"pixels": np.array(table["pixels"], dtype=object), "label": np.array(table["label"])}, image_size=size
-    )
-    return torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"])
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, size: int, order: torch.Tensor | None = None):
@@ -71,7 +59,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     prep = Path(args.prep)
     size = json.loads((prep / "manifest.json").read_text())["image_size"]
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (load(prep, s, size) for s in ("train", "val", "test"))
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
+        (torch.from_numpy(images), torch.from_numpy(labels))
+        for images, labels in (read_split_images(prep, s, size) for s in ("train", "val", "test"))
+    )
     config = TrainConfig.from_dict(
         {
             "data": str(prep),
