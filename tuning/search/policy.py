@@ -215,9 +215,10 @@ def plan_search(
 
 def calibrated(costs: Costs, observed_screen_epoch_s: float | None) -> Costs:
     """`costs` with both fidelities' epochs scaled up by what a screening epoch cost at the training
-    speed real screening runs showed, against the probe's estimate of it, when that is more. The probe times the
-    model's steps alone, on one batch it repeats; a real training pass also loads its batches and,
-    on a small machine, shares the cores with the processes that do it (design.md, "The search")."""
+    speed real screening runs showed, against the probe's estimate of it, when that is more. The
+    probe times the model's steps alone, on one batch it repeats; a real training pass also loads
+    its batches and, on a small machine, shares the cores with the processes that do it (design.md,
+    "The search")."""
     if not observed_screen_epoch_s or not costs.screen_epoch_s:
         return costs
     # Only ever slower: the probe at screening size is the noisier one (fewer pixels, shorter steps),

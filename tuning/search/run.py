@@ -303,11 +303,11 @@ def measure_costs(
     task = ray.remote(_measure_both).options(num_cpus=base.cpus_per_worker, num_gpus=1 if base.gpu else 0)
     full, screen = ray.get(task.remote(base, image_size, screen_size, threads))
     full, screen = full * base.workers, screen * base.workers
-    val = _val_images(prepared, base)
-    held_out = val + prepared.manifest["splits"].get("test", {}).get("count", 0)
+    epoch = _epoch_images(prepared, base)
+    held_out = _val_images(prepared, base) + prepared.manifest["splits"].get("test", {}).get("count", 0)
     return Costs(
-        epoch_s=_epoch_images(prepared, base) / full,
-        screen_epoch_s=_epoch_images(prepared, base) / screen,
+        epoch_s=epoch / full,
+        screen_epoch_s=epoch / screen,
         lr_test_s=lr_test_steps * base.batch_size / screen + 5.0,
         run_overhead_s=RUN_START_S + held_out / 3 / full,
     )
@@ -887,9 +887,9 @@ def _final_epochs(plan: Plan, started: float, *, screened: bool, observed_screen
     if not plan.budget_s:
         return plan.final_epochs
     reserved = plan.duel_final_epochs if screened and not plan.screen_trials else plan.final_epochs
-    per_epoch = plan.planned_s["full_runs"] / plan.full_runs / max(plan.final_epochs, 1)
     # A plan saved before it recorded its costs: the per-epoch share of its full runs, no overhead.
-    costs = Costs(**plan.costs) if plan.costs else Costs(per_epoch, 0.0, 0.0, 0.0)
+    share = plan.planned_s["full_runs"] / plan.full_runs / max(plan.final_epochs, 1)
+    costs = Costs(**plan.costs) if plan.costs else Costs(share, 0.0, 0.0, 0.0)
     return final_run_epochs(
         plan,
         calibrated(costs, observed_screen_epoch_s),
