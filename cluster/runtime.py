@@ -4,14 +4,18 @@ With `--address`/`RAY_ADDRESS` (or inside a Ray job, which sets it) we attach to
 Otherwise a local Ray starts, bound to the loopback address, with more *logical* CPUs than the machine has cores: on a 2-core box
 Ray Data reads, Train workers and Tune trial drivers each hold CPU slots, and with only 2 slots
 they wait on each other forever (see the Ray 2.60 notes). Compute-heavy stages cap their own
-concurrency at the physical core count instead (`compute_parallelism`).
+concurrency at the physical core count instead (`compute_parallelism`), or at the share of the
+cluster a caller set for its thread (`resource_share`: a comparison's models searched side by side).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -83,13 +87,45 @@ def quiet_ray_internals() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """The part of the cluster one piece of work may plan with: CPU cores (threads) and GPUs."""
+
+    cpus: int
+    gpus: int
+
+
+# Set per thread (a ContextVar, so each side-by-side search sees its own); None = the whole cluster.
+_SHARE: contextvars.ContextVar[Share | None] = contextvars.ContextVar("gendertune_share", default=None)
+
+
+@contextlib.contextmanager
+def resource_share(share: Share) -> Iterator[None]:
+    """Within the block, in this thread, compute_parallelism and gpu_parallelism answer `share`."""
+    token = _SHARE.set(share)
+    try:
+        yield
+    finally:
+        _SHARE.reset(token)
+
+
 def compute_parallelism(requested: int = 0) -> int:
-    """How many CPU-bound tasks to run at once: `requested`, else real cores locally or cluster CPUs."""
+    """How many CPU-bound tasks to run at once: `requested`, else this thread's resource_share,
+    else real cores locally or cluster CPUs."""
     if requested > 0:
         return requested
+    if (share := _SHARE.get()) is not None:
+        return share.cpus
     if os.environ.get(LOCAL_CORES_ENV):
         return int(os.environ[LOCAL_CORES_ENV])
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def gpu_parallelism() -> int:
+    """GPUs to plan with: this thread's resource_share, else the cluster's."""
+    if (share := _SHARE.get()) is not None:
+        return share.gpus
+    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def require_resources(*, workers: int, cpus_per_worker: float, gpus_per_worker: int) -> None:

@@ -93,6 +93,10 @@ def inputs(tmp_path_factory):
     broken_run.mkdir()
     (broken_run / ".gendertune-output").write_text(json.dumps({"gendertune_output": "train", "format": 1}))
     (broken_run / "config.json").write_text('{"train": ')
+    broken_comparison = root / "broken-comparison"  # an interrupted comparison of ours, config.json damaged
+    broken_comparison.mkdir()
+    (broken_comparison / ".gendertune-output").write_text(json.dumps({"gendertune_output": "compare", "format": 1}))
+    (broken_comparison / "config.json").write_text('["compare"]')
     comparison = root / "comparison"
     comparison.mkdir()
     (comparison / "leaderboard.csv").write_text('rank,model\n1,"resnet18\n')
@@ -300,6 +304,10 @@ CASES = {
     "train: --out holds a damaged config.json": (
         ["train", "--data", "{root}/prep", "--out", "{root}/broken-run", "--model", "resnet18"],
         "config.json is not valid JSON",
+    ),
+    "compare: --resume where config.json is damaged": (
+        ["compare", "--data", "{root}/prep", "--out", "{root}/broken-comparison", "--models", "resnet18", "--resume"],
+        "config.json does not hold a comparison's settings",
     ),
     "make-sample: no images": (["make-sample", "--out", "{out}", "--n", "0"], "n must be >= 1"),
     "make-sample: into a folder with files": (["make-sample", "--out", "{root}/images"], "not an empty folder"),

@@ -273,6 +273,7 @@ def _search(folder: Path, out: Path) -> None:
                     "planned_s": {"lr_test": 20, "screening": 80, "full_runs": 540},
                 },
                 "actual_s": {"planning": 6, "lr_test": 22, "screening": 75, "full_runs": 551},
+                "resources": {"cpus": 8, "gpus": 0},
                 "kept": True,
                 "verdict": "kept: at screening fidelity the best challenger (lr=0.003) scored +3.00 points on "
                 "validation vs a threshold of 5.10 (2 unpaired SE)",
@@ -488,6 +489,7 @@ def test_report_renders_in_chromium(comparison, chromium, tmp_path):
         "Array.from(s.querySelectorAll('img'), img => img.naturalWidth > 0 ? img.alt : '')]"
     )
     assert search and "kept: at screening fidelity" in search[0] and "pruned" in search[0]
+    assert "Planned with 8 CPU cores." in search[0]  # its share of the cluster
     assert [alt.split(": ")[1].split(" ")[0] for alt in search[1]] == ["lr", "optimisation", "val", "parameter"]
     # data: URIs are not resource fetches; anything else the page loaded would be listed here.
     assert (

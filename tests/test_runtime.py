@@ -143,3 +143,24 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_resource_share_answers_in_its_own_thread_only(monkeypatch):
+    from gendertune.cluster.runtime import LOCAL_CORES_ENV, Share, compute_parallelism, gpu_parallelism, resource_share
+
+    monkeypatch.setenv(LOCAL_CORES_ENV, "3")  # a local machine's cores, read without asking Ray
+    whole = compute_parallelism()
+    assert whole == 3
+    seen = {}
+
+    def other_thread():
+        seen["other"] = compute_parallelism()
+
+    with resource_share(Share(cpus=whole + 5, gpus=3)):
+        assert (compute_parallelism(), gpu_parallelism()) == (whole + 5, 3)
+        assert compute_parallelism(7) == 7  # an explicit request still wins
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert seen["other"] == whole  # a thread started inside the block plans with the whole machine
+    assert compute_parallelism() == whole  # and the block's end restores it here

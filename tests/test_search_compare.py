@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,56 @@ def test_augment_strength_scales_the_users_own_augmentation():
     assert trial_config(base, {}).rotation == 30.0  # no strength searched: the base as it is
 
 
+def test_models_are_searched_side_by_side_only_where_each_gets_a_full_runs_share():
+    from gendertune.tuning.compare.run import models_at_once
+
+    cpu = TrainConfig.from_dict({"data": "d", "out": "o"})
+    assert models_at_once(0, 4, cpus=2, gpus=0, base=cpu) == 1  # this box: one after another
+    assert models_at_once(0, 4, cpus=9, gpus=0, base=cpu) == 2  # at least 4 cores each
+    assert models_at_once(0, 4, cpus=64, gpus=0, base=cpu) == 4  # never more than there are models
+    wide = dataclasses.replace(cpu, workers=2, cpus_per_worker=4)
+    assert models_at_once(0, 4, cpus=24, gpus=0, base=wide) == 3  # a run's 8 CPUs each
+    gpu = dataclasses.replace(cpu, gpu=True, workers=2)
+    assert models_at_once(0, 4, cpus=8, gpus=4, base=gpu) == 2  # a run's GPUs each, whatever the CPUs
+    assert models_at_once(0, 4, cpus=64, gpus=1, base=gpu) == 1
+    assert models_at_once(3, 2, cpus=2, gpus=0, base=cpu) == 2  # asked for: as asked, up to the models
+
+
+def test_side_by_side_searches_that_the_cluster_cannot_place_are_refused():
+    from gendertune.tuning.compare.run import require_room_side_by_side
+
+    base = TrainConfig.from_dict({"data": "d", "out": "o", "workers": 2, "cpus_per_worker": 2})
+    require_room_side_by_side(2, base, cluster_cpus=9, cluster_gpus=0)  # 2 x 2 x 2 + 1 for data loading
+    with pytest.raises(ConfigError, match="models_at_once 3: 3 searches side by side need 13 CPUs"):
+        require_room_side_by_side(3, base, cluster_cpus=9, cluster_gpus=0)
+    with pytest.raises(ConfigError, match="4 GPUs; the cluster has 9 CPUs and 2 GPUs"):
+        require_room_side_by_side(2, dataclasses.replace(base, gpu=True), cluster_cpus=9, cluster_gpus=2)
+
+
+def test_side_by_side_runs_each_item_in_its_share_at_once_and_keeps_the_order():
+    import threading
+
+    from gendertune.cluster.runtime import Share, compute_parallelism
+    from gendertune.tuning.compare.run import side_by_side
+
+    both_started = threading.Barrier(2, timeout=10)  # fails unless two items run at the same time
+
+    def work(item):
+        if item in ("a", "b"):
+            both_started.wait()
+        return {"item": item, "cpus": compute_parallelism(), "thread": threading.current_thread().name}
+
+    rows = side_by_side(["a", "b", "c"], work, at_once=2, share=Share(cpus=5, gpus=0))
+    assert [r["item"] for r in rows] == ["a", "b", "c"] and {r["cpus"] for r in rows} == {5}
+    assert rows[0]["thread"] != rows[1]["thread"]
+
+    def fails(item):
+        raise MemoryError(item)
+
+    with pytest.raises(MemoryError):  # what a work function raises is not lost in its thread
+        side_by_side(["a"], fails, at_once=2, share=Share(cpus=1, gpus=0))
+
+
 def compare_configs(prepared, out, **train):
     # vit_b_16 cannot run at 40 px (not a multiple of its 16 px patches): it must become an error row.
     return (
@@ -87,11 +138,12 @@ def comparison(prepared, eval_set_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "cmp"
     # The driver prints the trials' lines through sys.stdout/sys.stderr, looked up per line.
     console = io.StringIO()
+    compare, search, base = compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}"])
+    # Two searches side by side, as a cluster with room for two would run them (this box would
+    # run them one after another): everything below holds for side-by-side searches too.
+    compare = dataclasses.replace(compare, models_at_once=2)
     with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
-        table = run_compare(
-            *compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}"]),
-            tracking_uri=tracking.resolve_uri("auto", str(out)),
-        )
+        table = run_compare(compare, search, base, tracking_uri=tracking.resolve_uri("auto", str(out)))
     (out.parent / "console.log").write_text(console.getvalue())
     return out, table
 
@@ -104,6 +156,15 @@ def test_trials_print_no_checkpoint_lines_or_dataset_progress_bars(comparison):
     assert "Checkpoint successfully created" not in console
     assert "Running Dataset" not in console and "execution finished" not in console
     assert "Exception ignored" not in console  # e.g. a trial actor killed inside a Dataset's __del__
+
+
+def test_two_models_searched_side_by_side_each_plan_with_half_the_cores(comparison):
+    from gendertune.cluster.runtime import compute_parallelism
+
+    out, _ = comparison
+    summaries = [json.loads((out / "models" / m / "search.json").read_text()) for m in ("resnet18", "googlenet")]
+    assert max(s["started_at"] for s in summaries) < min(s["finished_at"] for s in summaries)  # they overlapped
+    assert [s["resources"]["cpus"] for s in summaries] == [max(1, compute_parallelism() // 2)] * 2
 
 
 def test_a_finished_search_keeps_its_results_but_not_its_checkpoints(comparison):
@@ -388,11 +449,13 @@ def test_in_process_trial_restores_from_its_checkpoint_and_resets_for_a_new_tria
     assert trial.reset({"lr": 3e-4, "batch_size": 32})
     fresh = trial.train()
     assert fresh["epoch"] == 1 and fresh["attempt_start_epoch"] == 0 and fresh["config"]["batch_size"] == 32
-    # Tune's stop() ends the suspended epoch loop (and its dataset iterators) before the actor exits.
+    # Tune's stop() ends the suspended epoch loop (and its dataset iterators) and frees the datasets
+    # (their __del__ shuts down their executors) before the actor exits, not in its teardown.
     loop = trial.epochs
-    assert loop.gi_frame is not None
+    datasets = [weakref.ref(dataset) for dataset in trial.datasets.values()]
+    assert loop.gi_frame is not None and all(ref() is not None for ref in datasets)
     trial.stop()
-    assert loop.gi_frame is None
+    assert loop.gi_frame is None and all(ref() is None for ref in datasets)
 
 
 def test_the_screening_runs_training_speed_prices_an_epoch():

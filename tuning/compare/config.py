@@ -19,6 +19,13 @@ class CompareConfig(StageConfig):
     out: str = setting("", help="comparison folder or object-store URI (s3://, gs://)")
     models: tuple[str, ...] = setting(DEFAULT_MODELS, help="comma-separated models", names=list_models())
     resume: bool = setting(False, help="continue an interrupted comparison in --out")
+    models_at_once: int = setting(
+        0,
+        help="models searched side by side, each with an equal share of the cluster's CPU cores and GPUs; "
+        "0 = as many as the cluster holds (a model's share: its run's GPUs, or at least 4 CPU cores), "
+        "1 = one after another",
+        bounds="[0, inf)",
+    )
     ensemble_k: int = setting(
         0,
         help="the ensemble row's members: the top K models; 0 = every model within the leader's 95% CI",

@@ -558,9 +558,12 @@ def _search_section(runs: Sequence[_Run]) -> str:
             continue
         planned, actual = _mapping(plan.get("planned_s")), _mapping(search.get("actual_s"))
         budget = _number(plan.get("budget_s"))
+        resources = _mapping(search.get("resources"))
+        cpus, gpus = _number(resources.get("cpus")), _number(resources.get("gpus"))
         parts.append(
             f"<h3>{_esc(run.model)}</h3><p>{_esc(str(plan.get('note', '')).capitalize())}."
             + (f" Budget {budget:,.0f} s." if budget else " No time budget.")
+            + (f" Planned with {cpus:.0f} CPU cores" + (f" and {gpus:.0f} GPUs." if gpus else ".") if cpus else "")
             + "</p>"
         )
         parts.append(f"<p><strong>{_esc(str(search.get('verdict', '')))}</strong></p>")

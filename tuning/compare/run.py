@@ -4,7 +4,8 @@ object-store URI (gendertune.cluster.storage): Tune and Ray Train write there th
 is uploaded when the comparison ends, each model's metrics.json after its other files, the
 leaderboard last. A model that fails becomes an error row; the others still finish. With resume,
 a model whose run folder is complete is not searched again, and an interrupted search continues
-where it stopped.
+where it stopped. Where the cluster holds several models' runs, their searches run side by side
+(one driver thread each, each planning with its share of the cluster: runtime.resource_share).
 """
 
 from __future__ import annotations
@@ -12,16 +13,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import queue
 import shutil
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+import ray
 
 from gendertune.base.config import ConfigError
+from gendertune.base.errors import UserInputError
 from gendertune.cluster import tracking
-from gendertune.cluster.runtime import ensure_ray, require_resources, run_on_other_nodes
+from gendertune.cluster.runtime import (
+    Share,
+    compute_parallelism,
+    ensure_ray,
+    gpu_parallelism,
+    require_resources,
+    resource_share,
+    run_on_other_nodes,
+)
 from gendertune.cluster.shared_storage import require_shared
 from gendertune.cluster.storage import (
     OutputExistsError,
@@ -43,7 +58,7 @@ from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.evaluate.eval_sets import EvalSet, evaluate_run, load_eval_set, missing_sets
 from gendertune.tuning.search import figures
 from gendertune.tuning.search.config import SearchConfig
-from gendertune.tuning.search.run import STUDY_FILE, check_search, run_search
+from gendertune.tuning.search.run import CORES_PER_TRIAL, STUDY_FILE, SearchInterrupted, check_search, run_search
 from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.run import evaluate_held_out_and_write
 
@@ -59,8 +74,31 @@ def _settings_json(compare: CompareConfig, search: SearchConfig, base: TrainConf
 
 
 # Settings a resumed comparison may change: they act after the searches (which sets are scored, the
-# ensemble), or say to resume at all. Any other difference would mix two experiments in one leaderboard.
-RESUMABLE_CHANGES = {("compare", "resume"), ("compare", "ensemble_k"), ("train", "eval_sets")}
+# ensemble), say to resume at all, or say how many searches share the cluster (a resume may run on
+# another). Any other difference would mix two experiments in one leaderboard.
+RESUMABLE_CHANGES = {
+    ("compare", "resume"),
+    ("compare", "ensemble_k"),
+    ("compare", "models_at_once"),
+    ("train", "eval_sets"),
+}
+
+
+def read_saved_settings(path: Path, storage: str) -> dict:
+    """The settings a comparison was started with (its config.json), or a one-line input error
+    when that file is damaged: without it a resume cannot show it continues the same experiment."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        saved, problem = None, f"is not valid JSON ({err})"
+    else:
+        problem = "does not hold a comparison's settings"
+    if not isinstance(saved, dict) or not all(isinstance(section, dict) for section in saved.values()):
+        raise UserInputError(
+            f"{storage}: its {layout.CONFIG} {problem}, so a resume cannot check it continues the same "
+            "comparison; start it again in another --out"
+        )
+    return saved
 
 
 def settings_changed(saved: dict, current: dict) -> list[str]:
@@ -72,6 +110,70 @@ def settings_changed(saved: dict, current: dict) -> list[str]:
             if (section, key) not in RESUMABLE_CHANGES and before.get(key) != after.get(key):
                 changes.append(f"{section}.{key}: {before.get(key)!r} -> {after.get(key)!r}")
     return changes
+
+
+def models_at_once(requested: int, n_models: int, *, cpus: int, gpus: int, base: TrainConfig) -> int:
+    """How many models' searches run side by side: `requested`, else as many as the cluster holds
+    shares for, where a share holds one full-length run (its workers' GPUs, or its workers' CPUs and
+    at least CORES_PER_TRIAL cores); never more than there are models."""
+    if not requested:
+        per = base.workers if base.gpu else max(CORES_PER_TRIAL, math.ceil(base.workers * base.cpus_per_worker))
+        requested = (gpus if base.gpu else cpus) // per
+    return max(1, min(requested, n_models))
+
+
+def require_room_side_by_side(at_once: int, base: TrainConfig, *, cluster_cpus: float, cluster_gpus: float) -> None:
+    """Refuse, in seconds, side-by-side searches whose full-length runs the cluster cannot all place
+    at once (with one CPU left for their data loading): Ray would hold some runs while other runs'
+    data waits for CPUs, and on a small cluster that waits forever."""
+    cpus, gpus = at_once * base.workers * base.cpus_per_worker + 1, at_once * base.workers * int(base.gpu)
+    if cpus > cluster_cpus or gpus > cluster_gpus:
+        raise ConfigError(
+            f"compare.models_at_once {at_once}: {at_once} searches side by side need {cpus:g} CPUs"
+            + (f" and {gpus} GPUs" if gpus else "")
+            + f"; the cluster has {cluster_cpus:g} CPUs"
+            + (f" and {cluster_gpus:g} GPUs" if gpus else "")
+            + ": ask for fewer (0 = as many as fit)"
+        )
+
+
+def side_by_side(items: list[str], work: Callable[[str], dict], *, at_once: int, share: Share) -> list[dict]:
+    """`work(item)` for every item, `at_once` at a time, each in a driver thread that plans with
+    `share` of the cluster; the results in `items`' order. The threads are daemons and the main
+    thread waits in short joins, so Ctrl-C reaches it: the comparison then stops as interrupted
+    (each search's state on disk resumes with --resume) instead of waiting for the searches."""
+    pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for item in items:
+        pending.put(item)
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        with resource_share(share):
+            while not errors:
+                try:
+                    item = pending.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results[item] = work(item)
+                except BaseException as err:  # re-raised in the main thread, which stops the rest
+                    errors.append(err)
+
+    threads = [threading.Thread(target=worker, name=f"gendertune-search-{n}", daemon=True) for n in range(at_once)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+    except KeyboardInterrupt:
+        raise SearchInterrupted(
+            "the searches were interrupted; run the same command with --resume to continue them"
+        ) from None
+    if errors:
+        raise errors[0]
+    return [results[item] for item in items]
 
 
 def compare_one(
@@ -219,7 +321,7 @@ def compare_into(
         )
     settings = _settings_json(compare, search, base)
     if compare.resume and (out / layout.CONFIG).is_file():
-        changes = settings_changed(json.loads((out / layout.CONFIG).read_text()), json.loads(settings))
+        changes = settings_changed(read_saved_settings(out / layout.CONFIG, location.storage), json.loads(settings))
         if changes:
             raise ConfigError(
                 f"{location.storage} was started with other settings ({'; '.join(changes)}); resume it "
@@ -227,6 +329,11 @@ def compare_into(
             )
     ensure_ray()
     require_resources(workers=base.workers, cpus_per_worker=base.cpus_per_worker, gpus_per_worker=int(base.gpu))
+    at_once = models_at_once(
+        compare.models_at_once, len(compare.models), cpus=compute_parallelism(), gpus=gpu_parallelism(), base=base
+    )
+    resources = ray.cluster_resources()
+    require_room_side_by_side(at_once, base, cluster_cpus=resources.get("CPU", 0), cluster_gpus=resources.get("GPU", 0))
     if base.pretrained:  # the driver fetched them for its node in check_search
         for model in compare.models:
             run_on_other_nodes(fetch_hub_weights, get_spec(model))
@@ -235,10 +342,10 @@ def compare_into(
     write_text_atomic(out / layout.CONFIG, settings)
     if tracking_uri:
         tracking.ensure_experiment(tracking_uri, tracking.COMPARE_EXPERIMENT)  # an unreachable server fails now
-    rows = []
-    for model in compare.models:
+
+    def row(model: str) -> dict:
         try:
-            rows.append(compare_one(model, location, compare, search, base, eval_sets, tracking_uri=tracking_uri))
+            return compare_one(model, location, compare, search, base, eval_sets, tracking_uri=tracking_uri)
         except Exception as err:  # one model's failure (e.g. out of memory) must not sink the others
             error_log = layout.model_dir(out, model) / layout.ERROR_LOG
             write_text_atomic(error_log, traceback.format_exc())
@@ -246,7 +353,17 @@ def compare_into(
                 f"[compare] {model} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
                 f"(traceback in {location.storage_path(layout.MODELS, model, layout.ERROR_LOG)})"
             )
-            rows.append(leaderboard.error_row(model, err))
+            return leaderboard.error_row(model, err)
+
+    if at_once == 1:
+        rows = [row(model) for model in compare.models]
+    else:
+        share = Share(cpus=max(1, compute_parallelism() // at_once), gpus=gpu_parallelism() // at_once)
+        logger.info(
+            f"[compare] searching {at_once} models side by side, each with {share.cpus} CPU cores"
+            + (f" and {share.gpus} GPUs" if share.gpus else "")
+        )
+        rows = side_by_side(list(compare.models), row, at_once=at_once, share=share)
     names = [s.name for s in eval_sets]
     ranked = leaderboard.rank_rows(rows, eval_sets=names)
     members = ensemble.choose_members(ranked, compare.ensemble_k)

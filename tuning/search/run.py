@@ -46,7 +46,7 @@ from torch import nn
 
 from gendertune.base.config import ConfigError
 from gendertune.base.errors import StageFailed
-from gendertune.cluster.runtime import compute_parallelism
+from gendertune.cluster.runtime import compute_parallelism, gpu_parallelism
 from gendertune.cluster.storage import is_file, is_uri, join, read_text, write_bytes
 from gendertune.data_prep.layout import PreparedData, open_prepared
 from gendertune.models.registry import build_model, get_spec
@@ -163,11 +163,12 @@ class InProcessTrial(tune.Trainable):
 
     def cleanup(self) -> None:
         # Tune gives a stopping trial actor 10 s to exit, then kills it, and Ray's SIGTERM handler
-        # raises SystemExit in whatever runs at that moment: inside a Dataset's __del__ during the
-        # interpreter's teardown that printed a traceback on the console. Ending the epoch loop (and
-        # the dataset iterators it holds) here, in Tune's stop(), lets the actor exit at once.
+        # raises SystemExit in whatever runs at that moment: inside a Dataset's __del__ (which shuts
+        # down the executor of its last iteration) during the interpreter's teardown that printed a
+        # traceback on the console. Ending the epoch loop and dropping the datasets here, in Tune's
+        # stop(), runs those __del__s while Ray is healthy, and the actor then exits at once.
         self.epochs.close()
-        self.epochs = self.latest_state = None
+        self.epochs = self.latest_state = self.datasets = None
         gc.collect()
 
 
@@ -292,6 +293,8 @@ def measure_images_per_s(config: TrainConfig, image_size: int, *, threads: int, 
 
 # ---- the plan ----------------------------------------------------------------------------------------
 
+# Cores a CPU run uses well: a screening trial's, and a side-by-side search's, smallest share.
+CORES_PER_TRIAL = 4
 RUN_START_S = 25.0  # a Ray Train run's start-up and checkpointing on a small machine (ray-2.60 notes: 20-40 s)
 PLAN_FILE, LR_FILE, STUDY_FILE, FINAL_FILE = "plan.json", "lr_range.json", "study.db", "final.json"
 
@@ -321,16 +324,17 @@ def _measure_both(base: TrainConfig, image_size: int, screen_size: int, threads:
 
 
 def screening_concurrency(search: SearchConfig, base: TrainConfig) -> int:
-    """Screening trials at once. GPU trials: one per GPU. CPU trials: one per 4 cores (small-batch
-    convolutions scale well to about 4 threads, and one trial with every thread returns its result
-    first, which the sampler can use), never more than the CPUs hold. Deterministic: one."""
+    """Screening trials at once, within this search's share of the cluster (runtime.resource_share).
+    GPU trials: one per GPU. CPU trials: one per CORES_PER_TRIAL cores (small-batch convolutions
+    scale well to about 4 threads, and one trial with every thread returns its result first, which
+    the sampler can use), never more than the CPUs hold. Deterministic: one."""
     if base.deterministic:
         return 1
     if search.max_concurrent:
         return search.max_concurrent
     if base.gpu:
-        return max(1, int(ray.cluster_resources().get("GPU", 1)) // base.workers)
-    return max(1, compute_parallelism() // max(4, math.ceil(base.cpus_per_worker * base.workers)))
+        return max(1, gpu_parallelism() // base.workers)
+    return max(1, compute_parallelism() // max(CORES_PER_TRIAL, math.ceil(base.cpus_per_worker * base.workers)))
 
 
 def make_plan(model: str, base: TrainConfig, search: SearchConfig, prepared: PreparedData) -> Plan:
@@ -618,6 +622,8 @@ class SearchOutcome:
     trials: pd.DataFrame  # trial_rows
     lr_curve: dict | None  # the lr range test's curve and suggestion
     full_runs: list[dict]  # label, params, epochs, best val acc, seconds of each full-length run
+    resources: dict  # the CPU cores and GPUs the search planned with (its share when side by side)
+    span: tuple[float, float]  # when the search started and ended (Unix seconds): side by side, they overlap
 
     @property
     def history(self) -> pd.DataFrame:
@@ -637,6 +643,9 @@ class SearchOutcome:
             "final_epochs": self.best_config.epochs,
             "lr_curve": self.lr_curve,
             "full_runs": self.full_runs,
+            "resources": self.resources,
+            "started_at": self.span[0],
+            "finished_at": self.span[1],
             "trials": json.loads(self.trials.to_json(orient="records")),
         }
 
@@ -657,7 +666,7 @@ def run_search(
     holds the plan, the lr curve, the Tune state, the Optuna study and the full-length runs;
     `callbacks` are more Tune callbacks (e.g. tracking's MLflow logger); `points_to_evaluate` are
     the configurations screened first, in order (default: the user's, then the lr test's challenger)."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     base = dataclasses.replace(base, model=model)
     loop_settings(base, prepared)  # image size vs model, weights file: fail before any trial
     mode = resolve_mode(search, base)
@@ -832,6 +841,8 @@ def run_search(
             }
             for r in runs
         ],
+        resources={"cpus": compute_parallelism(), "gpus": gpu_parallelism()},
+        span=(started_at, time.time()),
     )
 
 
