@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import os
 import shlex
 import sys
@@ -120,15 +119,12 @@ def client(address: str):
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
     from ray.job_submission import JobSubmissionClient
 
+    from gendertune.cluster.runtime import quiet_token_setup
+
     # Quietly: its "token authentication is enabled" warning is no news to the user of a cluster
     # that requires one, and would precede every command's output or one-line error.
-    setup_logger = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
-    level = setup_logger.level
-    setup_logger.setLevel(logging.ERROR)
-    try:
+    with quiet_token_setup():
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        setup_logger.setLevel(level)
     with _one_line_errors(address):
         return JobSubmissionClient(address)
 

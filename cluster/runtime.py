@@ -36,6 +36,11 @@ QUIET_LOGGERS = (
     # session's placement groups end with the session; a cluster has its dashboard.
     "ray.train.v2._internal.execution.controller.placement_group_cleaner",
 )
+# Ray's token set-up, which announces at WARNING that a new local Ray turned token authentication on
+# ("set RAY_AUTH_MODE=disabled to opt out"), and the same for a token found on the way to a cluster.
+# Both are what we want (a local Ray that asks for its token; a cluster's token used as Ray's CLI
+# does), not something for the user to act on: quieted while we start or attach (quiet_token_setup).
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know
 # the real core count too: inside a Tune trial or a Train worker a module flag would be unset.
 LOCAL_CORES_ENV = "GENDERTUNE_LOCAL_CORES"
@@ -54,7 +59,8 @@ def ensure_ray(address: str | None = None) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        with quiet_token_setup():
+            ray.init(address=address, logging_level=logging.WARNING)
         return
     os.environ[LOCAL_CORES_ENV] = str(os.cpu_count() or 1)
     # No preemption watcher (a user's own value wins): it watches for cloud nodes being reclaimed,
@@ -69,16 +75,29 @@ def ensure_ray(address: str | None = None) -> None:
     # does, or the driver would report a loopback address to a real cluster.
     cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
-        ray.init(
-            num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            # Only for a Ray we start: on a cluster the job's own runtime_env (a submission's
-            # working_dir, pip) must not be replaced by ours.
-            runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_internals"},
-        )
+        with quiet_token_setup():
+            ray.init(
+                num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                # Only for a Ray we start: on a cluster the job's own runtime_env (a submission's
+                # working_dir, pip) must not be replaced by ours.
+                runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_internals"},
+            )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+@contextlib.contextmanager
+def quiet_token_setup() -> Iterator[None]:
+    """Within the block, Ray's token set-up logs errors only (TOKEN_SETUP_LOGGER)."""
+    setup_logger = logging.getLogger(TOKEN_SETUP_LOGGER)
+    level = setup_logger.level
+    setup_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        setup_logger.setLevel(level)
 
 
 def quiet_ray_internals() -> None:

@@ -164,3 +164,25 @@ def test_a_resource_share_answers_in_its_own_thread_only(monkeypatch):
         thread.join()
     assert seen["other"] == whole  # a thread started inside the block plans with the whole machine
     assert compute_parallelism() == whole  # and the block's end restores it here
+
+
+def test_a_local_start_keeps_token_auth_on_without_announcing_it(tmp_path):
+    """Ray turns token authentication on for a new local Ray and says so at WARNING on every start,
+    with "set RAY_AUTH_MODE=disabled to opt out": nothing a user should act on, so not on the console."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env["HOME"] = str(tmp_path)  # Ray writes its token file under ~/.ray: here, not in the user's home
+    code = (
+        "import os, ray\n"
+        "from gendertune.cluster.runtime import ensure_ray\n"
+        "ensure_ray()\n"
+        "print(os.environ.get('RAY_AUTH_MODE'))\n"
+        "ray.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["token"]  # still on
+    assert "Token authentication" not in done.stderr, done.stderr
+    assert (tmp_path / ".ray" / "auth_token").is_file()
