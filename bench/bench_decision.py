@@ -21,57 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from benchlib import format_table, machine_info, read_split_images, use_source_tree, write_json
+from benchlib import (
+    eval_set_faces,
+    format_table,
+    machine_info,
+    margins,
+    read_split_images,
+    scores,
+    use_source_tree,
+    write_json,
+)
 from scipy.special import expit
 
 use_source_tree()
-from gendertune.data_prep.images import ImageRejected  # noqa: E402
 from gendertune.tuning.evaluate.decision import fit_threshold, with_tta  # noqa: E402
 from gendertune.tuning.evaluate.eval_sets import load_eval_set  # noqa: E402
-from gendertune.tuning.evaluate.metrics import mcnemar_test, wilson_ci  # noqa: E402
 from gendertune.tuning.evaluate.predict import RunModel  # noqa: E402
-from gendertune.tuning.evaluate.slices import slice_labels  # noqa: E402
 
 WAYS = [("none", "fixed"), ("none", "balanced"), ("flip", "fixed"), ("flip", "balanced")]
-
-
-def margins(run: RunModel, faces: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([run.margins(faces[i : i + batch]) for i in range(0, len(faces), batch)] or [np.zeros(0)])
-
-
-def eval_set_faces(run: RunModel, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Aligned chips of the photos where a face is found, and the mask of those photos."""
-    chips, found = [], []
-    for path in table["path"]:
-        try:
-            faces = run.chips(Path(path).read_bytes(), every_face=False)
-        except (OSError, ImageRejected):  # an unreadable photo counts as wrong, as in domain_check.py
-            faces = []
-        found.append(bool(faces))
-        if faces:
-            chips.append(faces[0].chip)
-    return np.stack(chips), np.array(found)
-
-
-def scores(name: str, labels: np.ndarray, correct: np.ndarray, reference: np.ndarray, groups: pd.DataFrame) -> dict:
-    n, k = len(correct), int(correct.sum())
-    low, high = wilson_ci(k, n)
-    row = {
-        "set": name,
-        "accuracy": k / n,
-        "ci": f"{low:.4f}-{high:.4f}",
-        "recall_0": float(correct[labels == 0].mean()),
-        "recall_1": float(correct[labels == 1].mean()),
-        "mcnemar_p_vs_run": float(mcnemar_test(reference, correct)["p_value"]),
-    }
-    for column in groups.columns:
-        bands = slice_labels(groups[column]).to_numpy()
-        worst = min(
-            ((str(v), float(correct[bands == v].mean())) for v in np.unique(bands) if (bands == v).sum() >= 20),
-            key=lambda item: item[1],
-        )
-        row[f"worst_{column}"] = f"{worst[0]} {worst[1]:.3f}"
-    return row
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""What the benchmarks share: tables, the RATIO line, JSON output, comma lists, a private Ray, a prep split's images.
+"""What the benchmarks share: tables, the RATIO line, JSON output, comma lists, a private Ray, a prep split's images,
+scoring a run on its test split and eval sets.
 
 Imports nothing from Ray or the project at module level, so `gpu_check.py` can use it on a machine
 without Ray.
@@ -135,3 +136,59 @@ def private_ray(root: Path) -> Iterator[float]:
         yield time.perf_counter() - started
     finally:
         ray.shutdown()
+
+
+# Scoring a trained run's faces, Ray-free (bench_decision.py, bench_recipe.py). `run` is a
+# gendertune.tuning.evaluate.predict.RunModel.
+def margins(run, faces, batch: int = 256):
+    """The run's logit margins (logit_1 - logit_0) for uint8 faces, in batches."""
+    import numpy as np
+
+    return np.concatenate([run.margins(faces[i : i + batch]) for i in range(0, len(faces), batch)] or [np.zeros(0)])
+
+
+def eval_set_faces(run, table):
+    """Aligned chips of an eval set's photos where a face is found (as `predict --faces largest`
+    finds them), and the mask of those photos."""
+    import numpy as np
+
+    from gendertune.data_prep.images import ImageRejected
+
+    chips, found = [], []
+    for path in table["path"]:
+        try:
+            faces = run.chips(Path(path).read_bytes(), every_face=False)
+        except (OSError, ImageRejected):  # an unreadable photo counts as wrong, as in domain_check.py
+            faces = []
+        found.append(bool(faces))
+        if faces:
+            chips.append(faces[0].chip)
+    return np.stack(chips), np.array(found)
+
+
+def scores(name: str, labels, correct, reference, groups) -> dict:
+    """Accuracy with its 95% Wilson CI, each class's recall, McNemar's p against `reference` (the
+    same images' correctness another way) and the worst group (>= 20 images) of each slice column."""
+    import numpy as np
+
+    from gendertune.tuning.evaluate.metrics import mcnemar_test, wilson_ci
+    from gendertune.tuning.evaluate.slices import slice_labels
+
+    n, k = len(correct), int(correct.sum())
+    low, high = wilson_ci(k, n)
+    row = {
+        "set": name,
+        "accuracy": k / n,
+        "ci": f"{low:.4f}-{high:.4f}",
+        "recall_0": float(correct[labels == 0].mean()),
+        "recall_1": float(correct[labels == 1].mean()),
+        "mcnemar_p_vs_run": float(mcnemar_test(reference, correct)["p_value"]),
+    }
+    for column in groups.columns:
+        bands = slice_labels(groups[column]).to_numpy()
+        worst = min(
+            ((str(v), float(correct[bands == v].mean())) for v in np.unique(bands) if (bands == v).sum() >= 20),
+            key=lambda item: item[1],
+        )
+        row[f"worst_{column}"] = f"{worst[0]} {worst[1]:.3f}"
+    return row

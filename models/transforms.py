@@ -6,7 +6,9 @@ module owns what happens between that and the model:
 - `EvalPreprocess`: deterministic resize + normalisation (also for single images in `predict`);
 - `TrainAugment`: per-sample random augmentation of a whole batch, vectorised (no Python loop
   over samples) because it runs on CPU workers once per training batch;
-- `FramingShift`: deterministic zoom in/out, for measuring accuracy under different framings.
+- `FramingShift`: deterministic zoom in/out, for measuring accuracy under different framings;
+- `Mixup`: blends a training batch's images and labels (it changes the targets, so it is not one
+  of `TrainAugment`'s strengths).
 
 Framing the face (alignment onto a template, or the centre-square crop) belongs to prep
 (`gendertune.data_prep.faces`, `gendertune.data_prep.images`); images given here must already be square.
@@ -282,6 +284,28 @@ class TrainAugment:
         chosen = uniform(0, 1) < self.random_border
         outside = ~(inside_rows[:, :, None] & inside_cols[:, None, :]) & chosen.view(n, 1, 1)
         return x.masked_fill(outside[:, None], 0.0)
+
+
+@dataclass(frozen=True)
+class Mixup:
+    """mixup (Zhang et al. 2018): every image of a batch blended with another image of the same
+    batch (a random permutation), by one weight lambda ~ Beta(alpha, alpha) per batch, and the
+    one-hot targets blended by the same lambda. The loss then takes probability targets (what
+    nn.CrossEntropyLoss accepts as float class probabilities, label smoothing included)."""
+
+    alpha: float
+    num_classes: int = 2
+
+    def __call__(
+        self, images: Tensor, labels: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        # Beta from numpy: torch's Beta cannot take a generator, and a seeded run must repeat.
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        lam = float(np.random.default_rng(seed).beta(self.alpha, self.alpha))
+        order = torch.randperm(images.shape[0], generator=generator).to(images.device)
+        targets = nnf.one_hot(labels.long(), self.num_classes).to(images.dtype)
+        mixed = torch.lerp(images[order], images, lam)  # lam * images + (1 - lam) * images[order]
+        return mixed.contiguous(memory_format=torch.channels_last), torch.lerp(targets[order], targets, lam)
 
 
 # The augmentations' names, each a strength field of TrainAugment: the training config's settings, the

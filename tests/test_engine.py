@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from gendertune.models.transforms import Mixup
 from gendertune.tuning.train.engine import (
     NonFiniteLoss,
     Precision,
@@ -21,6 +22,7 @@ from gendertune.tuning.train.engine import (
 )
 
 FP16 = Precision("fp16", torch.float16)
+FP32 = Precision("fp32", None)
 
 
 def _separable_batches(n_batches: int, *, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -161,3 +163,38 @@ def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights():
         for name, value in model.state_dict().items()
         if name != "7.bias"
     )
+
+
+@pytest.mark.integration  # trains a real network for seconds
+def test_mixup_trains_on_blended_probability_targets_and_still_learns():
+    seen = []
+
+    def criterion(logits, targets):
+        seen.append(targets)
+        return nn.functional.cross_entropy(logits, targets)
+
+    torch.manual_seed(0)
+    model = _small_cnn()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    mixup, generator = Mixup(0.4), torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(4):
+        stats = train_one_epoch(
+            model,
+            _separable_batches(6, seed=0),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            augment=_to_float,
+            criterion=criterion,
+            aux_weight=0.0,
+            precision=FP32,
+            scaler=None,
+            grad_clip=0.0,
+            device=torch.device("cpu"),
+            mix=lambda images, labels: mixup(images, labels, generator=generator),
+        )
+        losses.append(stats.loss)
+    assert all(t.shape == (16, 2) and t.is_floating_point() for t in seen)
+    assert any(((t > 0) & (t < 1)).any() for t in seen)  # blended, not one-hot
+    assert stats.count == 16 * 6 and losses[-1] < losses[0]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import MEAN, STD
 from PIL import Image
+from torch import nn
 
 from gendertune.models import EvalPreprocess, FramingShift, TrainAugment
-from gendertune.models.transforms import MAX_BORDER
+from gendertune.models.transforms import MAX_BORDER, Mixup
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -171,3 +172,31 @@ def test_framing_shift():
         faces[:, 16:48, 16:48].permute(0, 3, 1, 2).float(), size=64, mode="bilinear"
     )
     assert (zoomed - centre).abs().max() <= 1.0
+
+
+def test_mixup_blends_images_and_one_hot_labels_by_one_seeded_weight():
+    images = torch.rand(8, 3, 4, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    mixed, targets = Mixup(0.4)(images, labels, generator=torch.Generator().manual_seed(3))
+    again, same = Mixup(0.4)(images, labels, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(mixed, again) and torch.equal(targets, same)  # a seeded run repeats
+    assert targets.shape == (8, 2) and torch.allclose(targets.sum(1), torch.ones(8, dtype=torch.float64))
+    weights = set()
+    for i in range(8):
+        if torch.allclose(mixed[i], images[i]):  # blended with itself
+            assert torch.equal(targets[i], nn.functional.one_hot(labels[i], 2).double())
+            continue
+        # Its partner k: mixed = lam * image_i + (1 - lam) * image_k for one lam, exactly.
+        fits = []
+        for k in range(8):
+            if k != i:
+                d = (images[i] - images[k]).flatten()
+                lam = float(((mixed[i] - images[k]).flatten() @ d) / (d @ d))
+                residual = float((mixed[i] - lam * images[i] - (1 - lam) * images[k]).abs().max())
+                fits.append((residual, k, lam))
+        residual, k, lam = min(fits)
+        assert residual < 1e-9
+        weights.add(round(lam, 9))
+        expected = lam * nn.functional.one_hot(labels[i], 2) + (1 - lam) * nn.functional.one_hot(labels[k], 2)
+        assert torch.allclose(targets[i], expected.double())
+    assert len(weights) == 1 and 0 < weights.pop() < 1  # one weight for the whole batch

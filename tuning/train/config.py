@@ -66,6 +66,10 @@ class TrainConfig(StageConfig):
     color_jitter: float = setting(0.2, help="brightness, contrast and saturation jitter (hue: a quarter)", flag=False)
     random_erasing: float = setting(0.1, help="probability of erasing one rectangle", flag=False)
     random_resized_crop: float = setting(0.25, help="crop area down to 1 - this of the image", flag=False)
+    # Not an AUGMENTATIONS strength: it changes the targets, not only the images (models.transforms.Mixup).
+    mixup: float = setting(
+        0.0, help="mixup: blend image pairs and their labels by Beta(alpha, alpha); 0 = off", bounds="[0, inf)"
+    )
     # Framing that alignment leaves open: zoom both ways, shifts, and borders like tight crops have.
     zoom: float = setting(0.2, help="scale the face by up to 1 + this, in and out", flag=False)
     translate: float = setting(0.05, help="shift the face by up to this share of the side", flag=False)

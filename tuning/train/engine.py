@@ -167,16 +167,23 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None,
     grad_clip: float,
     device: torch.device,
+    mix: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> EpochStats:
+    """One pass over `batches`. `mix` (e.g. models.transforms.Mixup) turns an augmented batch and
+    its labels into blended images and probability targets; accuracy is still counted against
+    each image's own label."""
     model.train()
     stats = EpochStats(started_at=time.time())
     started = time.perf_counter()
     for images, labels in batches:
         inputs = augment(images.to(device, non_blocking=True))
         targets = labels.to(device, non_blocking=True).long()
+        loss_targets = targets
+        if mix is not None:
+            inputs, loss_targets = mix(inputs, targets)
         with precision.autocast(device):
             output = model(inputs)
-            loss = classification_loss(output, targets, criterion, aux_weight)
+            loss = classification_loss(output, loss_targets, criterion, aux_weight)
         value = float(loss.detach())  # waits for the device, as the stats line below did anyway
         # GradScaler's fp16 steps skip a non-finite step and lower the scale: that is its job.
         if scaler is None and not math.isfinite(value):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gendertune.models.registry import build_model, get_spec
-from gendertune.models.transforms import EvalPreprocess, TrainAugment
+from gendertune.models.transforms import EvalPreprocess, Mixup, TrainAugment
 from gendertune.tuning.train.config import TrainConfig
 from gendertune.tuning.train.engine import build_optimizer, build_scheduler, evaluate, select_precision, train_one_epoch
 
@@ -138,6 +138,7 @@ def epoch_results(
     augment = TrainAugment(image_size=image_size, mean=spec.mean, std=spec.std, **config.augment_strengths())
     preprocess = EvalPreprocess(image_size=image_size, mean=spec.mean, std=spec.std)
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    mixup = Mixup(config.mixup) if config.mixup else None
 
     start_epoch, history = 0, []
     state = session.restored_state()
@@ -160,6 +161,7 @@ def epoch_results(
             optimizer=optimizer,
             scheduler=scheduler,
             augment=lambda images: augment(images, generator=generator),
+            mix=None if mixup is None else (lambda images, labels: mixup(images, labels, generator=generator)),
             criterion=criterion,
             aux_weight=spec.aux_loss_weight,
             precision=precision,
