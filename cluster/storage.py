@@ -33,6 +33,8 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -50,6 +52,13 @@ FETCHED_SUFFIXES = (".json", ".csv")
 # (a web app has a manifest.json too): replacing or resuming into a folder requires it.
 OUTPUT_MARKER = ".gendertune-output"
 OUTPUT_MARKER_FORMAT = 1
+# An object store has no lock that the system drops when its holder dies. A lease does the same job:
+# the holder renews it every LEASE_S / 3 seconds, and a lease not renewed for LEASE_S is a dead
+# run's, which the next run takes over. Two runs that start within the same moment both write a
+# lease; the later write wins, and each reads its lease back LEASE_SETTLE_S after writing it, far
+# longer than the gap between checking for a lease and writing one.
+LEASE_S = 60.0
+LEASE_SETTLE_S = 1.0
 
 
 class OutputExistsError(GendertuneError, FileExistsError):
@@ -253,6 +262,72 @@ def exclusive(final: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def lease_location(out: str) -> str:
+    """The lease object of the URI output `out`: the sibling `.NAME.lock`, as a local lock file is,
+    so it is never one of the output's own objects."""
+    scheme, _, rest = absolute(out).partition("://")
+    parent, _, name = rest.rpartition("/")
+    if not parent:
+        raise UserInputError(f"{out}: an output needs a prefix inside the bucket, e.g. {out.rstrip('/')}/run1")
+    return f"{scheme}://{parent}/.{name}.lock"
+
+
+def _read_lease(location: str) -> dict | None:
+    try:
+        lease = json.loads(read_text(location))
+    except (MissingInputError, ValueError):
+        return None
+    return lease if isinstance(lease, dict) else None
+
+
+def _busy(out: str, lease: dict, lease_s: float) -> OutputBusyError:
+    age = time.time() - float(lease.get("renewed_at", 0))
+    return OutputBusyError(
+        f"{out} is being written by another gendertune run ({lease.get('holder', '?')}, lease "
+        f"{lease_location(out)} renewed {max(age, 0):.0f} s ago); wait for it to finish or choose another "
+        f"--out (a lease not renewed for {lease_s:.0f} s is a dead run's and is taken over)"
+    )
+
+
+@contextlib.contextmanager
+def exclusive_uri(out: str, *, lease_s: float = LEASE_S, settle_s: float = LEASE_SETTLE_S) -> Iterator[None]:
+    """Refuse a second writer of the URI output `out` while this block runs: a lease object that a
+    background thread renews, deleted when the block ends (see LEASE_S)."""
+    location = lease_location(out)
+    token = uuid.uuid4().hex
+    held = _read_lease(location)
+    if held and time.time() - float(held.get("renewed_at", 0)) < lease_s:
+        raise _busy(out, held, lease_s)
+
+    def write() -> None:
+        holder = f"{socket.gethostname()} pid {os.getpid()}"
+        write_bytes(location, json.dumps({"token": token, "holder": holder, "renewed_at": time.time()}).encode())
+
+    write()
+    time.sleep(settle_s)
+    held = _read_lease(location)
+    if not held or held.get("token") != token:  # another run wrote its lease after ours
+        raise _busy(out, held or {}, lease_s)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_s / 3):
+            if (_read_lease(location) or {}).get("token") != token:
+                return  # taken over after this process stalled for a whole lease: renewing would steal it back
+            write()
+
+    renewer = threading.Thread(target=renew, name="gendertune-lease", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        if (_read_lease(location) or {}).get("token") == token:
+            fs, path = resolve(location)
+            fs.delete_file(path)
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputLocation:
     """Where a stage writes: `local` for its own files, `storage` for Ray Train/Tune and for what
@@ -271,8 +346,9 @@ def output_location(
 ) -> Iterator[OutputLocation]:
     """A folder the stage adds to (a resume finds what an earlier run wrote): a local folder as
     is, if it is empty or the `stage`'s own (the stage marks it with claim_folder when it starts
-    writing), and only one run at a time; a URI through a local working folder that is uploaded at
-    the end, `markers` (the stage's completion files) last. `ray_dirs` are the folders Ray writes
+    writing), and only one run at a time; a URI likewise (marked as the stage's when found empty),
+    through a local working folder that is uploaded at the end, `markers` (the stage's completion
+    files) last. `ray_dirs` are the folders Ray writes
     to the URI itself, not fetched."""
     out = absolute(out)
     if not is_uri(out):
@@ -283,11 +359,21 @@ def output_location(
         return
     workdir = Path(tempfile.mkdtemp(prefix="gendertune-out-"))
     try:
-        download_small_files(out, workdir, skip_dirs=ray_dirs)
-        try:
-            yield OutputLocation(local=workdir, storage=out)
-        finally:
-            upload_tree(workdir, out, markers=markers)
+        with exclusive_uri(out):
+            if not list_files(out):
+                # Claimed before anything is written: Ray writes checkpoints there directly, and a run
+                # killed before its end-of-stage upload must still be recognised as ours on resume.
+                write_bytes(join(out, OUTPUT_MARKER), marker_text(stage).encode())
+            elif _uri_stage(out) != stage:
+                raise OutputExistsError(
+                    f"{out} holds objects and is not a gendertune {stage} output (no {OUTPUT_MARKER}); "
+                    "refusing to write into it — choose another --out"
+                )
+            download_small_files(out, workdir, skip_dirs=ray_dirs)
+            try:
+                yield OutputLocation(local=workdir, storage=out)
+            finally:
+                upload_tree(workdir, out, markers=markers)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -305,28 +391,29 @@ def fresh_output(out: str, *, stage: str, marker: str, overwrite: bool = False) 
         with atomic_output_dir(out, stage=stage, marker=marker, overwrite=overwrite) as staging:
             yield OutputLocation(local=staging, storage=str(staging))
         return
-    existing = list_files(out)
-    if existing:
-        if marker in existing and not overwrite:
-            raise OutputExistsError(
-                f"{out} already holds a result; choose another --out or pass --overwrite to replace it"
-            )
-        if OUTPUT_MARKER not in existing or _uri_stage(out) != stage:
-            raise OutputExistsError(
-                f"{out} holds other objects and is not a gendertune {stage} output (no "
-                f"{OUTPUT_MARKER}); refusing to replace it — choose another --out"
-            )
-        delete_tree(out)  # a finished output being replaced, or an interrupted run of ours
-    write_bytes(join(out, IN_PROGRESS), b"")
-    write_bytes(join(out, OUTPUT_MARKER), marker_text(stage).encode())
-    workdir = Path(tempfile.mkdtemp(prefix="gendertune-out-"))
-    try:
-        yield OutputLocation(local=workdir, storage=out)
-        upload_tree(workdir, out, markers=(marker,))
-        fs, path = resolve(join(out, IN_PROGRESS))
-        fs.delete_file(path)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with exclusive_uri(out):
+        existing = list_files(out)
+        if existing:
+            if marker in existing and not overwrite:
+                raise OutputExistsError(
+                    f"{out} already holds a result; choose another --out or pass --overwrite to replace it"
+                )
+            if OUTPUT_MARKER not in existing or _uri_stage(out) != stage:
+                raise OutputExistsError(
+                    f"{out} holds other objects and is not a gendertune {stage} output (no "
+                    f"{OUTPUT_MARKER}); refusing to replace it — choose another --out"
+                )
+            delete_tree(out)  # a finished output being replaced, or an interrupted run of ours
+        write_bytes(join(out, IN_PROGRESS), b"")
+        write_bytes(join(out, OUTPUT_MARKER), marker_text(stage).encode())
+        workdir = Path(tempfile.mkdtemp(prefix="gendertune-out-"))
+        try:
+            yield OutputLocation(local=workdir, storage=out)
+            upload_tree(workdir, out, markers=(marker,))
+            fs, path = resolve(join(out, IN_PROGRESS))
+            fs.delete_file(path)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _uri_stage(out: str) -> str | None:

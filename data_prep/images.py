@@ -23,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import simplejpeg
@@ -42,6 +45,31 @@ EXIF_ORIENTATION = 0x0112
 
 class ImageRejected(Exception):
     """The bytes are not a usable image; the message is the reason written to rejected.csv."""
+
+
+# A photo larger than this is no face image (a 50-megapixel JPEG is ~25 MiB); reading it whole
+# would only risk the reader's memory.
+MAX_IMAGE_BYTES = 64 * 2**20
+
+
+def unreadable_reason(path: str | Path) -> str:
+    """Why the image file `path` must not be read at all ("" when it may): reading a FIFO blocks
+    forever, and a device or a huge file holds no image worth the memory. Follows symlinks."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a FIFO, device or socket)"
+    if info.st_size > MAX_IMAGE_BYTES:
+        return f"larger than {MAX_IMAGE_BYTES // 2**20} MiB ({info.st_size / 2**20:.0f} MiB)"
+    return ""
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of the image file `path`; ImageRejected (with the reason) for a file
+    unreadable_reason refuses, OSError where the file cannot be read."""
+    reason = unreadable_reason(path)
+    if reason:
+        raise ImageRejected(reason)
+    return Path(path).read_bytes()
 
 
 def sha256_hex(data: bytes) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,7 +45,14 @@ from gendertune.data_prep.config import PrepConfig
 from gendertune.data_prep.dedupe import find_duplicates
 from gendertune.data_prep.errors import PrepInputError
 from gendertune.data_prep.faces import NO_DETECTION, AlignSettings, Face, FaceFinder, face_chips
-from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, decode_face_bytes, load_photo, sha256_hex
+from gendertune.data_prep.images import (
+    IMAGE_EXTENSIONS,
+    ImageRejected,
+    decode_face_bytes,
+    load_photo,
+    sha256_hex,
+    unreadable_reason,
+)
 from gendertune.data_prep.labels import read_identity_file, read_labels, read_partition_file, read_slice_columns
 from gendertune.data_prep.splits import assign_splits
 
@@ -130,9 +136,6 @@ SHARD_SCHEMA = pa.schema(
 )
 # A decode task holds its chunk's pixels until it writes them; this caps that at large image sizes.
 MAX_TASK_PIXEL_BYTES = 256 * 2**20
-# A photo larger than this is no face image (a 50-megapixel JPEG is ~25 MiB); reading it whole
-# into a task would only risk the worker's memory.
-MAX_IMAGE_BYTES = 64 * 2**20
 
 
 def read_error(err: OSError) -> str:
@@ -143,11 +146,9 @@ def refusal(path: str, image_dir: str) -> str:
     """Why `path` must not be read at all ("" when it may): reading a FIFO blocks forever, a
     device or a huge file has no image worth the memory, and a symlink out of the data folder is
     the `../` escape the label files are checked for."""
-    info = os.stat(path)  # follows a symlink: what would be read
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file (a FIFO, device or socket)"
-    if info.st_size > MAX_IMAGE_BYTES:
-        return f"larger than {MAX_IMAGE_BYTES // 2**20} MiB ({info.st_size / 2**20:.0f} MiB)"
+    reason = unreadable_reason(path)
+    if reason:
+        return reason
     if os.path.islink(path) and not os.path.realpath(path).startswith(os.path.realpath(image_dir) + os.sep):
         return "a symlink leading out of the data folder"
     return ""

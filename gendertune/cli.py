@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 
 from gendertune.base import flags
 from gendertune.base.console import print_progress_to_stdout
@@ -249,13 +250,16 @@ def _evaluate_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from gendertune.cluster.storage import exclusive
     from gendertune.tuning.evaluate import run_layout
     from gendertune.tuning.evaluate.eval_sets import evaluate_run, format_scores, load_eval_set
 
     run_layout.read_metrics(args.run)  # a finished run, or a clear error
     eval_sets = [load_eval_set(spec, attribute=args.attribute) for spec in args.eval_sets]  # all checked first
-    for eval_set in eval_sets:
-        print(format_scores(eval_set.name, evaluate_run(args.run, eval_set)))
+    # It rewrites the run's metrics.json: a second evaluate (or a resumed train) at once would lose one's sets.
+    with exclusive(Path(args.run).absolute()):
+        for eval_set in eval_sets:
+            print(format_scores(eval_set.name, evaluate_run(args.run, eval_set)))
     return 0
 
 

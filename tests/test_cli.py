@@ -293,6 +293,15 @@ CASES = {
         ["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv", "--out", "{root}/labels.csv/out"],
         "is a file, not a folder",
     ),
+    # /proc/sys is read-only to every user, root included (os.access says so), on any Linux.
+    "prep: --out on a read-only file system": (
+        ["prep", "--data", "{root}/images", "--labels", "{root}/labels.csv", "--out", "/proc/sys/gendertune-out"],
+        "is not writable",
+    ),
+    "train: --out on a read-only file system": (
+        ["train", "--data", "{root}/prep", "--out", "/proc/sys/gendertune-run"],
+        "is not writable",
+    ),
     "train: an edited manifest.json": (
         ["train", "--data", "{root}/edited-prep", "--out", "{out}"],
         "missing or malformed attribute, class_names, splits",

@@ -5,6 +5,8 @@ group photo. (tests/test_train.py checks predict against a trained run's own eva
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,49 @@ def test_a_small_face_beside_a_large_one_gets_its_own_row(network, tmp_path):
     assert rows["x"].iloc[0] > 380 and rows["x"].iloc[1] < 300 and rows["w"].iloc[1] < 80
     # The largest face only, as eval sets and prep take it: HOG found one, so no upsampled pass.
     assert run.predict_paths([str(tmp_path / "group.png")], every_face=False)["detector"].tolist() == ["hog"]
+
+
+def test_a_fifo_or_huge_file_among_the_photos_gets_an_error_row_and_is_never_read(network, tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from gendertune.data_prep import images
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "fifo.jpg")  # reading it would block forever
+    (tmp_path / "huge.jpg").write_bytes(b"\xff" * 20_000)
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 10_000)  # the cap's logic, without writing 64 MiB
+    run = run_folder(tmp_path / "run", network)
+    rows = []
+    worker = threading.Thread(
+        target=lambda: rows.append(
+            run.predict_paths([str(tmp_path / n) for n in ("fifo.jpg", "huge.jpg", "ok.png")], annotate=["", "", ""])
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "predict blocked on the FIFO"
+    table = rows[0].set_index(rows[0]["image"].map(lambda p: p.rsplit("/", 1)[-1]))
+    assert table.loc["fifo.jpg", "error"] == "not a regular file (a FIFO, device or socket)"
+    assert table.loc["huge.jpg", "error"].startswith("larger than")
+    assert table.loc["ok.png", "error"] == "" and table.loc["ok.png", "label"] in ("Male", "Female")
+
+
+def test_evaluate_is_refused_while_another_run_writes_the_run_folder(network, tmp_path, capsys):
+    """evaluate rewrites metrics.json: a second writer at the same time would lose one's sets."""
+    from gendertune.cli import main
+    from gendertune.cluster.storage import exclusive
+
+    run = tmp_path / "run"
+    run_folder(run, network)
+    sets = tmp_path / "faces"
+    sets.mkdir()
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(sets / "a.png")
+    (sets / "labels.csv").write_text("image_id,Male\na.png,1\n")
+    command = ["evaluate", "--run", str(run), "--eval-set", f"faces={sets}"]
+    with exclusive(run):
+        assert main(command) == 2
+    assert "being written by another gendertune run" in capsys.readouterr().err
+    assert (run / run_layout.METRICS).read_text() == "{}"  # untouched
+    assert main(command) == 0 and "faces" in json.loads((run / run_layout.METRICS).read_text())["eval_sets"]

@@ -516,7 +516,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
     # loopback only, which Ray's client on Linux cannot attach to (it swaps 127.0.0.1 for the
     # public address), so another process cannot share it.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     search_dir = out / "searches" / "resnet18" / "search"
     deadline = time.monotonic() + 300
     # Interrupt once the second trial has started: Tune starts it only after it has recorded the
@@ -531,7 +531,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
     first = _finished_trials(search_dir)
     assert first, "no trial finished before the deadline"
     process.send_signal(signal.SIGINT)  # what Ctrl-C does; Tune saves its state and exits
-    process.wait(timeout=120)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert (
+        "gendertune compare: interrupted. the resnet18 search was interrupted; run the same command with --resume"
+        in stderr
+    )
+    assert "Traceback" not in stderr
     assert not (out / leaderboard.CSV).exists()
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)

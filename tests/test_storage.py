@@ -30,7 +30,7 @@ from gendertune.tuning.compare import leaderboard
 from gendertune.tuning.compare import run as compare
 from gendertune.tuning.evaluate import run_layout
 from gendertune.tuning.train.config import TrainConfig
-from gendertune.tuning.train.run import RunAlreadyComplete, run_training
+from gendertune.tuning.train.run import run_training
 
 
 def test_uri_detection_and_joining():
@@ -151,7 +151,8 @@ def test_the_markers_the_stage_names_are_uploaded_last_inner_folders_first(s3_bu
     with uploads_to(uri) as uploads:
         with storage.output_location(uri, stage="train", markers={"DONE.flag"}) as location:
             _write_files(location.local, files)
-    assert uploads == ["inner/a.txt", "metrics.json", "z.txt", "inner/DONE.flag", "DONE.flag"]
+    # The ownership marker first (the prefix is claimed before anything is written), the stage's markers last.
+    assert uploads == [storage.OUTPUT_MARKER, "inner/a.txt", "metrics.json", "z.txt", "inner/DONE.flag", "DONE.flag"]
     uri = f"{s3_bucket}/unit/invented-marker-fresh"
     with uploads_to(uri) as uploads:
         with storage.fresh_output(uri, stage="prep", marker="READY") as location:
@@ -166,12 +167,29 @@ def test_output_location_uploads_what_a_failed_stage_wrote_but_no_marker(s3_buck
         with storage.output_location(uri, stage="train", markers=[run_layout.METRICS]) as location:
             (location.local / "config.json").write_text("{}")
             raise RuntimeError("stopped")
-    assert storage.list_files(uri) == ["config.json"]
+    assert storage.list_files(uri) == [storage.OUTPUT_MARKER, "config.json"]  # claimed as train's when found empty
     # The next attempt starts from what is there (a resume compares configs with it).
     with storage.output_location(uri, stage="train", markers=[run_layout.METRICS]) as location:
         assert (location.local / "config.json").read_text() == "{}"
         (location.local / "metrics.json").write_text("{}")
-    assert storage.list_files(uri) == ["config.json", "metrics.json"]
+    assert storage.list_files(uri) == [storage.OUTPUT_MARKER, "config.json", "metrics.json"]
+
+
+def test_a_resumable_uri_output_refuses_a_prefix_of_the_users_objects(s3_bucket):
+    uri = f"{s3_bucket}/unit/users-{uuid.uuid4().hex[:8]}"
+    storage.write_bytes(f"{uri}/photo.jpg", b"the user's photo")
+    for stage in ("train", "compare"):
+        with pytest.raises(OutputExistsError, match=f"not a gendertune {stage} output"):
+            with storage.output_location(uri, stage=stage, markers=[run_layout.METRICS]):
+                pass
+    assert storage.list_files(uri) == ["photo.jpg"] and storage.read_bytes(f"{uri}/photo.jpg") == b"the user's photo"
+    # Another stage's output is refused too: a train never resumes into a comparison.
+    compare_uri = f"{s3_bucket}/unit/cmp-{uuid.uuid4().hex[:8]}"
+    with storage.output_location(compare_uri, stage="compare", markers=["leaderboard.csv"]):
+        pass
+    with pytest.raises(OutputExistsError, match="not a gendertune train output"):
+        with storage.output_location(compare_uri, stage="train", markers=[run_layout.METRICS]):
+            pass
 
 
 def test_prep_to_a_uri_is_never_complete_half_way_and_refuses_foreign_objects(s3_bucket, ray_session, synthetic_sample):
@@ -253,7 +271,8 @@ def test_runs_on_a_uri_resume_predict_and_refuse_a_second_run(s3_comparison, syn
     run_uri = f"{out_uri}/models/resnet18"
     config = TrainConfig.from_dict(json.loads(storage.read_text(f"{run_uri}/{run_layout.CONFIG}"))["train"])
     assert config.out == run_uri and config.data == prep_uri
-    with pytest.raises(RunAlreadyComplete, match=run_uri):
+    # A compare's model folder is the compare's output: a train never writes into it, as with a folder.
+    with pytest.raises(OutputExistsError, match=f"{run_uri} holds objects and is not a gendertune train output"):
         run_training(config)
     images = sorted((synthetic_sample.path / "img_align_celeba").glob("*.jpg"))[:3]
     out_csv = tmp_path / "predictions.csv"
@@ -364,3 +383,54 @@ def test_a_second_writer_is_refused_until_the_first_dies(tmp_path):
     with storage.atomic_output_dir(final, stage="prep", marker=MANIFEST) as staging:
         (staging / MANIFEST).write_text("{}")
     assert (final / MANIFEST).is_file() and not list(tmp_path.glob(".out.lock"))
+
+
+def test_a_second_writer_of_a_uri_is_refused_while_the_first_holds_its_lease(s3_bucket):
+    import threading
+    import time
+
+    uri = f"{s3_bucket}/unit/leased-{uuid.uuid4().hex[:8]}"
+    lease = storage.lease_location(uri)
+    with storage.exclusive_uri(uri):
+        assert storage.is_file(lease) and not storage.list_files(uri)  # a sibling, not one of the output's objects
+        for enter in (
+            lambda: storage.output_location(uri, stage="train", markers=[run_layout.METRICS]),
+            lambda: storage.fresh_output(uri, stage="prep", marker=MANIFEST),
+        ):
+            with pytest.raises(storage.OutputBusyError, match="being written by another gendertune run"):
+                with enter():
+                    pass
+    assert not storage.is_file(lease)  # released with the block
+
+    # A holder that died leaves a lease nobody renews: once it is LEASE_S old, the next run takes over.
+    storage.write_bytes(lease, json.dumps({"token": "dead", "holder": "h pid 1", "renewed_at": 0}).encode())
+    with storage.output_location(uri, stage="train", markers=[run_layout.METRICS]) as location:
+        (location.local / "config.json").write_text("{}")
+    assert storage.list_files(uri) == [storage.OUTPUT_MARKER, "config.json"] and not storage.is_file(lease)
+
+    # A live holder renews its lease, so a long run keeps it.
+    with storage.exclusive_uri(uri, lease_s=0.9, settle_s=0.1):
+        time.sleep(1.5)
+        assert time.time() - json.loads(storage.read_text(lease))["renewed_at"] < 0.9
+        with pytest.raises(storage.OutputBusyError):
+            with storage.exclusive_uri(uri, lease_s=0.9, settle_s=0.1):
+                pass
+
+    # Two runs that start at the same moment: exactly one gets the output.
+    start, outcomes = threading.Barrier(2), []
+
+    def writer() -> None:
+        start.wait()
+        try:
+            with storage.exclusive_uri(uri, settle_s=0.5):
+                outcomes.append("held")
+                time.sleep(0.5)
+        except storage.OutputBusyError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["held", "refused"]

@@ -29,7 +29,14 @@ from gendertune.cluster.runtime import compute_parallelism, ensure_ray
 from gendertune.cluster.shared_storage import require_shared
 from gendertune.cluster.storage import OutputExistsError
 from gendertune.data_prep.faces import NO_DETECTION, AlignSettings, FaceChip, FaceFinder, face_chips
-from gendertune.data_prep.images import IMAGE_EXTENSIONS, ImageRejected, center_square_box, decode_face, load_photo
+from gendertune.data_prep.images import (
+    IMAGE_EXTENSIONS,
+    ImageRejected,
+    center_square_box,
+    decode_face,
+    load_photo,
+    read_image_file,
+)
 from gendertune.models.registry import build_model, split_outputs
 from gendertune.models.transforms import EvalPreprocess
 from gendertune.tuning.evaluate import run_layout
@@ -125,7 +132,7 @@ class RunModel:
         for index, path in enumerate(paths):
             try:
                 photo = photos[index] if photos is not None else None
-                found = self.chips(Path(path).read_bytes() if photo is None else photo, every_face=every_face)
+                found = self.chips(read_image_file(path) if photo is None else photo, every_face=every_face)
             except (OSError, ImageRejected) as err:
                 rows.append(
                     _error_row(
@@ -159,7 +166,7 @@ class RunModel:
             rows_of_image = table[table["image"] == path]
             if out and rows_of_image["error"].isin(["", NO_FACE]).all():  # a readable photo
                 faces = rows_of_image[rows_of_image["error"] == ""]
-                write_annotated(load_photo(Path(path).read_bytes()), faces, out)
+                write_annotated(load_photo(read_image_file(path)), faces, out)
         return table
 
     def labelled(self, table: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
