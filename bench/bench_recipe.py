@@ -4,7 +4,8 @@
         --variant defaults: --variant smoothing:label_smoothing=0.1 --variant jitter:color_jitter=0.4
 
 Each `--variant NAME:key=value,...` is one `train` of --model for --epochs with those TrainConfig
-settings on top of the defaults (the first variant is the reference; give it no settings to make it
+settings on top of the defaults (`data=PREP2`: another prep of the same photos and split, e.g. made
+with another --face-zoom; its own test chips are scored) (the first variant is the reference; give it no settings to make it
 the defaults), all with the same seed under `--deterministic`, so two runs differ by their settings
 and by nothing else the seed controls. A run already finished in S/NAME is scored again, not
 retrained (the way to stop and go on). Each run is scored Ray-free on the same faces: the prep's
@@ -80,7 +81,8 @@ def main() -> None:
         TrainConfig.from_dict({**base, "out": str(prep.parent / "unused"), **settings})
     report = {"benchmark": "recipe", "machine": machine_info(), "prep": str(prep), "base": base, "runs": []}
     faces_by_alignment: dict[str, tuple] = {}  # alignment settings -> each eval set's (chips, found)
-    reference: dict[str, np.ndarray] = {}
+    reference: dict[str, np.ndarray] = {}  # each set's per-image correctness in the first run
+    reference_labels: dict[str, np.ndarray] = {}
     rows = []
     with tempfile.TemporaryDirectory(prefix="gendertune-bench-recipe-") as tmp:
         scratch = Path(args.scratch or tmp)
@@ -96,7 +98,12 @@ def main() -> None:
                     run_training(TrainConfig.from_dict({**base, "out": str(out), **settings}))
                     seconds = time.perf_counter() - started
                 run = RunModel(out)
-                test_faces, test_labels = read_split_images(prep, "test", run.prep_image_size)
+                # A variant may train on another prep of the same photos (`data=PREP2`, e.g. another
+                # --face-zoom): same split, same order, its own chips.
+                run_prep = Path(json.loads((out / "config.json").read_text())["train"]["data"])
+                test_faces, test_labels = read_split_images(run_prep, "test", run.prep_image_size)
+                if not np.array_equal(test_labels, reference_labels.setdefault("test", test_labels)):
+                    raise SystemExit(f"{run_prep}'s test split is not {prep}'s: its runs cannot be paired")
                 sets = {"test": (test_faces, test_labels, np.ones(len(test_labels), bool), pd.DataFrame())}
                 key = json.dumps(run.align.__dict__ if run.align else None, sort_keys=True, default=str)
                 if key not in faces_by_alignment:

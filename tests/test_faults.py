@@ -23,9 +23,15 @@ from gendertune.tuning.evaluate import run_layout
 
 SEED = int(os.environ.get("GENDERTUNE_FAULT_SEED", time.time_ns() % 2**32))
 # (signal, seconds after start): early points land in Ray's start-up, late ones in the work itself.
+# Twice each signal per command; a train that finishes between kills ends the series early.
 KILLS = {
-    "prep": [(signal.SIGKILL, (2, 14)), (signal.SIGINT, (4, 16)), (signal.SIGKILL, (8, 20))],
-    "train": [(signal.SIGKILL, (15, 40)), (signal.SIGINT, (20, 45))],
+    "prep": [(signal.SIGKILL, (2, 14)), (signal.SIGINT, (4, 16)), (signal.SIGKILL, (8, 20)), (signal.SIGINT, (6, 18))],
+    "train": [
+        (signal.SIGKILL, (15, 40)),
+        (signal.SIGINT, (20, 45)),
+        (signal.SIGKILL, (10, 30)),
+        (signal.SIGINT, (15, 35)),
+    ],
 }
 HINT = "interrupted. Re-run the same command to resume."
 
