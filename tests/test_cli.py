@@ -130,10 +130,15 @@ def inputs(tmp_path_factory):
 
 
 def tree_hashes(root) -> dict[str, str]:
+    """Every file's SHA-256 and every folder (as "folder"), by path: a new, changed or removed file
+    or folder (a lock, a staging folder) changes it. FIFOs are listed, never read."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
         if p.is_file()
+        else "folder"
+        if p.is_dir()
+        else "special"
+        for p in sorted(root.rglob("*"))
     }
 
 
@@ -334,6 +339,10 @@ CASES = {
         ["jobs", "status", "x", "--address", "{web_server}"],
         "is not a Ray dashboard",
     ),
+    "submit: a web server that is not Ray": (
+        ["submit", "--address", "{web_server}", "--", "leaderboard", "x"],
+        "is not a Ray dashboard",
+    ),
     "submit: nothing listens at the address": (
         ["submit", "--address", "http://127.0.0.1:{closed_port}", "--", "leaderboard", "x"],
         "no Ray cluster answers at",
@@ -359,6 +368,7 @@ def test_bad_input_fails_fast_in_one_line_and_leaves_nothing(case, inputs, web_s
     assert seconds < 10, f"{case} took {seconds:.1f}s to fail"
     assert not out.exists() and not (inputs / "images" / "out").exists()
     assert tree_hashes(inputs) == before, "the user's files changed"
+    assert not list(tmp_path.iterdir()), f"{case} left {sorted(p.name for p in tmp_path.iterdir())}"
     # Checked before heavy work: run alone (pytest -m unit), no case may start Ray.
     assert ray_was_up or not ("ray" in sys.modules and sys.modules["ray"].is_initialized()), f"{case} started Ray"
 
