@@ -83,3 +83,11 @@ def test_a_new_stage_gets_the_checks_from_its_declarations():
     assert Toy.from_dict({"rate": 0.25}).rate == 0.25
     with pytest.raises(ConfigError, match=r"toy.rate: must be in \(0, 1\), got 1.0"):
         Toy.from_dict({"rate": 1})
+
+
+def test_a_setting_added_since_a_run_was_saved_counts_as_its_default():
+    current = json.loads(TrainConfig.from_dict({"data": "p", "out": "o"}).to_json())["train"]
+    older = {k: v for k, v in current.items() if k not in ("mixup", "eval_sets")}  # as an older version saved it
+    assert TrainConfig.with_new_defaults(older) == current
+    changed = {**older, "lr": 0.5}
+    assert TrainConfig.with_new_defaults(changed) != current  # a real difference still shows

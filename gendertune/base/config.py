@@ -241,6 +241,19 @@ class StageConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def with_new_defaults(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved section (a config.json's, as JSON) with each setting it lacks at its default: a
+        setting that a newer gendertune added counts as its default, so an unfinished run saved by
+        an older version still resumes with the same flags."""
+        filled = dict(saved)
+        for field in dataclasses.fields(cls):
+            if field.name not in filled and field.default is not dataclasses.MISSING:
+                filled[field.name] = json.loads(json.dumps(field.default))
+            elif field.name not in filled and field.default_factory is not dataclasses.MISSING:
+                filled[field.name] = json.loads(json.dumps(field.default_factory()))
+        return filled
+
     def to_json(self) -> str:
         # allow_nan=False: a value check that let NaN through fails here, not in every later reader.
         return json.dumps({self.section: self.to_dict()}, indent=2, sort_keys=True, allow_nan=False) + "\n"

@@ -321,7 +321,10 @@ def compare_into(
         )
     settings = _settings_json(compare, search, base)
     if compare.resume and (out / layout.CONFIG).is_file():
-        changes = settings_changed(read_saved_settings(out / layout.CONFIG, location.storage), json.loads(settings))
+        saved = read_saved_settings(out / layout.CONFIG, location.storage)
+        for config in (compare, search, base):  # settings added since it started count as their defaults
+            saved[config.section] = type(config).with_new_defaults(saved.get(config.section, {}))
+        changes = settings_changed(saved, json.loads(settings))
         if changes:
             raise ConfigError(
                 f"{location.storage} was started with other settings ({'; '.join(changes)}); resume it "

@@ -437,12 +437,18 @@ def run_training(config: TrainConfig, *, tracking_uri: str | None = None) -> dic
 
 
 def _read_saved_config(path: Path, run: str) -> dict:
+    """The saved run's train settings, those it lacks at their defaults (TrainConfig.with_new_defaults)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise UserInputError(
             f"{run} holds an unfinished run whose {run_layout.CONFIG} is not valid JSON ({err}); choose another --out"
         ) from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+        raise UserInputError(
+            f"{run} holds an unfinished run whose {run_layout.CONFIG} has no train settings; choose another --out"
+        )
+    return TrainConfig.with_new_defaults(saved["train"])
 
 
 def train_into(location: OutputLocation, config: TrainConfig) -> dict:
@@ -457,7 +463,7 @@ def train_into(location: OutputLocation, config: TrainConfig) -> dict:
             f"{location.storage} already holds a finished run ({run_layout.METRICS}); choose another --out"
         )
     saved = out / run_layout.CONFIG
-    if saved.is_file() and _read_saved_config(saved, location.storage) != json.loads(config.to_json()):
+    if saved.is_file() and _read_saved_config(saved, location.storage) != json.loads(config.to_json())["train"]:
         raise UserInputError(
             f"{location.storage} holds an unfinished run with a different config; resume it with the same flags or choose another --out"
         )
