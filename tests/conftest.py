@@ -134,11 +134,13 @@ def synthetic_sample_large(tmp_path_factory):
 
 
 def prep_sample(sample, out, **settings):
-    """Run the prep stage on a generated sample quietly; returns the output folder."""
+    """Run the prep stage on a generated sample quietly; returns the output folder. The drawn faces
+    are framed at zoom 1, as the demo frames them: the training tests' thresholds were set there, and
+    the default 1.4 is for real photos' tight crops (test_prep_config checks the default itself)."""
     from gendertune.data_prep.config import PrepConfig
     from gendertune.data_prep.pipeline import run_prep
 
-    run_prep(PrepConfig.from_dict({"data": str(sample.path), "out": str(out), **settings}))
+    run_prep(PrepConfig.from_dict({"data": str(sample.path), "out": str(out), "face_zoom": 1.0, **settings}))
     return out
 
 

@@ -36,3 +36,14 @@ def test_config_precedence_defaults_file_flags(tmp_path):
     bad.write_text('{"prep": {"image_size": 64}, "trian": {}}')
     with pytest.raises(ConfigError, match="unknown section\\(s\\) trian"):
         PrepConfig.resolve(config_file=bad, overrides={"data": "d", "out": "o"})
+
+
+def test_faces_are_framed_tighter_than_celeba_by_default():
+    """1.4: UTKFace-style tight crops and CelebA chips look alike (docs/results.md, issue 22)."""
+    from gendertune.data_prep.faces import template_points
+
+    settings = PrepConfig.from_dict({"data": "d", "out": "o"}).align_settings()
+    assert settings.zoom == 1.4
+    tight, celeba = template_points(64, settings.zoom), template_points(64, 1.0)
+    eye_span = lambda points: points[3, 0] - points[0, 0]  # noqa: E731  outer eye corners
+    assert eye_span(tight) == pytest.approx(1.4 * eye_span(celeba))
