@@ -4,11 +4,11 @@
         --variant defaults: --variant smoothing:label_smoothing=0.1 --variant jitter:color_jitter=0.4
 
 Each `--variant NAME:key=value,...` is one `train` of --model for --epochs with those TrainConfig
-settings on top of the defaults (`data=PREP2`: another prep of the same photos and split, e.g. made
-with another --face-zoom; its own test chips are scored) (the first variant is the reference; give it no settings to make it
-the defaults), all with the same seed under `--deterministic`, so two runs differ by their settings
-and by nothing else the seed controls. A run already finished in S/NAME is scored again, not
-retrained (the way to stop and go on). Each run is scored Ray-free on the same faces: the prep's
+settings on top of the defaults; `data=PREP2` trains on another prep of the same photos and split
+(e.g. made with another --face-zoom), whose own test chips are scored. The first variant is the
+reference (give it no settings to make it the defaults). All run with the same seed under
+`--deterministic`, so two runs differ by their settings and by nothing else the seed controls. A run
+already finished in S/NAME is scored again, not retrained (the way to stop and go on). Each run is scored Ray-free on the same faces: the prep's
 test split and each eval set (faces found and aligned as `predict --faces largest` does, once per
 prep alignment; a photo without a face counts as wrong), with its 95% Wilson CI, the women's and
 men's recall, the worst group of each slice column, and McNemar's p against the reference run on
@@ -105,7 +105,7 @@ def main() -> None:
                 if not np.array_equal(test_labels, reference_labels.setdefault("test", test_labels)):
                     raise SystemExit(f"{run_prep}'s test split is not {prep}'s: its runs cannot be paired")
                 sets = {"test": (test_faces, test_labels, np.ones(len(test_labels), bool), pd.DataFrame())}
-                key = json.dumps(run.align.__dict__ if run.align else None, sort_keys=True, default=str)
+                key = json.dumps(run.align.to_dict() if run.align else None, sort_keys=True)
                 if key not in faces_by_alignment:
                     faces_by_alignment[key] = [eval_set_faces(run, loaded.table) for loaded in eval_sets]
                 for loaded, (chips, found) in zip(eval_sets, faces_by_alignment[key], strict=True):

@@ -280,8 +280,12 @@ def _read_lease(location: str) -> dict | None:
     return lease if isinstance(lease, dict) else None
 
 
+def _lease_age(lease: dict) -> float:
+    return time.time() - float(lease.get("renewed_at", 0))
+
+
 def _busy(out: str, lease: dict, lease_s: float) -> OutputBusyError:
-    age = time.time() - float(lease.get("renewed_at", 0))
+    age = _lease_age(lease)
     return OutputBusyError(
         f"{out} is being written by another gendertune run ({lease.get('holder', '?')}, lease "
         f"{lease_location(out)} renewed {max(age, 0):.0f} s ago); wait for it to finish or choose another "
@@ -296,7 +300,7 @@ def exclusive_uri(out: str, *, lease_s: float = LEASE_S, settle_s: float = LEASE
     location = lease_location(out)
     token = uuid.uuid4().hex
     held = _read_lease(location)
-    if held and time.time() - float(held.get("renewed_at", 0)) < lease_s:
+    if held and _lease_age(held) < lease_s:
         raise _busy(out, held, lease_s)
 
     def write() -> None:
@@ -360,11 +364,14 @@ def output_location(
     workdir = Path(tempfile.mkdtemp(prefix="gendertune-out-"))
     try:
         with exclusive_uri(out):
-            if not list_files(out):
+            # Our marker is one small read; only a prefix without it is listed (a resume's prefix
+            # holds every checkpoint Ray wrote).
+            owner = _uri_stage(out)
+            if owner is None and not list_files(out):
                 # Claimed before anything is written: Ray writes checkpoints there directly, and a run
                 # killed before its end-of-stage upload must still be recognised as ours on resume.
                 write_bytes(join(out, OUTPUT_MARKER), marker_text(stage).encode())
-            elif _uri_stage(out) != stage:
+            elif owner != stage:
                 raise OutputExistsError(
                     f"{out} holds objects and is not a gendertune {stage} output (no {OUTPUT_MARKER}); "
                     "refusing to write into it — choose another --out"

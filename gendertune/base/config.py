@@ -248,10 +248,15 @@ class StageConfig:
         an older version still resumes with the same flags."""
         filled = dict(saved)
         for field in dataclasses.fields(cls):
-            if field.name not in filled and field.default is not dataclasses.MISSING:
-                filled[field.name] = json.loads(json.dumps(field.default))
-            elif field.name not in filled and field.default_factory is not dataclasses.MISSING:
-                filled[field.name] = json.loads(json.dumps(field.default_factory()))
+            if field.name in filled:
+                continue
+            if field.default is not dataclasses.MISSING:
+                default = field.default
+            elif field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            else:
+                continue
+            filled[field.name] = json.loads(json.dumps(default))  # as to_json writes it (tuples as lists)
         return filled
 
     def to_json(self) -> str:
