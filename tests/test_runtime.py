@@ -114,6 +114,8 @@ RUNNING = {  # two DDP workers: the rank-0 worker opens torch's rendezvous store
         "train",
         "--batch-size",
         "16",
+        "--lr-test-steps",
+        "20",
     ],
 }
 
