@@ -156,3 +156,40 @@ def test_the_searcher_saves_and_restores_with_its_sqlite_study(tmp_path):
     restored.on_trial_complete("b", {"val_acc": 0.7, "training_iteration": 2})
     study = optuna.load_study(study_name="screening", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert [t.value for t in study.trials] == [0.8, 0.7]
+
+
+def test_a_trial_whose_loss_turned_nan_is_failed_and_never_the_challenger():
+    """Issue 21: a non-finite loss stops its trial (Tune records the error) and the search goes on:
+    that trial is a `failed` row and is never picked, whatever it scored before it diverged; when it
+    was the user's own run, the best completed challenger replaces it."""
+    import pandas as pd
+    from ray.tune import Result
+
+    from gendertune.tuning.search.run import pick_challenger, trial_rows
+    from gendertune.tuning.train.engine import NonFiniteLoss
+
+    user = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.0, "augment_strength": 1.0}
+
+    def result(name: str, val_accs: list[float], *, diverged: bool = False, **params) -> Result:
+        frame = pd.DataFrame(
+            {"epoch": range(1, len(val_accs) + 1), "val_acc": val_accs, "val_loss": [0.5] * len(val_accs)}
+        )
+        error = NonFiniteLoss("the training loss became nan at step 7") if diverged else None
+        return Result(
+            metrics={"config": {**user, **params}},
+            checkpoint=None,
+            error=error,
+            path=f"/searches/resnet18/search/{name}",
+            metrics_dataframe=frame,
+        )
+
+    plan = _plan(3, epochs=2)
+    diverging = result("b", [0.95], diverged=True, lr=3e-3)  # best of all at epoch 1, then NaN
+    rows = trial_rows([result("a", [0.6, 0.70]), diverging, result("c", [0.6, 0.72], lr=5e-4)], plan)
+    assert list(rows["status"]) == ["completed", "failed", "completed"]
+    params, verdict, _ = pick_challenger(rows, user, val_images=100)
+    assert params["lr"] == 5e-4 and verdict.startswith("kept"), verdict  # c, inside the noise
+
+    rows = trial_rows([result("a", [0.6], diverged=True), result("c", [0.6, 0.62], lr=5e-4)], plan)
+    params, verdict, _ = pick_challenger(rows, user, val_images=100)
+    assert params["lr"] == 5e-4 and verdict.startswith("replaced: the user's screening run did not complete")
