@@ -579,8 +579,14 @@ def test_a_deterministic_compare_repeats_itself_and_a_kept_configuration_is_trai
     model, prediction for prediction. One test for both: each comparison costs minutes here."""
     from gendertune.tuning.train.run import run_training
 
-    settings = {"data": str(prepared), "model": "resnet18", "epochs": 2, "batch_size": 16, "seed": 5}
-    settings["deterministic"] = True
+    settings = {
+        "data": str(prepared),
+        "model": "resnet18",
+        "epochs": 2,
+        "batch_size": 16,
+        "seed": 5,
+        "deterministic": True,
+    }
     run_training(TrainConfig.from_dict({**settings, "out": str(tmp_path / "train")}))
 
     def compare(out):
