@@ -44,6 +44,7 @@ TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know
 # the real core count too: inside a Tune trial or a Train worker a module flag would be unset.
 LOCAL_CORES_ENV = "GENDERTUNE_LOCAL_CORES"
+STARTUP_CONCURRENCY_ENV = "RAY_worker_maximum_startup_concurrency"
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -74,11 +75,19 @@ def ensure_ray(address: str | None = None) -> None:
     # public address). Set just for this start: an attach later in the process must see it as Ray
     # does, or the driver would report a loopback address to a real cluster.
     cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    logical_cpus = max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1)
+    # Ray starts at most min(cores, logical CPUs) worker processes at a time, and its raylet warns
+    # on the console ("N PYTHON worker processes ... 4x the maximum expected startup concurrency")
+    # once four times that many are alive. With more logical CPUs than cores (above), that is an
+    # ordinary run's worker count on a small machine: the limit follows the logical CPUs instead,
+    # as on a machine with that many cores. A user's RAY_worker_maximum_startup_concurrency wins.
+    startup = {} if STARTUP_CONCURRENCY_ENV in os.environ else {"worker_maximum_startup_concurrency": logical_cpus}
     try:
         with quiet_token_setup():
             ray.init(
-                num_cpus=max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1),
+                num_cpus=logical_cpus,
                 include_dashboard=False,
+                _system_config=startup,
                 logging_level=logging.WARNING,
                 # Only for a Ray we start: on a cluster the job's own runtime_env (a submission's
                 # working_dir, pip) must not be replaced by ours.

@@ -117,12 +117,29 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
         stop.set()
         killer.join()
     assert not run_layout.is_complete(out)
-    # The driver prints the workers' lines through sys.stdout/sys.stderr, looked up per line.
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+    with _whole_console(out.parent / "console.log"):
         metrics = run_training(config)
-    (out.parent / "console.log").write_text(console.getvalue())
     return out, metrics
+
+
+@contextlib.contextmanager
+def _whole_console(log: Path):
+    """Everything this process prints in the block, to `log`: Python's writes (the driver prints
+    the workers' lines through sys.stdout/sys.stderr, looked up per line) and what C++ code (Ray's
+    core worker in this process) writes to file descriptors 1 and 2 past Python."""
+    python = io.StringIO()
+    with open(log, "wb") as native:
+        saved = [os.dup(fd) for fd in (1, 2)]
+        for fd in (1, 2):
+            os.dup2(native.fileno(), fd)
+        try:
+            with contextlib.redirect_stdout(python), contextlib.redirect_stderr(python):
+                yield
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+    log.write_text(python.getvalue() + log.read_text(errors="replace"))
 
 
 def _resumed_from(out) -> int:
@@ -150,7 +167,7 @@ PROJECT_LINE = re.compile(
 # traceback, and Ray's system processes (GCS, raylet) reporting the killed worker's actor.
 KILLED_RUNS_LEFTOVERS = re.compile(
     r"^(\x1b\[36m)?\(TrainController pid=\d+\)(\x1b\[0m)? "
-    r"(Traceback \(most recent|\s+|[\w.]+(Error|Exception)\b|The above exception)"
+    r"(Traceback \(most recent|\s+|[\w.]+(Error|Exception)\b|The above exception|The actor is dead because)"
     r"|^(\x1b\[36m)?\((pid=gcs_server|raylet)\)(\x1b\[0m)? "
 )
 
