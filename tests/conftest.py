@@ -10,6 +10,8 @@ HOME is pointed at a temporary folder before Ray is imported anywhere, so Ray's 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
 import shutil
 import socket
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 _HOME = tempfile.mkdtemp(prefix="gendertune-test-home-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
@@ -40,6 +43,26 @@ def wait_for(condition, what: str, timeout: float, *, interval: float = 1.0) -> 
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def whole_console(log: Path):
+    """Everything this process prints in the block, to `log`: Python's writes (the driver prints
+    the workers' lines through sys.stdout/sys.stderr, looked up per line) and what C++ code (Ray's
+    core worker in this process) writes to file descriptors 1 and 2 past Python."""
+    python = io.StringIO()
+    with open(log, "wb") as native:
+        saved = [os.dup(fd) for fd in (1, 2)]
+        for fd in (1, 2):
+            os.dup2(native.fileno(), fd)
+        try:
+            with contextlib.redirect_stdout(python), contextlib.redirect_stderr(python):
+                yield
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+    log.write_text(python.getvalue() + log.read_text(errors="replace"))
 
 
 # The S3 endpoint the object-store tests start (s3_bucket). Set before any Ray starts, because

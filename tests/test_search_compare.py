@@ -4,9 +4,7 @@ planted bad one, resume) in its own small runs."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -19,7 +17,7 @@ import weakref
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import prep_sample
+from conftest import prep_sample, whole_console
 
 from gendertune.base.config import ConfigError
 from gendertune.cli import main
@@ -136,15 +134,12 @@ def compare_configs(prepared, out, **train):
 @pytest.fixture(scope="module")
 def comparison(prepared, eval_set_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "cmp"
-    # The driver prints the trials' lines through sys.stdout/sys.stderr, looked up per line.
-    console = io.StringIO()
     compare, search, base = compare_configs(prepared, out, eval_sets=[f"faces={eval_set_folder}"])
     # Two searches side by side, as a cluster with room for two would run them (this box would
     # run them one after another): everything below holds for side-by-side searches too.
     compare = dataclasses.replace(compare, models_at_once=2)
-    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+    with whole_console(out.parent / "console.log"):
         table = run_compare(compare, search, base, tracking_uri=tracking.resolve_uri("auto", str(out)))
-    (out.parent / "console.log").write_text(console.getvalue())
     return out, table
 
 

@@ -3,8 +3,6 @@ predict reproduces the evaluation, and bad inputs fail clearly before any work s
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -16,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import prep_sample
+from conftest import prep_sample, whole_console
 from PIL import Image
 
 from gendertune.cli import main
@@ -117,29 +115,9 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
         stop.set()
         killer.join()
     assert not run_layout.is_complete(out)
-    with _whole_console(out.parent / "console.log"):
+    with whole_console(out.parent / "console.log"):
         metrics = run_training(config)
     return out, metrics
-
-
-@contextlib.contextmanager
-def _whole_console(log: Path):
-    """Everything this process prints in the block, to `log`: Python's writes (the driver prints
-    the workers' lines through sys.stdout/sys.stderr, looked up per line) and what C++ code (Ray's
-    core worker in this process) writes to file descriptors 1 and 2 past Python."""
-    python = io.StringIO()
-    with open(log, "wb") as native:
-        saved = [os.dup(fd) for fd in (1, 2)]
-        for fd in (1, 2):
-            os.dup2(native.fileno(), fd)
-        try:
-            with contextlib.redirect_stdout(python), contextlib.redirect_stderr(python):
-                yield
-        finally:
-            for fd, copy in zip((1, 2), saved):
-                os.dup2(copy, fd)
-                os.close(copy)
-    log.write_text(python.getvalue() + log.read_text(errors="replace"))
 
 
 def _resumed_from(out) -> int:
