@@ -44,7 +44,6 @@ TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 # Set before a local Ray starts, so its worker processes (which inherit the environment) know
 # the real core count too: inside a Tune trial or a Train worker a module flag would be unset.
 LOCAL_CORES_ENV = "GENDERTUNE_LOCAL_CORES"
-STARTUP_CONCURRENCY_ENV = "RAY_worker_maximum_startup_concurrency"
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -76,25 +75,40 @@ def ensure_ray(address: str | None = None) -> None:
     # does, or the driver would report a loopback address to a real cluster.
     cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     logical_cpus = max(LOCAL_LOGICAL_CPUS_MIN, os.cpu_count() or 1)
-    # Ray starts at most min(cores, logical CPUs) worker processes at a time, and its raylet warns
-    # on the console ("N PYTHON worker processes ... 4x the maximum expected startup concurrency")
-    # once four times that many are alive. With more logical CPUs than cores (above), that is an
-    # ordinary run's worker count on a small machine: the limit follows the logical CPUs instead,
-    # as on a machine with that many cores. A user's RAY_worker_maximum_startup_concurrency wins.
-    startup = {} if STARTUP_CONCURRENCY_ENV in os.environ else {"worker_maximum_startup_concurrency": logical_cpus}
     try:
         with quiet_token_setup():
             ray.init(
                 num_cpus=logical_cpus,
                 include_dashboard=False,
-                _system_config=startup,
+                _system_config=local_system_config(logical_cpus),
                 logging_level=logging.WARNING,
                 # Only for a Ray we start: on a cluster the job's own runtime_env (a submission's
                 # working_dir, pip) must not be replaced by ours.
-                runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_internals"},
+                runtime_env={"worker_process_setup_hook": f"{__name__}.local_worker_setup"},
             )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+
+
+def local_system_config(logical_cpus: int) -> dict:
+    """The raylet settings of a Ray we start (an attach changes nothing); a user's own
+    RAY_<setting> environment variable wins over each."""
+    settings = {
+        # Ray starts at most min(cores, logical CPUs) worker processes at a time, and its raylet
+        # warns on the console ("N PYTHON worker processes ... 4x the maximum expected startup
+        # concurrency") once four times that many are alive. With more logical CPUs than cores
+        # (ensure_ray), that is an ordinary run's worker count on a small machine: the limit
+        # follows the logical CPUs instead, as on a machine with that many cores.
+        "worker_maximum_startup_concurrency": logical_cpus,
+        # The raylet ends workers that sit idle beyond its soft limit (the logical CPUs), and in
+        # Ray 2.60 a worker exiting that way sometimes touches its already freed core worker:
+        # absl prints "Mutex corrupt" or "RAW: Lock blocking" and the process aborts, lines the
+        # driver forwards to the console (docs/cluster.md). A local session's pool is bounded by
+        # its logical CPUs and its actors, a kept worker need not start (and import torch) again,
+        # and all of them end with the session.
+        "kill_idle_workers_interval_ms": 0,
+    }
+    return {name: value for name, value in settings.items() if f"RAY_{name}" not in os.environ}
 
 
 @contextlib.contextmanager
@@ -109,8 +123,17 @@ def quiet_token_setup() -> Iterator[None]:
         setup_logger.setLevel(level)
 
 
+def local_worker_setup() -> None:
+    """What each worker process of a Ray we start does first (its worker_process_setup_hook)."""
+    quiet_ray_internals()
+    # Ray's State API, which Train's placement-group monitor polls, looks for "the" local Ray when
+    # RAY_ADDRESS is unset, and with a second one on the machine (another gendertune command, a
+    # notebook's Ray) it finds two and the monitor's thread dies with a traceback on the console.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
 def quiet_ray_internals() -> None:
-    """Raise QUIET_LOGGERS to ERROR in this process (also a worker process setup hook)."""
+    """Raise QUIET_LOGGERS to ERROR in this process."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import prep_sample
 
 from gendertune.cli import main
+from gendertune.cluster.runtime import local_system_config
 
 # Non-loopback listeners a local run may leave; 12 before it was bound to 127.0.0.1. A new one
 # (a Ray upgrade, an agent we start) must be looked at, not absorbed.
@@ -84,6 +85,33 @@ def test_a_local_run_listens_only_on_loopback(ray_session):
     exposed = [(pid, address) for pid, address in listeners if not ipaddress.ip_address(address).is_loopback]
     assert len(exposed) <= ALLOWED_NON_LOOPBACK, exposed
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+def test_a_local_ray_keeps_its_idle_workers(ray_session, tmp_path):
+    # Ray 2.60's workers that exit for idleness sometimes crash on the console (local_system_config).
+    ray = ray_session
+
+    def wait_for_peers(folder: str, count: int) -> int:
+        """Hold this worker until `count` tasks hold theirs, so that each has its own process."""
+        Path(folder, str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(folder)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return os.getpid()
+
+    soft_limit = int(ray.cluster_resources()["CPU"])  # the raylet's: ends idle workers beyond it
+    count = soft_limit + 4
+    pids = ray.get([ray.remote(num_cpus=0.5)(wait_for_peers).remote(str(tmp_path), count) for _ in range(count)])
+    assert len(set(pids)) == count
+    time.sleep(3)  # Ray's idle threshold is 1 s, checked every 0.2 s
+    assert [pid for pid in pids if not Path(f"/proc/{pid}").exists()] == []
+
+
+def test_a_users_own_raylet_setting_wins(monkeypatch):
+    monkeypatch.setenv("RAY_kill_idle_workers_interval_ms", "200")
+    assert local_system_config(8) == {"worker_maximum_startup_concurrency": 8}
+    monkeypatch.delenv("RAY_kill_idle_workers_interval_ms")
+    assert local_system_config(8)["kill_idle_workers_interval_ms"] == 0
 
 
 @pytest.fixture(scope="module")
