@@ -107,6 +107,11 @@ def local_system_config(logical_cpus: int) -> dict:
         # its logical CPUs and its actors, a kept worker need not start (and import torch) again,
         # and all of them end with the session.
         "kill_idle_workers_interval_ms": 0,
+        # Nor does it start one idle worker per logical CPU as the first driver connects: on a
+        # small machine that is 8 processes importing Ray at once beside the command's own start,
+        # and kept, each idle one costs about 1% of a core (docs/cluster.md). Workers start as
+        # tasks and actors need them.
+        "prestart_worker_first_driver": False,
     }
     return {name: value for name, value in settings.items() if f"RAY_{name}" not in os.environ}
 
