@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +44,12 @@ def wait_for(condition, what: str, timeout: float, *, interval: float = 1.0) -> 
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+# A line Ray forwards to the driver's console from a worker process, "(RayTrainWorker pid=12)" or
+# "(pid=12, ip=10.0.0.2)" first (coloured when Ray colours it), and such a line of the project's.
+RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\((\w+ )?pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ")
+PROJECT_WORKER_LINE = re.compile(RAY_PREFIX.pattern + r"\[gendertune\] ")
 
 
 @contextlib.contextmanager

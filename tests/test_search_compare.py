@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import prep_sample, whole_console
+from conftest import PROJECT_WORKER_LINE, RAY_PREFIX, prep_sample, whole_console
 
 from gendertune.base.config import ConfigError
 from gendertune.cli import main
@@ -469,6 +469,19 @@ def test_the_screening_runs_training_speed_prices_an_epoch():
     assert observed_epoch_s([SimpleNamespace(metrics_dataframe=None)], images=600) is None
 
 
+def test_tune_warns_of_slow_loop_steps_only_past_seconds_and_a_users_limit_wins():
+    # Tune reads its limit as ray.tune is first imported: in a fresh interpreter, as a command runs.
+    probe = (
+        "import gendertune.tuning.search.run; from ray.tune.utils.util import warn_if_slow as w; print(w('').threshold)"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TUNE_WARN_THRESHOLD_S"}
+    limits = [
+        subprocess.run([sys.executable, "-c", probe], env=extra, capture_output=True, text=True, check=True).stdout
+        for extra in (env, {**env, "TUNE_WARN_THRESHOLD_S": "0.25"})
+    ]
+    assert [float(limit) for limit in limits] == [5.0, 0.25]  # Tune's own default is 0.5 s
+
+
 def _finished_trials(search_dir):
     done = {}
     for result in search_dir.glob("*/result.json"):
@@ -537,6 +550,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The whole console of a compare that ran to its end: the driver's project lines go to stdout,
+    # so anything on stderr but a worker's project line (Ray forwards those as the worker wrote
+    # them) is Ray's, Tune's or a library's; this small run has no real warning to give.
+    forwarded = [line for line in resumed.stdout.splitlines() if RAY_PREFIX.match(line)]
+    foreign = [line for line in resumed.stderr.splitlines() + forwarded if line.strip()]
+    foreign = [line for line in foreign if not PROJECT_WORKER_LINE.match(line)]
+    assert foreign == [], "lines that are neither the project's nor a warning to act on:\n" + "\n".join(foreign)
     after = _finished_trials(search_dir)
     assert len(after) == 2
     for name, results in first.items():
@@ -547,6 +567,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, 
 
     study = optuna.load_study(study_name="screening", storage=f"sqlite:///{out / 'searches' / 'resnet18' / 'study.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [list(t.intermediate_values) for t in study.trials] == [[1], [1]]  # the one epoch each ran
 
 
 def _trial_results(search_dir) -> list[tuple]:

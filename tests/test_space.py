@@ -4,6 +4,7 @@ outside a range widening it, Optuna told PRUNED for a trial the scheduler stoppe
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import optuna
 import pytest
@@ -91,15 +92,29 @@ def test_optuna_is_told_pruned_for_a_trial_stopped_before_its_last_epoch(tmp_pat
     assert isinstance(searcher, TruthfulOptunaSearch)
     assert searcher.suggest("a")["lr"] == BASE.lr  # the user's point first
     searcher.suggest("b")
-    searcher.on_trial_result("a", {"val_acc": 0.6, "training_iteration": 1})
+    searcher.suggest("c")
+    # As Tune calls it: a result that ends a trial (its last epoch, or the one the scheduler stopped
+    # it at) reaches on_trial_complete only; a trial that ends without reporting "done" repeats its
+    # last result there.
     searcher.on_trial_complete("a", {"val_acc": 0.6, "training_iteration": 1})  # stopped after 1 of 3
-    for epoch in (1, 2, 3):
+    for epoch in (1, 2):
         searcher.on_trial_result("b", {"val_acc": 0.7 + epoch / 100, "training_iteration": epoch})
     searcher.on_trial_complete("b", {"val_acc": 0.73, "training_iteration": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns of a step reported twice
+        for epoch in (1, 2, 3):
+            searcher.on_trial_result("c", {"val_acc": 0.5 + epoch / 100, "training_iteration": epoch})
+        searcher.on_trial_complete("c", {"val_acc": 0.53, "training_iteration": 3})
     study = optuna.load_study(study_name="screening", storage=f"sqlite:///{tmp_path / 'study.db'}")
     states = [t.state for t in study.trials]
-    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
-    assert study.trials[0].intermediate_values == {1: 0.6} and study.best_value == 0.73
+    assert states == [optuna.trial.TrialState.PRUNED] + [optuna.trial.TrialState.COMPLETE] * 2
+    # Each trial's curve reaches its last epoch: the pruned one's cut shows where it was cut.
+    assert [t.intermediate_values for t in study.trials] == [
+        {1: 0.6},
+        {1: 0.71, 2: 0.72, 3: 0.73},
+        {1: 0.51, 2: 0.52, 3: 0.53},
+    ]
+    assert study.best_value == 0.73
     sampler = searcher._ot_study.sampler
     assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._n_startup_trials == 2
 

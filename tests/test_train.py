@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import prep_sample
+from conftest import PROJECT_WORKER_LINE, prep_sample
 from PIL import Image
 
 from gendertune.cli import main
@@ -149,8 +149,7 @@ def test_each_epoch_line_reaches_the_console_once(ddp_run):
 # The project's own console lines in a `train` run: the workers' epoch and resume lines (Ray
 # prefixes them with the process), and the driver's summary lines.
 PROJECT_LINE = re.compile(
-    r"^(\x1b\[36m)?\(RayTrainWorker pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? \[gendertune\] "
-    r"|^best epoch \d+ \(val acc "
+    PROJECT_WORKER_LINE.pattern + r"|^best epoch \d+ \(val acc "
     r"|^resnet18: (test|faces) accuracy "
 )
 

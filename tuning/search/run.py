@@ -381,13 +381,30 @@ def make_plan(model: str, base: TrainConfig, search: SearchConfig, prepared: Pre
 class TruthfulOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna a trial the scheduler stopped early is PRUNED, not COMPLETE
     with its early score (Ray's own class reports every stopped trial as COMPLETE, so TPE would
-    model "good after one epoch" as "good"). Intermediate values still arrive per epoch."""
+    model "good after one epoch" as "good"). Every epoch's value reaches Optuna as an intermediate
+    value, the last one included."""
 
     def __init__(self, *args, max_t: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._max_t = max_t
+        self._last_reported: dict[str, int] = {}  # trial -> the last epoch told to Optuna
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        self._last_reported[trial_id] = result["training_iteration"]
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # Tune hands the result that ends a trial (its schedule's last epoch, or the epoch the
+        # scheduler stopped it at) to this method only: without it Optuna's curve of every trial
+        # would end an epoch early, and a one-epoch screening would have none to plot.
+        if (
+            result
+            and not error
+            and METRIC in result
+            and trial_id not in self._completed_trials
+            and self._last_reported.get(trial_id) != result.get("training_iteration")
+        ):
+            self.on_trial_result(trial_id, result)
         stopped_early = result and not error and result.get("training_iteration", self._max_t) < self._max_t
         if stopped_early and trial_id not in self._completed_trials:
             self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
