@@ -46,6 +46,10 @@ def wait_for(condition, what: str, timeout: float, *, interval: float = 1.0) -> 
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+# A user's `gendertune` command, run by this interpreter (the installed script may be another's).
+GENDERTUNE = (sys.executable, "-m", "gendertune.cli")
+
+
 # A line Ray forwards to the driver's console from a worker process, "(RayTrainWorker pid=12)" or
 # "(pid=12, ip=10.0.0.2)" first (coloured when Ray colours it), and such a line of the project's.
 RAY_PREFIX = re.compile(r"^(\x1b\[\d+m)?\((\w+ )?pid=\d+(, ip=[\d.]+)?\)(\x1b\[0m)? ")

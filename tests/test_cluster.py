@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, wait_for
+from conftest import GENDERTUNE, free_port, wait_for
 
 from gendertune.cluster import jobs
 from gendertune.cluster.shared_storage import fingerprint, nearest_existing, unreachable_nodes
@@ -109,7 +109,7 @@ class TwoNodeCluster:
 
     def gendertune(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "gendertune.cli", *args],
+            [*GENDERTUNE, *args],
             env=self.env,
             capture_output=True,
             text=True,

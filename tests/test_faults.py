@@ -12,11 +12,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import GENDERTUNE
 
 from gendertune.data_prep.layout import open_prepared
 from gendertune.tuning.evaluate import run_layout
@@ -38,7 +38,7 @@ HINT = "interrupted. Re-run the same command to resume."
 
 def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "gendertune.cli", *args],
+        [*GENDERTUNE, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -16,15 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for
+from conftest import GENDERTUNE, free_port, wait_for
 
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _gendertune(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gendertune.cli", *args], env=env, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([*GENDERTUNE, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def _answers(url: str) -> bool:

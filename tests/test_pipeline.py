@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import GENDERTUNE
 from PIL import Image
 
 from gendertune.cli import main
@@ -332,9 +333,7 @@ def test_fifos_and_symlinks_out_of_the_data_folder_are_rejected_with_their_reaso
     out = tmp_path / "out"
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "gendertune.cli",
+            *GENDERTUNE,
             "prep",
             "--data",
             str(data),

@@ -17,7 +17,7 @@ import weakref
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PROJECT_WORKER_LINE, RAY_PREFIX, prep_sample, whole_console
+from conftest import GENDERTUNE, PROJECT_WORKER_LINE, RAY_PREFIX, prep_sample, whole_console
 
 from gendertune.base.config import ConfigError
 from gendertune.cli import main
@@ -500,9 +500,7 @@ def _trial_dirs(search_dir):
 def test_interrupted_search_resumes_without_rerunning_finished_trials(prepared, ray_session, tmp_path):
     out = tmp_path / "cmp"
     command = [
-        sys.executable,
-        "-m",
-        "gendertune.cli",
+        *GENDERTUNE,
         "compare",
         "--data",
         str(prepared),

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import PROJECT_WORKER_LINE, prep_sample
+from conftest import GENDERTUNE, PROJECT_WORKER_LINE, prep_sample
 from PIL import Image
 
 from gendertune.cli import main
@@ -122,7 +121,7 @@ def ddp_run(prepared, eval_set_folder, tmp_path_factory):
     config_file = out.parent / "train.json"
     config_file.write_text(config.to_json())
     rerun = subprocess.run(
-        [sys.executable, "-m", "gendertune.cli", "train", "--config", str(config_file)],
+        [*GENDERTUNE, "train", "--config", str(config_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
