@@ -39,6 +39,8 @@ def test_a_budget_of_about_one_run_keeps_the_final_run_at_full_length(rho):
     assert p.total_s <= rho * ONE_RUN + 1e-6
     assert p.planned_s["screening"] >= 0
     assert math.ceil((1 - MAX_DUEL_TRIM) * 12) <= p.duel_final_epochs <= 12
+    # The printed plan says what a duel would do to the final run: nothing, or shorten it.
+    assert p.duel_final_epochs < 12 or "a duel with the lr test's challenger, if any, fits beside it" in p.note
 
 
 def test_a_budget_of_one_run_within_the_cost_tolerance_keeps_it_whole():
@@ -52,6 +54,7 @@ def test_a_budget_just_short_of_one_run_trims_it_by_at_most_a_tenth_for_the_lr_t
     assert p.regime == "parity" and p.lr_test and math.ceil((1 - MAX_FINAL_TRIM) * 12) <= p.final_epochs < 12
     assert p.total_s <= 0.85 * ONE_RUN * (1 + COST_TOLERANCE)
     assert p.duel_final_epochs >= math.ceil((1 - MAX_DUEL_TRIM) * 12)
+    assert p.duel_final_epochs < p.final_epochs and f"may shorten it to {p.duel_final_epochs})" in p.note
 
 
 def test_a_budget_below_one_run_shortens_the_users_run_and_screens_nothing():

@@ -176,6 +176,12 @@ def plan_search(
             "full_runs": full_run_s(costs, lr_epochs),
         }
         trimmed = f", trimmed from {epochs} to fit" if lr_epochs < epochs else ""
+        duel_final = max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs)) if duel_epochs >= 1 else 0
+        duel_note = (
+            "a duel with the lr test's challenger, if any, fits beside it"
+            if duel_final >= lr_epochs
+            else f"a duel with the lr test's challenger, if any, may shorten it to {duel_final}"
+        )
         return Plan(
             regime="parity",
             budget_s=budget_s,
@@ -183,13 +189,11 @@ def plan_search(
             full_runs=1,
             lr_test=True,
             screen_trials=n if n >= 2 else 0,
-            duel_final_epochs=max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs)) if duel_epochs >= 1 else 0,
+            duel_final_epochs=duel_final,
             planned_s=parts,
             note="the budget holds one full run: an lr range test"
             + (f" and {n} short screening runs" if n >= 2 else "")
-            + " first, then one final run of "
-            f"{lr_epochs} epochs{trimmed} (a duel with the lr test's challenger, if any, may shorten it to "
-            f"{max(duel_epochs, math.ceil((1 - MAX_DUEL_TRIM) * epochs))})",
+            + f" first, then one final run of {lr_epochs} epochs{trimmed} ({duel_note})",
             **common,
         )
     if fit_epochs < 1:
