@@ -400,7 +400,7 @@ class TruthfulOptunaSearch(OptunaSearch):
         if (
             result
             and not error
-            and METRIC in result
+            and self.metric in result
             and trial_id not in self._completed_trials
             and self._last_reported.get(trial_id) != result.get("training_iteration")
         ):
